@@ -1,0 +1,1 @@
+//! Examples of shared-tensor.

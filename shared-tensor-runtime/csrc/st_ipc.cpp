@@ -1,0 +1,392 @@
+// CUDA IPC through libtorch's caching allocator, behind a small C ABI.
+//
+// Every function catches every C++ exception and returns it as a heap string that the
+// caller frees with st_free_error(); a null return means success. Nothing here panics
+// or unwinds into Rust. The Rust side (src/ffi.rs) holds the only `extern "C"` block.
+//
+// Objects crossing the boundary:
+// - `at::Tensor*` is tch's `C_tensor`: tensors we create are `new at::Tensor(..)` and
+//   are owned by a `tch::Tensor` (which deletes them through torch-sys).
+// - `st_storage*` is a heap `c10::Storage` (an owning reference to a StorageImpl);
+//   it keeps the memory alive until st_storage_free().
+
+#include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <c10/core/StorageImpl.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+
+// Declared by hand: its header (ATen/cuda/CUDAContext.h) needs CCCL headers that the
+// wheel lacks. Referencing a libtorch_cuda symbol from live code is what makes the
+// linker keep libtorch_cuda.so as a dependency of every binary that uses this crate
+// (rust-lld links with --as-needed; without it CUDA kernels are never registered).
+namespace at {
+namespace cuda {
+int warp_size();
+}
+}  // namespace at
+
+struct st_storage {
+  c10::Storage storage;
+};
+
+extern "C" {
+
+struct st_init_info {
+  int32_t device_count;
+  int32_t warp_size;
+};
+
+struct st_tensor_meta {
+  int32_t defined;
+  int32_t device_type;  // c10::DeviceType as int (0 = CPU, 1 = CUDA)
+  int32_t device_index;
+  int32_t scalar_type;  // c10::ScalarType as int
+  int32_t requires_grad;
+  int32_t ndim;
+  int64_t storage_offset;  // in elements
+  uint64_t storage_base;   // address of the storage's first byte (0 when empty)
+  uint64_t storage_nbytes;
+  uint64_t import_cookie;  // non-zero when the storage was created by st_storage_import
+};
+
+struct st_alloc_stats {
+  uint64_t allocated_bytes;
+  uint64_t reserved_bytes;
+  uint64_t free_bytes;   // cudaMemGetInfo
+  uint64_t total_bytes;  // cudaMemGetInfo
+};
+
+typedef void (*st_release_fn)(uint64_t cookie);
+
+}  // extern "C"
+
+namespace {
+
+char* dup_error(const char* msg) {
+  size_t n = std::strlen(msg);
+  char* out = static_cast<char*>(std::malloc(n + 1));
+  if (out != nullptr) {
+    std::memcpy(out, msg, n + 1);
+  }
+  return out;
+}
+
+char* cuda_error(const char* what, cudaError_t err) {
+  std::string msg = std::string(what) + ": " + cudaGetErrorString(err);
+  return dup_error(msg.c_str());
+}
+
+#define ST_TRY try {
+#define ST_CATCH                                          \
+  }                                                       \
+  catch (const c10::Error& e) {                           \
+    return dup_error(e.what_without_backtrace());         \
+  }                                                       \
+  catch (const std::exception& e) {                       \
+    return dup_error(e.what());                           \
+  }                                                       \
+  catch (...) {                                           \
+    return dup_error("unknown C++ exception in st_ipc"); \
+  }                                                       \
+  return nullptr;
+
+std::atomic<st_release_fn> g_release_fn{nullptr};
+
+// Context of the DataPtr of every storage we build over an IPC mapping.
+struct ImportContext {
+  std::shared_ptr<void> mapping;  // from getIpcDevPtr: closes the mapping with the last owner
+  uint64_t cookie;
+  int device;
+};
+
+void import_deleter(void* raw) {
+  std::unique_ptr<ImportContext> ctx(static_cast<ImportContext*>(raw));
+  // The producer may reuse this memory as soon as it hears of the release, so the
+  // consumer's queued work on it must be finished first. Same rule as PyTorch's
+  // CUDA IPC receiver. Best effort: errors (a dying context) are ignored.
+  cudaStream_t stream = nullptr;
+  try {
+    stream = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(ctx->device)).stream();
+  } catch (...) {
+  }
+  cudaStreamSynchronize(stream);
+  uint64_t cookie = ctx->cookie;
+  ctx.reset();
+  st_release_fn fn = g_release_fn.load();
+  if (fn != nullptr && cookie != 0) {
+    fn(cookie);
+  }
+}
+
+// One interprocess event per CUDA stream that has exported: re-recording the event of
+// a stream covers all earlier work on that stream, so a consumer that waits on a later
+// record than "its own" only waits longer, never too short.
+struct ExportEvent {
+  cudaEvent_t event;
+  cudaIpcEventHandle_t handle;
+};
+std::mutex g_export_events_mu;
+std::map<std::pair<int, cudaStream_t>, ExportEvent> g_export_events;
+
+// Opened interprocess events of other processes, by handle bytes.
+std::mutex g_import_events_mu;
+std::unordered_map<std::string, cudaEvent_t> g_import_events;
+
+}  // namespace
+
+extern "C" {
+
+void st_free_error(char* err) { std::free(err); }
+
+void st_set_release_fn(st_release_fn fn) { g_release_fn.store(fn); }
+
+// Initialises CUDA in this process (getIpcDevPtr crashes in a process that has not).
+const char* st_init(st_init_info* info) {
+  ST_TRY
+  info->device_count = static_cast<int32_t>(c10::cuda::device_count());
+  info->warp_size = 0;
+  if (info->device_count > 0) {
+    at::globalContext().lazyInitDevice(c10::DeviceType::CUDA);
+    info->warp_size = at::cuda::warp_size();
+  }
+  ST_CATCH
+}
+
+const char* st_current_device(int32_t* out) {
+  ST_TRY
+  *out = static_cast<int32_t>(c10::cuda::current_device());
+  ST_CATCH
+}
+
+const char* st_device_uuid(int32_t device, uint8_t out[16]) {
+  ST_TRY
+  cudaDeviceProp prop;
+  cudaError_t err = cudaGetDeviceProperties(&prop, device);
+  if (err != cudaSuccess) {
+    return cuda_error("cudaGetDeviceProperties", err);
+  }
+  std::memcpy(out, prop.uuid.bytes, 16);
+  ST_CATCH
+}
+
+// Reads a tensor's device, dtype, view and storage. `sizes`/`strides` have room for
+// `cap` dimensions; `meta->ndim` tells how many there are (the caller retries if more).
+// When `storage_out` is not null it receives an owning reference to the storage.
+const char* st_tensor_inspect(const at::Tensor* t, st_tensor_meta* meta, int64_t* sizes,
+                              int64_t* strides, int32_t cap, st_storage** storage_out) {
+  ST_TRY
+  std::memset(meta, 0, sizeof(*meta));
+  if (t == nullptr || !t->defined()) {
+    return nullptr;
+  }
+  meta->defined = 1;
+  meta->device_type = static_cast<int32_t>(t->device().type());
+  meta->device_index = static_cast<int32_t>(t->device().index());
+  meta->scalar_type = static_cast<int32_t>(t->scalar_type());
+  meta->requires_grad = t->requires_grad() ? 1 : 0;
+  meta->ndim = static_cast<int32_t>(t->dim());
+  if (meta->ndim <= cap) {
+    for (int64_t i = 0; i < t->dim(); ++i) {
+      sizes[i] = t->size(i);
+      strides[i] = t->stride(i);
+    }
+  }
+  if (!t->has_storage()) {
+    return dup_error("tensor has no storage (sparse, nested or functional tensors cannot be shared)");
+  }
+  meta->storage_offset = t->storage_offset();
+  const c10::Storage& storage = t->storage();
+  meta->storage_base = reinterpret_cast<uint64_t>(storage.data());
+  meta->storage_nbytes = static_cast<uint64_t>(storage.nbytes());
+  const c10::DataPtr& dp = storage.data_ptr();
+  if (dp.get_deleter() == &import_deleter) {
+    meta->import_cookie = static_cast<const ImportContext*>(dp.get_context())->cookie;
+  }
+  if (storage_out != nullptr) {
+    *storage_out = new st_storage{storage};
+  }
+  ST_CATCH
+}
+
+void st_storage_free(st_storage* s) { delete s; }
+
+// The IPC handle of the caching-allocator block holding the storage, and the byte
+// offset of the storage in that block. `buf` has room for `cap` bytes; `*len` is the
+// handle's length (the caller retries with a larger buffer if it exceeds `cap`).
+const char* st_storage_export(const st_storage* s, uint8_t* buf, uint64_t cap, uint64_t* len,
+                              int64_t* offset) {
+  ST_TRY
+  const c10::Storage& storage = s->storage;
+  if (storage.device().type() != c10::DeviceType::CUDA) {
+    return dup_error("storage is not on a CUDA device");
+  }
+  if (storage.nbytes() == 0 || storage.data() == nullptr) {
+    *len = 0;
+    *offset = 0;
+    return nullptr;
+  }
+  c10::cuda::CUDAGuard guard(storage.device().index());
+  auto shared = c10::cuda::CUDACachingAllocator::shareIpcHandle(
+      const_cast<void*>(storage.data()));
+  *len = shared.handle.size();
+  *offset = static_cast<int64_t>(shared.offset);
+  if (shared.handle.size() <= cap) {
+    std::memcpy(buf, shared.handle.data(), shared.handle.size());
+  }
+  ST_CATCH
+}
+
+// Maps another process's block and builds a storage over [offset, offset + nbytes) of
+// it. The storage's deleter syncs the current stream, drops the mapping and calls the
+// release function with `cookie`.
+const char* st_storage_import(const uint8_t* handle, uint64_t len, int64_t offset, uint64_t nbytes,
+                              int32_t device, uint64_t cookie, st_storage** out) {
+  ST_TRY
+  c10::Device dev(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(device));
+  if (len == 0) {
+    // An empty storage has no memory to map.
+    auto impl = c10::make_intrusive<c10::StorageImpl>(
+        c10::StorageImpl::use_byte_size_t(), 0, c10::DataPtr(nullptr, dev), nullptr, false);
+    *out = new st_storage{c10::Storage(std::move(impl))};
+    return nullptr;
+  }
+  c10::cuda::CUDAGuard guard(dev.index());
+  std::string h(reinterpret_cast<const char*>(handle), len);
+  std::shared_ptr<void> base = c10::cuda::CUDACachingAllocator::getIpcDevPtr(h);
+  void* ptr = static_cast<char*>(base.get()) + offset;
+  auto* ctx = new ImportContext{std::move(base), cookie, device};
+  c10::DataPtr data_ptr(ptr, ctx, &import_deleter, dev);
+  auto impl = c10::make_intrusive<c10::StorageImpl>(c10::StorageImpl::use_byte_size_t(),
+                                                    static_cast<size_t>(nbytes),
+                                                    std::move(data_ptr), nullptr, false);
+  impl->set_received_cuda(true);
+  *out = new st_storage{c10::Storage(std::move(impl))};
+  ST_CATCH
+}
+
+// A new tensor over a storage. `set_` checks that the view fits in the storage.
+const char* st_tensor_from_storage(const st_storage* s, int32_t scalar_type, const int64_t* sizes,
+                                   const int64_t* strides, int32_t ndim, int64_t storage_offset,
+                                   int32_t requires_grad, at::Tensor** out) {
+  ST_TRY
+  auto options = at::TensorOptions()
+                     .dtype(static_cast<c10::ScalarType>(scalar_type))
+                     .device(s->storage.device());
+  at::Tensor t = at::empty({0}, options);
+  t.set_(s->storage, storage_offset, c10::IntArrayRef(sizes, ndim),
+         c10::IntArrayRef(strides, ndim));
+  if (requires_grad != 0) {
+    t.set_requires_grad(true);
+  }
+  *out = new at::Tensor(std::move(t));
+  ST_CATCH
+}
+
+// Records this thread's current stream on `device` in an interprocess event and gives
+// its handle (64 bytes).
+const char* st_event_record(int32_t device, uint8_t out[64]) {
+  ST_TRY
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)).stream();
+  std::lock_guard<std::mutex> lock(g_export_events_mu);
+  auto key = std::make_pair(static_cast<int>(device), stream);
+  auto it = g_export_events.find(key);
+  if (it == g_export_events.end()) {
+    ExportEvent ev{};
+    cudaError_t err =
+        cudaEventCreateWithFlags(&ev.event, cudaEventDisableTiming | cudaEventInterprocess);
+    if (err != cudaSuccess) {
+      return cuda_error("cudaEventCreateWithFlags", err);
+    }
+    err = cudaIpcGetEventHandle(&ev.handle, ev.event);
+    if (err != cudaSuccess) {
+      cudaEventDestroy(ev.event);
+      return cuda_error("cudaIpcGetEventHandle", err);
+    }
+    it = g_export_events.emplace(key, ev).first;
+  }
+  cudaError_t err = cudaEventRecord(it->second.event, stream);
+  if (err != cudaSuccess) {
+    return cuda_error("cudaEventRecord", err);
+  }
+  static_assert(sizeof(cudaIpcEventHandle_t) == 64, "IPC event handles are 64 bytes");
+  std::memcpy(out, &it->second.handle, 64);
+  ST_CATCH
+}
+
+// Makes this thread's current stream on `device` wait for another process's event.
+const char* st_event_wait(int32_t device, const uint8_t handle[64]) {
+  ST_TRY
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  cudaEvent_t event = nullptr;
+  {
+    std::string key(reinterpret_cast<const char*>(handle), 64);
+    std::lock_guard<std::mutex> lock(g_import_events_mu);
+    auto it = g_import_events.find(key);
+    if (it == g_import_events.end()) {
+      cudaIpcEventHandle_t h;
+      std::memcpy(&h, handle, 64);
+      cudaError_t err = cudaIpcOpenEventHandle(&event, h);
+      if (err != cudaSuccess) {
+        return cuda_error("cudaIpcOpenEventHandle", err);
+      }
+      g_import_events.emplace(std::move(key), event);
+    } else {
+      event = it->second;
+    }
+  }
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)).stream();
+  cudaError_t err = cudaStreamWaitEvent(stream, event, 0);
+  if (err != cudaSuccess) {
+    return cuda_error("cudaStreamWaitEvent", err);
+  }
+  ST_CATCH
+}
+
+const char* st_synchronize(int32_t device) {
+  ST_TRY
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  cudaError_t err = cudaDeviceSynchronize();
+  if (err != cudaSuccess) {
+    return cuda_error("cudaDeviceSynchronize", err);
+  }
+  ST_CATCH
+}
+
+const char* st_memory_stats(int32_t device, st_alloc_stats* out) {
+  ST_TRY
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(static_cast<c10::DeviceIndex>(device));
+  auto agg = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+  out->allocated_bytes = static_cast<uint64_t>(stats.allocated_bytes[agg].current);
+  out->reserved_bytes = static_cast<uint64_t>(stats.reserved_bytes[agg].current);
+  size_t free_b = 0, total_b = 0;
+  cudaError_t err = cudaMemGetInfo(&free_b, &total_b);
+  if (err != cudaSuccess) {
+    return cuda_error("cudaMemGetInfo", err);
+  }
+  out->free_bytes = free_b;
+  out->total_bytes = total_b;
+  ST_CATCH
+}
+
+const char* st_empty_cache() {
+  ST_TRY
+  c10::cuda::CUDACachingAllocator::emptyCache();
+  ST_CATCH
+}
+
+}  // extern "C"

@@ -1,0 +1,530 @@
+//! The CUDA IPC codec: a CUDA tensor becomes a [`TensorDescriptor`] that another process
+//! on the same host turns back into a tensor over the very same GPU memory.
+//!
+//! A descriptor has three parts:
+//! - the **storage**: the IPC handle of the caching-allocator block that holds the
+//!   tensor's storage, the storage's byte offset in that block, its size, the GPU (index
+//!   and UUID) and the producing process;
+//! - the **view**: dtype, sizes, strides, storage offset and `requires_grad`;
+//! - the **ready event**: an interprocess CUDA event recorded on the producer's stream
+//!   after the work that produced the data; the consumer's stream waits on it, so no
+//!   host synchronisation is needed on either side.
+//!
+//! Lifetimes: the producer must keep the storage alive (hold the [`ExportedTensor`])
+//! until every consumer has dropped its tensors; the consumer's tensor owns the mapping,
+//! which closes when its last tensor over that storage is dropped. The endpoint layer
+//! automates this with leases; this module is the raw mechanism.
+//!
+//! ```no_run
+//! use shared_tensor_runtime::ipc;
+//! use tch::{Device, Kind, Tensor};
+//!
+//! // Process A
+//! let t = Tensor::ones([4], (Kind::Float, Device::Cuda(0)));
+//! let exported = ipc::export(&t).unwrap();
+//! let bytes = rmp_serde::to_vec(exported.descriptor()).unwrap();
+//! // ... send `bytes` to process B, keep `exported` alive while B uses the tensor ...
+//!
+//! // Process B
+//! let descriptor: ipc::TensorDescriptor = rmp_serde::from_slice(&bytes).unwrap();
+//! let view = ipc::import(&descriptor).unwrap(); // the same GPU memory as `t`
+//! ```
+
+use std::hash::{BuildHasher, Hasher};
+
+use once_cell::sync::Lazy;
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+use crate::cuda;
+use crate::error::{Error, Result};
+use crate::ffi;
+
+/// Element types that can cross, with c10's `ScalarType` numbering underneath.
+///
+/// ```
+/// use shared_tensor_runtime::ipc::DType;
+/// assert_eq!(DType::from_kind(tch::Kind::BFloat16), Some(DType::BF16));
+/// assert_eq!(DType::BF16.kind(), tch::Kind::BFloat16);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[allow(missing_docs)]
+pub enum DType {
+    U8,
+    I8,
+    I16,
+    I32,
+    I64,
+    F16,
+    F32,
+    F64,
+    ComplexF16,
+    ComplexF32,
+    ComplexF64,
+    Bool,
+    BF16,
+    F8E5M2,
+    F8E4M3Fn,
+    F8E5M2Fnuz,
+    F8E4M3Fnuz,
+}
+
+/// (DType, tch Kind, c10 ScalarType number).
+const DTYPES: [(DType, Kind, i32); 17] = [
+    (DType::U8, Kind::Uint8, 0),
+    (DType::I8, Kind::Int8, 1),
+    (DType::I16, Kind::Int16, 2),
+    (DType::I32, Kind::Int, 3),
+    (DType::I64, Kind::Int64, 4),
+    (DType::F16, Kind::Half, 5),
+    (DType::F32, Kind::Float, 6),
+    (DType::F64, Kind::Double, 7),
+    (DType::ComplexF16, Kind::ComplexHalf, 8),
+    (DType::ComplexF32, Kind::ComplexFloat, 9),
+    (DType::ComplexF64, Kind::ComplexDouble, 10),
+    (DType::Bool, Kind::Bool, 11),
+    (DType::BF16, Kind::BFloat16, 15),
+    (DType::F8E5M2, Kind::Float8e5m2, 23),
+    (DType::F8E4M3Fn, Kind::Float8e4m3fn, 24),
+    (DType::F8E5M2Fnuz, Kind::Float8e5m2fnuz, 25),
+    (DType::F8E4M3Fnuz, Kind::Float8e4m3fnuz, 26),
+];
+
+impl DType {
+    /// The dtype of a tch `Kind`; `None` for quantized kinds, which cannot be shared.
+    pub fn from_kind(kind: Kind) -> Option<DType> {
+        DTYPES
+            .iter()
+            .find(|(_, k, _)| *k == kind)
+            .map(|(d, _, _)| *d)
+    }
+
+    /// The tch `Kind` of this dtype.
+    pub fn kind(self) -> Kind {
+        DTYPES
+            .iter()
+            .find(|(d, _, _)| *d == self)
+            .map(|(_, k, _)| *k)
+            .unwrap_or(Kind::Uint8)
+    }
+
+    pub(crate) fn scalar_type(self) -> i32 {
+        DTYPES
+            .iter()
+            .find(|(d, _, _)| *d == self)
+            .map(|(_, _, s)| *s)
+            .unwrap_or(0)
+    }
+
+    pub(crate) fn from_scalar_type(st: i32) -> Option<DType> {
+        DTYPES.iter().find(|(_, _, s)| *s == st).map(|(d, _, _)| *d)
+    }
+}
+
+/// A process, told apart from a later process that reuses its pid.
+///
+/// ```
+/// use shared_tensor_runtime::ipc::ProcessId;
+/// assert_eq!(ProcessId::current(), ProcessId::current());
+/// assert_eq!(ProcessId::current().pid, std::process::id());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ProcessId {
+    /// The operating system's process id.
+    pub pid: u32,
+    /// A random number drawn once per process.
+    pub instance: u64,
+}
+
+static CURRENT_PROCESS: Lazy<ProcessId> = Lazy::new(|| {
+    // RandomState draws its keys from the OS's random source once per process.
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u32(std::process::id());
+    ProcessId {
+        pid: std::process::id(),
+        instance: hasher.finish(),
+    }
+});
+
+impl ProcessId {
+    /// This process.
+    pub fn current() -> ProcessId {
+        *CURRENT_PROCESS
+    }
+}
+
+/// A GPU: its index in the producer's numbering and its UUID, which is the same in every
+/// process whatever `CUDA_VISIBLE_DEVICES` says.
+///
+/// ```
+/// use shared_tensor_runtime::ipc::GpuId;
+/// let gpu = GpuId { index: 0, uuid: [7; 16] };
+/// assert_eq!(gpu.uuid_string().len(), 36);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct GpuId {
+    /// Device index in the producing process.
+    pub index: u32,
+    /// The GPU's UUID.
+    pub uuid: [u8; 16],
+}
+
+impl GpuId {
+    /// The UUID in the usual 8-4-4-4-12 hex form (as `nvidia-smi -L` prints it, without "GPU-").
+    pub fn uuid_string(&self) -> String {
+        let h: Vec<String> = self.uuid.iter().map(|b| format!("{b:02x}")).collect();
+        format!(
+            "{}-{}-{}-{}-{}",
+            h[0..4].concat(),
+            h[4..6].concat(),
+            h[6..8].concat(),
+            h[8..10].concat(),
+            h[10..16].concat()
+        )
+    }
+
+    pub(crate) fn of_device(index: u32) -> Result<GpuId> {
+        Ok(GpuId {
+            index,
+            uuid: cuda::device_uuid(index)?,
+        })
+    }
+
+    /// This process's index for the GPU, matched by UUID.
+    pub(crate) fn local_index(&self) -> Result<u32> {
+        if (self.index as usize) < cuda::require()? && cuda::device_uuid(self.index)? == self.uuid {
+            return Ok(self.index);
+        }
+        cuda::device_by_uuid(&self.uuid)?.ok_or_else(|| Error::DeviceNotVisible {
+            index: self.index,
+            uuid: self.uuid_string(),
+        })
+    }
+}
+
+/// Where a storage's memory is and who owns it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StorageDescriptor {
+    /// The CUDA IPC handle of the caching-allocator block (empty for an empty storage).
+    #[serde(with = "serde_bytes")]
+    pub handle: Vec<u8>,
+    /// Byte offset of the storage in the block.
+    pub offset: i64,
+    /// Size of the storage in bytes.
+    pub nbytes: u64,
+    /// The GPU holding it.
+    pub device: GpuId,
+    /// The process that exported it (the only one that cannot open `handle`).
+    pub producer: ProcessId,
+}
+
+/// How a tensor looks at its storage.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TensorView {
+    /// Element type.
+    pub dtype: DType,
+    /// Sizes, one per dimension.
+    pub sizes: Vec<i64>,
+    /// Strides in elements, one per dimension.
+    pub strides: Vec<i64>,
+    /// Offset of the first element in the storage, in elements.
+    pub storage_offset: i64,
+    /// Whether the tensor requires grad.
+    pub requires_grad: bool,
+}
+
+/// An interprocess CUDA event handle (`cudaIpcEventHandle_t`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventHandle(pub serde_bytes::ByteArray<64>);
+
+impl EventHandle {
+    /// Records the calling thread's current stream on `device` and returns the event.
+    pub(crate) fn record(device: u32) -> Result<EventHandle> {
+        let raw = ffi::event_record(device as i32)
+            .map_err(|m| Error::cuda("recording the ready event", m))?;
+        Ok(EventHandle(serde_bytes::ByteArray::new(raw)))
+    }
+
+    /// Makes the calling thread's current stream on `device` wait for the event.
+    pub(crate) fn wait(&self, device: u32) -> Result<()> {
+        ffi::event_wait(device as i32, &self.0)
+            .map_err(|m| Error::cuda("waiting for the ready event", m))
+    }
+}
+
+/// Everything another process needs to rebuild a tensor over the same GPU memory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TensorDescriptor {
+    /// The storage.
+    pub storage: StorageDescriptor,
+    /// The view over it.
+    pub view: TensorView,
+    /// Event the consumer waits on before using the data.
+    pub ready: Option<EventHandle>,
+}
+
+/// Keeps an exported storage's memory alive. While it lives, the block cannot be freed
+/// or reused by the producer, so consumers' views stay valid.
+pub struct StorageHold(pub(crate) ffi::OwnedStorage);
+
+impl std::fmt::Debug for StorageHold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StorageHold")
+    }
+}
+
+/// A tensor exported for another process: its descriptor, and the hold that keeps its
+/// memory alive in this one.
+#[derive(Debug)]
+pub struct ExportedTensor {
+    descriptor: TensorDescriptor,
+    hold: StorageHold,
+}
+
+impl ExportedTensor {
+    /// The descriptor to send.
+    pub fn descriptor(&self) -> &TensorDescriptor {
+        &self.descriptor
+    }
+
+    /// Splits into the descriptor and the hold.
+    pub fn into_parts(self) -> (TensorDescriptor, StorageHold) {
+        (self.descriptor, self.hold)
+    }
+}
+
+/// A CUDA tensor's metadata and an owning reference to its storage, checked for sharing.
+pub(crate) struct Inspected {
+    pub meta: ffi::TensorMeta,
+    pub view: TensorView,
+    pub storage: ffi::OwnedStorage,
+}
+
+/// Reads a tensor and checks it can travel: defined, on CUDA, a shareable dtype.
+/// `path` names the tensor in error messages.
+pub(crate) fn inspect(t: &Tensor, path: &dyn Fn() -> String) -> Result<Inspected> {
+    let ins = ffi::inspect(t, true).map_err(|m| Error::Unsupported {
+        path: path(),
+        reason: m,
+    })?;
+    if ins.meta.defined == 0 {
+        return Err(Error::Unsupported {
+            path: path(),
+            reason: "the tensor is undefined".into(),
+        });
+    }
+    if ins.meta.device_type != ffi::DEVICE_TYPE_CUDA {
+        return Err(Error::NotCuda {
+            path: path(),
+            device: format!("{:?}", t.device()),
+        });
+    }
+    let (view, (meta, storage)) = view_from(t, ins, path)?;
+    let storage = storage.ok_or_else(|| Error::Unsupported {
+        path: path(),
+        reason: "it has no storage".into(),
+    })?;
+    Ok(Inspected {
+        meta,
+        view,
+        storage,
+    })
+}
+
+/// How a tensor looks at its storage: dtype, sizes, strides, storage offset and
+/// `requires_grad` (tch has no getter for the storage offset).
+///
+/// ```
+/// use tch::{Device, Kind, Tensor};
+/// let base = Tensor::zeros([10], (Kind::Float, Device::Cpu));
+/// let view = shared_tensor_runtime::ipc::view_of(&base.narrow(0, 3, 4)).unwrap();
+/// assert_eq!((view.storage_offset, view.sizes), (3, vec![4]));
+/// ```
+pub fn view_of(t: &Tensor) -> Result<TensorView> {
+    let ins = ffi::inspect(t, false).map_err(|m| Error::Unsupported {
+        path: "tensor".into(),
+        reason: m,
+    })?;
+    view_from(t, ins, &|| "tensor".to_string()).map(|(view, _)| view)
+}
+
+/// The view part of `ffi::inspect`'s report, with the dtype checked; hands back the
+/// remaining metadata and storage.
+fn view_from(
+    t: &Tensor,
+    ins: ffi::Inspected,
+    path: &dyn Fn() -> String,
+) -> Result<(TensorView, (ffi::TensorMeta, Option<ffi::OwnedStorage>))> {
+    let dtype =
+        DType::from_scalar_type(ins.meta.scalar_type).ok_or_else(|| Error::Unsupported {
+            path: path(),
+            reason: format!(
+                "its dtype {:?} (quantized or unknown) has no IPC form",
+                t.kind()
+            ),
+        })?;
+    let view = TensorView {
+        dtype,
+        sizes: ins.sizes,
+        strides: ins.strides,
+        storage_offset: ins.meta.storage_offset,
+        requires_grad: ins.meta.requires_grad != 0,
+    };
+    Ok((view, (ins.meta, ins.storage)))
+}
+
+/// The descriptor of an inspected tensor's storage.
+pub(crate) fn describe_storage(ins: &Inspected) -> Result<StorageDescriptor> {
+    let device = ins.meta.device_index.max(0) as u32;
+    let (handle, offset) =
+        ffi::export_storage(&ins.storage).map_err(|m| Error::cuda("exporting an IPC handle", m))?;
+    Ok(StorageDescriptor {
+        handle,
+        offset,
+        nbytes: ins.meta.storage_nbytes,
+        device: GpuId::of_device(device)?,
+        producer: ProcessId::current(),
+    })
+}
+
+/// Exports a CUDA tensor for another process on this host.
+///
+/// Fails with [`Error::NotCuda`] for a tensor that is not on a CUDA device (nothing is
+/// copied), and [`Error::Unsupported`] for quantized, sparse or undefined tensors.
+pub fn export(t: &Tensor) -> Result<ExportedTensor> {
+    let ins = inspect(t, &|| "tensor".to_string())?;
+    cuda::require()?;
+    let storage = describe_storage(&ins)?;
+    let ready = Some(EventHandle::record(storage.device.index)?);
+    Ok(ExportedTensor {
+        descriptor: TensorDescriptor {
+            storage,
+            view: ins.view,
+            ready,
+        },
+        hold: StorageHold(ins.storage),
+    })
+}
+
+/// Opens a storage exported by another process. `cookie`, when non-zero, is passed to
+/// the release hook when the storage's last reference goes.
+pub(crate) fn open_storage(
+    desc: &StorageDescriptor,
+    cookie: u64,
+) -> Result<(ffi::OwnedStorage, u32)> {
+    cuda::require()?;
+    if desc.producer == ProcessId::current() {
+        return Err(Error::SelfImport {
+            pid: desc.producer.pid,
+        });
+    }
+    let device = desc.device.local_index()?;
+    let storage = ffi::import_storage(
+        &desc.handle,
+        desc.offset,
+        desc.nbytes,
+        device as i32,
+        cookie,
+    )
+    .map_err(|m| Error::cuda("opening an IPC handle", m))?;
+    Ok((storage, device))
+}
+
+/// A tensor over an opened storage.
+pub(crate) fn view_tensor(storage: &ffi::OwnedStorage, view: &TensorView) -> Result<Tensor> {
+    ffi::tensor_from_storage(
+        storage,
+        view.dtype.scalar_type(),
+        &view.sizes,
+        &view.strides,
+        view.storage_offset,
+        view.requires_grad,
+    )
+    .map_err(|m| Error::cuda("building a tensor over shared memory", m))
+}
+
+/// Rebuilds a tensor exported by another process: a view of the producer's GPU memory,
+/// which stays mapped until the last tensor over it is dropped. The calling thread's
+/// current stream waits for the producer's ready event first.
+///
+/// Fails with [`Error::SelfImport`] in the exporting process (CUDA forbids it) and with
+/// [`Error::DeviceNotVisible`] if this process cannot see the producer's GPU.
+pub fn import(desc: &TensorDescriptor) -> Result<Tensor> {
+    let (storage, device) = open_storage(&desc.storage, 0)?;
+    if let Some(ready) = &desc.ready {
+        ready.wait(device)?;
+    }
+    view_tensor(&storage, &desc.view)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dtypes_round_trip_through_kind_and_scalar_type() {
+        for (dtype, kind, st) in DTYPES {
+            assert_eq!(DType::from_kind(kind), Some(dtype));
+            assert_eq!(dtype.kind(), kind);
+            assert_eq!(DType::from_scalar_type(st), Some(dtype));
+            assert_eq!(dtype.scalar_type(), st);
+        }
+        assert_eq!(DType::from_kind(Kind::QInt8), None);
+    }
+
+    #[test]
+    fn uuid_string_is_canonical() {
+        let gpu = GpuId {
+            index: 1,
+            uuid: *b"\x01\x23\x45\x67\x89\xab\xcd\xef\x01\x23\x45\x67\x89\xab\xcd\xef",
+        };
+        assert_eq!(gpu.uuid_string(), "01234567-89ab-cdef-0123-456789abcdef");
+    }
+
+    #[test]
+    fn descriptors_round_trip_through_messagepack() {
+        let desc = TensorDescriptor {
+            storage: StorageDescriptor {
+                handle: vec![1, 2, 3],
+                offset: 512,
+                nbytes: 4096,
+                device: GpuId {
+                    index: 0,
+                    uuid: [9; 16],
+                },
+                producer: ProcessId {
+                    pid: 42,
+                    instance: 7,
+                },
+            },
+            view: TensorView {
+                dtype: DType::BF16,
+                sizes: vec![2, 3],
+                strides: vec![1, 2],
+                storage_offset: 5,
+                requires_grad: true,
+            },
+            ready: Some(EventHandle(serde_bytes::ByteArray::new([3; 64]))),
+        };
+        let bytes = rmp_serde::to_vec(&desc).unwrap();
+        let back: TensorDescriptor = rmp_serde::from_slice(&bytes).unwrap();
+        assert_eq!(back, desc);
+    }
+
+    #[test]
+    fn cpu_tensors_are_refused_before_anything_is_shared() {
+        let t = Tensor::ones([3], (Kind::Float, tch::Device::Cpu));
+        let err = match inspect(&t, &|| "encoder.weight".into()) {
+            Err(e) => e,
+            Ok(_) => panic!("a CPU tensor passed inspection"),
+        };
+        assert!(
+            matches!(&err, Error::NotCuda { path, .. } if path == "encoder.weight"),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("encoder.weight is on Cpu"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,162 @@
+//! Shared harness of the integration tests.
+//!
+//! GPU tests are `#[ignore = "GPU ..."]`: a CPU-only `cargo test` lists them as ignored,
+//! and the GPU bundle runs them with `--include-ignored`. Each GPU test starts with
+//! [`require_gpu`], so a GPU run on a machine without CUDA fails instead of passing.
+//!
+//! Two-process tests start helper binaries of this package ([`helper_bin`]) and talk to
+//! them over stdin/stdout with length-prefixed MessagePack frames ([`send`], [`recv`]).
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// Panics unless this process sees a CUDA device: GPU tests must never pass without one.
+pub fn require_gpu() {
+    if let Err(e) = shared_tensor::cuda::require() {
+        panic!("this GPU test needs a CUDA GPU and must not be skipped: {e}");
+    }
+}
+
+/// The path of a helper binary of this package: `$SHARED_TENSOR_TEST_BIN_DIR/<name>` in
+/// the GPU bundle, else the path cargo built it at.
+pub fn helper_bin(name: &str, cargo_path: &str) -> PathBuf {
+    match std::env::var_os("SHARED_TENSOR_TEST_BIN_DIR") {
+        Some(dir) => PathBuf::from(dir).join(name),
+        None => PathBuf::from(cargo_path),
+    }
+}
+
+/// The bytes of `t.contiguous()`, copied to the host: for bit-exact comparisons.
+pub fn bytes_of(t: &tch::Tensor) -> Vec<u8> {
+    let t = t.contiguous().to_device(tch::Device::Cpu);
+    let mut out = vec![0u8; t.numel() * t.kind().elt_size_in_bytes()];
+    t.copy_data_u8(&mut out, t.numel());
+    out
+}
+
+/// A helper process with piped stdin and stdout, killed if dropped while running.
+pub struct Peer {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: ChildStdout,
+}
+
+impl Peer {
+    /// Starts `exe` with the given environment variables.
+    pub fn spawn(exe: &PathBuf, envs: &[(&str, &str)]) -> Peer {
+        let mut cmd = Command::new(exe);
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", exe.display()));
+        let stdin = child.stdin.take().expect("piped stdin");
+        let stdout = child.stdout.take().expect("piped stdout");
+        Peer {
+            child,
+            stdin,
+            stdout,
+        }
+    }
+
+    /// Sends one message.
+    pub fn send<T: Serialize>(&mut self, msg: &T) {
+        send(&mut self.stdin, msg).expect("the peer closed its stdin");
+    }
+
+    /// Receives one message.
+    pub fn recv<T: DeserializeOwned>(&mut self) -> T {
+        recv(&mut self.stdout)
+            .expect("the peer closed its stdout (did it crash? see its stderr above)")
+    }
+
+    /// Waits for the peer to exit and returns whether it succeeded.
+    pub fn wait_success(mut self) -> bool {
+        self.child.wait().map(|s| s.success()).unwrap_or(false)
+    }
+
+    /// The peer's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Writes one length-prefixed MessagePack frame.
+pub fn send<T: Serialize>(w: &mut impl Write, msg: &T) -> std::io::Result<()> {
+    let body = rmp_serde::to_vec_named(msg).map_err(std::io::Error::other)?;
+    w.write_all(&(body.len() as u32).to_le_bytes())?;
+    w.write_all(&body)?;
+    w.flush()
+}
+
+/// Reads one length-prefixed MessagePack frame.
+pub fn recv<T: DeserializeOwned>(r: &mut impl Read) -> std::io::Result<T> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len)?;
+    let mut body = vec![0u8; u32::from_le_bytes(len) as usize];
+    r.read_exact(&mut body)?;
+    rmp_serde::from_slice(&body).map_err(std::io::Error::other)
+}
+
+/// Messages of the two-process CUDA IPC proof (`tests/ipc_proof.rs` and `bin/ipc_peer.rs`).
+pub mod ipc_proof {
+    use super::*;
+    use shared_tensor::ipc::TensorDescriptor;
+
+    /// How the consumer checks the values it sees.
+    #[derive(Debug, Serialize, Deserialize)]
+    pub enum Expected {
+        /// The exact bytes of `tensor.contiguous()`.
+        Bytes(#[serde(with = "serde_bytes")] Vec<u8>),
+        /// `arange(n, Int32)`: for tensors too large to send by value.
+        ArangeI32(i64),
+    }
+
+    /// One tensor handed from A to B.
+    #[derive(Debug, Serialize, Deserialize)]
+    pub struct Item {
+        /// A name for the report.
+        pub name: String,
+        /// The descriptor A exported.
+        pub descriptor: TensorDescriptor,
+        /// What B must see.
+        pub expected: Expected,
+    }
+
+    /// A's request to B.
+    #[derive(Debug, Serialize, Deserialize)]
+    pub struct Request {
+        /// Tensors to import and check.
+        pub items: Vec<Item>,
+        /// The item B fills with 42 in place after checking.
+        pub mutate: String,
+        /// The item B imports a second time.
+        pub import_twice: String,
+    }
+
+    /// B's verdict on one check.
+    #[derive(Debug, Serialize, Deserialize)]
+    pub struct Check {
+        /// What was checked.
+        pub name: String,
+        /// `None` if it held, else what went wrong.
+        pub failure: Option<String>,
+    }
+}

@@ -1,0 +1,148 @@
+//! `cargo xtask gpu-bundle`: everything the GPU machine runs, in one git-ignored folder.
+//!
+//! The GPU machine has no Rust toolchain, so the tests, their helper binaries and the
+//! examples are built here (profile `gpu`: release, stripped) and copied with a runner
+//! script, `run.sh`, which finds libtorch in the machine's `python3`, refuses to run
+//! without CUDA, runs every test including the GPU ones (ignored on CPU) and every
+//! example in its roles, and exits non-zero if anything failed.
+
+use std::fs;
+use std::path::Path;
+use std::process::ExitCode;
+
+use crate::libtorch::Libtorch;
+
+pub const BUNDLE_DIR: &str = ".gpu-bundle";
+
+/// Examples the runner starts, and whether they run as server + client.
+const EXAMPLES: &[(&str, Roles)] = &[];
+
+#[derive(Clone, Copy)]
+enum Roles {
+    ServerAndClient,
+}
+
+pub fn build(lt: &Libtorch) -> Result<ExitCode, String> {
+    let mut args = vec![
+        "--profile",
+        "gpu",
+        "--package",
+        "shared-tensor-tests",
+        "--tests",
+        "--bins",
+        "--package",
+        "shared-tensor-examples",
+    ];
+    for (name, _) in EXAMPLES {
+        args.push("--example");
+        args.push(name);
+    }
+    let exes = crate::build_executables(lt, &args)?;
+    let root = Path::new(BUNDLE_DIR);
+    if root.exists() {
+        fs::remove_dir_all(root).map_err(|e| format!("cannot clear {BUNDLE_DIR}: {e}"))?;
+    }
+    for dir in ["tests", "bin", "examples"] {
+        fs::create_dir_all(root.join(dir))
+            .map_err(|e| format!("cannot create {BUNDLE_DIR}/{dir}: {e}"))?;
+    }
+    let mut total = 0u64;
+    for (name, kind, path) in &exes {
+        let dir = match kind.as_str() {
+            "test" => "tests",
+            "bin" => "bin",
+            "example" => "examples",
+            _ => continue, // the lib's own unit tests need no GPU
+        };
+        let dest = root.join(dir).join(name);
+        fs::copy(path, &dest).map_err(|e| format!("cannot copy {}: {e}", path.display()))?;
+        total += fs::metadata(&dest).map(|m| m.len()).unwrap_or(0);
+    }
+    let mut script = RUNNER.to_string();
+    let examples: Vec<String> = EXAMPLES
+        .iter()
+        .map(|(name, roles)| match roles {
+            Roles::ServerAndClient => format!("{name}:server+client"),
+        })
+        .collect();
+    script = script.replace("@EXAMPLES@", &examples.join(" "));
+    let runner = root.join("run.sh");
+    fs::write(&runner, script).map_err(|e| format!("cannot write {}: {e}", runner.display()))?;
+    make_executable(&runner)?;
+    println!(
+        "xtask: GPU bundle in {BUNDLE_DIR}/ ({} files, {:.1} MiB); run it there with {BUNDLE_DIR}/run.sh [filter]",
+        exes.len(),
+        total as f64 / (1024.0 * 1024.0)
+    );
+    if total > 60 * 1024 * 1024 {
+        return Err(format!(
+            "the bundle is {total} bytes, over the 60 MiB budget of the device transfer"
+        ));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn make_executable(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut perms = fs::metadata(path).map_err(|e| e.to_string())?.permissions();
+    perms.set_mode(0o755);
+    fs::set_permissions(path, perms).map_err(|e| e.to_string())
+}
+
+const RUNNER: &str = r#"#!/usr/bin/env bash
+# Runs the shared-tensor GPU bundle on a machine with a CUDA GPU and python3's torch 2.11.
+# Usage: run.sh [filter]   (filter: a substring of the test binary or example names to run)
+# Logs go to $OUT/gpu-bundle.log when OUT is set, else next to this script.
+set -u
+here=$(cd "$(dirname "$0")" && pwd)
+filter=${1:-}
+log_dir=${OUT:-$here}
+log="$log_dir/gpu-bundle.log"
+: >"$log"
+say() { echo "$@" | tee -a "$log"; }
+
+T=$(python3 -c 'import torch, os; print(os.path.dirname(torch.__file__))' 2>/dev/null) || {
+  say "gpu-bundle: python3 has no torch; this machine cannot run the bundle"; exit 2; }
+export LD_LIBRARY_PATH="$T/lib:$(dirname "$T")/nvidia/cu13/lib:${LD_LIBRARY_PATH:-}"
+python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' || {
+  say "gpu-bundle: no CUDA GPU is visible; refusing to run (GPU tests are never skipped here)"; exit 3; }
+say "gpu-bundle: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | head -n 1)"
+say "gpu-bundle: torch $(python3 -c 'import torch; print(torch.__version__)')"
+export SHARED_TENSOR_TEST_BIN_DIR="$here/bin"
+export RUST_BACKTRACE=1
+
+failed=()
+passed=0
+for t in "$here"/tests/*; do
+  name=$(basename "$t")
+  [[ -n "$filter" && "$name" != *"$filter"* ]] && continue
+  say "=== test binary $name"
+  "$t" --include-ignored --test-threads=1 --show-output 2>&1 | tee -a "$log"
+  if [[ ${PIPESTATUS[0]} -eq 0 ]]; then passed=$((passed + 1)); else failed+=("test:$name"); fi
+done
+
+port=$(( ${SHARED_TENSOR_BASE_PORT:-2537} ))
+for spec in @EXAMPLES@; do
+  name=${spec%%:*}
+  [[ -n "$filter" && "$name" != *"$filter"* ]] && continue
+  exe="$here/examples/$name"
+  say "=== example $name (server + client)"
+  SHARED_TENSOR_ROLE=server "$exe" >>"$log" 2>&1 &
+  server=$!
+  for _ in $(seq 1 600); do
+    (echo >/dev/tcp/127.0.0.1/$port) 2>/dev/null && break
+    kill -0 $server 2>/dev/null || break
+    sleep 0.1
+  done
+  timeout 300 "$exe" 2>&1 | tee -a "$log"
+  rc=${PIPESTATUS[0]}
+  kill -TERM $server 2>/dev/null
+  wait $server
+  src=$?
+  say "example $name: client exit $rc, server exit $src"
+  if [[ $rc -eq 0 && $src -eq 0 ]]; then passed=$((passed + 1)); else failed+=("example:$name"); fi
+done
+
+say "gpu-bundle: ${passed} passed, ${#failed[@]} failed ${failed[*]:-}"
+[[ ${#failed[@]} -eq 0 ]]
+"#;

@@ -1,0 +1,241 @@
+//! `cargo xtask`: the project's automation. Every command first makes sure libtorch 2.11
+//! is available (installing it into a cache venv on first use) and runs cargo with the
+//! environment tch needs.
+
+mod bundle;
+mod libtorch;
+
+use std::ffi::OsString;
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+
+use libtorch::Libtorch;
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "shared-tensor project automation")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install libtorch 2.11 into the cache venv if it is missing, and say where it is.
+    Bootstrap,
+    /// Print `export` lines that set up a shell for plain `cargo` (eval "$(cargo xtask env)").
+    Env,
+    /// Run the test suite (`cargo test --workspace`); extra arguments go to cargo test.
+    Test {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Run the two-process demo: start the server role, run the client role, stop the server.
+    Demo {
+        /// Which example to run in both roles.
+        #[arg(long, default_value = "zero_branch")]
+        example: String,
+    },
+    /// Build the GPU tests and examples, stripped, with a runner script, into .gpu-bundle/.
+    GpuBundle,
+    /// Run any cargo command with the libtorch environment (e.g. `cargo xtask cargo clippy`).
+    Cargo {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli.command) {
+        Ok(code) => code,
+        Err(msg) => {
+            eprintln!("xtask: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cmd: Cmd) -> Result<ExitCode, String> {
+    let lt = Libtorch::ensure()?;
+    match cmd {
+        Cmd::Bootstrap => {
+            println!("libtorch: {}", lt.describe());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Env => {
+            for (key, value) in lt.envs() {
+                println!("export {key}={}", shell_quote(&value.to_string_lossy()));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Test { args } => {
+            let mut cmd = cargo(&lt);
+            cmd.args(["test", "--workspace"]).args(args);
+            status_of(cmd)
+        }
+        Cmd::Cargo { args } => {
+            let mut cmd = cargo(&lt);
+            cmd.args(args);
+            status_of(cmd)
+        }
+        Cmd::Demo { example } => demo(&lt, &example),
+        Cmd::GpuBundle => bundle::build(&lt),
+    }
+}
+
+/// `cargo` with the libtorch environment applied.
+pub fn cargo(lt: &Libtorch) -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.envs(lt.envs());
+    cmd
+}
+
+fn status_of(mut cmd: Command) -> Result<ExitCode, String> {
+    let status = cmd
+        .status()
+        .map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
+    Ok(if status.success() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// Builds with `--message-format=json` and returns the executables cargo produced, as
+/// (target name, target kind, path).
+pub fn build_executables(
+    lt: &Libtorch,
+    args: &[&str],
+) -> Result<Vec<(String, String, PathBuf)>, String> {
+    let mut cmd = cargo(lt);
+    cmd.arg("build")
+        .args(args)
+        .arg("--message-format=json-render-diagnostics");
+    cmd.stdout(Stdio::piped());
+    let out = cmd
+        .output()
+        .map_err(|e| format!("cannot run cargo build: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "cargo build {} failed (the compiler's messages are above)",
+            args.join(" ")
+        ));
+    }
+    let mut found = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if msg["reason"] != "compiler-artifact" {
+            continue;
+        }
+        let Some(exe) = msg["executable"].as_str() else {
+            continue;
+        };
+        let name = msg["target"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let kind = msg["target"]["kind"][0]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        found.push((name, kind, PathBuf::from(exe)));
+    }
+    Ok(found)
+}
+
+/// The port a demo server listens on: base port plus device 0.
+fn demo_port() -> Result<u16, String> {
+    match std::env::var("SHARED_TENSOR_BASE_PORT") {
+        Ok(v) => v.parse().map_err(|_| {
+            format!("SHARED_TENSOR_BASE_PORT={v:?} is not a port number (0-65535); unset it to use 2537")
+        }),
+        Err(_) => Ok(2537),
+    }
+}
+
+fn demo(lt: &Libtorch, example: &str) -> Result<ExitCode, String> {
+    let exes = build_executables(
+        lt,
+        &["--package", "shared-tensor-examples", "--example", example],
+    )?;
+    let exe = exes
+        .into_iter()
+        .find(|(name, kind, _)| name == example && kind == "example")
+        .map(|(_, _, path)| path)
+        .ok_or_else(|| format!("cargo built no example named {example}"))?;
+    let port = demo_port()?;
+    eprintln!(
+        "xtask: starting `{example}` as the server (SHARED_TENSOR_ROLE=server) on 127.0.0.1:{port}"
+    );
+    let mut server = Command::new(&exe)
+        .envs(lt.envs())
+        .env("SHARED_TENSOR_ROLE", "server")
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", exe.display()))?;
+    let result = demo_client(lt, &exe, &mut server, port);
+    stop(&mut server);
+    result
+}
+
+fn demo_client(
+    lt: &Libtorch,
+    exe: &PathBuf,
+    server: &mut Child,
+    port: u16,
+) -> Result<ExitCode, String> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(status) = server.try_wait().map_err(|e| e.to_string())? {
+            // The server explained itself on stderr (for example: no CUDA GPU).
+            return Err(format!("the server role exited before serving ({status})"));
+        }
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "the server role did not listen on 127.0.0.1:{port} within 120 s"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("xtask: server is up; running the same binary as the client");
+    let status = Command::new(exe)
+        .envs(lt.envs())
+        .env_remove("SHARED_TENSOR_ROLE")
+        .status()
+        .map_err(|e| format!("cannot start the client: {e}"))?;
+    if status.success() {
+        eprintln!("xtask: client finished; stopping the server");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        Err(format!("the client role failed ({status})"))
+    }
+}
+
+/// SIGTERM, then SIGKILL if the process has not exited within 10 s.
+fn stop(child: &mut Child) {
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
