@@ -80,10 +80,7 @@ fn cuda_home(torch_root: &Path) -> PathBuf {
     }
     // <site-packages>/torch/lib -> <site-packages>/nvidia/cu13: the CUDA that this
     // libtorch was built with, preferred over whatever CUDA_HOME points at.
-    let wheel = torch_root
-        .parent()
-        .map(|site| site.join("nvidia").join("cu13"))
-        .unwrap_or_default();
+    let wheel = torch_root.parent().map(|site| site.join("nvidia").join("cu13")).unwrap_or_default();
     if wheel.exists() {
         return wheel;
     }

@@ -19,7 +19,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
 #include <map>
@@ -27,6 +29,7 @@
 #include <mutex>
 #include <string>
 #include <unordered_map>
+#include <vector>
 
 // Declared by hand: its header (ATen/cuda/CUDAContext.h) needs CCCL headers that the
 // wheel lacks. Referencing a libtorch_cuda symbol from live code is what makes the
@@ -131,6 +134,103 @@ void import_deleter(void* raw) {
   }
 }
 
+// The mappings of other processes' blocks, by IPC handle.
+//
+// Every open goes through here, never straight to c10's getIpcDevPtr, for two reasons:
+// - reuse: repeated transfers of one block open it once per process; the cache keeps a
+//   strong reference to the most recently used mappings (LRU-bounded) and a weak one to
+//   every mapping still used by a tensor;
+// - correctness: c10's own cache asserts ("entry in cache has missing shared_ptr") when a
+//   handle is opened while the last tensor over its previous mapping is being dropped on
+//   another thread. Here a lookup that finds a mapping being torn down waits until the
+//   teardown (which closes c10's mapping under our lock) has finished, then reopens.
+//
+// Lock rule: no reference that could be the last one is dropped while `mu` is held
+// (the deleter takes `mu`); such references are moved out and dropped after unlocking.
+struct MappingCache {
+  struct Entry {
+    std::weak_ptr<void> weak;
+    std::shared_ptr<void> strong;  // null once evicted
+    uint64_t producer;
+    uint64_t last_use;
+  };
+  std::mutex mu;
+  std::condition_variable cv;
+  std::unordered_map<std::string, Entry> entries;
+  uint64_t clock = 0;
+  size_t strong_count = 0;
+  static constexpr size_t kMaxStrong = 1024;
+};
+
+// Never destroyed: deleters may run during process teardown.
+MappingCache& mapping_cache() {
+  static MappingCache* cache = new MappingCache();
+  return *cache;
+}
+
+std::shared_ptr<void> open_mapping(const std::string& handle, uint64_t producer) {
+  MappingCache& c = mapping_cache();
+  std::vector<std::shared_ptr<void>> evicted;  // dropped after unlocking
+  std::shared_ptr<void> result;
+  {
+    std::unique_lock<std::mutex> lock(c.mu);
+    for (;;) {
+      auto it = c.entries.find(handle);
+      if (it == c.entries.end()) {
+        break;
+      }
+      result = it->second.weak.lock();
+      if (result) {
+        it->second.last_use = ++c.clock;
+        if (!it->second.strong) {
+          it->second.strong = result;
+          ++c.strong_count;
+        }
+        break;
+      }
+      // Its last tensor is going: wait for the teardown to close it.
+      c.cv.wait(lock);
+    }
+    if (!result) {
+      auto c10_mapping = std::make_unique<std::shared_ptr<void>>(
+          c10::cuda::CUDACachingAllocator::getIpcDevPtr(handle));
+      void* ptr = c10_mapping->get();
+      std::string key = handle;
+      result = std::shared_ptr<void>(ptr, [mapping = c10_mapping.release(), key](void*) {
+        MappingCache& cache = mapping_cache();
+        std::unique_lock<std::mutex> l(cache.mu);
+        auto found = cache.entries.find(key);
+        if (found != cache.entries.end() && found->second.weak.expired()) {
+          cache.entries.erase(found);
+        }
+        // Closing under our lock: no open of this handle can interleave with it.
+        try {
+          delete mapping;
+        } catch (...) {
+        }
+        l.unlock();
+        cache.cv.notify_all();
+      });
+      c.entries[handle] = MappingCache::Entry{result, result, producer, ++c.clock};
+      ++c.strong_count;
+    }
+    while (c.strong_count > MappingCache::kMaxStrong) {
+      auto oldest = c.entries.end();
+      for (auto it = c.entries.begin(); it != c.entries.end(); ++it) {
+        if (it->second.strong && (oldest == c.entries.end() || it->second.last_use < oldest->second.last_use)) {
+          oldest = it;
+        }
+      }
+      if (oldest == c.entries.end()) {
+        break;
+      }
+      evicted.push_back(std::move(oldest->second.strong));
+      --c.strong_count;
+    }
+  }
+  return result;
+}
+
 // One interprocess event per CUDA stream that has exported: re-recording the event of
 // a stream covers all earlier work on that stream, so a consumer that waits on a later
 // record than "its own" only waits longer, never too short.
@@ -223,6 +323,15 @@ const char* st_tensor_inspect(const at::Tensor* t, st_tensor_meta* meta, int64_t
 
 void st_storage_free(st_storage* s) { delete s; }
 
+// Another owning reference to the same storage; null only when out of host memory.
+st_storage* st_storage_clone(const st_storage* s) {
+  try {
+    return new st_storage{s->storage};
+  } catch (...) {
+    return nullptr;
+  }
+}
+
 // The IPC handle of the caching-allocator block holding the storage, and the byte
 // offset of the storage in that block. `buf` has room for `cap` bytes; `*len` is the
 // handle's length (the caller retries with a larger buffer if it exceeds `cap`).
@@ -253,7 +362,7 @@ const char* st_storage_export(const st_storage* s, uint8_t* buf, uint64_t cap, u
 // it. The storage's deleter syncs the current stream, drops the mapping and calls the
 // release function with `cookie`.
 const char* st_storage_import(const uint8_t* handle, uint64_t len, int64_t offset, uint64_t nbytes,
-                              int32_t device, uint64_t cookie, st_storage** out) {
+                              int32_t device, uint64_t producer, uint64_t cookie, st_storage** out) {
   ST_TRY
   c10::Device dev(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(device));
   if (len == 0) {
@@ -265,7 +374,7 @@ const char* st_storage_import(const uint8_t* handle, uint64_t len, int64_t offse
   }
   c10::cuda::CUDAGuard guard(dev.index());
   std::string h(reinterpret_cast<const char*>(handle), len);
-  std::shared_ptr<void> base = c10::cuda::CUDACachingAllocator::getIpcDevPtr(h);
+  std::shared_ptr<void> base = open_mapping(h, producer);
   void* ptr = static_cast<char*>(base.get()) + offset;
   auto* ctx = new ImportContext{std::move(base), cookie, device};
   c10::DataPtr data_ptr(ptr, ctx, &import_deleter, dev);
@@ -293,6 +402,29 @@ const char* st_tensor_from_storage(const st_storage* s, int32_t scalar_type, con
   }
   *out = new at::Tensor(std::move(t));
   ST_CATCH
+}
+
+// Drops the cache's references to a producer's mappings (its connection closed); each
+// closes when its last tensor goes.
+void st_ipc_forget_producer(uint64_t producer) {
+  MappingCache& c = mapping_cache();
+  std::vector<std::shared_ptr<void>> dropped;
+  {
+    std::lock_guard<std::mutex> lock(c.mu);
+    for (auto& kv : c.entries) {
+      if (kv.second.producer == producer && kv.second.strong) {
+        dropped.push_back(std::move(kv.second.strong));
+        --c.strong_count;
+      }
+    }
+  }
+}
+
+// Mappings open in this process (held by the cache or by tensors).
+uint64_t st_ipc_mapping_count() {
+  MappingCache& c = mapping_cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  return static_cast<uint64_t>(c.entries.size());
 }
 
 // Records this thread's current stream on `device` in an interprocess event and gives
@@ -362,6 +494,17 @@ const char* st_synchronize(int32_t device) {
   cudaError_t err = cudaDeviceSynchronize();
   if (err != cudaSuccess) {
     return cuda_error("cudaDeviceSynchronize", err);
+  }
+  ST_CATCH
+}
+
+// Waits for this thread's current stream on `device` (not the whole device).
+const char* st_stream_synchronize(int32_t device) {
+  ST_TRY
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)).stream();
+  cudaError_t err = cudaStreamSynchronize(stream);
+  if (err != cudaSuccess) {
+    return cuda_error("cudaStreamSynchronize", err);
   }
   ST_CATCH
 }

@@ -30,12 +30,8 @@ fn init() -> std::result::Result<ffi::InitInfo, String> {
 pub fn require() -> Result<usize> {
     match init() {
         Ok(info) if info.device_count > 0 => Ok(info.device_count as usize),
-        Ok(_) => Err(Error::CudaUnavailable {
-            reason: "this machine has no CUDA device (device count is 0)".into(),
-        }),
-        Err(msg) => Err(Error::CudaUnavailable {
-            reason: format!("CUDA could not be initialised ({msg})"),
-        }),
+        Ok(_) => Err(Error::CudaUnavailable { reason: "this machine has no CUDA device (device count is 0)".into() }),
+        Err(msg) => Err(Error::CudaUnavailable { reason: format!("CUDA could not be initialised ({msg})") }),
     }
 }
 
@@ -91,8 +87,7 @@ pub fn device_uuid(index: u32) -> Result<[u8; 16]> {
     if let Some(uuid) = map.get(&index) {
         return Ok(*uuid);
     }
-    let uuid =
-        ffi::device_uuid(index as i32).map_err(|m| Error::cuda("reading the device UUID", m))?;
+    let uuid = ffi::device_uuid(index as i32).map_err(|m| Error::cuda("reading the device UUID", m))?;
     map.insert(index, uuid);
     Ok(uuid)
 }
@@ -115,7 +110,7 @@ pub(crate) fn device_by_uuid(uuid: &[u8; 16]) -> Result<Option<u32>> {
 /// let stats = shared_tensor_runtime::cuda::memory_stats(0).unwrap();
 /// println!("{} bytes allocated by this process", stats.allocated_bytes);
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MemoryStats {
     /// Bytes in live tensors allocated by this process's caching allocator.
     pub allocated_bytes: u64,
@@ -130,8 +125,7 @@ pub struct MemoryStats {
 /// Reads [`MemoryStats`] for a device.
 pub fn memory_stats(device: u32) -> Result<MemoryStats> {
     require()?;
-    let s = ffi::memory_stats(device as i32)
-        .map_err(|m| Error::cuda("reading memory statistics", m))?;
+    let s = ffi::memory_stats(device as i32).map_err(|m| Error::cuda("reading memory statistics", m))?;
     Ok(MemoryStats {
         allocated_bytes: s.allocated_bytes,
         reserved_bytes: s.reserved_bytes,
@@ -149,6 +143,18 @@ pub fn memory_stats(device: u32) -> Result<MemoryStats> {
 pub fn synchronize(device: u32) -> Result<()> {
     require()?;
     ffi::synchronize(device as i32).map_err(|m| Error::cuda("synchronizing the device", m))
+}
+
+/// Waits for the calling thread's current CUDA stream on a device: after it, everything
+/// this thread queued there (including waits on tensors received from another process)
+/// has completed.
+///
+/// ```no_run
+/// shared_tensor_runtime::cuda::synchronize_stream(0).unwrap();
+/// ```
+pub fn synchronize_stream(device: u32) -> Result<()> {
+    require()?;
+    ffi::stream_synchronize(device as i32).map_err(|m| Error::cuda("synchronizing the stream", m))
 }
 
 /// Returns the caching allocator's unused blocks to the driver (`emptyCache`).

@@ -74,22 +74,20 @@ extern "C" {
         storage_out: *mut *mut RawStorage,
     ) -> *mut c_char;
     fn st_storage_free(s: *mut RawStorage);
-    fn st_storage_export(
-        s: *const RawStorage,
-        buf: *mut u8,
-        cap: u64,
-        len: *mut u64,
-        offset: *mut i64,
-    ) -> *mut c_char;
+    fn st_storage_clone(s: *const RawStorage) -> *mut RawStorage;
+    fn st_storage_export(s: *const RawStorage, buf: *mut u8, cap: u64, len: *mut u64, offset: *mut i64) -> *mut c_char;
     fn st_storage_import(
         handle: *const u8,
         len: u64,
         offset: i64,
         nbytes: u64,
         device: i32,
+        producer: u64,
         cookie: u64,
         out: *mut *mut RawStorage,
     ) -> *mut c_char;
+    fn st_ipc_forget_producer(producer: u64);
+    fn st_ipc_mapping_count() -> u64;
     fn st_tensor_from_storage(
         s: *const RawStorage,
         scalar_type: i32,
@@ -103,6 +101,7 @@ extern "C" {
     fn st_event_record(device: i32, out: *mut u8) -> *mut c_char;
     fn st_event_wait(device: i32, handle: *const u8) -> *mut c_char;
     fn st_synchronize(device: i32) -> *mut c_char;
+    fn st_stream_synchronize(device: i32) -> *mut c_char;
     fn st_memory_stats(device: i32, out: *mut AllocStats) -> *mut c_char;
     fn st_empty_cache() -> *mut c_char;
 }
@@ -114,9 +113,7 @@ fn check(err: *mut c_char) -> Result<(), String> {
     }
     // SAFETY: a non-null return is a NUL-terminated string from malloc in st_ipc.cpp that
     // nothing else references; we copy it and free it exactly once here.
-    let msg = unsafe { CStr::from_ptr(err) }
-        .to_string_lossy()
-        .into_owned();
+    let msg = unsafe { CStr::from_ptr(err) }.to_string_lossy().into_owned();
     // SAFETY: as above; `err` came from st_ipc.cpp's malloc and is not used after this.
     unsafe { st_free_error(err) };
     Err(msg)
@@ -141,10 +138,19 @@ impl Drop for OwnedStorage {
 }
 
 impl OwnedStorage {
+    /// Another owning reference to the same storage (the same memory, one more refcount).
+    pub(crate) fn clone_ref(&self) -> OwnedStorage {
+        // SAFETY: `self.0` is a live st_storage; st_storage_clone copies the c10::Storage
+        // handle (an atomic refcount increment) into a new heap object.
+        let raw = unsafe { st_storage_clone(self.0.as_ptr()) };
+        // Null only if `new` failed: out of host memory, which Rust treats as fatal too.
+        OwnedStorage(
+            NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(std::alloc::Layout::new::<usize>())),
+        )
+    }
+
     fn from_raw(ptr: *mut RawStorage) -> Result<Self, String> {
-        NonNull::new(ptr)
-            .map(OwnedStorage)
-            .ok_or_else(|| "st_ipc returned no storage".to_string())
+        NonNull::new(ptr).map(OwnedStorage).ok_or_else(|| "st_ipc returned no storage".to_string())
     }
 }
 
@@ -189,29 +195,14 @@ pub(crate) fn inspect(t: &Tensor, want_storage: bool) -> Result<Inspected, Strin
         let mut sizes = vec![0i64; cap];
         let mut strides = vec![0i64; cap];
         let mut raw: *mut RawStorage = std::ptr::null_mut();
-        let storage_out = if want_storage {
-            &mut raw as *mut _
-        } else {
-            std::ptr::null_mut()
-        };
+        let storage_out = if want_storage { &mut raw as *mut _ } else { std::ptr::null_mut() };
         // SAFETY: `t` is borrowed for the call, so `as_ptr` is a live at::Tensor*; the
         // buffers hold `cap` elements, the bound passed; `storage_out` is null or valid.
         let res = check(unsafe {
-            st_tensor_inspect(
-                t.as_ptr(),
-                &mut meta,
-                sizes.as_mut_ptr(),
-                strides.as_mut_ptr(),
-                cap as i32,
-                storage_out,
-            )
+            st_tensor_inspect(t.as_ptr(), &mut meta, sizes.as_mut_ptr(), strides.as_mut_ptr(), cap as i32, storage_out)
         });
         // Take ownership of the storage before looking at the result, so it is freed on error.
-        let storage = if raw.is_null() {
-            None
-        } else {
-            Some(OwnedStorage::from_raw(raw)?)
-        };
+        let storage = if raw.is_null() { None } else { Some(OwnedStorage::from_raw(raw)?) };
         res?;
         let ndim = usize::try_from(meta.ndim).unwrap_or(0);
         if ndim > cap {
@@ -220,12 +211,7 @@ pub(crate) fn inspect(t: &Tensor, want_storage: bool) -> Result<Inspected, Strin
         }
         sizes.truncate(ndim);
         strides.truncate(ndim);
-        return Ok(Inspected {
-            meta,
-            sizes,
-            strides,
-            storage,
-        });
+        return Ok(Inspected { meta, sizes, strides, storage });
     }
 }
 
@@ -238,16 +224,9 @@ pub(crate) fn export_storage(storage: &OwnedStorage) -> Result<(Vec<u8>, i64), S
         let mut offset = 0i64;
         // SAFETY: `storage` is a live st_storage; `buf` has `buf.len()` writable bytes.
         check(unsafe {
-            st_storage_export(
-                storage.0.as_ptr(),
-                buf.as_mut_ptr(),
-                buf.len() as u64,
-                &mut len,
-                &mut offset,
-            )
+            st_storage_export(storage.0.as_ptr(), buf.as_mut_ptr(), buf.len() as u64, &mut len, &mut offset)
         })?;
-        let len =
-            usize::try_from(len).map_err(|_| "IPC handle length overflows usize".to_string())?;
+        let len = usize::try_from(len).map_err(|_| "IPC handle length overflows usize".to_string())?;
         if len > buf.len() {
             buf.resize(len, 0);
             continue;
@@ -264,23 +243,28 @@ pub(crate) fn import_storage(
     offset: i64,
     nbytes: u64,
     device: i32,
+    producer: u64,
     cookie: u64,
 ) -> Result<OwnedStorage, String> {
     let mut raw: *mut RawStorage = std::ptr::null_mut();
     // SAFETY: `handle` is readable for its length; `raw` is a valid out-pointer. CUDA was
     // initialised by the caller (crate::cuda::require), which getIpcDevPtr needs.
     check(unsafe {
-        st_storage_import(
-            handle.as_ptr(),
-            handle.len() as u64,
-            offset,
-            nbytes,
-            device,
-            cookie,
-            &mut raw,
-        )
+        st_storage_import(handle.as_ptr(), handle.len() as u64, offset, nbytes, device, producer, cookie, &mut raw)
     })?;
     OwnedStorage::from_raw(raw)
+}
+
+/// Drops the mapping cache's references to one producer's blocks.
+pub(crate) fn forget_producer(producer: u64) {
+    // SAFETY: no pointers are passed; the C++ side never throws here.
+    unsafe { st_ipc_forget_producer(producer) }
+}
+
+/// Mappings of other processes' blocks open in this process.
+pub(crate) fn mapping_count() -> u64 {
+    // SAFETY: no pointers are passed.
+    unsafe { st_ipc_mapping_count() }
 }
 
 pub(crate) fn tensor_from_storage(
@@ -292,11 +276,7 @@ pub(crate) fn tensor_from_storage(
     requires_grad: bool,
 ) -> Result<Tensor, String> {
     if sizes.len() != strides.len() {
-        return Err(format!(
-            "{} sizes but {} strides",
-            sizes.len(),
-            strides.len()
-        ));
+        return Err(format!("{} sizes but {} strides", sizes.len(), strides.len()));
     }
     let ndim = i32::try_from(sizes.len()).map_err(|_| "too many dimensions".to_string())?;
     let mut out: *mut C_tensor = std::ptr::null_mut();
@@ -337,6 +317,11 @@ pub(crate) fn event_wait(device: i32, handle: &[u8; 64]) -> Result<(), String> {
 pub(crate) fn synchronize(device: i32) -> Result<(), String> {
     // SAFETY: no pointers are passed.
     check(unsafe { st_synchronize(device) })
+}
+
+pub(crate) fn stream_synchronize(device: i32) -> Result<(), String> {
+    // SAFETY: no pointers are passed.
+    check(unsafe { st_stream_synchronize(device) })
 }
 
 pub(crate) fn memory_stats(device: i32) -> Result<AllocStats, String> {

@@ -93,27 +93,16 @@ const DTYPES: [(DType, Kind, i32); 17] = [
 impl DType {
     /// The dtype of a tch `Kind`; `None` for quantized kinds, which cannot be shared.
     pub fn from_kind(kind: Kind) -> Option<DType> {
-        DTYPES
-            .iter()
-            .find(|(_, k, _)| *k == kind)
-            .map(|(d, _, _)| *d)
+        DTYPES.iter().find(|(_, k, _)| *k == kind).map(|(d, _, _)| *d)
     }
 
     /// The tch `Kind` of this dtype.
     pub fn kind(self) -> Kind {
-        DTYPES
-            .iter()
-            .find(|(d, _, _)| *d == self)
-            .map(|(_, k, _)| *k)
-            .unwrap_or(Kind::Uint8)
+        DTYPES.iter().find(|(d, _, _)| *d == self).map(|(_, k, _)| *k).unwrap_or(Kind::Uint8)
     }
 
     pub(crate) fn scalar_type(self) -> i32 {
-        DTYPES
-            .iter()
-            .find(|(d, _, _)| *d == self)
-            .map(|(_, _, s)| *s)
-            .unwrap_or(0)
+        DTYPES.iter().find(|(d, _, _)| *d == self).map(|(_, _, s)| *s).unwrap_or(0)
     }
 
     pub(crate) fn from_scalar_type(st: i32) -> Option<DType> {
@@ -140,10 +129,7 @@ static CURRENT_PROCESS: Lazy<ProcessId> = Lazy::new(|| {
     // RandomState draws its keys from the OS's random source once per process.
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
     hasher.write_u32(std::process::id());
-    ProcessId {
-        pid: std::process::id(),
-        instance: hasher.finish(),
-    }
+    ProcessId { pid: std::process::id(), instance: hasher.finish() }
 });
 
 impl ProcessId {
@@ -184,10 +170,7 @@ impl GpuId {
     }
 
     pub(crate) fn of_device(index: u32) -> Result<GpuId> {
-        Ok(GpuId {
-            index,
-            uuid: cuda::device_uuid(index)?,
-        })
+        Ok(GpuId { index, uuid: cuda::device_uuid(index)? })
     }
 
     /// This process's index for the GPU, matched by UUID.
@@ -195,10 +178,8 @@ impl GpuId {
         if (self.index as usize) < cuda::require()? && cuda::device_uuid(self.index)? == self.uuid {
             return Ok(self.index);
         }
-        cuda::device_by_uuid(&self.uuid)?.ok_or_else(|| Error::DeviceNotVisible {
-            index: self.index,
-            uuid: self.uuid_string(),
-        })
+        cuda::device_by_uuid(&self.uuid)?
+            .ok_or_else(|| Error::DeviceNotVisible { index: self.index, uuid: self.uuid_string() })
     }
 }
 
@@ -240,15 +221,13 @@ pub struct EventHandle(pub serde_bytes::ByteArray<64>);
 impl EventHandle {
     /// Records the calling thread's current stream on `device` and returns the event.
     pub(crate) fn record(device: u32) -> Result<EventHandle> {
-        let raw = ffi::event_record(device as i32)
-            .map_err(|m| Error::cuda("recording the ready event", m))?;
+        let raw = ffi::event_record(device as i32).map_err(|m| Error::cuda("recording the ready event", m))?;
         Ok(EventHandle(serde_bytes::ByteArray::new(raw)))
     }
 
     /// Makes the calling thread's current stream on `device` wait for the event.
     pub(crate) fn wait(&self, device: u32) -> Result<()> {
-        ffi::event_wait(device as i32, &self.0)
-            .map_err(|m| Error::cuda("waiting for the ready event", m))
+        ffi::event_wait(device as i32, &self.0).map_err(|m| Error::cuda("waiting for the ready event", m))
     }
 }
 
@@ -265,7 +244,9 @@ pub struct TensorDescriptor {
 
 /// Keeps an exported storage's memory alive. While it lives, the block cannot be freed
 /// or reused by the producer, so consumers' views stay valid.
-pub struct StorageHold(pub(crate) ffi::OwnedStorage);
+pub struct StorageHold {
+    _storage: ffi::OwnedStorage,
+}
 
 impl std::fmt::Debug for StorageHold {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -303,32 +284,16 @@ pub(crate) struct Inspected {
 /// Reads a tensor and checks it can travel: defined, on CUDA, a shareable dtype.
 /// `path` names the tensor in error messages.
 pub(crate) fn inspect(t: &Tensor, path: &dyn Fn() -> String) -> Result<Inspected> {
-    let ins = ffi::inspect(t, true).map_err(|m| Error::Unsupported {
-        path: path(),
-        reason: m,
-    })?;
+    let ins = ffi::inspect(t, true).map_err(|m| Error::Unsupported { path: path(), reason: m })?;
     if ins.meta.defined == 0 {
-        return Err(Error::Unsupported {
-            path: path(),
-            reason: "the tensor is undefined".into(),
-        });
+        return Err(Error::Unsupported { path: path(), reason: "the tensor is undefined".into() });
     }
     if ins.meta.device_type != ffi::DEVICE_TYPE_CUDA {
-        return Err(Error::NotCuda {
-            path: path(),
-            device: format!("{:?}", t.device()),
-        });
+        return Err(Error::NotCuda { path: path(), device: format!("{:?}", t.device()) });
     }
     let (view, (meta, storage)) = view_from(t, ins, path)?;
-    let storage = storage.ok_or_else(|| Error::Unsupported {
-        path: path(),
-        reason: "it has no storage".into(),
-    })?;
-    Ok(Inspected {
-        meta,
-        view,
-        storage,
-    })
+    let storage = storage.ok_or_else(|| Error::Unsupported { path: path(), reason: "it has no storage".into() })?;
+    Ok(Inspected { meta, view, storage })
 }
 
 /// How a tensor looks at its storage: dtype, sizes, strides, storage offset and
@@ -341,10 +306,7 @@ pub(crate) fn inspect(t: &Tensor, path: &dyn Fn() -> String) -> Result<Inspected
 /// assert_eq!((view.storage_offset, view.sizes), (3, vec![4]));
 /// ```
 pub fn view_of(t: &Tensor) -> Result<TensorView> {
-    let ins = ffi::inspect(t, false).map_err(|m| Error::Unsupported {
-        path: "tensor".into(),
-        reason: m,
-    })?;
+    let ins = ffi::inspect(t, false).map_err(|m| Error::Unsupported { path: "tensor".into(), reason: m })?;
     view_from(t, ins, &|| "tensor".to_string()).map(|(view, _)| view)
 }
 
@@ -355,14 +317,10 @@ fn view_from(
     ins: ffi::Inspected,
     path: &dyn Fn() -> String,
 ) -> Result<(TensorView, (ffi::TensorMeta, Option<ffi::OwnedStorage>))> {
-    let dtype =
-        DType::from_scalar_type(ins.meta.scalar_type).ok_or_else(|| Error::Unsupported {
-            path: path(),
-            reason: format!(
-                "its dtype {:?} (quantized or unknown) has no IPC form",
-                t.kind()
-            ),
-        })?;
+    let dtype = DType::from_scalar_type(ins.meta.scalar_type).ok_or_else(|| Error::Unsupported {
+        path: path(),
+        reason: format!("its dtype {:?} (quantized or unknown) has no IPC form", t.kind()),
+    })?;
     let view = TensorView {
         dtype,
         sizes: ins.sizes,
@@ -376,8 +334,7 @@ fn view_from(
 /// The descriptor of an inspected tensor's storage.
 pub(crate) fn describe_storage(ins: &Inspected) -> Result<StorageDescriptor> {
     let device = ins.meta.device_index.max(0) as u32;
-    let (handle, offset) =
-        ffi::export_storage(&ins.storage).map_err(|m| Error::cuda("exporting an IPC handle", m))?;
+    let (handle, offset) = ffi::export_storage(&ins.storage).map_err(|m| Error::cuda("exporting an IPC handle", m))?;
     Ok(StorageDescriptor {
         handle,
         offset,
@@ -397,37 +354,40 @@ pub fn export(t: &Tensor) -> Result<ExportedTensor> {
     let storage = describe_storage(&ins)?;
     let ready = Some(EventHandle::record(storage.device.index)?);
     Ok(ExportedTensor {
-        descriptor: TensorDescriptor {
-            storage,
-            view: ins.view,
-            ready,
-        },
-        hold: StorageHold(ins.storage),
+        descriptor: TensorDescriptor { storage, view: ins.view, ready },
+        hold: StorageHold { _storage: ins.storage },
     })
 }
 
 /// Opens a storage exported by another process. `cookie`, when non-zero, is passed to
 /// the release hook when the storage's last reference goes.
-pub(crate) fn open_storage(
-    desc: &StorageDescriptor,
-    cookie: u64,
-) -> Result<(ffi::OwnedStorage, u32)> {
+pub(crate) fn open_storage(desc: &StorageDescriptor, cookie: u64) -> Result<(ffi::OwnedStorage, u32)> {
     cuda::require()?;
     if desc.producer == ProcessId::current() {
-        return Err(Error::SelfImport {
-            pid: desc.producer.pid,
-        });
+        return Err(Error::SelfImport { pid: desc.producer.pid });
     }
     let device = desc.device.local_index()?;
-    let storage = ffi::import_storage(
-        &desc.handle,
-        desc.offset,
-        desc.nbytes,
-        device as i32,
-        cookie,
-    )
-    .map_err(|m| Error::cuda("opening an IPC handle", m))?;
+    let storage =
+        ffi::import_storage(&desc.handle, desc.offset, desc.nbytes, device as i32, desc.producer.instance, cookie)
+            .map_err(|m| Error::cuda("opening an IPC handle", m))?;
     Ok((storage, device))
+}
+
+/// Drops this process's cached mappings of a producer's memory (its connection closed);
+/// tensors still using them keep them open until they are dropped.
+pub(crate) fn forget_producer(producer: &ProcessId) {
+    if cuda::device_count() > 0 {
+        ffi::forget_producer(producer.instance);
+    }
+}
+
+/// Mappings of other processes' memory open in this process (cached or in use).
+pub fn open_mappings() -> u64 {
+    if cuda::device_count() > 0 {
+        ffi::mapping_count()
+    } else {
+        0
+    }
 }
 
 /// A tensor over an opened storage.
@@ -474,10 +434,7 @@ mod tests {
 
     #[test]
     fn uuid_string_is_canonical() {
-        let gpu = GpuId {
-            index: 1,
-            uuid: *b"\x01\x23\x45\x67\x89\xab\xcd\xef\x01\x23\x45\x67\x89\xab\xcd\xef",
-        };
+        let gpu = GpuId { index: 1, uuid: *b"\x01\x23\x45\x67\x89\xab\xcd\xef\x01\x23\x45\x67\x89\xab\xcd\xef" };
         assert_eq!(gpu.uuid_string(), "01234567-89ab-cdef-0123-456789abcdef");
     }
 
@@ -488,14 +445,8 @@ mod tests {
                 handle: vec![1, 2, 3],
                 offset: 512,
                 nbytes: 4096,
-                device: GpuId {
-                    index: 0,
-                    uuid: [9; 16],
-                },
-                producer: ProcessId {
-                    pid: 42,
-                    instance: 7,
-                },
+                device: GpuId { index: 0, uuid: [9; 16] },
+                producer: ProcessId { pid: 42, instance: 7 },
             },
             view: TensorView {
                 dtype: DType::BF16,
@@ -518,13 +469,7 @@ mod tests {
             Err(e) => e,
             Ok(_) => panic!("a CPU tensor passed inspection"),
         };
-        assert!(
-            matches!(&err, Error::NotCuda { path, .. } if path == "encoder.weight"),
-            "{err}"
-        );
-        assert!(
-            err.to_string().contains("encoder.weight is on Cpu"),
-            "{err}"
-        );
+        assert!(matches!(&err, Error::NotCuda { path, .. } if path == "encoder.weight"), "{err}");
+        assert!(err.to_string().contains("encoder.weight is on Cpu"), "{err}");
     }
 }

@@ -1,11 +1,18 @@
-//! The runtime of [shared-tensor](https://docs.rs/shared-tensor): hands CUDA tensors from
-//! one process to another on the same host and GPU with zero copies (CUDA IPC through
-//! libtorch).
+//! The runtime of [shared-tensor](https://docs.rs/shared-tensor): hands CUDA tensors and
+//! modules from one process to another on the same host and GPU with zero copies (CUDA
+//! IPC through libtorch), behind `#[share]` endpoints.
 //!
 //! Users depend on the `shared-tensor` facade crate, which re-exports this crate's public
-//! API together with the `#[share]` macro. The modules:
-//! - [`ipc`]: the CUDA IPC codec (descriptors, export, import);
+//! API together with the macros. The modules, from the bottom up:
 //! - [`cuda`]: CUDA initialisation, devices, memory statistics;
+//! - [`ipc`]: the CUDA IPC codec (descriptors, export, import);
+//! - [`payload`]: what may cross an endpoint, and its wire form;
+//! - [`wire`]: the protocol between client and server processes;
+//! - [`endpoint`], [`exec`], [`task`], [`managed`]: endpoints and their semantics (cache,
+//!   singleflight, serialized execution, tasks, managed objects);
+//! - [`server`], [`client`]: the two ends of a connection;
+//! - [`handle`]: managed-object and task handles;
+//! - [`config`], [`runtime`]: roles, ports, and the process runtime;
 //! - [`error`]: the error type.
 //!
 //! ```no_run
@@ -19,9 +26,23 @@
 
 #![warn(missing_docs)]
 
+pub mod client;
+pub mod config;
 pub mod cuda;
+pub mod endpoint;
 pub mod error;
+pub mod exec;
 mod ffi;
+pub mod handle;
 pub mod ipc;
+mod lease;
+pub mod managed;
+pub mod payload;
+#[doc(hidden)]
+pub mod private;
+pub mod runtime;
+pub mod server;
+pub mod task;
+pub mod wire;
 
 pub use error::{Error, Result};

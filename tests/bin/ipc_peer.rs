@@ -8,25 +8,13 @@ use tch::{Kind, Tensor};
 
 fn check_one(t: &Tensor, desc: &TensorDescriptor, expected: &Expected) -> Option<String> {
     if t.size() != desc.view.sizes {
-        return Some(format!(
-            "sizes {:?}, expected {:?}",
-            t.size(),
-            desc.view.sizes
-        ));
+        return Some(format!("sizes {:?}, expected {:?}", t.size(), desc.view.sizes));
     }
     if t.stride() != desc.view.strides {
-        return Some(format!(
-            "strides {:?}, expected {:?}",
-            t.stride(),
-            desc.view.strides
-        ));
+        return Some(format!("strides {:?}, expected {:?}", t.stride(), desc.view.strides));
     }
     if t.kind() != desc.view.dtype.kind() {
-        return Some(format!(
-            "kind {:?}, expected {:?}",
-            t.kind(),
-            desc.view.dtype
-        ));
+        return Some(format!("kind {:?}, expected {:?}", t.kind(), desc.view.dtype));
     }
     if t.device() != tch::Device::Cuda(desc.storage.device.index as usize) {
         return Some(format!("device {:?}", t.device()));
@@ -57,16 +45,11 @@ fn main() {
                 if item.name == req.import_twice {
                     let again = ipc::import(&item.descriptor);
                     let twice = match &again {
-                        Ok(u) if u.data_ptr() != t.data_ptr() => {
-                            Some("second import maps elsewhere".to_string())
-                        }
+                        Ok(u) if u.data_ptr() != t.data_ptr() => Some("second import maps elsewhere".to_string()),
                         Ok(u) => check_one(u, &item.descriptor, &item.expected),
                         Err(e) => Some(format!("second import failed: {e}")),
                     };
-                    checks.push(Check {
-                        name: format!("{} imported twice", item.name),
-                        failure: twice,
-                    });
+                    checks.push(Check { name: format!("{} imported twice", item.name), failure: twice });
                 }
                 if item.name == req.mutate {
                     mutated = Some(t);
@@ -75,16 +58,11 @@ fn main() {
             }
             Err(e) => Some(format!("import failed: {e}")),
         };
-        checks.push(Check {
-            name: item.name.clone(),
-            failure,
-        });
+        checks.push(Check { name: item.name.clone(), failure });
     }
     if let Some(mut t) = mutated {
         let _ = t.fill_(42.0);
-        let tch::Device::Cuda(index) = t.device() else {
-            unreachable!("imports are CUDA tensors")
-        };
+        let tch::Device::Cuda(index) = t.device() else { unreachable!("imports are CUDA tensors") };
         shared_tensor::cuda::synchronize(index as u32).expect("synchronize");
     }
     send(&mut stdout, &checks).expect("report to A");

@@ -7,7 +7,7 @@
 //! Two-process tests start helper binaries of this package ([`helper_bin`]) and talk to
 //! them over stdin/stdout with length-prefixed MessagePack frames ([`send`], [`recv`]).
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
@@ -38,44 +38,64 @@ pub fn bytes_of(t: &tch::Tensor) -> Vec<u8> {
     out
 }
 
+/// A port nothing listens on right now (the OS picks it; free it again at once).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
 /// A helper process with piped stdin and stdout, killed if dropped while running.
 pub struct Peer {
     child: Child,
-    stdin: ChildStdin,
-    stdout: ChildStdout,
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
 }
 
 impl Peer {
     /// Starts `exe` with the given environment variables.
     pub fn spawn(exe: &PathBuf, envs: &[(&str, &str)]) -> Peer {
         let mut cmd = Command::new(exe);
-        cmd.stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit());
         for (k, v) in envs {
             cmd.env(k, v);
         }
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", exe.display()));
-        let stdin = child.stdin.take().expect("piped stdin");
-        let stdout = child.stdout.take().expect("piped stdout");
-        Peer {
-            child,
-            stdin,
-            stdout,
-        }
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {}: {e}", exe.display()));
+        let stdin = child.stdin.take();
+        let stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+        Peer { child, stdin, stdout }
     }
 
     /// Sends one message.
     pub fn send<T: Serialize>(&mut self, msg: &T) {
-        send(&mut self.stdin, msg).expect("the peer closed its stdin");
+        send(self.stdin.as_mut().expect("stdin is open"), msg).expect("the peer closed its stdin");
+    }
+
+    /// Reads lines until one starts with `prefix`; returns the rest of it.
+    pub fn expect_line(&mut self, prefix: &str) -> String {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let n = self.stdout.read_line(&mut line).expect("reading the peer's stdout");
+            assert!(n > 0, "the peer exited before printing {prefix:?} (see its stderr above)");
+            if let Some(rest) = line.trim_end().strip_prefix(prefix) {
+                return rest.trim().to_string();
+            }
+        }
+    }
+
+    /// Closes the peer's stdin (helpers that serve until then exit).
+    pub fn close_stdin(&mut self) {
+        self.stdin = None;
+    }
+
+    /// Kills the peer with SIGKILL and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Receives one message.
     pub fn recv<T: DeserializeOwned>(&mut self) -> T {
-        recv(&mut self.stdout)
-            .expect("the peer closed its stdout (did it crash? see its stderr above)")
+        recv(&mut self.stdout).expect("the peer closed its stdout (did it crash? see its stderr above)")
     }
 
     /// Waits for the peer to exit and returns whether it succeeded.

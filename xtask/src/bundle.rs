@@ -15,7 +15,7 @@ use crate::libtorch::Libtorch;
 pub const BUNDLE_DIR: &str = ".gpu-bundle";
 
 /// Examples the runner starts, and whether they run as server + client.
-const EXAMPLES: &[(&str, Roles)] = &[];
+const EXAMPLES: &[(&str, Roles)] = &[("zero_branch", Roles::ServerAndClient)];
 
 #[derive(Clone, Copy)]
 enum Roles {
@@ -43,8 +43,7 @@ pub fn build(lt: &Libtorch) -> Result<ExitCode, String> {
         fs::remove_dir_all(root).map_err(|e| format!("cannot clear {BUNDLE_DIR}: {e}"))?;
     }
     for dir in ["tests", "bin", "examples"] {
-        fs::create_dir_all(root.join(dir))
-            .map_err(|e| format!("cannot create {BUNDLE_DIR}/{dir}: {e}"))?;
+        fs::create_dir_all(root.join(dir)).map_err(|e| format!("cannot create {BUNDLE_DIR}/{dir}: {e}"))?;
     }
     let mut total = 0u64;
     for (name, kind, path) in &exes {
@@ -75,9 +74,7 @@ pub fn build(lt: &Libtorch) -> Result<ExitCode, String> {
         total as f64 / (1024.0 * 1024.0)
     );
     if total > 60 * 1024 * 1024 {
-        return Err(format!(
-            "the bundle is {total} bytes, over the 60 MiB budget of the device transfer"
-        ));
+        return Err(format!("the bundle is {total} bytes, over the 60 MiB budget of the device transfer"));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -92,12 +89,14 @@ fn make_executable(path: &Path) -> Result<(), String> {
 const RUNNER: &str = r#"#!/usr/bin/env bash
 # Runs the shared-tensor GPU bundle on a machine with a CUDA GPU and python3's torch 2.11.
 # Usage: run.sh [filter]   (filter: a substring of the test binary or example names to run)
+#        run.sh bench [--quick]   (the benchmark; writes $OUT/bench.json)
 # Logs go to $OUT/gpu-bundle.log when OUT is set, else next to this script.
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
 filter=${1:-}
 log_dir=${OUT:-$here}
 log="$log_dir/gpu-bundle.log"
+[[ "$filter" == "bench" ]] && log="$log_dir/bench.log"
 : >"$log"
 say() { echo "$@" | tee -a "$log"; }
 
@@ -111,14 +110,28 @@ say "gpu-bundle: torch $(python3 -c 'import torch; print(torch.__version__)')"
 export SHARED_TENSOR_TEST_BIN_DIR="$here/bin"
 export RUST_BACKTRACE=1
 
+if [[ "$filter" == "bench" ]]; then
+  export ST_GPU_NAME="$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)"
+  shift
+  timeout 540 "$here/bin/bench" "$@" >>"$log" 2>&1
+  rc=$?
+  pkill -f "$here/bin/" 2>/dev/null
+  sed -n '/^shared-tensor benchmark/,$p' "$log"
+  exit $rc
+fi
+
 failed=()
 passed=0
 for t in "$here"/tests/*; do
   name=$(basename "$t")
   [[ -n "$filter" && "$name" != *"$filter"* ]] && continue
   say "=== test binary $name"
-  "$t" --include-ignored --test-threads=1 --show-output 2>&1 | tee -a "$log"
-  if [[ ${PIPESTATUS[0]} -eq 0 ]]; then passed=$((passed + 1)); else failed+=("test:$name"); fi
+  # Straight to the log: a stray child holding a pipe open cannot stall the run.
+  timeout 300 "$t" --include-ignored --test-threads=1 --show-output >>"$log" 2>&1
+  rc=$?
+  section=$(sed -n "/^=== test binary $name\$/,\$p" "$log")
+  say "$name: exit $rc; $(grep -E '^test result' <<<"$section" | tail -n 1)"
+  if [[ $rc -eq 0 ]]; then passed=$((passed + 1)); else failed+=("test:$name"); fi
 done
 
 port=$(( ${SHARED_TENSOR_BASE_PORT:-2537} ))
@@ -134,8 +147,8 @@ for spec in @EXAMPLES@; do
     kill -0 $server 2>/dev/null || break
     sleep 0.1
   done
-  timeout 300 "$exe" 2>&1 | tee -a "$log"
-  rc=${PIPESTATUS[0]}
+  timeout 300 "$exe" >>"$log" 2>&1
+  rc=$?
   kill -TERM $server 2>/dev/null
   wait $server
   src=$?
@@ -143,6 +156,7 @@ for spec in @EXAMPLES@; do
   if [[ $rc -eq 0 && $src -eq 0 ]]; then passed=$((passed + 1)); else failed+=("example:$name"); fi
 done
 
+pkill -f "$here/bin/" 2>/dev/null
 say "gpu-bundle: ${passed} passed, ${#failed[@]} failed ${failed[*]:-}"
 [[ ${#failed[@]} -eq 0 ]]
 "#;

@@ -20,10 +20,7 @@ pub enum Libtorch {
     /// A plain libtorch folder named by `LIBTORCH`.
     Folder { root: PathBuf },
     /// A Python interpreter with the torch wheel installed.
-    Wheel {
-        python: PathBuf,
-        site_packages: PathBuf,
-    },
+    Wheel { python: PathBuf, site_packages: PathBuf },
 }
 
 impl Libtorch {
@@ -42,28 +39,18 @@ impl Libtorch {
         if let Some(python) = std::env::var_os("SHARED_TENSOR_PYTHON") {
             let python = PathBuf::from(python);
             let site_packages = site_packages_of(&python)?;
-            check_wheel(&site_packages)
-                .map_err(|e| format!("SHARED_TENSOR_PYTHON={}: {e}", python.display()))?;
-            return Ok(Libtorch::Wheel {
-                python,
-                site_packages,
-            });
+            check_wheel(&site_packages).map_err(|e| format!("SHARED_TENSOR_PYTHON={}: {e}", python.display()))?;
+            return Ok(Libtorch::Wheel { python, site_packages });
         }
         let venv = cache_dir()?.join(format!("torch-{TORCH_VERSION}"));
         let python = venv.join("bin").join("python");
         if venv.join(READY_MARKER).exists() && python.exists() {
             let site_packages = find_site_packages(&venv)?;
-            return Ok(Libtorch::Wheel {
-                python,
-                site_packages,
-            });
+            return Ok(Libtorch::Wheel { python, site_packages });
         }
         install_venv(&venv)?;
         let site_packages = find_site_packages(&venv)?;
-        Ok(Libtorch::Wheel {
-            python,
-            site_packages,
-        })
+        Ok(Libtorch::Wheel { python, site_packages })
     }
 
     /// Environment variables for cargo and for running what it builds.
@@ -77,10 +64,7 @@ impl Libtorch {
                     lib_dirs.push(PathBuf::from(cuda).join("lib"));
                 }
             }
-            Libtorch::Wheel {
-                python,
-                site_packages,
-            } => {
+            Libtorch::Wheel { python, site_packages } => {
                 let bin = python.parent().unwrap_or(Path::new("/"));
                 envs.push(("LIBTORCH_USE_PYTORCH", "1".into()));
                 if bin.join("activate").exists() {
@@ -134,18 +118,15 @@ fn cache_dir() -> Result<PathBuf, String> {
     }
     match std::env::var_os("HOME") {
         Some(home) => Ok(PathBuf::from(home).join(".cache").join("shared-tensor")),
-        None => Err(
-            "neither SHARED_TENSOR_CACHE_DIR nor HOME is set: set SHARED_TENSOR_CACHE_DIR \
+        None => Err("neither SHARED_TENSOR_CACHE_DIR nor HOME is set: set SHARED_TENSOR_CACHE_DIR \
                      to a folder where libtorch may be installed"
-                .into(),
-        ),
+            .into()),
     }
 }
 
 fn find_site_packages(venv: &Path) -> Result<PathBuf, String> {
     let lib = venv.join("lib");
-    let entries =
-        std::fs::read_dir(&lib).map_err(|e| format!("cannot read {}: {e}", lib.display()))?;
+    let entries = std::fs::read_dir(&lib).map_err(|e| format!("cannot read {}: {e}", lib.display()))?;
     for entry in entries.flatten() {
         let candidate = entry.path().join("site-packages");
         if entry.file_name().to_string_lossy().starts_with("python") && candidate.exists() {
@@ -157,18 +138,11 @@ fn find_site_packages(venv: &Path) -> Result<PathBuf, String> {
 
 fn site_packages_of(python: &Path) -> Result<PathBuf, String> {
     let out = Command::new(python)
-        .args([
-            "-c",
-            "import sysconfig; print(sysconfig.get_paths()['purelib'])",
-        ])
+        .args(["-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"])
         .output()
         .map_err(|e| format!("cannot run {}: {e}", python.display()))?;
     if !out.status.success() {
-        return Err(format!(
-            "{} failed: {}",
-            python.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
+        return Err(format!("{} failed: {}", python.display(), String::from_utf8_lossy(&out.stderr).trim()));
     }
     Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
 }
@@ -176,28 +150,19 @@ fn site_packages_of(python: &Path) -> Result<PathBuf, String> {
 /// Checks the installed wheel without importing torch (which takes seconds).
 fn check_wheel(site_packages: &Path) -> Result<(), String> {
     let version_file = site_packages.join("torch").join("version.py");
-    let text = std::fs::read_to_string(&version_file).map_err(|_| {
-        format!(
-            "torch is not installed there (no {})",
-            version_file.display()
-        )
-    })?;
+    let text = std::fs::read_to_string(&version_file)
+        .map_err(|_| format!("torch is not installed there (no {})", version_file.display()))?;
     let version = text
         .lines()
         .find_map(|l| l.strip_prefix("__version__ = "))
         .map(|v| v.trim().trim_matches(['\'', '"']).to_string())
         .unwrap_or_default();
     if !version.starts_with(TORCH_VERSION) {
-        return Err(format!(
-            "torch {version} is installed, but tch 0.24 needs torch {TORCH_VERSION}"
-        ));
+        return Err(format!("torch {version} is installed, but tch 0.24 needs torch {TORCH_VERSION}"));
     }
     let crt = site_packages.join("nvidia/cu13/include/crt/host_config.h");
     if !crt.exists() {
-        return Err(format!(
-            "{} is missing: install 'nvidia-cuda-crt==13.0.*' next to torch",
-            crt.display()
-        ));
+        return Err(format!("{} is missing: install 'nvidia-cuda-crt==13.0.*' next to torch", crt.display()));
     }
     Ok(())
 }
@@ -215,17 +180,12 @@ fn install_venv(venv: &Path) -> Result<(), String> {
         .map_err(|e| format!("cannot create {}: {e}. {hint}", venv.display()))?;
     run_step(
         Command::new(&python3).arg("-m").arg("venv").arg(venv),
-        &format!(
-            "creating a Python venv with {} (on Debian: apt-get install python3-venv)",
-            python3.to_string_lossy()
-        ),
+        &format!("creating a Python venv with {} (on Debian: apt-get install python3-venv)", python3.to_string_lossy()),
         hint,
     )?;
     let pip = venv.join("bin").join("pip");
     run_step(
-        Command::new(&pip)
-            .args(["install", "--no-input", "--disable-pip-version-check"])
-            .args(PIP_PACKAGES),
+        Command::new(&pip).args(["install", "--no-input", "--disable-pip-version-check"]).args(PIP_PACKAGES),
         &format!("pip install {}", PIP_PACKAGES.join(" ")),
         hint,
     )?;
@@ -237,14 +197,10 @@ fn install_venv(venv: &Path) -> Result<(), String> {
 }
 
 fn run_step(cmd: &mut Command, what: &str, hint: &str) -> Result<(), String> {
-    let status = cmd
-        .status()
-        .map_err(|e| format!("{what} could not start: {e}. {hint}"))?;
+    let status = cmd.status().map_err(|e| format!("{what} could not start: {e}. {hint}"))?;
     if status.success() {
         Ok(())
     } else {
-        Err(format!(
-            "{what} failed ({status}); its output is above. {hint}"
-        ))
+        Err(format!("{what} failed ({status}); its output is above. {hint}"))
     }
 }

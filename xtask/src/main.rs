@@ -41,6 +41,11 @@ enum Cmd {
     },
     /// Build the GPU tests and examples, stripped, with a runner script, into .gpu-bundle/.
     GpuBundle,
+    /// Run the benchmark here (needs a CUDA GPU); `--quick` for fewer calls.
+    Bench {
+        #[arg(long)]
+        quick: bool,
+    },
     /// Run any cargo command with the libtorch environment (e.g. `cargo xtask cargo clippy`).
     Cargo {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -84,6 +89,7 @@ fn run(cmd: Cmd) -> Result<ExitCode, String> {
         }
         Cmd::Demo { example } => demo(&lt, &example),
         Cmd::GpuBundle => bundle::build(&lt),
+        Cmd::Bench { quick } => bench(&lt, quick),
     }
 }
 
@@ -95,14 +101,8 @@ pub fn cargo(lt: &Libtorch) -> Command {
 }
 
 fn status_of(mut cmd: Command) -> Result<ExitCode, String> {
-    let status = cmd
-        .status()
-        .map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
-    Ok(if status.success() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    let status = cmd.status().map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
+    Ok(if status.success() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 fn shell_quote(s: &str) -> String {
@@ -111,23 +111,13 @@ fn shell_quote(s: &str) -> String {
 
 /// Builds with `--message-format=json` and returns the executables cargo produced, as
 /// (target name, target kind, path).
-pub fn build_executables(
-    lt: &Libtorch,
-    args: &[&str],
-) -> Result<Vec<(String, String, PathBuf)>, String> {
+pub fn build_executables(lt: &Libtorch, args: &[&str]) -> Result<Vec<(String, String, PathBuf)>, String> {
     let mut cmd = cargo(lt);
-    cmd.arg("build")
-        .args(args)
-        .arg("--message-format=json-render-diagnostics");
+    cmd.arg("build").args(args).arg("--message-format=json-render-diagnostics");
     cmd.stdout(Stdio::piped());
-    let out = cmd
-        .output()
-        .map_err(|e| format!("cannot run cargo build: {e}"))?;
+    let out = cmd.output().map_err(|e| format!("cannot run cargo build: {e}"))?;
     if !out.status.success() {
-        return Err(format!(
-            "cargo build {} failed (the compiler's messages are above)",
-            args.join(" ")
-        ));
+        return Err(format!("cargo build {} failed (the compiler's messages are above)", args.join(" ")));
     }
     let mut found = Vec::new();
     for line in String::from_utf8_lossy(&out.stdout).lines() {
@@ -140,43 +130,46 @@ pub fn build_executables(
         let Some(exe) = msg["executable"].as_str() else {
             continue;
         };
-        let name = msg["target"]["name"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        let kind = msg["target"]["kind"][0]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
+        let name = msg["target"]["name"].as_str().unwrap_or_default().to_string();
+        let kind = msg["target"]["kind"][0].as_str().unwrap_or_default().to_string();
         found.push((name, kind, PathBuf::from(exe)));
     }
     Ok(found)
 }
 
+fn bench(lt: &Libtorch, quick: bool) -> Result<ExitCode, String> {
+    let exes = build_executables(lt, &["--profile", "gpu", "--package", "shared-tensor-tests", "--bins"])?;
+    let bench = exes
+        .iter()
+        .find(|(name, kind, _)| name == "bench" && kind == "bin")
+        .map(|(_, _, p)| p.clone())
+        .ok_or("cargo built no bench binary")?;
+    let mut cmd = Command::new(bench);
+    cmd.envs(lt.envs());
+    if quick {
+        cmd.arg("--quick");
+    }
+    status_of(cmd)
+}
+
 /// The port a demo server listens on: base port plus device 0.
 fn demo_port() -> Result<u16, String> {
     match std::env::var("SHARED_TENSOR_BASE_PORT") {
-        Ok(v) => v.parse().map_err(|_| {
-            format!("SHARED_TENSOR_BASE_PORT={v:?} is not a port number (0-65535); unset it to use 2537")
-        }),
+        Ok(v) => v
+            .parse()
+            .map_err(|_| format!("SHARED_TENSOR_BASE_PORT={v:?} is not a port number (0-65535); unset it to use 2537")),
         Err(_) => Ok(2537),
     }
 }
 
 fn demo(lt: &Libtorch, example: &str) -> Result<ExitCode, String> {
-    let exes = build_executables(
-        lt,
-        &["--package", "shared-tensor-examples", "--example", example],
-    )?;
+    let exes = build_executables(lt, &["--package", "shared-tensor-examples", "--example", example])?;
     let exe = exes
         .into_iter()
         .find(|(name, kind, _)| name == example && kind == "example")
         .map(|(_, _, path)| path)
         .ok_or_else(|| format!("cargo built no example named {example}"))?;
     let port = demo_port()?;
-    eprintln!(
-        "xtask: starting `{example}` as the server (SHARED_TENSOR_ROLE=server) on 127.0.0.1:{port}"
-    );
     let mut server = Command::new(&exe)
         .envs(lt.envs())
         .env("SHARED_TENSOR_ROLE", "server")
@@ -184,28 +177,36 @@ fn demo(lt: &Libtorch, example: &str) -> Result<ExitCode, String> {
         .map_err(|e| format!("cannot start {}: {e}", exe.display()))?;
     let result = demo_client(lt, &exe, &mut server, port);
     stop(&mut server);
-    result
+    match result {
+        // The server already said why on stderr (for example: a CUDA GPU is required).
+        Err(DemoError::ServerExited) => Ok(ExitCode::FAILURE),
+        Err(DemoError::Other(msg)) => Err(msg),
+        Ok(code) => Ok(code),
+    }
 }
 
-fn demo_client(
-    lt: &Libtorch,
-    exe: &PathBuf,
-    server: &mut Child,
-    port: u16,
-) -> Result<ExitCode, String> {
+enum DemoError {
+    ServerExited,
+    Other(String),
+}
+
+impl From<String> for DemoError {
+    fn from(msg: String) -> Self {
+        DemoError::Other(msg)
+    }
+}
+
+fn demo_client(lt: &Libtorch, exe: &PathBuf, server: &mut Child, port: u16) -> Result<ExitCode, DemoError> {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        if let Some(status) = server.try_wait().map_err(|e| e.to_string())? {
-            // The server explained itself on stderr (for example: no CUDA GPU).
-            return Err(format!("the server role exited before serving ({status})"));
+        if server.try_wait().map_err(|e| e.to_string())?.is_some() {
+            return Err(DemoError::ServerExited);
         }
         if TcpStream::connect(("127.0.0.1", port)).is_ok() {
             break;
         }
         if Instant::now() > deadline {
-            return Err(format!(
-                "the server role did not listen on 127.0.0.1:{port} within 120 s"
-            ));
+            return Err(format!("the server role did not listen on 127.0.0.1:{port} within 120 s").into());
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -219,16 +220,16 @@ fn demo_client(
         eprintln!("xtask: client finished; stopping the server");
         Ok(ExitCode::SUCCESS)
     } else {
-        Err(format!("the client role failed ({status})"))
+        Err(format!("the client role failed ({status})").into())
     }
 }
 
 /// SIGTERM, then SIGKILL if the process has not exited within 10 s.
 fn stop(child: &mut Child) {
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status();
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
+    let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         if let Ok(Some(_)) = child.try_wait() {

@@ -1,0 +1,385 @@
+//! Code generation for `#[share]`: one generator, one method per emitted item.
+//!
+//! For `fn NAME(params) -> R` it emits:
+//! - `fn NAME(params) -> shared_tensor::Result<Out>`: the stub, the same line in every role
+//!   (`Out` is `R`, or `Managed<R>` for a managed endpoint);
+//! - `mod NAME { submit, call_async, invalidate, endpoint }`: the companions;
+//! - a hidden body function holding the original body;
+//! - a hidden endpoint definition registered through `inventory`, with a dispatch
+//!   function that decodes a client's arguments.
+//!
+//! Everything refers to the runtime through `::shared_tensor::__private`.
+
+use proc_macro2::{Span, TokenStream};
+use quote::{format_ident, quote, quote_spanned};
+use syn::spanned::Spanned;
+use syn::{Attribute, Ident, ItemFn, LitStr};
+
+use super::options::{Concurrency, Execution, Options};
+use super::signature::Signature;
+
+pub struct Generator<'a> {
+    pub item: &'a ItemFn,
+    pub opts: &'a Options,
+    pub sig: &'a Signature,
+    /// `format!(...)` computing the key from bindings named like the parameters, if the
+    /// endpoint has an explicit `cache_key`.
+    pub key: Option<TokenStream>,
+}
+
+impl Generator<'_> {
+    fn endpoint_name(&self) -> String {
+        self.opts.name.as_ref().map(LitStr::value).unwrap_or_else(|| self.sig.name.to_string())
+    }
+
+    fn static_ident(&self) -> Ident {
+        format_ident!("__SHARED_TENSOR_ENDPOINT_{}", self.sig.name)
+    }
+
+    fn body_ident(&self) -> Ident {
+        format_ident!("__shared_tensor_body_{}", self.sig.name)
+    }
+
+    fn dispatch_ident(&self) -> Ident {
+        format_ident!("__shared_tensor_dispatch_{}", self.sig.name)
+    }
+
+    fn names(&self) -> Vec<&Ident> {
+        self.sig.params.iter().map(|p| &p.name).collect()
+    }
+
+    /// `Out`: what the stub returns inside `Result`.
+    fn out_ty(&self) -> TokenStream {
+        let value = &self.sig.value_ty;
+        if self.opts.managed {
+            quote!(::shared_tensor::Managed<#value>)
+        } else {
+            quote!(#value)
+        }
+    }
+
+    /// The cache key from bindings named like the parameters (values or references).
+    fn key_value(&self) -> TokenStream {
+        if !self.opts.keyed() {
+            return quote!(::core::option::Option::None);
+        }
+        match &self.key {
+            Some(expr) => quote!(::core::option::Option::Some(#expr)),
+            None => {
+                let name = self.endpoint_name();
+                quote!(::core::option::Option::Some(::std::string::String::from(#name)))
+            }
+        }
+    }
+
+    /// `|__args| key`: destructures `&(params)` and computes the key.
+    fn key_closure(&self) -> TokenStream {
+        let names = self.names();
+        let key = self.key_value();
+        quote!(|__args| {
+            #[allow(unused_variables)]
+            let (#(#names,)*) = __args;
+            #key
+        })
+    }
+
+    /// `|__enc, __args| encoded arguments`.
+    fn encode_closure(&self) -> TokenStream {
+        let names = self.names();
+        let encode = self.sig.params.iter().map(|p| {
+            let name = &p.name;
+            let name_str = name.to_string();
+            let value = if p.by_ref { quote!(*#name) } else { quote!(#name) };
+            quote!(::shared_tensor::__private::encode_arg(__enc, #name_str, #value)?)
+        });
+        quote!(|__enc, __args| {
+            let (#(#names,)*) = __args;
+            ::core::result::Result::Ok(::std::vec![#(#encode),*])
+        })
+    }
+
+    /// The body called with `args`, as a `shared_tensor::Result<value>`.
+    fn call_body(&self, args: &[TokenStream], body_path: TokenStream) -> TokenStream {
+        let call = quote!(#body_path(#(#args),*));
+        if self.sig.fallible {
+            let name = self.endpoint_name();
+            quote!(::shared_tensor::__private::body_result(#name, #call))
+        } else {
+            quote!(::core::result::Result::Ok(#call))
+        }
+    }
+
+    /// `|__args| body(args...)` for a call on the caller's thread.
+    fn local_closure(&self, body_path: TokenStream) -> TokenStream {
+        let names = self.names();
+        let args: Vec<TokenStream> = names.iter().map(|n| quote!(#n)).collect();
+        let call = self.call_body(&args, body_path);
+        quote!(|__args| {
+            let (#(#names,)*) = __args;
+            #call
+        })
+    }
+
+    /// `|__args| Box<dyn FnOnce() -> ..>`: owned arguments moved into a later body call.
+    fn detach_closure(&self, body_path: TokenStream) -> TokenStream {
+        let names = self.names();
+        let owned = self.sig.params.iter().filter(|p| p.by_ref).map(|p| {
+            let name = &p.name;
+            quote!(let #name = ::shared_tensor::__private::owned_arg(#name);)
+        });
+        let args: Vec<TokenStream> = self
+            .sig
+            .params
+            .iter()
+            .map(|p| {
+                let name = &p.name;
+                if p.by_ref {
+                    quote!(&#name)
+                } else {
+                    quote!(#name)
+                }
+            })
+            .collect();
+        let call = self.call_body(&args, body_path);
+        quote!(|__args| {
+            let (#(#names,)*) = __args;
+            #(#owned)*
+            ::std::boxed::Box::new(move || #call)
+        })
+    }
+
+    fn lint_attrs(attrs: &[Attribute]) -> Vec<&Attribute> {
+        attrs
+            .iter()
+            .filter(|a| ["allow", "warn", "deny", "expect", "forbid"].iter().any(|l| a.path().is_ident(l)))
+            .collect()
+    }
+
+    /// The stub that replaces the function.
+    fn stub(&self) -> TokenStream {
+        let item = self.item;
+        let attrs = &item.attrs;
+        let vis = &item.vis;
+        let name = &self.sig.name;
+        let inputs = &item.sig.inputs;
+        let out = self.out_ty();
+        let static_ident = self.static_ident();
+        let names = self.names();
+        let key = self.key_closure();
+        let encode = self.encode_closure();
+        let body_ident = self.body_ident();
+        let local = self.local_closure(quote!(#body_ident));
+        quote! {
+            #(#attrs)*
+            #[allow(dead_code)]
+            #vis fn #name(#inputs) -> ::shared_tensor::Result<#out> {
+                ::shared_tensor::__private::call::<#out, _>(&#static_ident, (#(#names,)*), #key, #encode, #local)
+            }
+        }
+    }
+
+    /// The original body, renamed and hidden.
+    fn body(&self) -> TokenStream {
+        let item = self.item;
+        let lints = Self::lint_attrs(&item.attrs);
+        let ident = self.body_ident();
+        let inputs = &item.sig.inputs;
+        let output = &item.sig.output;
+        let block = &item.block;
+        quote! {
+            #[doc(hidden)]
+            #(#lints)*
+            #[allow(clippy::needless_pass_by_value)]
+            fn #ident(#inputs) #output #block
+        }
+    }
+
+    /// The companions module.
+    fn companions(&self) -> TokenStream {
+        let item = self.item;
+        let vis = &item.vis;
+        let name = &self.sig.name;
+        let inputs = &item.sig.inputs;
+        let out = self.out_ty();
+        let static_ident = self.static_ident();
+        let body_ident = self.body_ident();
+        let names = self.names();
+        let key = self.key_closure();
+        let encode = self.encode_closure();
+        let detach = self.detach_closure(quote!(super::#body_ident));
+        let local = self.local_closure(quote!(super::#body_ident));
+        let doc = format!(
+            "Companions of [`{name}`](fn@{name}): `submit` (run as a task), `call_async`, \
+             `endpoint`{}.",
+            if self.opts.cache { ", `invalidate` (drop a cache entry)" } else { "" }
+        );
+        let invalidate = self.opts.cache.then(|| self.invalidate());
+        quote! {
+            #[doc = #doc]
+            #[allow(dead_code, non_snake_case, unused_imports, clippy::needless_pass_by_value)]
+            #vis mod #name {
+                use super::*;
+
+                /// Submits a call as a task and returns its handle at once.
+                pub fn submit(#inputs) -> ::shared_tensor::Result<::shared_tensor::TaskHandle<#out>> {
+                    ::shared_tensor::__private::submit::<#out, _>(&super::#static_ident, (#(#names,)*), #key, #encode, #detach)
+                }
+
+                /// The call, as a future for async code.
+                pub fn call_async(#inputs) -> ::shared_tensor::BoxFuture<::shared_tensor::Result<#out>> {
+                    ::shared_tensor::__private::call_async::<#out, _>(&super::#static_ident, (#(#names,)*), #key, #encode, #local)
+                }
+
+                /// This endpoint's definition (for serving chosen endpoints in manual mode).
+                pub fn endpoint() -> &'static ::shared_tensor::__private::EndpointDef {
+                    &super::#static_ident
+                }
+
+                #invalidate
+            }
+        }
+    }
+
+    /// `invalidate(params named in the key)`.
+    fn invalidate(&self) -> TokenStream {
+        let static_ident = self.static_ident();
+        let key = self.key_value();
+        let used: Vec<&super::signature::Param> = match &self.opts.cache_key {
+            Some(t) => {
+                let names = super::key::parse_template(&t.value()).map(|k| k.names).unwrap_or_default();
+                self.sig.params.iter().filter(|p| names.contains(&p.name.to_string())).collect()
+            }
+            None => Vec::new(),
+        };
+        let params = used.iter().map(|p| {
+            let (n, t) = (&p.name, &p.ty);
+            quote!(#n: #t)
+        });
+        quote! {
+            /// Drops the cache entry these arguments map to; true if it existed. Handles
+            /// already issued stay valid.
+            pub fn invalidate(#(#params),*) -> ::shared_tensor::Result<bool> {
+                let __key: ::core::option::Option<::std::string::String> = #key;
+                ::shared_tensor::__private::invalidate(&super::#static_ident, __key.unwrap_or_default())
+            }
+        }
+    }
+
+    /// The endpoint definition, its registration and its dispatch function.
+    fn registration(&self) -> TokenStream {
+        let static_ident = self.static_ident();
+        let dispatch_ident = self.dispatch_ident();
+        let body_ident = self.body_ident();
+        let endpoint = self.endpoint_name();
+        let fn_name = self.sig.name.to_string();
+        let o = self.opts;
+        let execution = match o.execution {
+            Execution::Direct => quote!(Direct),
+            Execution::Task => quote!(Task),
+        };
+        let concurrency = match o.concurrency {
+            Concurrency::Parallel => quote!(Parallel),
+            Concurrency::Serialized => quote!(Serialized),
+        };
+        let cache = o.cache;
+        let singleflight = o.singleflight();
+        let managed = o.managed;
+        let cache_key = match &o.cache_key {
+            Some(t) => quote!(::core::option::Option::Some(#t)),
+            None => quote!(::core::option::Option::None),
+        };
+        let param_strs = self.sig.params.iter().map(|p| p.name.to_string());
+        let decode = self.sig.params.iter().map(|p| {
+            let (n, t) = (&p.name, &p.owned_ty);
+            let s = n.to_string();
+            quote!(let #n: #t = ::shared_tensor::__private::decode_arg(__dec, __def, #s, __nodes.next())?;)
+        });
+        let args: Vec<TokenStream> = self
+            .sig
+            .params
+            .iter()
+            .map(|p| {
+                let n = &p.name;
+                if p.by_ref {
+                    quote!(&#n)
+                } else {
+                    quote!(#n)
+                }
+            })
+            .collect();
+        let call = self.call_body(&args, quote!(#body_ident));
+        let key = self.key_value();
+        let value_ty = &self.sig.value_ty;
+        quote! {
+            #[doc(hidden)]
+            #[allow(non_upper_case_globals)]
+            static #static_ident: ::shared_tensor::__private::EndpointDef = ::shared_tensor::__private::EndpointDef {
+                name: #endpoint,
+                path: ::core::concat!(::core::module_path!(), "::", #fn_name),
+                options: ::shared_tensor::__private::EndpointOptions {
+                    execution: ::shared_tensor::__private::Execution::#execution,
+                    concurrency: ::shared_tensor::__private::Concurrency::#concurrency,
+                    cache: #cache,
+                    cache_key: #cache_key,
+                    singleflight: #singleflight,
+                    managed: #managed,
+                },
+                params: &[#(#param_strs),*],
+                dispatch: #dispatch_ident,
+            };
+
+            #[doc(hidden)]
+            fn #dispatch_ident(
+                __dec: &mut ::shared_tensor::__private::Decoder,
+            ) -> ::shared_tensor::Result<::shared_tensor::__private::Prepared> {
+                let __def = &#static_ident;
+                let mut __nodes = ::shared_tensor::__private::decode_args(__dec, __def)?;
+                #(#decode)*
+                let __key: ::core::option::Option<::std::string::String> = #key;
+                ::core::result::Result::Ok(::shared_tensor::__private::Prepared::new::<#value_ty>(__key, move || #call))
+            }
+
+            ::shared_tensor::__private::inventory::submit! {
+                ::shared_tensor::__private::Registration(&#static_ident)
+            }
+        }
+    }
+
+    /// Compile-time checks with the errors at the offending types: the result must be a
+    /// payload and every parameter an argument.
+    fn assertions(&self) -> TokenStream {
+        let value_ty = &self.sig.value_ty;
+        let ret_span = match &self.item.sig.output {
+            syn::ReturnType::Type(_, t) => t.span(),
+            syn::ReturnType::Default => Span::call_site(),
+        };
+        let result_check = quote_spanned! {ret_span=>
+            ::shared_tensor::__private::assert_payload::<#value_ty>();
+        };
+        let arg_checks = self.sig.params.iter().map(|p| {
+            let t = &p.owned_ty;
+            quote_spanned! {p.ty.span()=> ::shared_tensor::__private::assert_argument::<_, #t>(); }
+        });
+        quote! {
+            const _: fn() = || {
+                #result_check
+                #(#arg_checks)*
+            };
+        }
+    }
+
+    pub fn generate(&self) -> TokenStream {
+        let stub = self.stub();
+        let body = self.body();
+        let companions = self.companions();
+        let registration = self.registration();
+        let assertions = self.assertions();
+        quote! {
+            #stub
+            #body
+            #companions
+            #registration
+            #assertions
+        }
+    }
+}

@@ -1,0 +1,107 @@
+//! The shared function's signature: parameters (owned or borrowed) and result.
+
+use syn::{FnArg, GenericArgument, Ident, ItemFn, Pat, PathArguments, ReturnType, Type};
+
+use crate::errors::Errors;
+
+pub struct Param {
+    pub name: Ident,
+    /// The type as written (`&Tensor`).
+    pub ty: Type,
+    /// The type without the reference (`Tensor`): what travels and is decoded.
+    pub owned_ty: Type,
+    pub by_ref: bool,
+}
+
+pub struct Signature {
+    pub name: Ident,
+    pub params: Vec<Param>,
+    /// The value the endpoint produces (`T` of a `Result<T, E>`, or the return type).
+    pub value_ty: Type,
+    /// Whether the body returns `Result<T, E>`.
+    pub fallible: bool,
+}
+
+/// Reads the signature, reporting everything an endpoint cannot have.
+pub fn parse(f: &ItemFn, errors: &mut Errors) -> Signature {
+    let sig = &f.sig;
+    if !sig.generics.params.is_empty() || sig.generics.where_clause.is_some() {
+        errors.push(&sig.generics, "a #[share] function cannot be generic: an endpoint has one concrete signature");
+    }
+    if let Some(a) = &sig.asyncness {
+        errors.push(
+            a,
+            "a #[share] function cannot be async; write it sync and call `NAME::call_async(..)` from async code",
+        );
+    }
+    if let Some(c) = &sig.constness {
+        errors.push(c, "a #[share] function cannot be const");
+    }
+    if let Some(u) = &sig.unsafety {
+        errors.push(u, "a #[share] function cannot be unsafe: a remote caller cannot uphold its contract");
+    }
+    if let Some(abi) = &sig.abi {
+        errors.push(abi, "a #[share] function cannot have an extern ABI");
+    }
+    if let Some(v) = &sig.variadic {
+        errors.push(v, "a #[share] function cannot be variadic");
+    }
+    let mut params = Vec::new();
+    for input in &sig.inputs {
+        match input {
+            FnArg::Receiver(r) => {
+                errors.push(r, "#[share] works on free functions, not methods: an endpoint has no `self`")
+            }
+            FnArg::Typed(pt) => {
+                let name = match &*pt.pat {
+                    Pat::Ident(pi) if pi.by_ref.is_none() && pi.subpat.is_none() => pi.ident.clone(),
+                    other => {
+                        errors.push(
+                            other,
+                            "parameters of a #[share] function must be plain names (`tensor: Tensor`), not patterns",
+                        );
+                        continue;
+                    }
+                };
+                let (owned_ty, by_ref) = match &*pt.ty {
+                    Type::Reference(r) if r.mutability.is_some() => {
+                        errors.push(&pt.ty, "a #[share] parameter cannot be `&mut`: take it by value or by `&`");
+                        continue;
+                    }
+                    Type::Reference(r) => ((*r.elem).clone(), true),
+                    Type::ImplTrait(_) => {
+                        errors.push(&pt.ty, "a #[share] parameter cannot be `impl Trait`: name a concrete type");
+                        continue;
+                    }
+                    other => (other.clone(), false),
+                };
+                params.push(Param { name, ty: (*pt.ty).clone(), owned_ty, by_ref });
+            }
+        }
+    }
+    let (value_ty, fallible) = match &sig.output {
+        ReturnType::Default => (syn::parse_quote!(()), false),
+        ReturnType::Type(_, ty) => match result_ok_type(ty) {
+            Some(ok) => (ok, true),
+            None => ((**ty).clone(), false),
+        },
+    };
+    Signature { name: sig.ident.clone(), params, value_ty, fallible }
+}
+
+/// `T` if the type is written `...Result<T, ..>`: the body may fail with an error that
+/// implements `Display`, which the caller receives as `Error::Endpoint`.
+fn result_ok_type(ty: &Type) -> Option<Type> {
+    let Type::Path(tp) = ty else { return None };
+    let last = tp.path.segments.last()?;
+    if last.ident != "Result" {
+        return None;
+    }
+    let PathArguments::AngleBracketed(args) = &last.arguments else {
+        return None;
+    };
+    match args.args.first()? {
+        GenericArgument::Type(t) => Some(t.clone()),
+        _ => None,
+    }
+}

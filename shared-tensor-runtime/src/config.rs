@@ -1,0 +1,243 @@
+//! Roles, ports and timeouts: what a process is (server, client, local) and where it
+//! serves or connects.
+//!
+//! One binary runs in every role. The role comes from `SHARED_TENSOR_ROLE` (or
+//! [`Config::role`] in code):
+//!
+//! | role | what calls to `#[share]` functions do |
+//! | --- | --- |
+//! | `server` | run locally, and a background server on `127.0.0.1:port` serves them to clients |
+//! | `client` (or unset) | become calls to the server of this device |
+//! | `local` | run locally, no server |
+//!
+//! The port is `base_port + device_index`: `SHARED_TENSOR_BASE_PORT` (default 2537) plus
+//! the CUDA device index (default: the current CUDA device, probed when first needed), so
+//! each GPU of a host has its own server.
+//!
+//! | variable | meaning | default |
+//! | --- | --- | --- |
+//! | `SHARED_TENSOR_ROLE` | `server`, `client` or `local` | `client` |
+//! | `SHARED_TENSOR_BASE_PORT` | base port, 1-65535 | 2537 |
+//! | `SHARED_TENSOR_DEVICE` | CUDA device index that picks the port | the current CUDA device |
+//! | `SHARED_TENSOR_CONNECT_TIMEOUT_MS` | how long a client retries connecting | 60000 |
+//! | `SHARED_TENSOR_CALL_TIMEOUT_MS` | how long a client waits for one call | 600000 |
+//! | `SHARED_TENSOR_TASK_TTL_S` | how long finished tasks are kept | 3600 |
+//! | `SHARED_TENSOR_TASK_CAPACITY` | how many tasks are kept | 1000 |
+//! | `SHARED_TENSOR_LOG` | log filter (`info`, `shared_tensor_runtime=debug`); quiet when unset | unset |
+
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+
+/// The default base port; the server of CUDA device `i` listens on `DEFAULT_BASE_PORT + i`.
+pub const DEFAULT_BASE_PORT: u16 = 2537;
+
+/// What this process does with calls to `#[share]` functions.
+///
+/// ```
+/// use shared_tensor_runtime::config::Role;
+/// assert_eq!("server".parse::<Role>().unwrap(), Role::Server);
+/// assert!("serve".parse::<Role>().is_err());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// Run calls locally and serve them to clients on loopback.
+    Server,
+    /// Send calls to the server of this device.
+    Client,
+    /// Run calls locally; no server, no connection.
+    Local,
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Role, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "server" => Ok(Role::Server),
+            "client" | "" => Ok(Role::Client),
+            "local" => Ok(Role::Local),
+            _ => Err("expected `server`, `client` or `local`".into()),
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Server => "server",
+            Role::Client => "client",
+            Role::Local => "local",
+        })
+    }
+}
+
+/// How a process serves or calls endpoints. Build one with [`Config::from_env`] (what
+/// `#[share]` functions use by default) and adjust it in code.
+///
+/// ```
+/// use shared_tensor_runtime::config::{Config, Role};
+/// let config = Config::default().role(Role::Client).base_port(4000).device_index(1);
+/// assert_eq!(config.port().unwrap(), 4001);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub(crate) role: Role,
+    pub(crate) base_port: u16,
+    pub(crate) device_index: Option<u32>,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) call_timeout: Duration,
+    pub(crate) task_ttl: Duration,
+    pub(crate) task_capacity: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            role: Role::Client,
+            base_port: DEFAULT_BASE_PORT,
+            device_index: None,
+            connect_timeout: Duration::from_secs(60),
+            call_timeout: Duration::from_secs(600),
+            task_ttl: crate::task::DEFAULT_TASK_TTL,
+            task_capacity: crate::task::DEFAULT_TASK_CAPACITY,
+        }
+    }
+}
+
+fn env_var(name: &'static str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+fn parse_env<T: std::str::FromStr>(name: &'static str, expected: &str) -> Result<Option<T>> {
+    match env_var(name) {
+        None => Ok(None),
+        Some(value) => value.trim().parse::<T>().map(Some).map_err(|_| Error::config(name, value, expected)),
+    }
+}
+
+impl Config {
+    /// Reads the `SHARED_TENSOR_*` variables (see the module docs). A variable with a bad
+    /// value is an [`Error::Config`] that names it, its value and what is expected.
+    pub fn from_env() -> Result<Config> {
+        let mut config = Config::default();
+        if let Some(value) = env_var("SHARED_TENSOR_ROLE") {
+            config.role =
+                value.parse().map_err(|expected: String| Error::config("SHARED_TENSOR_ROLE", &value, expected))?;
+        }
+        if let Some(port) = parse_env::<u16>("SHARED_TENSOR_BASE_PORT", "a port number from 1 to 65535")? {
+            if port == 0 {
+                return Err(Error::config("SHARED_TENSOR_BASE_PORT", "0", "a port number from 1 to 65535"));
+            }
+            config.base_port = port;
+        }
+        config.device_index = parse_env::<u32>("SHARED_TENSOR_DEVICE", "a CUDA device index (0, 1, ...)")?;
+        if let Some(ms) = parse_env::<u64>("SHARED_TENSOR_CONNECT_TIMEOUT_MS", "milliseconds")? {
+            config.connect_timeout = Duration::from_millis(ms);
+        }
+        if let Some(ms) = parse_env::<u64>("SHARED_TENSOR_CALL_TIMEOUT_MS", "milliseconds (at least 1)")? {
+            if ms == 0 {
+                return Err(Error::config("SHARED_TENSOR_CALL_TIMEOUT_MS", "0", "milliseconds (at least 1)"));
+            }
+            config.call_timeout = Duration::from_millis(ms);
+        }
+        if let Some(s) = parse_env::<u64>("SHARED_TENSOR_TASK_TTL_S", "seconds")? {
+            config.task_ttl = Duration::from_secs(s);
+        }
+        if let Some(n) = parse_env::<usize>("SHARED_TENSOR_TASK_CAPACITY", "a number of tasks (at least 1)")? {
+            if n == 0 {
+                return Err(Error::config("SHARED_TENSOR_TASK_CAPACITY", "0", "a number of tasks (at least 1)"));
+            }
+            config.task_capacity = n;
+        }
+        Ok(config)
+    }
+
+    /// How long finished tasks are kept for waiters (default 1 h).
+    pub fn task_ttl(mut self, ttl: Duration) -> Self {
+        self.task_ttl = ttl;
+        self
+    }
+
+    /// How many tasks are kept (default 1,000; the oldest finished are evicted first).
+    pub fn task_capacity(mut self, capacity: usize) -> Self {
+        self.task_capacity = capacity.max(1);
+        self
+    }
+
+    /// Sets the role.
+    pub fn role(mut self, role: Role) -> Self {
+        self.role = role;
+        self
+    }
+
+    /// Sets the base port (the server of device `i` listens on `base_port + i`).
+    pub fn base_port(mut self, port: u16) -> Self {
+        self.base_port = port;
+        self
+    }
+
+    /// Sets the CUDA device index that picks the port, instead of probing the current device.
+    pub fn device_index(mut self, index: u32) -> Self {
+        self.device_index = Some(index);
+        self
+    }
+
+    /// How long a client keeps retrying to connect while the server starts (default 60 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// How long a client waits for one call before failing it (default 600 s).
+    pub fn call_timeout(mut self, timeout: Duration) -> Self {
+        self.call_timeout = timeout;
+        self
+    }
+
+    /// The configured role.
+    pub fn get_role(&self) -> Role {
+        self.role
+    }
+
+    /// The device index: the configured one, else the current CUDA device.
+    pub fn resolved_device_index(&self) -> Result<u32> {
+        match self.device_index {
+            Some(index) => Ok(index),
+            None => crate::cuda::current_device(),
+        }
+    }
+
+    /// `base_port + device_index`, or an error if it overflows the port range.
+    pub fn port(&self) -> Result<u16> {
+        let device = self.resolved_device_index()?;
+        u16::try_from(u32::from(self.base_port) + device).map_err(|_| {
+            Error::config(
+                "SHARED_TENSOR_BASE_PORT",
+                self.base_port.to_string(),
+                format!("a base port that leaves room for device index {device} below 65536"),
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_parse_and_reject_typos() {
+        assert_eq!("Server".parse::<Role>(), Ok(Role::Server));
+        assert_eq!(" local ".parse::<Role>(), Ok(Role::Local));
+        assert_eq!("client".parse::<Role>(), Ok(Role::Client));
+        assert!("sever".parse::<Role>().is_err());
+    }
+
+    #[test]
+    fn port_is_base_plus_device() {
+        let c = Config::default().base_port(3000).device_index(3);
+        assert_eq!(c.port().unwrap(), 3003);
+        let c = Config::default().base_port(65535).device_index(1);
+        let err = c.port().unwrap_err();
+        assert!(err.to_string().contains("SHARED_TENSOR_BASE_PORT"), "{err}");
+    }
+}

@@ -1,0 +1,255 @@
+//! Endpoints: the `#[share]` functions of a binary, their options, and the registry that
+//! finds them all without a second list to maintain.
+//!
+//! Each `#[share]` function registers one [`EndpointDef`] (through `inventory`) with its
+//! name, options, parameter names and a dispatch function that decodes arguments sent
+//! by a client. A server serves every endpoint linked into its binary.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::exec::Prepared;
+use crate::payload::Decoder;
+
+/// How an endpoint's body runs.
+///
+/// ```
+/// use shared_tensor_runtime::endpoint::Execution;
+/// assert_eq!(Execution::default(), Execution::Task);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub enum Execution {
+    /// On the request path: the lowest overhead, for fast transforms.
+    Direct,
+    /// Through the task system: listed, awaitable, cancellable while pending. Sync calls
+    /// block on the task. The default, as in the seed.
+    #[default]
+    Task,
+}
+
+/// Whether executions of one endpoint may overlap.
+///
+/// ```
+/// use shared_tensor_runtime::endpoint::Concurrency;
+/// assert_eq!(Concurrency::default(), Concurrency::Parallel);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub enum Concurrency {
+    /// Executions may overlap.
+    #[default]
+    Parallel,
+    /// One execution of the endpoint at a time, endpoint-wide (not per cache key).
+    Serialized,
+}
+
+/// The options of `#[share(...)]`.
+///
+/// ```
+/// use shared_tensor_runtime::endpoint::{Concurrency, EndpointOptions, Execution};
+/// let o = EndpointOptions::DEFAULT;
+/// assert!(o.cache && o.singleflight && !o.managed);
+/// assert_eq!((o.execution, o.concurrency), (Execution::Task, Concurrency::Parallel));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EndpointOptions {
+    /// `execution = "direct" | "task"`.
+    pub execution: Execution,
+    /// `concurrency = "parallel" | "serialized"`.
+    pub concurrency: Concurrency,
+    /// `cache = bool`: reuse results by cache key.
+    pub cache: bool,
+    /// `cache_key = "..."`: the key template (default: the endpoint's name).
+    pub cache_key: Option<&'static str>,
+    /// `singleflight = bool`: concurrent calls with one key run the body once.
+    pub singleflight: bool,
+    /// `managed`: results come back as managed handles with explicit release.
+    pub managed: bool,
+}
+
+impl EndpointOptions {
+    /// The defaults: task execution, parallel, cached, singleflight, not managed.
+    pub const DEFAULT: EndpointOptions = EndpointOptions {
+        execution: Execution::Task,
+        concurrency: Concurrency::Parallel,
+        cache: true,
+        cache_key: None,
+        singleflight: true,
+        managed: false,
+    };
+
+    /// Whether calls need a key (for the cache or for singleflight).
+    pub fn keyed(&self) -> bool {
+        self.cache || self.singleflight
+    }
+}
+
+/// What the server needs to serve one endpoint. Built by `#[share]`.
+pub struct EndpointDef {
+    /// The endpoint's name (the function's name unless `name = "..."`).
+    pub name: &'static str,
+    /// The function's path, for error messages (`my_crate::models::load_model`).
+    pub path: &'static str,
+    /// Its options.
+    pub options: EndpointOptions,
+    /// Parameter names, in order.
+    pub params: &'static [&'static str],
+    /// Decodes arguments sent by a client and prepares the call.
+    pub dispatch: fn(&mut Decoder) -> Result<Prepared>,
+}
+
+impl fmt::Debug for EndpointDef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EndpointDef").field("name", &self.name).field("path", &self.path).finish()
+    }
+}
+
+/// One `#[share]` function's entry in the binary-wide endpoint list.
+#[doc(hidden)]
+pub struct Registration(pub &'static EndpointDef);
+
+inventory::collect!(Registration);
+
+/// What a server says about one of its endpoints.
+///
+/// ```
+/// use shared_tensor_runtime::endpoint::{EndpointInfo, Execution};
+/// let info = EndpointInfo {
+///     name: "identity".into(), path: "demo::identity".into(), params: vec!["tensor".into()],
+///     execution: Execution::Direct, concurrency: Default::default(), cache: false,
+///     cache_key: None, singleflight: false, managed: false,
+/// };
+/// assert_eq!(info.name, "identity");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointInfo {
+    /// Name.
+    pub name: String,
+    /// Rust path of the function.
+    pub path: String,
+    /// Parameter names.
+    pub params: Vec<String>,
+    /// Execution mode.
+    pub execution: Execution,
+    /// Concurrency mode.
+    pub concurrency: Concurrency,
+    /// Whether results are cached.
+    pub cache: bool,
+    /// The cache key template, if not the default.
+    pub cache_key: Option<String>,
+    /// Whether concurrent identical calls collapse.
+    pub singleflight: bool,
+    /// Whether results are managed handles.
+    pub managed: bool,
+}
+
+impl From<&EndpointDef> for EndpointInfo {
+    fn from(def: &EndpointDef) -> Self {
+        let o = def.options;
+        EndpointInfo {
+            name: def.name.into(),
+            path: def.path.into(),
+            params: def.params.iter().map(|p| p.to_string()).collect(),
+            execution: o.execution,
+            concurrency: o.concurrency,
+            cache: o.cache,
+            cache_key: o.cache_key.map(str::to_string),
+            singleflight: o.singleflight,
+            managed: o.managed,
+        }
+    }
+}
+
+/// The endpoints a server serves, by name.
+#[derive(Debug, Default)]
+pub struct Registry {
+    by_name: HashMap<&'static str, &'static EndpointDef>,
+}
+
+impl Registry {
+    /// Every `#[share]` function linked into this binary. Two with one name are an
+    /// [`Error::DuplicateEndpoint`] naming both functions.
+    pub fn linked() -> Result<Registry> {
+        Registry::from_defs(inventory::iter::<Registration>.into_iter().map(|r| r.0))
+    }
+
+    /// A registry of chosen endpoints (manual mode).
+    pub fn from_defs(defs: impl IntoIterator<Item = &'static EndpointDef>) -> Result<Registry> {
+        let mut by_name: HashMap<&'static str, &'static EndpointDef> = HashMap::new();
+        for def in defs {
+            if let Some(first) = by_name.insert(def.name, def) {
+                if !std::ptr::eq(first, def) {
+                    let (a, b) = if first.path <= def.path { (first, def) } else { (def, first) };
+                    return Err(Error::DuplicateEndpoint {
+                        name: def.name.into(),
+                        first: a.path.into(),
+                        second: b.path.into(),
+                    });
+                }
+            }
+        }
+        Ok(Registry { by_name })
+    }
+
+    /// The endpoint of that name.
+    pub fn get(&self, name: &str) -> Result<&'static EndpointDef> {
+        self.by_name
+            .get(name)
+            .copied()
+            .ok_or_else(|| Error::UnknownEndpoint { name: name.into(), available: self.names_list() })
+    }
+
+    /// Names, sorted.
+    pub fn names(&self) -> Vec<&'static str> {
+        let mut names: Vec<_> = self.by_name.keys().copied().collect();
+        names.sort_unstable();
+        names
+    }
+
+    fn names_list(&self) -> String {
+        let names = self.names();
+        if names.is_empty() {
+            "no endpoints".into()
+        } else {
+            names.join(", ")
+        }
+    }
+
+    /// Descriptions of every endpoint, sorted by name.
+    pub fn infos(&self) -> Vec<EndpointInfo> {
+        self.names().into_iter().map(|n| EndpointInfo::from(self.by_name[n])).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn never(_: &mut Decoder) -> Result<Prepared> {
+        Err(Error::Protocol("not called".into()))
+    }
+
+    static A: EndpointDef =
+        EndpointDef { name: "load", path: "a::load", options: EndpointOptions::DEFAULT, params: &[], dispatch: never };
+    static B: EndpointDef =
+        EndpointDef { name: "load", path: "b::load", options: EndpointOptions::DEFAULT, params: &[], dispatch: never };
+
+    #[test]
+    fn duplicate_names_name_both_functions() {
+        let err = Registry::from_defs([&A, &B]).unwrap_err();
+        assert_eq!(
+            err,
+            Error::DuplicateEndpoint { name: "load".into(), first: "a::load".into(), second: "b::load".into() }
+        );
+        assert!(err.to_string().contains("#[share(name"), "{err}");
+    }
+
+    #[test]
+    fn unknown_endpoints_list_what_exists() {
+        let reg = Registry::from_defs([&A]).unwrap();
+        let err = reg.get("lod").unwrap_err();
+        assert!(err.to_string().contains("\"lod\"") && err.to_string().contains("load"), "{err}");
+    }
+}

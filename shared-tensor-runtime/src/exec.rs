@@ -1,0 +1,645 @@
+//! The execution core: what happens when an endpoint is called, in every role.
+//!
+//! A server-role process runs its own calls and its clients' calls through the same
+//! execution core, so they share one cache, one managed-object registry and one task table.
+//! A call goes through, in order:
+//!
+//! 1. **cache** (`cache = true`): a result stored under `(endpoint, key)` is reused;
+//! 2. **singleflight** (`singleflight = true`): a call whose key is already being
+//!    computed waits for that computation and shares its result;
+//! 3. **serialized** (`concurrency = "serialized"`): one execution of the endpoint at a
+//!    time; a caller that waited re-checks the cache before running;
+//! 4. **execution**: `direct` runs the body on the calling thread, `task` runs it as a
+//!    task (listed in the task table) that the caller blocks on;
+//! 5. **managed** results are registered with one reference for their caller; cached
+//!    managed results count one more reference per cache hit.
+//!
+//! Bodies that panic are caught: the caller gets [`Error::EndpointPanicked`].
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use once_cell::sync::OnceCell;
+use parking_lot::{Condvar, Mutex};
+use serde::{Deserialize, Serialize};
+
+use crate::endpoint::{Concurrency, EndpointDef, Execution};
+use crate::error::{Error, Result};
+use crate::lease::Link;
+use crate::managed::{Destroyed, Holder, Objects};
+use crate::payload::{Encoded, Encoder, Payload, WirePayload};
+use crate::task::{self, TaskOutcome, TaskRecord, Tasks};
+
+/// A payload whose type is known only at run time.
+pub trait AnyPayload: Send + 'static {
+    /// Encodes it.
+    fn encode_dyn(&self, root: &str) -> Result<Encoded>;
+    /// Another value over the same memory.
+    fn alias_dyn(&self) -> Box<dyn AnyPayload>;
+    /// For downcasting to the concrete type.
+    fn into_any(self: Box<Self>) -> Box<dyn Any + Send>;
+    /// The concrete type's name, for error messages.
+    fn type_name(&self) -> &'static str;
+}
+
+impl<P: Payload> AnyPayload for P {
+    fn encode_dyn(&self, root: &str) -> Result<Encoded> {
+        Encoder::encode(root, self)
+    }
+    fn alias_dyn(&self) -> Box<dyn AnyPayload> {
+        Box::new(self.alias())
+    }
+    fn into_any(self: Box<Self>) -> Box<dyn Any + Send> {
+        self
+    }
+    fn type_name(&self) -> &'static str {
+        std::any::type_name::<P>()
+    }
+}
+
+fn downcast<R: Payload>(value: Box<dyn AnyPayload>, endpoint: &str) -> Result<R> {
+    let found = value.type_name();
+    value.into_any().downcast::<R>().map(|b| *b).map_err(|_| Error::BadArguments {
+        endpoint: endpoint.into(),
+        reason: format!("its result is a {found}, not the {} asked for", std::any::type_name::<R>()),
+    })
+}
+
+/// A result kept for more than one caller (cached, shared by singleflight, managed, or
+/// retained by a task): the value itself, and its encoding, made once on first send.
+pub(crate) struct Value {
+    typed: Mutex<Box<dyn AnyPayload>>,
+    encoded: OnceCell<Encoded>,
+}
+
+impl Value {
+    pub(crate) fn new(value: Box<dyn AnyPayload>) -> Value {
+        Value { typed: Mutex::new(value), encoded: OnceCell::new() }
+    }
+
+    pub(crate) fn encoded(&self) -> Result<&Encoded> {
+        self.encoded.get_or_try_init(|| self.typed.lock().encode_dyn("result"))
+    }
+
+    fn alias_as<R: Payload>(&self, endpoint: &str) -> Result<R> {
+        let aliased = self.typed.lock().alias_dyn();
+        downcast(aliased, endpoint)
+    }
+}
+
+/// What a call produced, for its caller.
+pub(crate) enum Outcome {
+    /// Computed for this caller alone.
+    Fresh(Box<dyn AnyPayload>),
+    /// Shared with other callers (cached or singleflight).
+    Shared(Arc<Value>),
+    /// A managed object; the caller holds one reference.
+    Object { id: u64, value: Arc<Value> },
+}
+
+impl Outcome {
+    /// The value for a local caller, and the object id if it is managed.
+    pub(crate) fn into_local<R: Payload>(self, endpoint: &str) -> Result<(Option<u64>, R)> {
+        match self {
+            Outcome::Fresh(v) => Ok((None, downcast(v, endpoint)?)),
+            Outcome::Shared(v) => Ok((None, v.alias_as(endpoint)?)),
+            Outcome::Object { id, value } => Ok((Some(id), value.alias_as(endpoint)?)),
+        }
+    }
+
+    /// The value as a message for `link`'s peer, and the object id if it is managed.
+    /// By reference: keep the outcome alive until the message is queued, so that releases
+    /// of the caller's own storages it returns are queued after it.
+    pub(crate) fn lend(&self, link: &Arc<Link>) -> Result<(Option<u64>, WirePayload)> {
+        match self {
+            Outcome::Fresh(v) => Ok((None, v.encode_dyn("result")?.lend(link)?)),
+            Outcome::Shared(v) => Ok((None, v.encoded()?.lend(link)?)),
+            Outcome::Object { id, value } => Ok((Some(*id), value.encoded()?.lend(link)?)),
+        }
+    }
+}
+
+/// A call prepared by an endpoint's dispatch: its cache key and its body, with the
+/// decoded arguments moved in.
+pub struct Prepared {
+    pub(crate) key: Option<String>,
+    pub(crate) body: Box<dyn FnOnce() -> Result<Box<dyn AnyPayload>> + Send>,
+}
+
+impl Prepared {
+    /// A call with this key (`None` when the endpoint is neither cached nor singleflight)
+    /// whose body returns `R` or an error.
+    pub fn new<R: Payload>(key: Option<String>, body: impl FnOnce() -> Result<R> + Send + 'static) -> Prepared {
+        Prepared { key, body: Box::new(move || body().map(|r| Box::new(r) as Box<dyn AnyPayload>)) }
+    }
+}
+
+/// Runs a body, turning a panic into an error.
+fn run_caught<F: FnOnce() -> Result<Box<dyn AnyPayload>>>(endpoint: &str, body: F) -> Result<Box<dyn AnyPayload>> {
+    match catch_unwind(AssertUnwindSafe(body)) {
+        Ok(result) => result,
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic with a non-string payload".into());
+            Err(Error::EndpointPanicked { endpoint: endpoint.into(), message })
+        }
+    }
+}
+
+/// One execution of a serialized endpoint at a time.
+#[derive(Default)]
+struct Gate {
+    busy: Mutex<bool>,
+    cv: Condvar,
+}
+
+struct GateGuard<'a>(&'a Gate);
+
+impl Drop for GateGuard<'_> {
+    fn drop(&mut self) {
+        *self.0.busy.lock() = false;
+        self.0.cv.notify_one();
+    }
+}
+
+impl Gate {
+    /// Waits for the gate. A submitted task that is cancelled while waiting gives up.
+    fn enter(&self) -> Result<GateGuard<'_>> {
+        let current = task::current();
+        let mut busy = self.busy.lock();
+        while *busy {
+            if let Some(t) = &current {
+                if t.is_cancelled() {
+                    return Err(Error::Cancelled { task: t.id() });
+                }
+            }
+            self.cv.wait_for(&mut busy, Duration::from_millis(20));
+        }
+        *busy = true;
+        Ok(GateGuard(self))
+    }
+}
+
+enum Slot {
+    Value(Arc<Value>),
+    Object(u64),
+}
+
+/// What a singleflight leader shares with its joiners.
+#[derive(Clone)]
+enum Shared {
+    Value(Arc<Value>),
+    Object(u64, Arc<Value>),
+}
+
+#[derive(Default)]
+struct Flight {
+    state: Mutex<FlightState>,
+    cv: Condvar,
+}
+
+#[derive(Default)]
+struct FlightState {
+    joiners: Vec<Holder>,
+    result: Option<Result<Shared>>,
+}
+
+/// Counters of a core, as [`ServerInfo`](crate::server::ServerInfo) reports them.
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    pub requests: AtomicU64,
+    pub errors: AtomicU64,
+    pub cache_hits: AtomicU64,
+    pub cache_misses: AtomicU64,
+    pub singleflight_joins: AtomicU64,
+    pub bytes_shared: AtomicU64,
+}
+
+/// Counter values at one moment.
+///
+/// ```
+/// let c = shared_tensor_runtime::exec::Counters::default();
+/// assert_eq!(c.requests, 0);
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    /// Calls served (local and remote).
+    pub requests: u64,
+    /// Calls that failed.
+    pub errors: u64,
+    /// Calls answered from the cache.
+    pub cache_hits: u64,
+    /// Cached endpoints' calls that had to compute.
+    pub cache_misses: u64,
+    /// Calls that joined an in-flight identical call.
+    pub singleflight_joins: u64,
+    /// Bytes of GPU storage handed to clients (counted per send).
+    pub bytes_shared: u64,
+}
+
+impl Stats {
+    pub(crate) fn snapshot(&self) -> Counters {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Counters {
+            requests: get(&self.requests),
+            errors: get(&self.errors),
+            cache_hits: get(&self.cache_hits),
+            cache_misses: get(&self.cache_misses),
+            singleflight_joins: get(&self.singleflight_joins),
+            bytes_shared: get(&self.bytes_shared),
+        }
+    }
+}
+
+type Spawn = Box<dyn Fn(Box<dyn FnOnce() + Send>) + Send + Sync>;
+
+/// Cache, singleflight, gates, managed objects and tasks of one process.
+pub(crate) struct Core {
+    pub(crate) server_id: u64,
+    pub(crate) started: Instant,
+    gates: Mutex<HashMap<&'static str, Arc<Gate>>>,
+    cache: Mutex<HashMap<(String, String), Slot>>,
+    flights: Mutex<HashMap<(String, String), Arc<Flight>>>,
+    pub(crate) objects: Objects,
+    pub(crate) tasks: Tasks,
+    pub(crate) stats: Stats,
+    spawn: Spawn,
+}
+
+enum Computed {
+    Hit(Outcome),
+    Ran(Box<dyn AnyPayload>),
+}
+
+impl Core {
+    pub(crate) fn new(server_id: u64, tasks: Tasks, spawn: Spawn) -> Core {
+        Core {
+            server_id,
+            started: Instant::now(),
+            gates: Mutex::new(HashMap::new()),
+            cache: Mutex::new(HashMap::new()),
+            flights: Mutex::new(HashMap::new()),
+            objects: Objects::new(server_id),
+            tasks,
+            stats: Stats::default(),
+            spawn,
+        }
+    }
+
+    /// A synchronous call on the calling thread.
+    pub(crate) fn call<F>(
+        &self,
+        def: &'static EndpointDef,
+        key: Option<String>,
+        holder: Holder,
+        body: F,
+    ) -> Result<Outcome>
+    where
+        F: FnOnce() -> Result<Box<dyn AnyPayload>>,
+    {
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let result = self.call_inner(def, key, holder, body);
+        if result.is_err() {
+            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+
+    fn call_inner<F>(&self, def: &'static EndpointDef, key: Option<String>, holder: Holder, body: F) -> Result<Outcome>
+    where
+        F: FnOnce() -> Result<Box<dyn AnyPayload>>,
+    {
+        let opts = def.options;
+        let key = match key {
+            Some(key) if opts.keyed() => key,
+            _ => {
+                return match self.execute(def, None, holder, body)? {
+                    Computed::Hit(outcome) => Ok(outcome),
+                    Computed::Ran(value) => Ok(self.settle(def, None, value, holder, false)),
+                }
+            }
+        };
+        if opts.cache {
+            if let Some(hit) = self.lookup(def.name, &key, holder) {
+                return Ok(hit);
+            }
+        }
+        if !opts.singleflight {
+            return match self.execute(def, Some(&key), holder, body)? {
+                Computed::Hit(outcome) => Ok(outcome),
+                Computed::Ran(value) => Ok(self.settle(def, Some(key), value, holder, false)),
+            };
+        }
+        let flight_key = (def.name.to_string(), key.clone());
+        let (flight, leader) = {
+            let mut flights = self.flights.lock();
+            match flights.get(&flight_key) {
+                Some(f) => {
+                    f.state.lock().joiners.push(holder);
+                    (f.clone(), false)
+                }
+                None => {
+                    let f = Arc::new(Flight::default());
+                    flights.insert(flight_key.clone(), f.clone());
+                    (f, true)
+                }
+            }
+        };
+        if !leader {
+            self.stats.singleflight_joins.fetch_add(1, Ordering::Relaxed);
+            let mut state = flight.state.lock();
+            while state.result.is_none() {
+                flight.cv.wait(&mut state);
+            }
+            return match state.result.clone().expect("checked") {
+                Ok(Shared::Value(v)) => Ok(Outcome::Shared(v)),
+                // The leader took a reference for each joiner before publishing.
+                Ok(Shared::Object(id, value)) => Ok(Outcome::Object { id, value }),
+                Err(e) => Err(e),
+            };
+        }
+        let publish = Publish { core: self, key: flight_key, flight, done: false };
+        let result = match self.execute(def, Some(&key), holder, body) {
+            Ok(Computed::Hit(outcome)) => Ok(outcome),
+            Ok(Computed::Ran(value)) => Ok(self.settle(def, Some(key), value, holder, true)),
+            Err(e) => Err(e),
+        };
+        publish.finish(&result);
+        result
+    }
+
+    /// Waits for the gate of a serialized endpoint, re-checks the cache, runs the body.
+    fn execute<F>(&self, def: &'static EndpointDef, key: Option<&str>, holder: Holder, body: F) -> Result<Computed>
+    where
+        F: FnOnce() -> Result<Box<dyn AnyPayload>>,
+    {
+        let gate = (def.options.concurrency == Concurrency::Serialized)
+            .then(|| self.gates.lock().entry(def.name).or_default().clone());
+        let _guard = match &gate {
+            Some(gate) => Some(gate.enter()?),
+            None => None,
+        };
+        if let (Some(key), true, true) = (key, def.options.cache, gate.is_some()) {
+            if let Some(hit) = self.lookup(def.name, key, holder) {
+                return Ok(Computed::Hit(hit));
+            }
+        }
+        self.run_body(def, body).map(Computed::Ran)
+    }
+
+    fn run_body<F>(&self, def: &'static EndpointDef, body: F) -> Result<Box<dyn AnyPayload>>
+    where
+        F: FnOnce() -> Result<Box<dyn AnyPayload>>,
+    {
+        if let Some(current) = task::current() {
+            // Already inside a submitted task: it is the task.
+            if current.is_cancelled() {
+                return Err(Error::Cancelled { task: current.id() });
+            }
+            current.start();
+            return run_caught(def.name, body);
+        }
+        match def.options.execution {
+            Execution::Direct => run_caught(def.name, body),
+            Execution::Task => {
+                let (record, evicted) = self.tasks.create(def.name, false)?;
+                self.forget_tasks(evicted);
+                record.start();
+                let result = task::with_current(&record, || run_caught(def.name, body));
+                record.finish_sync(result.as_ref().err());
+                result
+            }
+        }
+    }
+
+    /// Stores a fresh result as the options say and returns it for its caller.
+    fn settle(
+        &self,
+        def: &'static EndpointDef,
+        key: Option<String>,
+        value: Box<dyn AnyPayload>,
+        holder: Holder,
+        shared: bool,
+    ) -> Outcome {
+        let opts = def.options;
+        let cache_key = key.filter(|_| opts.cache);
+        if opts.managed {
+            let value = Arc::new(Value::new(value));
+            let id = self.objects.create(def.name, cache_key.clone(), value.clone(), holder);
+            if let Some(key) = cache_key {
+                self.cache.lock().insert((def.name.to_string(), key), Slot::Object(id));
+            }
+            return Outcome::Object { id, value };
+        }
+        if let Some(key) = cache_key {
+            let value = Arc::new(Value::new(value));
+            self.cache.lock().insert((def.name.to_string(), key), Slot::Value(value.clone()));
+            return Outcome::Shared(value);
+        }
+        if shared {
+            Outcome::Shared(Arc::new(Value::new(value)))
+        } else {
+            Outcome::Fresh(value)
+        }
+    }
+
+    fn lookup(&self, endpoint: &str, key: &str, holder: Holder) -> Option<Outcome> {
+        let mut cache = self.cache.lock();
+        let cache_key = (endpoint.to_string(), key.to_string());
+        let hit = match cache.get(&cache_key) {
+            None => None,
+            Some(Slot::Value(v)) => Some(Outcome::Shared(v.clone())),
+            Some(Slot::Object(id)) => match self.objects.acquire(*id, holder) {
+                Some(value) => Some(Outcome::Object { id: *id, value }),
+                None => {
+                    cache.remove(&cache_key);
+                    None
+                }
+            },
+        };
+        let counter = if hit.is_some() { &self.stats.cache_hits } else { &self.stats.cache_misses };
+        counter.fetch_add(1, Ordering::Relaxed);
+        hit
+    }
+
+    /// Submits a call as a task; returns its id at once.
+    pub(crate) fn submit(
+        self: &Arc<Self>,
+        def: &'static EndpointDef,
+        key: Option<String>,
+        body: Box<dyn FnOnce() -> Result<Box<dyn AnyPayload>> + Send>,
+    ) -> Result<u64> {
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let (record, evicted) = self.tasks.create(def.name, true)?;
+        self.forget_tasks(evicted);
+        let id = record.id();
+        let core = self.clone();
+        (self.spawn)(Box::new(move || {
+            if record.is_cancelled() {
+                return;
+            }
+            let holder = Holder::Task(id);
+            let result = task::with_current(&record, || core.call_inner(def, key, holder, body));
+            let outcome = match result {
+                Ok(Outcome::Fresh(v)) => TaskOutcome::Value(Arc::new(Value::new(v))),
+                Ok(Outcome::Shared(v)) => TaskOutcome::Value(v),
+                Ok(Outcome::Object { id, .. }) => TaskOutcome::Object { id, collected: false },
+                Err(Error::Cancelled { .. }) => TaskOutcome::Cancelled,
+                Err(e) => {
+                    core.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    TaskOutcome::Failed(e)
+                }
+            };
+            record.finish(Some(outcome));
+        }));
+        Ok(id)
+    }
+
+    /// The result of a finished task for `holder`: a managed result's first collector
+    /// takes the task's reference, later ones get a reference of their own.
+    pub(crate) fn collect(&self, record: &TaskRecord, holder: Holder) -> Result<Outcome> {
+        let task = record.id();
+        let mut outcome = record.outcome.lock();
+        match outcome.as_mut() {
+            None if record.info().awaitable => Err(Error::Protocol(format!("task {task} has not finished"))),
+            None => Err(Error::NotAwaitable { task }),
+            Some(TaskOutcome::Value(v)) => Ok(Outcome::Shared(v.clone())),
+            Some(TaskOutcome::Object { id, collected }) => {
+                let value = if *collected {
+                    self.objects.acquire(*id, holder)
+                } else {
+                    *collected = true;
+                    self.objects.transfer(*id, Holder::Task(task), holder)
+                };
+                let object = *id;
+                value.map(|value| Outcome::Object { id: object, value }).ok_or(Error::ObjectGone {
+                    object,
+                    reason: "every handle to it was released before this wait".into(),
+                })
+            }
+            Some(TaskOutcome::Failed(e)) => Err(e.clone()),
+            Some(TaskOutcome::Cancelled) => Err(Error::Cancelled { task }),
+        }
+    }
+
+    /// Waits (blocking) for a task and collects its result.
+    pub(crate) fn wait(&self, task: u64, holder: Holder, timeout: Option<Duration>) -> Result<Outcome> {
+        let record = self.tasks.get(task)?;
+        if !record.wait_blocking(timeout) {
+            return Err(Error::Timeout {
+                endpoint: format!("task {task}"),
+                timeout_ms: timeout.map(|t| t.as_millis() as u64).unwrap_or(0),
+            });
+        }
+        self.collect(&record, holder)
+    }
+
+    /// Evicted tasks give back the managed references they still held.
+    fn forget_tasks(&self, evicted: Vec<Arc<TaskRecord>>) {
+        for record in evicted {
+            let destroyed = self.objects.release_holder(Holder::Task(record.id()));
+            self.uncache(destroyed);
+        }
+    }
+
+    /// Releases one reference per id for `holder`; true for each id it held.
+    pub(crate) fn release_objects(&self, ids: &[u64], holder: Holder) -> Vec<bool> {
+        ids.iter()
+            .map(|id| match self.objects.release(*id, holder) {
+                Ok(destroyed) => {
+                    self.uncache(destroyed.into_iter().collect());
+                    true
+                }
+                Err(()) => false,
+            })
+            .collect()
+    }
+
+    /// Everything a departing holder (a closed connection) had.
+    pub(crate) fn release_holder(&self, holder: Holder) {
+        let destroyed = self.objects.release_holder(holder);
+        self.uncache(destroyed);
+    }
+
+    fn uncache(&self, destroyed: Vec<Destroyed>) {
+        if destroyed.is_empty() {
+            return;
+        }
+        let mut cache = self.cache.lock();
+        for d in destroyed {
+            if let Some(key) = d.cache_key {
+                let k = (d.endpoint, key);
+                if matches!(cache.get(&k), Some(Slot::Object(id)) if *id == d.object_id) {
+                    cache.remove(&k);
+                }
+            }
+        }
+    }
+
+    /// Drops every cache entry of an endpoint; returns how many there were. Handles
+    /// already issued stay valid.
+    pub(crate) fn invalidate_endpoint(&self, endpoint: &str) -> usize {
+        let mut cache = self.cache.lock();
+        let before = cache.len();
+        cache.retain(|(e, _), _| e != endpoint);
+        before - cache.len()
+    }
+
+    /// Drops one cache entry; true if it existed.
+    pub(crate) fn invalidate_key(&self, endpoint: &str, key: &str) -> bool {
+        self.cache.lock().remove(&(endpoint.to_string(), key.to_string())).is_some()
+    }
+
+    pub(crate) fn cache_len(&self) -> usize {
+        self.cache.lock().len()
+    }
+}
+
+/// Publishes a singleflight leader's result to its joiners, even if the leader unwinds.
+struct Publish<'a> {
+    core: &'a Core,
+    key: (String, String),
+    flight: Arc<Flight>,
+    done: bool,
+}
+
+impl Publish<'_> {
+    fn finish(mut self, result: &Result<Outcome>) {
+        let shared = match result {
+            Ok(Outcome::Shared(v)) => Ok(Shared::Value(v.clone())),
+            Ok(Outcome::Object { id, value }) => Ok(Shared::Object(*id, value.clone())),
+            Ok(Outcome::Fresh(_)) => Err(Error::Protocol("singleflight leader produced an unshared value".into())),
+            Err(e) => Err(e.clone()),
+        };
+        self.publish(shared);
+        self.done = true;
+    }
+
+    fn publish(&self, shared: Result<Shared>) {
+        // Remove the flight first: later callers hit the cache (already filled) or lead anew.
+        self.core.flights.lock().remove(&self.key);
+        let mut state = self.flight.state.lock();
+        if let Ok(Shared::Object(id, _)) = &shared {
+            for holder in &state.joiners {
+                self.core.objects.acquire(*id, *holder);
+            }
+        }
+        state.result = Some(shared);
+        self.flight.cv.notify_all();
+    }
+}
+
+impl Drop for Publish<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.publish(Err(Error::Protocol("the singleflight leader stopped without a result".into())));
+        }
+    }
+}

@@ -1,0 +1,235 @@
+//! Leases: who keeps which GPU memory alive for whom.
+//!
+//! When a process sends a tensor to its peer it **lends** the tensor's storage: it keeps
+//! an owning reference under a lease id until the peer says it has dropped its last
+//! tensor over that storage (a `Release` message, batched) or the connection closes. The
+//! receiving side builds its tensors over the mapped memory; the storage it builds calls
+//! back into this module when its last reference goes, and the lease id is queued for
+//! release to the lender.
+//!
+//! Both sides of a connection do both: the client lends its argument tensors to the
+//! server, the server lends its results to the client. A storage that comes back to the
+//! process that lent it (an `identity` call) is recognised by its lease and resolved to
+//! the lender's own storage: same memory, same data pointer, no IPC handle opened (a
+//! process cannot open its own handles anyway).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+
+use once_cell::sync::Lazy;
+use parking_lot::Mutex;
+
+use crate::ffi;
+use crate::ipc::StorageDescriptor;
+
+/// One side's view of one connection: what it lent to the peer, and where releases of
+/// the peer's leases go.
+///
+/// Ordering rule: a release must reach the peer after any message that names the same
+/// lease and was queued before it. The sink therefore feeds the same ordered queue as
+/// replies (server) or is written after the call that named it (client).
+pub(crate) struct Link {
+    next_lease: AtomicU64,
+    lent: Mutex<HashMap<u64, ffi::OwnedStorage>>,
+    closed: AtomicBool,
+    /// Takes the peer's leases this side has released, for sending.
+    sink: Box<dyn Fn(u64) + Send + Sync>,
+}
+
+impl Link {
+    pub(crate) fn new(sink: Box<dyn Fn(u64) + Send + Sync>) -> Arc<Link> {
+        Arc::new(Link {
+            next_lease: AtomicU64::new(1),
+            lent: Mutex::new(HashMap::new()),
+            closed: AtomicBool::new(false),
+            sink,
+        })
+    }
+
+    /// Lends a storage to the peer; the hold lives until [`Link::released`] for the lease.
+    pub(crate) fn lend(&self, hold: ffi::OwnedStorage) -> u64 {
+        let lease = self.next_lease.fetch_add(1, Ordering::Relaxed);
+        self.lent.lock().insert(lease, hold);
+        lease
+    }
+
+    /// The peer released these leases: drop the holds.
+    pub(crate) fn released(&self, leases: &[u64]) {
+        let dropped: Vec<ffi::OwnedStorage> = {
+            let mut lent = self.lent.lock();
+            leases.iter().filter_map(|l| lent.remove(l)).collect()
+        };
+        drop(dropped); // outside the lock: freeing a block may take a moment
+    }
+
+    /// A new reference to a storage this side lent (a tensor coming home).
+    pub(crate) fn lent_storage(&self, lease: u64) -> Option<ffi::OwnedStorage> {
+        self.lent.lock().get(&lease).map(ffi::OwnedStorage::clone_ref)
+    }
+
+    /// Number of storages currently lent to the peer.
+    pub(crate) fn live_leases(&self) -> usize {
+        self.lent.lock().len()
+    }
+
+    /// A storage the peer lent us that we never opened: release it at once.
+    pub(crate) fn release_unopened(&self, lease: u64) {
+        self.queue_release(lease);
+    }
+
+    /// Hands a release of the peer's lease to the sink, unless the connection is gone.
+    fn queue_release(&self, lease: u64) {
+        if !self.closed.load(Ordering::Acquire) {
+            (self.sink)(lease);
+        }
+    }
+
+    /// The connection closed: everything lent is released (the peer's mappings die with
+    /// it, or are its own problem if it lives on), nothing more is queued.
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        let lent = std::mem::take(&mut *self.lent.lock());
+        drop(lent);
+    }
+}
+
+/// What a storage imported from a peer remembers: whom to tell when it is dropped, and
+/// how it was described (to forward it to a third process).
+struct ImportRecord {
+    link: Weak<Link>,
+    lease: u64,
+    descriptor: StorageDescriptor,
+}
+
+static IMPORTS: Lazy<Mutex<HashMap<u64, ImportRecord>>> = Lazy::new(|| {
+    ffi::set_release_fn(on_storage_released);
+    Mutex::new(HashMap::new())
+});
+static NEXT_COOKIE: AtomicU64 = AtomicU64::new(1);
+
+/// Registers a storage about to be imported from `link`'s peer under `lease`; returns the
+/// cookie to build the storage with.
+pub(crate) fn register_import(link: &Arc<Link>, lease: u64, descriptor: StorageDescriptor) -> u64 {
+    let cookie = NEXT_COOKIE.fetch_add(1, Ordering::Relaxed);
+    IMPORTS.lock().insert(cookie, ImportRecord { link: Arc::downgrade(link), lease, descriptor });
+    cookie
+}
+
+/// An import that never got built: release its lease now.
+pub(crate) fn abandon_import(cookie: u64) {
+    release_cookie(cookie);
+}
+
+/// Where an imported storage came from, seen from one link.
+pub(crate) enum Origin {
+    /// Lent to us by this link's peer under this lease.
+    ThisPeer(u64),
+    /// Imported through another connection (its descriptor can be forwarded).
+    Elsewhere,
+    /// Not a storage we imported (or one whose record is gone).
+    Unknown,
+}
+
+pub(crate) fn origin(cookie: u64, link: &Arc<Link>) -> Origin {
+    let imports = IMPORTS.lock();
+    match imports.get(&cookie) {
+        Some(rec) if rec.link.as_ptr() == Arc::as_ptr(link) => Origin::ThisPeer(rec.lease),
+        Some(_) => Origin::Elsewhere,
+        None => Origin::Unknown,
+    }
+}
+
+/// The descriptor an imported storage arrived with (to forward it to another peer).
+pub(crate) fn imported_descriptor(cookie: u64) -> Option<StorageDescriptor> {
+    IMPORTS.lock().get(&cookie).map(|rec| rec.descriptor.clone())
+}
+
+/// Number of storages this process currently holds from peers.
+pub(crate) fn live_imports() -> usize {
+    IMPORTS.lock().len()
+}
+
+fn release_cookie(cookie: u64) {
+    let rec = IMPORTS.lock().remove(&cookie);
+    if let Some(rec) = rec {
+        if let Some(link) = rec.link.upgrade() {
+            link.queue_release(rec.lease);
+        }
+    }
+}
+
+/// Called by the C++ side when the last reference to an imported storage goes. Must not
+/// unwind into C++.
+extern "C" fn on_storage_released(cookie: u64) {
+    let _ = std::panic::catch_unwind(|| release_cookie(cookie));
+}
+
+/// Makes sure the release hook is installed before the first import.
+pub(crate) fn init() {
+    Lazy::force(&IMPORTS);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A link whose sink records what it is given.
+    fn recording_link() -> (Arc<Link>, Arc<Mutex<Vec<u64>>>) {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        (Link::new(Box::new(move |lease| s.lock().push(lease))), seen)
+    }
+
+    fn descriptor() -> StorageDescriptor {
+        StorageDescriptor {
+            handle: vec![1],
+            offset: 0,
+            nbytes: 4,
+            device: crate::ipc::GpuId { index: 0, uuid: [0; 16] },
+            producer: crate::ipc::ProcessId { pid: 1, instance: 2 },
+        }
+    }
+
+    #[test]
+    fn dropped_imports_release_their_lease_to_their_link() {
+        let (link, seen) = recording_link();
+        let a = register_import(&link, 10, descriptor());
+        let b = register_import(&link, 11, descriptor());
+        assert!(matches!(origin(a, &link), Origin::ThisPeer(10)));
+        release_cookie(a);
+        release_cookie(b);
+        release_cookie(b); // a second release of one cookie does nothing
+        assert_eq!(*seen.lock(), vec![10, 11]);
+        assert!(matches!(origin(a, &link), Origin::Unknown));
+    }
+
+    #[test]
+    fn lent_storages_live_until_released_or_closed() {
+        let (link, _) = recording_link();
+        assert_eq!(link.live_leases(), 0);
+        assert!(link.lent_storage(1).is_none());
+        link.released(&[1, 2]); // unknown leases are ignored
+        assert_eq!(link.live_leases(), 0);
+    }
+
+    #[test]
+    fn other_links_see_imports_as_forwardable() {
+        let (link, seen) = recording_link();
+        let (other, _) = recording_link();
+        let c = register_import(&link, 5, descriptor());
+        assert!(matches!(origin(c, &other), Origin::Elsewhere));
+        assert_eq!(imported_descriptor(c), Some(descriptor()));
+        abandon_import(c);
+        assert_eq!(*seen.lock(), vec![5]);
+    }
+
+    #[test]
+    fn a_closed_link_queues_nothing() {
+        let (link, seen) = recording_link();
+        let c = register_import(&link, 1, descriptor());
+        link.close();
+        release_cookie(c);
+        assert!(seen.lock().is_empty());
+    }
+}

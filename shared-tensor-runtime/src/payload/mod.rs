@@ -1,0 +1,771 @@
+//! Payloads: the values that cross an endpoint, and how.
+//!
+//! A **payload** ([`Payload`]) is a value that carries GPU memory: a CUDA tensor, a tch
+//! nn module, an `nn::VarStore`, a struct deriving `Payload`, or `()`, `Option`, `Vec`,
+//! tuples and `String`-keyed maps of those. An endpoint's result must be a payload; the
+//! compiler says so otherwise. Its tensors travel as CUDA IPC descriptors, never by value.
+//!
+//! An **argument** ([`Argument`]) is a payload or a plain value (anything serde can
+//! serialize: numbers, strings, configuration structs), which travels as MessagePack.
+//!
+//! On the wire a value is a tree of [`Node`]s. Tensors are indices into the message's
+//! tensor table, and each tensor points into its storage table: tensors over one storage
+//! (views, tied weights) share one storage entry, so they stay aliased on the other side
+//! and the storage's memory is opened once.
+//!
+//! ```
+//! use shared_tensor_runtime::payload::{Node, Payload};
+//! // `()` is a payload: a result that carries nothing.
+//! fn takes_payload<P: Payload>() {}
+//! takes_payload::<()>();
+//! takes_payload::<Vec<Option<tch::Tensor>>>();
+//! ```
+
+mod containers;
+pub mod nn;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tch::Tensor;
+
+use crate::error::{Error, Result};
+use crate::ffi;
+use crate::ipc::{self, EventHandle, GpuId, StorageDescriptor, TensorView};
+use crate::lease::{self, Link, Origin};
+
+/// One value on the wire.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Node {
+    /// `()`.
+    Unit,
+    /// A tensor: an index into the message's tensor table.
+    Tensor(u32),
+    /// `Option`.
+    Opt(Option<Box<Node>>),
+    /// A sequence: `Vec`, tuple, tuple struct.
+    Seq(Vec<Node>),
+    /// Named parts: struct fields, `String`-keyed maps.
+    Map(Vec<(String, Node)>),
+    /// An enum variant and its content.
+    Variant(String, Box<Node>),
+    /// A plain value, as MessagePack.
+    Data(#[serde(with = "serde_bytes")] Vec<u8>),
+}
+
+impl Node {
+    fn kind(&self) -> &'static str {
+        match self {
+            Node::Unit => "()",
+            Node::Tensor(_) => "a tensor",
+            Node::Opt(_) => "an Option",
+            Node::Seq(_) => "a sequence",
+            Node::Map(_) => "a map",
+            Node::Variant(..) => "an enum variant",
+            Node::Data(_) => "a plain value",
+        }
+    }
+}
+
+/// A storage in a message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum WireStorage {
+    /// Memory the receiver opens by IPC; it releases `lease` to the sender when done.
+    Shared {
+        /// Where the memory is.
+        storage: StorageDescriptor,
+        /// The sender's lease.
+        lease: u64,
+    },
+    /// Memory the receiver lent to the sender under `lease`: the receiver's own storage.
+    Returned {
+        /// The receiver's lease.
+        lease: u64,
+    },
+}
+
+/// A tensor in a message: a view of one of the message's storages.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WireTensor {
+    /// Index into the storage table.
+    pub storage: u32,
+    /// How it looks at the storage.
+    pub view: TensorView,
+}
+
+/// A whole value as sent: storages, tensors, ready events, and the value tree.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WirePayload {
+    /// The storages.
+    pub storages: Vec<WireStorage>,
+    /// The tensors.
+    pub tensors: Vec<WireTensor>,
+    /// One event per GPU, recorded after the work that produced the data.
+    pub ready: Vec<(GpuId, EventHandle)>,
+    /// The value.
+    pub root: Node,
+}
+
+impl WirePayload {
+    /// A payload with no GPU memory.
+    pub fn plain(root: Node) -> WirePayload {
+        WirePayload { storages: Vec::new(), tensors: Vec::new(), ready: Vec::new(), root }
+    }
+}
+
+/// Where a value part is: `encoder.layers[3].weight`.
+#[derive(Clone, Default)]
+pub(crate) struct Path(Vec<Seg>);
+
+#[derive(Clone)]
+enum Seg {
+    Field(String),
+    Index(usize),
+    Key(String),
+}
+
+impl fmt::Display for Path {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            return f.write_str("the value");
+        }
+        for (i, seg) in self.0.iter().enumerate() {
+            match seg {
+                Seg::Field(name) if i == 0 => write!(f, "{name}")?,
+                Seg::Field(name) => write!(f, ".{name}")?,
+                Seg::Index(n) => write!(f, "[{n}]")?,
+                Seg::Key(k) => write!(f, "[{k:?}]")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Something that walks a value and tracks where it is.
+trait Walker {
+    fn path_mut(&mut self) -> &mut Path;
+
+    fn scoped<T>(&mut self, seg: Seg, f: impl FnOnce(&mut Self) -> T) -> T
+    where
+        Self: Sized,
+    {
+        self.path_mut().0.push(seg);
+        let out = f(self);
+        self.path_mut().0.pop();
+        out
+    }
+}
+
+impl Walker for Path {
+    fn path_mut(&mut self) -> &mut Path {
+        self
+    }
+}
+
+impl Walker for Encoder {
+    fn path_mut(&mut self) -> &mut Path {
+        &mut self.path
+    }
+}
+
+impl Walker for Decoder {
+    fn path_mut(&mut self) -> &mut Path {
+        &mut self.path
+    }
+}
+
+impl Path {
+    fn rooted(root: &str) -> Path {
+        let mut path = Path::default();
+        if !root.is_empty() {
+            path.0.push(Seg::Field(root.to_string()));
+        }
+        path
+    }
+}
+
+/// Where an encoded storage's memory comes from.
+enum Source {
+    /// This process's memory.
+    Own(StorageDescriptor),
+    /// Memory this process imported (cookie), with the descriptor to forward it.
+    Imported(u64, StorageDescriptor),
+}
+
+struct EncodedStorage {
+    source: Source,
+    hold: ffi::OwnedStorage,
+}
+
+/// A value encoded for sending, independent of the receiver: IPC handles exported once,
+/// storages held. Lending it turns it into a message for one peer, as often as
+/// needed (a cached result is encoded once and lent to every caller).
+pub struct Encoded {
+    storages: Vec<EncodedStorage>,
+    tensors: Vec<WireTensor>,
+    devices: Vec<GpuId>,
+    root: Node,
+}
+
+impl fmt::Debug for Encoded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Encoded")
+            .field("storages", &self.storages.len())
+            .field("tensors", &self.tensors.len())
+            .field("root", &self.root)
+            .finish()
+    }
+}
+
+impl Encoded {
+    /// A message for `link`'s peer: lends every storage (leases) or names it as the peer's
+    /// own, and records a ready event per GPU on the calling thread's current stream.
+    pub(crate) fn lend(&self, link: &Arc<Link>) -> Result<WirePayload> {
+        let mut ready = Vec::with_capacity(self.devices.len());
+        for gpu in &self.devices {
+            ready.push((*gpu, EventHandle::record(gpu.index)?));
+        }
+        let storages = self
+            .storages
+            .iter()
+            .map(|s| match &s.source {
+                Source::Imported(cookie, descriptor) => match lease::origin(*cookie, link) {
+                    Origin::ThisPeer(lease) => WireStorage::Returned { lease },
+                    Origin::Elsewhere | Origin::Unknown => {
+                        WireStorage::Shared { storage: descriptor.clone(), lease: link.lend(s.hold.clone_ref()) }
+                    }
+                },
+                Source::Own(descriptor) => {
+                    WireStorage::Shared { storage: descriptor.clone(), lease: link.lend(s.hold.clone_ref()) }
+                }
+            })
+            .collect();
+        Ok(WirePayload { storages, tensors: self.tensors.clone(), ready, root: self.root.clone() })
+    }
+
+    /// Number of distinct storages in the value.
+    pub fn storage_count(&self) -> usize {
+        self.storages.len()
+    }
+
+    /// Number of tensors in the value.
+    pub fn tensor_count(&self) -> usize {
+        self.tensors.len()
+    }
+
+    /// Total bytes of the storages in the value.
+    pub fn storage_bytes(&self) -> u64 {
+        self.storages
+            .iter()
+            .map(|s| match &s.source {
+                Source::Own(d) | Source::Imported(_, d) => d.nbytes,
+            })
+            .sum()
+    }
+}
+
+/// Turns a value into an [`Encoded`]: used by [`Payload::encode`] implementations.
+pub struct Encoder {
+    storages: Vec<EncodedStorage>,
+    storage_index: HashMap<(u64, u64, i32), u32>,
+    tensors: Vec<WireTensor>,
+    devices: Vec<GpuId>,
+    path: Path,
+}
+
+impl Encoder {
+    /// An encoder whose error messages name the value `root` (a parameter name, `result`).
+    pub fn new(root: &str) -> Encoder {
+        Encoder {
+            storages: Vec::new(),
+            storage_index: HashMap::new(),
+            tensors: Vec::new(),
+            devices: Vec::new(),
+            path: Path::rooted(root),
+        }
+    }
+
+    /// Encodes a whole payload.
+    pub fn encode<P: Payload>(root: &str, value: &P) -> Result<Encoded> {
+        let mut enc = Encoder::new(root);
+        let node = value.encode(&mut enc)?;
+        Ok(enc.finish(node))
+    }
+
+    /// Finishes with the value's root node.
+    pub fn finish(self, root: Node) -> Encoded {
+        Encoded { storages: self.storages, tensors: self.tensors, devices: self.devices, root }
+    }
+
+    /// Where the encoder is, for error messages (`encoder.layers[3].weight`).
+    pub fn path(&self) -> String {
+        self.path.to_string()
+    }
+
+    /// Encodes a named part (a struct field).
+    pub fn field<T>(&mut self, name: &str, f: impl FnOnce(&mut Self) -> T) -> T {
+        self.scoped(Seg::Field(name.to_string()), f)
+    }
+
+    /// Encodes a numbered part (a sequence element).
+    pub fn index<T>(&mut self, i: usize, f: impl FnOnce(&mut Self) -> T) -> T {
+        self.scoped(Seg::Index(i), f)
+    }
+
+    /// Encodes a map entry.
+    pub fn key<T>(&mut self, key: &str, f: impl FnOnce(&mut Self) -> T) -> T {
+        self.scoped(Seg::Key(key.to_string()), f)
+    }
+
+    /// Encodes a tensor: checks it is a shareable CUDA tensor, exports its storage once
+    /// per message, and records the view.
+    pub fn tensor(&mut self, t: &Tensor) -> Result<Node> {
+        let path = self.path.clone();
+        let ins = ipc::inspect(t, &|| path.to_string())?;
+        crate::cuda::require()?;
+        let key = (ins.meta.storage_base, ins.meta.storage_nbytes, ins.meta.device_index);
+        let storage = match self.storage_index.get(&key) {
+            Some(index) => *index,
+            None => {
+                let source = if ins.meta.import_cookie != 0 {
+                    match lease::imported_descriptor(ins.meta.import_cookie) {
+                        Some(d) => Source::Imported(ins.meta.import_cookie, d),
+                        None => Source::Own(ipc::describe_storage(&ins)?),
+                    }
+                } else {
+                    Source::Own(ipc::describe_storage(&ins)?)
+                };
+                let gpu = match &source {
+                    Source::Own(d) | Source::Imported(_, d) => d.device,
+                };
+                if !self.devices.iter().any(|g| g.uuid == gpu.uuid) {
+                    self.devices.push(GpuId::of_device(ins.meta.device_index.max(0) as u32)?);
+                }
+                let index = self.storages.len() as u32;
+                self.storages.push(EncodedStorage { source, hold: ins.storage });
+                self.storage_index.insert(key, index);
+                index
+            }
+        };
+        self.tensors.push(WireTensor { storage, view: ins.view });
+        Ok(Node::Tensor(self.tensors.len() as u32 - 1))
+    }
+
+    /// Encodes a plain value as MessagePack.
+    pub fn data<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<Node> {
+        rmp_serde::to_vec(value)
+            .map(Node::Data)
+            .map_err(|e| Error::Protocol(format!("cannot serialize {}: {e}", self.path)))
+    }
+
+    /// Runs `f` and checks what it encoded as a module: at least one tensor, all on one GPU.
+    pub fn module(&mut self, f: impl FnOnce(&mut Self) -> Result<Node>) -> Result<Node> {
+        let first = self.tensors.len();
+        let node = f(self)?;
+        let tensors = &self.tensors[first..];
+        if tensors.is_empty() {
+            return Err(Error::Unsupported {
+                path: self.path.to_string(),
+                reason: "a module must hold at least one CUDA tensor".into(),
+            });
+        }
+        let device_of = |t: &WireTensor| match &self.storages[t.storage as usize].source {
+            Source::Own(d) | Source::Imported(_, d) => d.device,
+        };
+        let first_device = device_of(&tensors[0]);
+        if let Some(other) = tensors.iter().map(device_of).find(|d| d.uuid != first_device.uuid) {
+            return Err(Error::Unsupported {
+                path: self.path.to_string(),
+                reason: format!(
+                    "a module's tensors must all be on one GPU, found cuda:{} and cuda:{}",
+                    first_device.index, other.index
+                ),
+            });
+        }
+        Ok(node)
+    }
+}
+
+/// A storage of a received message.
+enum Slot {
+    /// To open by IPC on first use; releases `lease` to the sender when done.
+    Remote { descriptor: StorageDescriptor, lease: u64 },
+    /// This process's own storage, come back.
+    Local(ffi::OwnedStorage),
+    /// A lease of ours that the peer named but we no longer have.
+    Missing(u64),
+    /// Opened.
+    Open(ffi::OwnedStorage),
+}
+
+/// A message as received: storages that came home are pinned at once (before any later
+/// release message could drop them).
+pub(crate) struct Received {
+    slots: Vec<Slot>,
+    tensors: Vec<WireTensor>,
+    ready: Vec<(GpuId, EventHandle)>,
+    root: Node,
+    link: Arc<Link>,
+}
+
+impl WirePayload {
+    /// Pins the storages that are `link`'s own. Must run in message order.
+    pub(crate) fn receive(self, link: &Arc<Link>) -> Received {
+        let slots = self
+            .storages
+            .into_iter()
+            .map(|s| match s {
+                WireStorage::Shared { storage, lease } => Slot::Remote { descriptor: storage, lease },
+                WireStorage::Returned { lease } => match link.lent_storage(lease) {
+                    Some(storage) => Slot::Local(storage),
+                    None => Slot::Missing(lease),
+                },
+            })
+            .collect();
+        Received { slots, tensors: self.tensors, ready: self.ready, root: self.root, link: link.clone() }
+    }
+}
+
+impl Drop for Received {
+    fn drop(&mut self) {
+        // Storages lent to us that we never opened: give the leases back now.
+        for slot in &self.slots {
+            if let Slot::Remote { lease, .. } = slot {
+                self.link.release_unopened(*lease);
+            }
+        }
+    }
+}
+
+/// Turns a received value back into Rust values: used by [`Payload::decode`] implementations.
+pub struct Decoder {
+    received: Received,
+    waited: bool,
+    path: Path,
+}
+
+impl Decoder {
+    pub(crate) fn new(received: Received, root: &str) -> Decoder {
+        Decoder { received, waited: false, path: Path::rooted(root) }
+    }
+
+    /// Takes the root node out (leaving `()`).
+    pub(crate) fn take_root(&mut self) -> Node {
+        std::mem::replace(&mut self.received.root, Node::Unit)
+    }
+
+    /// Where the decoder is, for error messages.
+    pub fn path(&self) -> String {
+        self.path.to_string()
+    }
+
+    /// Decodes a named part.
+    pub fn field<T>(&mut self, name: &str, f: impl FnOnce(&mut Self) -> T) -> T {
+        self.scoped(Seg::Field(name.to_string()), f)
+    }
+
+    /// Decodes a numbered part.
+    pub fn index<T>(&mut self, i: usize, f: impl FnOnce(&mut Self) -> T) -> T {
+        self.scoped(Seg::Index(i), f)
+    }
+
+    /// Decodes a map entry.
+    pub fn key<T>(&mut self, key: &str, f: impl FnOnce(&mut Self) -> T) -> T {
+        self.scoped(Seg::Key(key.to_string()), f)
+    }
+
+    /// The error for a node of the wrong shape.
+    pub fn mismatch(&self, expected: &str, got: &Node) -> Error {
+        Error::Protocol(format!("{}: expected {expected}, got {}", self.path, got.kind()))
+    }
+
+    /// The tensor a [`Node::Tensor`] names: a view of the sender's memory (or of this
+    /// process's own, come back).
+    pub fn tensor(&mut self, node: Node) -> Result<Tensor> {
+        let Node::Tensor(index) = node else {
+            return Err(self.mismatch("a tensor", &node));
+        };
+        let wire = self
+            .received
+            .tensors
+            .get(index as usize)
+            .cloned()
+            .ok_or_else(|| Error::Protocol(format!("{}: tensor #{index} is not in the message", self.path)))?;
+        self.wait_ready()?;
+        let storage = self.open(wire.storage)?;
+        ipc::view_tensor(storage, &wire.view).map_err(|e| match e {
+            Error::Cuda { message, .. } => {
+                Error::Protocol(format!("{}: the tensor does not fit its storage: {message}", self.path))
+            }
+            other => other,
+        })
+    }
+
+    fn wait_ready(&mut self) -> Result<()> {
+        if self.waited {
+            return Ok(());
+        }
+        self.waited = true;
+        for (gpu, event) in &self.received.ready {
+            event.wait(gpu.local_index()?)?;
+        }
+        Ok(())
+    }
+
+    fn open(&mut self, index: u32) -> Result<&ffi::OwnedStorage> {
+        let link = self.received.link.clone();
+        let slot = self
+            .received
+            .slots
+            .get_mut(index as usize)
+            .ok_or_else(|| Error::Protocol(format!("storage #{index} is not in the message")))?;
+        let opened = match slot {
+            Slot::Remote { descriptor, lease } => {
+                let cookie = lease::register_import(&link, *lease, descriptor.clone());
+                match ipc::open_storage(descriptor, cookie) {
+                    Ok((storage, _)) => storage,
+                    Err(e) => {
+                        lease::abandon_import(cookie);
+                        *slot = Slot::Missing(0);
+                        return Err(e);
+                    }
+                }
+            }
+            Slot::Local(storage) => storage.clone_ref(),
+            Slot::Missing(lease) => {
+                return Err(Error::Protocol(format!(
+                    "{}: the peer returned storage lease {lease}, which this process no longer holds",
+                    self.path
+                )))
+            }
+            Slot::Open(storage) => return Ok(storage),
+        };
+        *slot = Slot::Open(opened);
+        match slot {
+            Slot::Open(storage) => Ok(storage),
+            _ => unreachable!("just stored"),
+        }
+    }
+
+    /// Decodes a plain value from MessagePack.
+    pub fn data<T: DeserializeOwned>(&mut self, node: Node) -> Result<T> {
+        let Node::Data(bytes) = node else {
+            return Err(self.mismatch("a plain value", &node));
+        };
+        rmp_serde::from_slice(&bytes)
+            .map_err(|e| Error::Protocol(format!("{}: not a {}: {e}", self.path, std::any::type_name::<T>())))
+    }
+}
+
+/// A value that carries GPU memory and can be an endpoint's result (or argument).
+///
+/// Implemented for `tch::Tensor`, `()`, `Option<P>`, `Box<P>`, `Vec<P>`, tuples of up to
+/// 8 payloads, `HashMap<String, P>`, `BTreeMap<String, P>`, tch's nn modules and
+/// `nn::VarStore`; derive it for your own structs and enums with
+/// `#[derive(shared_tensor::Payload)]`.
+///
+/// ```
+/// use shared_tensor_runtime::payload::Payload;
+/// use tch::Tensor;
+/// fn alias_all<P: Payload>(p: &P) -> P { p.alias() }
+/// let t = Tensor::ones([2], (tch::Kind::Float, tch::Device::Cpu));
+/// let a = alias_all(&vec![t]);
+/// assert_eq!(a.len(), 1);
+/// ```
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot cross a #[share] endpoint as a payload",
+    label = "not a payload: it carries no GPU memory that CUDA IPC could share",
+    note = "a result must carry GPU memory: a CUDA tch::Tensor, a tch nn module, nn::VarStore, \
+            your struct with #[derive(shared_tensor::Payload)], or (), Option, Vec, tuples and \
+            String-keyed maps of those",
+    note = "plain values (numbers, strings, serde types) can be arguments, or fields of a derived \
+            payload struct, but not a whole result: wrap them with a tensor in a struct"
+)]
+pub trait Payload: Send + Sized + 'static {
+    /// Encodes the value (tensors through [`Encoder::tensor`]).
+    fn encode(&self, enc: &mut Encoder) -> Result<Node>;
+    /// Rebuilds the value from its node.
+    fn decode(node: Node, dec: &mut Decoder) -> Result<Self>;
+    /// Another value over the same GPU memory (tensors are shallow clones).
+    fn alias(&self) -> Self;
+}
+
+/// Marks an argument that travels as a payload (by CUDA IPC).
+#[derive(Debug)]
+pub enum ByIpc {}
+/// Marks an argument that travels by value (MessagePack).
+#[derive(Debug)]
+pub enum ByValue {}
+
+/// A value that can be an argument of a `#[share]` endpoint: a [`Payload`] (sent by CUDA
+/// IPC) or a plain serde value (sent as MessagePack). `Via` is inferred.
+///
+/// ```
+/// use shared_tensor_runtime::payload::Argument;
+/// fn takes_argument<A: Argument<V>, V>() {}
+/// takes_argument::<i64, _>();
+/// takes_argument::<String, _>();
+/// takes_argument::<tch::Tensor, _>();
+/// ```
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be an argument of a #[share] endpoint",
+    label = "neither a payload nor a plain serde value",
+    note = "arguments are payloads (CUDA tensors, tch nn modules, #[derive(shared_tensor::Payload)] \
+            types and containers of them) or plain values implementing serde's Serialize + \
+            DeserializeOwned + Clone"
+)]
+pub trait Argument<Via>: Send + Sized + 'static {
+    /// Encodes the argument.
+    fn encode_arg(&self, enc: &mut Encoder) -> Result<Node>;
+    /// Rebuilds it.
+    fn decode_arg(node: Node, dec: &mut Decoder) -> Result<Self>;
+    /// An owned copy for running later (tensors are aliased, plain values cloned).
+    fn to_owned_arg(&self) -> Self;
+}
+
+impl<P: Payload> Argument<ByIpc> for P {
+    fn encode_arg(&self, enc: &mut Encoder) -> Result<Node> {
+        self.encode(enc)
+    }
+    fn decode_arg(node: Node, dec: &mut Decoder) -> Result<Self> {
+        P::decode(node, dec)
+    }
+    fn to_owned_arg(&self) -> Self {
+        self.alias()
+    }
+}
+
+impl<T: Serialize + DeserializeOwned + Clone + Send + 'static> Argument<ByValue> for T {
+    fn encode_arg(&self, enc: &mut Encoder) -> Result<Node> {
+        enc.data(self)
+    }
+    fn decode_arg(node: Node, dec: &mut Decoder) -> Result<Self> {
+        dec.data(node)
+    }
+    fn to_owned_arg(&self) -> Self {
+        self.clone()
+    }
+}
+
+/// One element of an [`Args`] tuple: an [`Argument`], or a reference to one.
+pub trait ArgLike<Via> {
+    /// Encodes it.
+    fn encode_like(&self, enc: &mut Encoder) -> Result<Node>;
+}
+
+/// Marks an argument passed by value in [`Args`].
+#[derive(Debug)]
+pub enum Owned {}
+/// Marks an argument passed by reference in [`Args`].
+#[derive(Debug)]
+pub enum Borrowed {}
+
+impl<V, A: Argument<V>> ArgLike<(V, Owned)> for A {
+    fn encode_like(&self, enc: &mut Encoder) -> Result<Node> {
+        self.encode_arg(enc)
+    }
+}
+
+impl<V, A: Argument<V>> ArgLike<(V, Borrowed)> for &A {
+    fn encode_like(&self, enc: &mut Encoder) -> Result<Node> {
+        (**self).encode_arg(enc)
+    }
+}
+
+/// The arguments of a call by endpoint name (manual mode): a tuple of up to 8
+/// [`Argument`]s or references to them, or `()`. `Via` is inferred.
+///
+/// ```
+/// use shared_tensor_runtime::payload::{Args, Encoder};
+/// let mut enc = Encoder::new("");
+/// let name = "fp16".to_string();
+/// let nodes = (4i64, &name).encode_args(&mut enc).unwrap();
+/// assert_eq!(nodes.len(), 2);
+/// ```
+pub trait Args<Via> {
+    /// Encodes each argument (errors name it by position: `arg0`, `arg1`, ...).
+    fn encode_args(&self, enc: &mut Encoder) -> Result<Vec<Node>>;
+}
+
+impl Args<()> for () {
+    fn encode_args(&self, _: &mut Encoder) -> Result<Vec<Node>> {
+        Ok(Vec::new())
+    }
+}
+
+macro_rules! tuple_args {
+    ($($name:ident $via:ident $idx:tt),+) => {
+        impl<$($name: ArgLike<$via>, $via),+> Args<($($via,)+)> for ($($name,)+) {
+            fn encode_args(&self, enc: &mut Encoder) -> Result<Vec<Node>> {
+                Ok(vec![$(enc.field(concat!("arg", $idx), |enc| self.$idx.encode_like(enc))?),+])
+            }
+        }
+    };
+}
+
+tuple_args!(A VA 0);
+tuple_args!(A VA 0, B VB 1);
+tuple_args!(A VA 0, B VB 1, C VC 2);
+tuple_args!(A VA 0, B VB 1, C VC 2, D VD 3);
+tuple_args!(A VA 0, B VB 1, C VC 2, D VD 3, E VE 4);
+tuple_args!(A VA 0, B VB 1, C VC 2, D VD 3, E VE 4, F VF 5);
+tuple_args!(A VA 0, B VB 1, C VC 2, D VD 3, E VE 4, F VF 5, G VG 6);
+tuple_args!(A VA 0, B VB 1, C VC 2, D VD 3, E VE 4, F VF 5, G VG 6, H VH 7);
+
+impl Payload for Tensor {
+    fn encode(&self, enc: &mut Encoder) -> Result<Node> {
+        enc.tensor(self)
+    }
+    fn decode(node: Node, dec: &mut Decoder) -> Result<Self> {
+        dec.tensor(node)
+    }
+    fn alias(&self) -> Self {
+        self.shallow_clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_read_like_rust() {
+        let mut p = Path::default();
+        p.0.push(Seg::Field("encoder".into()));
+        p.0.push(Seg::Field("layers".into()));
+        p.0.push(Seg::Index(3));
+        p.0.push(Seg::Field("weight".into()));
+        assert_eq!(p.to_string(), "encoder.layers[3].weight");
+        p.scoped(Seg::Key("k".into()), |p: &mut Path| assert_eq!(p.to_string(), "encoder.layers[3].weight[\"k\"]"));
+        assert_eq!(Path::default().to_string(), "the value");
+    }
+
+    #[test]
+    fn a_cpu_tensor_deep_in_a_value_is_named_by_its_path() {
+        let cpu = Tensor::zeros([2], (tch::Kind::Float, tch::Device::Cpu));
+        let value = vec![(None, vec![cpu])];
+        let value: Vec<(Option<Tensor>, Vec<Tensor>)> = value;
+        let err = Encoder::encode("batch", &value).unwrap_err();
+        assert!(err.to_string().starts_with("batch[0].1[0] is on Cpu"), "{err}");
+    }
+
+    #[test]
+    fn plain_arguments_are_messagepack() {
+        let mut enc = Encoder::new("n");
+        let node = 42i64.encode_arg(&mut enc).unwrap();
+        assert_eq!(node, Node::Data(rmp_serde::to_vec(&42i64).unwrap()));
+        let node = "abc".to_string().encode_arg(&mut enc).unwrap();
+        assert!(matches!(node, Node::Data(_)));
+    }
+
+    #[test]
+    fn empty_payloads_carry_no_storage() {
+        let e = Encoder::encode("result", &()).unwrap();
+        assert_eq!((e.storage_count(), e.tensor_count()), (0, 0));
+        let e = Encoder::encode("result", &None::<Tensor>).unwrap();
+        assert_eq!(e.root, Node::Opt(None));
+    }
+}

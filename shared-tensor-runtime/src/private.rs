@@ -1,0 +1,189 @@
+//! What `#[share]` expands to calls. Not a public API: names and signatures may change
+//! in any release.
+
+use std::fmt::Display;
+
+pub use inventory;
+
+pub use crate::endpoint::{Concurrency, EndpointDef, EndpointOptions, Execution, Registration};
+pub use crate::exec::Prepared;
+pub use crate::handle::{Output, TaskHandle};
+pub use crate::payload::{Argument, Decoder, Encoder, Node};
+
+use crate::config::Role;
+use crate::error::{Error, Result};
+use crate::exec::AnyPayload;
+use crate::handle::{from_answer, from_outcome, Backend};
+use crate::managed::Holder;
+use crate::payload::Encoded;
+use crate::runtime;
+
+/// Encodes one argument; errors name the parameter.
+pub fn encode_arg<V, A: Argument<V>>(enc: &mut Encoder, name: &str, value: &A) -> Result<Node> {
+    enc.field(name, |enc| value.encode_arg(enc))
+}
+
+/// An owned copy of a borrowed argument (for `submit`, whose body runs later).
+pub fn owned_arg<V, A: Argument<V>>(value: &A) -> A {
+    value.to_owned_arg()
+}
+
+/// The argument nodes of a call, checked against the endpoint's parameters.
+pub fn decode_args(dec: &mut Decoder, def: &EndpointDef) -> Result<std::vec::IntoIter<Node>> {
+    match dec.take_root() {
+        Node::Seq(nodes) if nodes.len() == def.params.len() => Ok(nodes.into_iter()),
+        Node::Seq(nodes) => Err(Error::BadArguments {
+            endpoint: def.name.into(),
+            reason: format!(
+                "expected {} argument(s) ({}), got {}",
+                def.params.len(),
+                def.params.join(", "),
+                nodes.len()
+            ),
+        }),
+        other => Err(Error::BadArguments {
+            endpoint: def.name.into(),
+            reason: format!("expected a sequence of arguments, got {other:?}"),
+        }),
+    }
+}
+
+/// Decodes one argument; errors name the endpoint and the parameter.
+pub fn decode_arg<V, A: Argument<V>>(
+    dec: &mut Decoder,
+    def: &EndpointDef,
+    name: &str,
+    node: Option<Node>,
+) -> Result<A> {
+    let node =
+        node.ok_or_else(|| Error::BadArguments { endpoint: def.name.into(), reason: format!("missing {name}") })?;
+    dec.field(name, |dec| A::decode_arg(node, dec)).map_err(|e| match e {
+        Error::Protocol(reason) => Error::BadArguments { endpoint: def.name.into(), reason },
+        other => other,
+    })
+}
+
+/// A body's result, for bodies declared to return `Result<T, E>`.
+pub fn body_result<T, E: Display>(endpoint: &str, result: std::result::Result<T, E>) -> Result<T> {
+    result.map_err(|e| Error::Endpoint { endpoint: endpoint.into(), message: e.to_string() })
+}
+
+fn encode_args<A>(args: &A, encode: impl FnOnce(&mut Encoder, &A) -> Result<Vec<Node>>) -> Result<Encoded> {
+    let mut enc = Encoder::new("");
+    let nodes = encode(&mut enc, args)?;
+    Ok(enc.finish(Node::Seq(nodes)))
+}
+
+/// A future for async callers: boxed, `Send`, borrowing nothing.
+pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'static>>;
+
+/// Compile-time check that a result type is a payload (errors point at the return type).
+pub fn assert_payload<P: crate::payload::Payload>() {}
+
+/// Compile-time check that a parameter type can be an argument.
+pub fn assert_argument<V, A: Argument<V>>() {}
+
+/// A call of a `#[share]` function, in whatever role this process has: `key` and `local`
+/// run in the server and local roles, `encode` in the client role.
+pub fn call<O: Output, A>(
+    def: &'static EndpointDef,
+    args: A,
+    key: impl FnOnce(&A) -> Option<String>,
+    encode: impl FnOnce(&mut Encoder, &A) -> Result<Vec<Node>>,
+    local: impl FnOnce(A) -> Result<O::Value>,
+) -> Result<O> {
+    let rt = runtime::global()?;
+    match rt.role() {
+        Role::Client => {
+            let client = rt.client()?;
+            let encoded = encode_args(&args, encode)?;
+            drop(args);
+            let request = client.call_request(def.name, &encoded, false)?;
+            let answer = client.request(request, Some(client.call_timeout()))?;
+            drop(encoded);
+            from_answer(answer, &Backend::remote(client.clone()), def.name)
+        }
+        Role::Server | Role::Local => {
+            let core = rt.core();
+            let key = key(&args);
+            let body = move || local(args).map(|v| Box::new(v) as Box<dyn AnyPayload>);
+            let outcome = core.call(def, key, Holder::Local, body)?;
+            from_outcome(outcome, &Backend::local(core.clone()), def.name)
+        }
+    }
+}
+
+/// The async counterpart of [`call`]. In the client role the arguments are encoded now
+/// and the reply is awaited; in the server and local roles the call runs now, on the
+/// calling thread, and the future is ready.
+pub fn call_async<O: Output, A>(
+    def: &'static EndpointDef,
+    args: A,
+    key: impl FnOnce(&A) -> Option<String>,
+    encode: impl FnOnce(&mut Encoder, &A) -> Result<Vec<Node>>,
+    local: impl FnOnce(A) -> Result<O::Value>,
+) -> BoxFuture<Result<O>> {
+    let client = match runtime::global().and_then(|rt| match rt.role() {
+        Role::Client => rt.client().cloned().map(Some),
+        _ => Ok(None),
+    }) {
+        Ok(Some(client)) => client,
+        Ok(None) => {
+            let result = call::<O, A>(def, args, key, encode, local);
+            return Box::pin(std::future::ready(result));
+        }
+        Err(e) => return Box::pin(std::future::ready(Err(e))),
+    };
+    let prepared = encode_args(&args, encode).and_then(|encoded| {
+        let request = client.call_request(def.name, &encoded, false)?;
+        Ok((encoded, request))
+    });
+    drop(args);
+    Box::pin(async move {
+        let (encoded, request) = prepared?;
+        let answer = client.request_async(request, Some(client.call_timeout())).await?;
+        drop(encoded);
+        from_answer(answer, &Backend::remote(client.clone()), def.name)
+    })
+}
+
+/// Submits a call of a `#[share]` function as a task. In the server and local roles,
+/// `detach` turns the arguments into an owned body that runs in the background.
+pub fn submit<O: Output, A>(
+    def: &'static EndpointDef,
+    args: A,
+    key: impl FnOnce(&A) -> Option<String>,
+    encode: impl FnOnce(&mut Encoder, &A) -> Result<Vec<Node>>,
+    detach: impl FnOnce(A) -> Box<dyn FnOnce() -> Result<O::Value> + Send>,
+) -> Result<TaskHandle<O>> {
+    let rt = runtime::global()?;
+    match rt.role() {
+        Role::Client => {
+            let client = rt.client()?;
+            let encoded = encode_args(&args, encode)?;
+            drop(args);
+            let request = client.call_request(def.name, &encoded, true)?;
+            let answer = client.request(request, Some(client.call_timeout()))?;
+            drop(encoded);
+            match answer {
+                crate::client::Answer::Other(crate::wire::Response::Task(id)) => {
+                    Ok(TaskHandle::new(id, def.name, Backend::remote(client.clone())))
+                }
+                _ => Err(Error::Protocol(format!("the server answered a submit of {} without a task id", def.name))),
+            }
+        }
+        Role::Server | Role::Local => {
+            let core = rt.core();
+            let key = key(&args);
+            let body = detach(args);
+            let body = Box::new(move || body().map(|v| Box::new(v) as Box<dyn AnyPayload>));
+            let id = core.submit(def, key, body)?;
+            Ok(TaskHandle::new(id, def.name, Backend::local(core.clone())))
+        }
+    }
+}
+
+/// Drops the cache entry of one key (`NAME::invalidate(args...)`).
+pub fn invalidate(def: &'static EndpointDef, key: String) -> Result<bool> {
+    runtime::invalidate_cache_key(def.name, &key)
+}

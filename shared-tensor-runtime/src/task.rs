@@ -1,0 +1,423 @@
+//! Tasks: endpoint executions that can be submitted now and awaited later.
+//!
+//! A task differs from a call in that its result outlives the request: `submit` returns
+//! at once with a task id, the body runs in the background, and any handle or process
+//! that knows the id can wait for it, ask its status or (while pending) cancel it.
+//! Waiting is pushed: a waiter wakes when the task ends, with no polling interval.
+//!
+//! Retention: finished tasks are kept for a TTL (default 1 h) and up to a capacity
+//! (default 1,000 tasks); past the capacity the oldest finished task is evicted first, and
+//! when every retained task is still live, a submit fails with
+//! [`Error::TaskCapacity`](crate::Error).
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use parking_lot::{Condvar, Mutex};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::error::{Error, Result};
+use crate::exec::Value;
+
+/// Where a task is in its life.
+///
+/// ```
+/// use shared_tensor_runtime::task::TaskStatus;
+/// assert!(TaskStatus::Cancelled.is_finished());
+/// assert!(!TaskStatus::Running.is_finished());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum TaskStatus {
+    /// Submitted, not started (waiting for a worker or for a serialized endpoint).
+    Pending,
+    /// The body is running.
+    Running,
+    /// The body returned a value.
+    Completed,
+    /// The body failed or panicked.
+    Failed,
+    /// Cancelled before it started.
+    Cancelled,
+}
+
+impl TaskStatus {
+    /// Whether the task has ended (completed, failed or cancelled).
+    pub fn is_finished(self) -> bool {
+        matches!(self, TaskStatus::Completed | TaskStatus::Failed | TaskStatus::Cancelled)
+    }
+}
+
+impl std::str::FromStr for TaskStatus {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "pending" => Ok(TaskStatus::Pending),
+            "running" => Ok(TaskStatus::Running),
+            "completed" => Ok(TaskStatus::Completed),
+            "failed" => Ok(TaskStatus::Failed),
+            "cancelled" | "canceled" => Ok(TaskStatus::Cancelled),
+            _ => Err(format!("{s:?} is not a task status (pending, running, completed, failed, cancelled)")),
+        }
+    }
+}
+
+/// Progress an endpoint body reported with [`report_progress`].
+///
+/// ```
+/// use shared_tensor_runtime::task::Progress;
+/// let p = Progress { fraction: 0.5, message: "layer 12 of 24".into() };
+/// assert_eq!(p.fraction, 0.5);
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    /// Done so far, from 0.0 to 1.0.
+    pub fraction: f64,
+    /// What the body is doing.
+    pub message: String,
+}
+
+/// A task's status and history.
+///
+/// ```
+/// use shared_tensor_runtime::task::{TaskInfo, TaskStatus};
+/// fn describe(t: &TaskInfo) -> String {
+///     format!("task {} of {}: {:?}", t.id, t.endpoint, t.status)
+/// }
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskInfo {
+    /// The task id (unique per server run).
+    pub id: u64,
+    /// The endpoint it runs.
+    pub endpoint: String,
+    /// Its status.
+    pub status: TaskStatus,
+    /// When it was created.
+    pub submitted_at: SystemTime,
+    /// When its body started.
+    pub started_at: Option<SystemTime>,
+    /// When it ended.
+    pub finished_at: Option<SystemTime>,
+    /// The error message, if it failed.
+    pub error: Option<String>,
+    /// The last progress its body reported.
+    pub progress: Option<Progress>,
+    /// Whether the result is retained for waiters (false for tasks behind a sync call).
+    pub awaitable: bool,
+}
+
+/// What a finished task produced, kept for its waiters.
+pub(crate) enum TaskOutcome {
+    /// A value (shared by every waiter).
+    Value(Arc<Value>),
+    /// A managed object; the task holds one reference until the first waiter takes it.
+    Object { id: u64, collected: bool },
+    /// The error.
+    Failed(Error),
+    /// Cancelled before starting.
+    Cancelled,
+}
+
+pub(crate) struct TaskRecord {
+    info: Mutex<TaskInfo>,
+    pub(crate) outcome: Mutex<Option<TaskOutcome>>,
+    cancelled: AtomicBool,
+    done: Mutex<bool>,
+    done_cv: Condvar,
+    done_tx: watch::Sender<bool>,
+}
+
+impl TaskRecord {
+    pub(crate) fn id(&self) -> u64 {
+        self.info.lock().id
+    }
+
+    pub(crate) fn info(&self) -> TaskInfo {
+        self.info.lock().clone()
+    }
+
+    pub(crate) fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Acquire)
+    }
+
+    /// Marks the task running (its body starts).
+    pub(crate) fn start(&self) {
+        let mut info = self.info.lock();
+        info.status = TaskStatus::Running;
+        info.started_at = Some(SystemTime::now());
+    }
+
+    /// Cancels a pending task. Returns false if it already started or ended.
+    pub(crate) fn cancel(&self) -> bool {
+        let mut info = self.info.lock();
+        if info.status != TaskStatus::Pending {
+            return false;
+        }
+        self.cancelled.store(true, Ordering::Release);
+        info.status = TaskStatus::Cancelled;
+        info.finished_at = Some(SystemTime::now());
+        drop(info);
+        *self.outcome.lock() = Some(TaskOutcome::Cancelled);
+        self.notify_done();
+        true
+    }
+
+    /// Records the end of the task and wakes its waiters. A cancelled task stays cancelled.
+    pub(crate) fn finish(&self, outcome: Option<TaskOutcome>) {
+        {
+            let mut info = self.info.lock();
+            if info.status == TaskStatus::Cancelled {
+                return;
+            }
+            info.status = match &outcome {
+                Some(TaskOutcome::Failed(_)) => TaskStatus::Failed,
+                Some(TaskOutcome::Cancelled) => TaskStatus::Cancelled,
+                _ => TaskStatus::Completed,
+            };
+            if let Some(TaskOutcome::Failed(e)) = &outcome {
+                info.error = Some(e.to_string());
+            }
+            info.finished_at = Some(SystemTime::now());
+        }
+        *self.outcome.lock() = outcome;
+        self.notify_done();
+    }
+
+    /// Records the end of a task behind a sync call (its caller took the result).
+    pub(crate) fn finish_sync(&self, error: Option<&Error>) {
+        let mut info = self.info.lock();
+        info.status = if error.is_some() { TaskStatus::Failed } else { TaskStatus::Completed };
+        info.error = error.map(|e| e.to_string());
+        info.finished_at = Some(SystemTime::now());
+        drop(info);
+        self.notify_done();
+    }
+
+    fn notify_done(&self) {
+        *self.done.lock() = true;
+        self.done_cv.notify_all();
+        self.done_tx.send_replace(true);
+    }
+
+    /// Blocks until the task ends or `timeout` passes; true if it ended.
+    pub(crate) fn wait_blocking(&self, timeout: Option<Duration>) -> bool {
+        let mut done = self.done.lock();
+        match timeout {
+            None => {
+                while !*done {
+                    self.done_cv.wait(&mut done);
+                }
+                true
+            }
+            Some(t) => {
+                let deadline = std::time::Instant::now() + t;
+                while !*done {
+                    if self.done_cv.wait_until(&mut done, deadline).timed_out() {
+                        return *done;
+                    }
+                }
+                true
+            }
+        }
+    }
+
+    /// Resolves when the task ends.
+    pub(crate) async fn wait_async(&self) {
+        let mut rx = self.done_tx.subscribe();
+        let _ = rx.wait_for(|done| *done).await;
+    }
+
+    fn set_progress(&self, progress: Progress) {
+        self.info.lock().progress = Some(progress);
+    }
+}
+
+/// The task table of one process.
+pub(crate) struct Tasks {
+    next_id: AtomicU64,
+    records: Mutex<BTreeMap<u64, Arc<TaskRecord>>>,
+    ttl: Duration,
+    capacity: usize,
+}
+
+/// Default retention of finished tasks.
+pub const DEFAULT_TASK_TTL: Duration = Duration::from_secs(3600);
+/// Default number of tasks retained.
+pub const DEFAULT_TASK_CAPACITY: usize = 1000;
+
+impl Tasks {
+    pub(crate) fn new(ttl: Duration, capacity: usize) -> Tasks {
+        Tasks { next_id: AtomicU64::new(1), records: Mutex::new(BTreeMap::new()), ttl, capacity: capacity.max(1) }
+    }
+
+    /// A new task record; evicts expired and (over capacity) the oldest finished tasks,
+    /// which it returns for clean-up. Fails when every retained task is live.
+    pub(crate) fn create(&self, endpoint: &str, awaitable: bool) -> Result<(Arc<TaskRecord>, Vec<Arc<TaskRecord>>)> {
+        let mut records = self.records.lock();
+        let now = SystemTime::now();
+        let expired: Vec<u64> = records
+            .iter()
+            .filter(|(_, r)| {
+                let info = r.info.lock();
+                info.status.is_finished()
+                    && info.finished_at.and_then(|f| now.duration_since(f).ok()).is_some_and(|age| age >= self.ttl)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        let mut evicted: Vec<Arc<TaskRecord>> = expired.iter().filter_map(|id| records.remove(id)).collect();
+        while records.len() >= self.capacity {
+            // Oldest finished first: the smallest finish time.
+            let oldest = records
+                .iter()
+                .filter_map(|(id, r)| r.info.lock().finished_at.map(|f| (f, *id)))
+                .min()
+                .map(|(_, id)| id);
+            match oldest {
+                Some(id) => evicted.extend(records.remove(&id)),
+                None => {
+                    return Err(Error::TaskCapacity { capacity: self.capacity });
+                }
+            }
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (done_tx, _) = watch::channel(false);
+        let record = Arc::new(TaskRecord {
+            info: Mutex::new(TaskInfo {
+                id,
+                endpoint: endpoint.into(),
+                status: TaskStatus::Pending,
+                submitted_at: now,
+                started_at: None,
+                finished_at: None,
+                error: None,
+                progress: None,
+                awaitable,
+            }),
+            outcome: Mutex::new(None),
+            cancelled: AtomicBool::new(false),
+            done: Mutex::new(false),
+            done_cv: Condvar::new(),
+            done_tx,
+        });
+        records.insert(id, record.clone());
+        Ok((record, evicted))
+    }
+
+    pub(crate) fn get(&self, id: u64) -> Result<Arc<TaskRecord>> {
+        self.records.lock().get(&id).cloned().ok_or(Error::UnknownTask { task: id })
+    }
+
+    pub(crate) fn list(&self, status: Option<TaskStatus>) -> Vec<TaskInfo> {
+        self.records.lock().values().map(|r| r.info()).filter(|i| status.is_none_or(|s| i.status == s)).collect()
+    }
+
+    pub(crate) fn count_by_status(&self) -> BTreeMap<String, u64> {
+        let mut counts = BTreeMap::new();
+        for info in self.list(None) {
+            *counts.entry(format!("{:?}", info.status).to_lowercase()).or_insert(0) += 1;
+        }
+        counts
+    }
+}
+
+thread_local! {
+    static CURRENT_TASK: RefCell<Option<Arc<TaskRecord>>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` with `record` as this thread's current task (for [`report_progress`]).
+pub(crate) fn with_current<T>(record: &Arc<TaskRecord>, f: impl FnOnce() -> T) -> T {
+    struct Reset(Option<Arc<TaskRecord>>);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            let prev = self.0.take();
+            CURRENT_TASK.with(|c| *c.borrow_mut() = prev);
+        }
+    }
+    let prev = CURRENT_TASK.with(|c| c.borrow_mut().replace(record.clone()));
+    let _reset = Reset(prev);
+    f()
+}
+
+/// This thread's current task, if it is running one.
+pub(crate) fn current() -> Option<Arc<TaskRecord>> {
+    CURRENT_TASK.with(|c| c.borrow().clone())
+}
+
+/// Reports progress from inside an endpoint body that runs as a task; `tasks` listings
+/// and task handles show it. Does nothing outside a task.
+///
+/// ```
+/// // Inside a #[share(execution = "task")] function:
+/// shared_tensor_runtime::task::report_progress(0.25, "loaded the embeddings");
+/// ```
+pub fn report_progress(fraction: f64, message: impl Into<String>) {
+    if let Some(record) = current() {
+        record.set_progress(Progress { fraction: fraction.clamp(0.0, 1.0), message: message.into() });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capacity_evicts_the_oldest_finished_and_refuses_when_all_are_live() {
+        let tasks = Tasks::new(Duration::from_secs(3600), 2);
+        let (a, _) = tasks.create("e", true).unwrap();
+        let (b, _) = tasks.create("e", true).unwrap();
+        assert!(matches!(tasks.create("e", true), Err(Error::TaskCapacity { capacity: 2 })));
+        b.finish(None);
+        std::thread::sleep(Duration::from_millis(5));
+        a.finish(None);
+        let (_c, evicted) = tasks.create("e", true).unwrap();
+        assert_eq!(evicted.len(), 1);
+        assert_eq!(evicted[0].id(), b.id(), "the task that finished first goes first");
+        assert!(tasks.get(a.id()).is_ok());
+    }
+
+    #[test]
+    fn expired_tasks_are_evicted() {
+        let tasks = Tasks::new(Duration::from_millis(10), 100);
+        let (a, _) = tasks.create("e", true).unwrap();
+        a.finish(None);
+        std::thread::sleep(Duration::from_millis(20));
+        let (_, evicted) = tasks.create("e", true).unwrap();
+        assert_eq!(evicted.len(), 1);
+        assert!(matches!(tasks.get(a.id()), Err(Error::UnknownTask { .. })));
+    }
+
+    #[test]
+    fn only_pending_tasks_cancel_and_waiters_wake() {
+        let tasks = Tasks::new(DEFAULT_TASK_TTL, 10);
+        let (a, _) = tasks.create("e", true).unwrap();
+        let waiter = {
+            let a = a.clone();
+            std::thread::spawn(move || a.wait_blocking(None))
+        };
+        assert!(a.cancel());
+        assert!(waiter.join().unwrap());
+        assert_eq!(a.info().status, TaskStatus::Cancelled);
+        a.finish(None);
+        assert_eq!(a.info().status, TaskStatus::Cancelled, "a cancelled task stays cancelled");
+        let (b, _) = tasks.create("e", true).unwrap();
+        b.start();
+        assert!(!b.cancel());
+        assert!(!b.wait_blocking(Some(Duration::from_millis(10))));
+        assert_eq!(tasks.list(Some(TaskStatus::Running)).len(), 1);
+    }
+
+    #[test]
+    fn progress_is_reported_to_the_current_task_only() {
+        let tasks = Tasks::new(DEFAULT_TASK_TTL, 10);
+        let (a, _) = tasks.create("e", true).unwrap();
+        report_progress(0.5, "outside"); // no current task: ignored
+        with_current(&a, || report_progress(1.5, "inside"));
+        let p = a.info().progress.unwrap();
+        assert_eq!((p.fraction, p.message.as_str()), (1.0, "inside"));
+        assert!(current().is_none());
+    }
+}

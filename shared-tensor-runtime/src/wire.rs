@@ -1,0 +1,253 @@
+//! The wire protocol between a client process and a server process.
+//!
+//! One TCP connection per client process, on loopback only. Every message is a frame: a
+//! 4-byte big-endian length, then a MessagePack body. A frame longer than
+//! [`MAX_FRAME_BYTES`] is refused from its length prefix alone, before any buffer is
+//! allocated for it. The connection is multiplexed: requests carry ids, replies come back
+//! in any order, and many threads call at once over one connection.
+//!
+//! The conversation:
+//! 1. the client sends `Hello` (protocol version, process identity); the server answers
+//!    `Welcome` (its identity) or `Refused` (with the reason) and closes;
+//! 2. the client sends `Request`s; the server answers each with one `Reply`;
+//! 3. either side sends `Release` when it has dropped the last tensor over storages the
+//!    other side lent it (leases).
+//!
+//! Tensors are never in a frame by value: a value's tensors are IPC descriptors.
+
+use std::io::Read;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::endpoint::EndpointInfo;
+use crate::error::{Error, Result};
+use crate::ipc::ProcessId;
+use crate::managed::ObjectInfo;
+use crate::payload::WirePayload;
+use crate::server::ServerInfo;
+use crate::task::{TaskInfo, TaskStatus};
+
+/// Version of this protocol; both sides must speak the same.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Largest frame accepted, in bytes (64 MiB). Descriptors are small: a frame near this
+/// limit is a bug or an attack, not a tensor.
+pub const MAX_FRAME_BYTES: usize = 64 * 1024 * 1024;
+
+/// The client's first message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    /// The client's protocol version.
+    pub protocol: u32,
+    /// The client process.
+    pub client: ProcessId,
+}
+
+/// The server's answer to a good `Hello`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// The server's protocol version.
+    pub protocol: u32,
+    /// The server's id, new at each start (handles use it to tell a restarted server).
+    pub server_id: u64,
+    /// The server process.
+    pub server: ProcessId,
+    /// The server's shared-tensor version.
+    pub version: String,
+}
+
+/// What a client asks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Request {
+    /// Call an endpoint and wait for its result.
+    Call {
+        /// The endpoint.
+        endpoint: String,
+        /// The arguments: a sequence node, one element per parameter.
+        args: WirePayload,
+    },
+    /// Submit an endpoint call as a task; the reply is the task id.
+    Submit {
+        /// The endpoint.
+        endpoint: String,
+        /// The arguments.
+        args: WirePayload,
+    },
+    /// A round trip with no work.
+    Ping,
+    /// The server's identity, counters and endpoints.
+    ServerInfo,
+    /// The server's endpoints.
+    ListEndpoints,
+    /// One task's status.
+    TaskInfo(u64),
+    /// The result of a task, replied when it ends.
+    WaitTask(u64),
+    /// Cancel a pending task.
+    CancelTask(u64),
+    /// Tasks, optionally of one status.
+    ListTasks(Option<TaskStatus>),
+    /// Release one reference each to these managed objects.
+    ReleaseObjects(Vec<u64>),
+    /// One managed object's registry entry.
+    ObjectInfo(u64),
+    /// All managed objects.
+    ListObjects,
+    /// Drop every cache entry of an endpoint.
+    InvalidateEndpoint(String),
+    /// Drop one cache entry.
+    InvalidateKey {
+        /// The endpoint.
+        endpoint: String,
+        /// The cache key.
+        key: String,
+    },
+}
+
+/// What a server answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Response {
+    /// A value; `object` is set for a managed result.
+    Value {
+        /// The managed object id.
+        object: Option<u64>,
+        /// The value.
+        payload: WirePayload,
+    },
+    /// A submitted task's id.
+    Task(u64),
+    /// Answer to `Ping`.
+    Pong,
+    /// Answer to `ServerInfo`.
+    ServerInfo(Box<ServerInfo>),
+    /// Answer to `ListEndpoints`.
+    Endpoints(Vec<EndpointInfo>),
+    /// Answer to `TaskInfo`.
+    TaskInfo(TaskInfo),
+    /// Answer to `ListTasks`.
+    Tasks(Vec<TaskInfo>),
+    /// Answer to `CancelTask`: whether it was pending and is now cancelled.
+    Cancelled(bool),
+    /// Answer to `ReleaseObjects`: per id, whether this connection held it.
+    Released(Vec<bool>),
+    /// Answer to `ObjectInfo`.
+    ObjectInfo(Option<ObjectInfo>),
+    /// Answer to `ListObjects`.
+    Objects(Vec<ObjectInfo>),
+    /// Answer to the invalidations: how many cache entries went.
+    Invalidated(u64),
+}
+
+/// A message from client to server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ClientMessage {
+    /// The handshake.
+    Hello(Hello),
+    /// A request, answered by the `Reply` with the same id.
+    Request {
+        /// Chosen by the client, unique among its pending requests.
+        id: u64,
+        /// What is asked.
+        request: Request,
+    },
+    /// Leases of the server that the client has released.
+    Release(Vec<u64>),
+}
+
+/// A message from server to client.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ServerMessage {
+    /// The handshake succeeded.
+    Welcome(Welcome),
+    /// The handshake failed; the server closes the connection.
+    Refused(Error),
+    /// The answer to a request.
+    Reply {
+        /// The request's id.
+        id: u64,
+        /// The answer, or the error.
+        result: std::result::Result<Response, Error>,
+    },
+    /// Leases of the client that the server has released.
+    Release(Vec<u64>),
+}
+
+/// Appends one frame (length prefix and MessagePack body) to `out`.
+pub fn write_frame<T: Serialize>(msg: &T, out: &mut Vec<u8>) -> Result<()> {
+    let start = out.len();
+    out.extend_from_slice(&[0; 4]);
+    rmp_serde::encode::write(out, msg).map_err(|e| Error::Protocol(format!("cannot encode a message: {e}")))?;
+    let len = out.len() - start - 4;
+    if len > MAX_FRAME_BYTES {
+        out.truncate(start);
+        return Err(Error::Protocol(format!(
+            "a message of {len} bytes exceeds the {MAX_FRAME_BYTES}-byte frame limit"
+        )));
+    }
+    out[start..start + 4].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(())
+}
+
+/// Reads one frame's body into `buf` (blocking). The length is checked against
+/// [`MAX_FRAME_BYTES`] before anything is allocated.
+pub fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> std::io::Result<()> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len)?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME_BYTES {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("the peer announced a {len}-byte frame, over the {MAX_FRAME_BYTES}-byte limit"),
+        ));
+    }
+    buf.clear();
+    buf.resize(len, 0);
+    r.read_exact(buf)
+}
+
+/// Decodes a frame body.
+pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T> {
+    rmp_serde::from_slice(body).map_err(|e| Error::Protocol(format!("malformed message: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::payload::Node;
+
+    #[test]
+    fn frames_round_trip() {
+        let msg = ClientMessage::Request {
+            id: 7,
+            request: Request::Call { endpoint: "identity".into(), args: WirePayload::plain(Node::Seq(vec![])) },
+        };
+        let mut out = Vec::new();
+        write_frame(&msg, &mut out).unwrap();
+        write_frame(&ClientMessage::Release(vec![1, 2]), &mut out).unwrap();
+        let mut cursor = std::io::Cursor::new(out);
+        let mut buf = Vec::new();
+        read_frame(&mut cursor, &mut buf).unwrap();
+        assert_eq!(decode::<ClientMessage>(&buf).unwrap(), msg);
+        read_frame(&mut cursor, &mut buf).unwrap();
+        assert_eq!(decode::<ClientMessage>(&buf).unwrap(), ClientMessage::Release(vec![1, 2]));
+    }
+
+    #[test]
+    fn an_oversized_length_prefix_is_refused_before_allocating() {
+        let mut bytes = (u32::MAX).to_be_bytes().to_vec();
+        bytes.extend_from_slice(&[0; 16]);
+        let mut buf = Vec::new();
+        let err = read_frame(&mut std::io::Cursor::new(bytes), &mut buf).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+        assert!(buf.capacity() < 1024, "nothing was allocated for the announced frame");
+    }
+
+    #[test]
+    fn truncated_and_malformed_frames_are_errors() {
+        let mut buf = Vec::new();
+        let short = [0u8, 0, 0, 10, 1, 2];
+        assert!(read_frame(&mut std::io::Cursor::new(short), &mut buf).is_err());
+        assert!(matches!(decode::<ClientMessage>(&[0xc1, 0xff, 0x00]), Err(Error::Protocol(_))));
+    }
+}

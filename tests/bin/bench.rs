@@ -1,0 +1,342 @@
+//! The shared-tensor benchmark: a real server process, real client processes, every hot
+//! path against the loopback floor measured in the same run.
+//!
+//! `bench` starts the server (`endpoint_server` in the server role), measures, prints a
+//! table with each figure's ratio to the floor and writes JSON to `$OUT/bench.json` (or
+//! `./bench.json`). Client processes for the first-call, throughput and scaling figures
+//! are this binary again (`bench child ...`). GPU timings stop after the consumer's
+//! stream has the data (a stream synchronize inside the timed region).
+//!
+//! `cargo xtask bench` runs it where a GPU is present; the GPU bundle carries it
+//! (`.gpu-bundle/run.sh bench`).
+
+#[path = "../endpoints.rs"]
+mod endpoints;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use shared_tensor::config::{Config, Role};
+use tch::{Kind, Tensor};
+
+/// Size of each echo frame of the floor, close to an identity request and reply.
+const FLOOR_FRAME: usize = 256;
+
+#[derive(Serialize, Clone)]
+struct Figure {
+    name: String,
+    calls: usize,
+    p50_us: f64,
+    p99_us: f64,
+    ratio_to_floor: f64,
+}
+
+#[derive(Serialize, Default)]
+struct Report {
+    date_unix: u64,
+    gpu: String,
+    floor_frame_bytes: usize,
+    figures: Vec<Figure>,
+    first_call_p50_us: f64,
+    throughput_calls_per_s: f64,
+    scaling_tensor_count: Vec<(usize, f64)>,
+    scaling_processes: Vec<(usize, f64)>,
+    model_build_ms: f64,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// Runs `f` `warmup` times, then times `n` calls; returns microseconds, sorted.
+fn measure(n: usize, warmup: usize, mut f: impl FnMut()) -> Vec<f64> {
+    for _ in 0..warmup {
+        f();
+    }
+    let mut times: Vec<f64> = (0..n)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64() * 1e6
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times
+}
+
+fn sync() {
+    shared_tensor::cuda::synchronize_stream(0).expect("stream synchronize");
+}
+
+/// A plain Rust loopback TCP echo of one frame each way: the floor for any RPC.
+fn floor(n: usize) -> Vec<f64> {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_nodelay(true).unwrap();
+        let mut buf = [0u8; FLOOR_FRAME];
+        while s.read_exact(&mut buf).is_ok() {
+            if s.write_all(&buf).is_err() {
+                break;
+            }
+        }
+    });
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_nodelay(true).unwrap();
+    let out = [7u8; FLOOR_FRAME];
+    let mut back = [0u8; FLOOR_FRAME];
+    measure(n, 200, || {
+        s.write_all(&out).unwrap();
+        s.read_exact(&mut back).unwrap();
+    })
+}
+
+fn figure(name: &str, times: &[f64], floor_p50: f64) -> Figure {
+    let p50 = percentile(times, 0.5);
+    Figure {
+        name: name.into(),
+        calls: times.len(),
+        p50_us: p50,
+        p99_us: percentile(times, 0.99),
+        ratio_to_floor: p50 / floor_p50,
+    }
+}
+
+fn child(args: &[String]) -> shared_tensor::Result<()> {
+    let device = shared_tensor::cuda::device()?;
+    let x = Tensor::ones([4], (Kind::Float, device));
+    match args.first().map(String::as_str) {
+        Some("first-call") => {
+            let t = Instant::now();
+            let y = endpoints::identity(x.shallow_clone())?;
+            sync();
+            println!("FIRST_US {}", t.elapsed().as_secs_f64() * 1e6);
+            drop(y);
+        }
+        Some("throughput") => {
+            let secs: f64 = args[1].parse().unwrap();
+            let threads: usize = args[2].parse().unwrap();
+            drop(endpoints::identity(x.shallow_clone())?); // connect before the clock
+            println!("READY");
+            let go = Instant::now() + Duration::from_millis(500);
+            let deadline = go + Duration::from_secs_f64(secs);
+            let handles: Vec<_> = (0..threads)
+                .map(|_| {
+                    let x = x.shallow_clone();
+                    std::thread::spawn(move || {
+                        std::thread::sleep(go.saturating_duration_since(Instant::now()));
+                        let mut calls = 0u64;
+                        while Instant::now() < deadline {
+                            drop(endpoints::identity(x.shallow_clone()).expect("identity"));
+                            calls += 1;
+                        }
+                        calls
+                    })
+                })
+                .collect();
+            let total: u64 = handles.into_iter().map(|h| h.join().unwrap()).sum();
+            println!("CALLS {total}");
+        }
+        Some("latency") => {
+            let iters: usize = args[1].parse().unwrap();
+            let times = measure(iters, 50, || {
+                let _ = endpoints::identity(x.shallow_clone()).expect("identity");
+                sync();
+            });
+            println!("P50_US {}", percentile(&times, 0.5));
+        }
+        other => panic!("unknown child mode {other:?}"),
+    }
+    Ok(())
+}
+
+fn spawn_child(port: u16, args: &[&str]) -> std::process::Child {
+    Command::new(std::env::current_exe().unwrap())
+        .arg("child")
+        .args(args)
+        .env("SHARED_TENSOR_BASE_PORT", port.to_string())
+        .env_remove("SHARED_TENSOR_ROLE")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn a bench client")
+}
+
+fn read_value(child: &mut std::process::Child, prefix: &str) -> f64 {
+    let out = child.stdout.as_mut().unwrap();
+    let mut line = String::new();
+    let mut reader = BufReader::new(out);
+    loop {
+        line.clear();
+        assert!(reader.read_line(&mut line).unwrap() > 0, "a bench client exited early");
+        if let Some(v) = line.trim().strip_prefix(prefix) {
+            return v.trim().parse().unwrap();
+        }
+    }
+}
+
+fn main() -> shared_tensor::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("child") {
+        return child(&args[1..]);
+    }
+    let quick = args.iter().any(|a| a == "--quick");
+    let n = if quick { 200 } else { 1000 };
+    let device = shared_tensor::cuda::device()?;
+
+    // The server process.
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let server_exe = std::env::var_os("SHARED_TENSOR_TEST_BIN_DIR")
+        .map(|d| std::path::PathBuf::from(d).join("endpoint_server"))
+        .unwrap_or_else(|| std::env::current_exe().unwrap().with_file_name("endpoint_server"));
+    let mut server = Command::new(&server_exe)
+        .env("SHARED_TENSOR_ROLE", "server")
+        .env("ST_TEST_SERVER", "role")
+        .env("SHARED_TENSOR_BASE_PORT", port.to_string())
+        .stdin(Stdio::piped()) // the server exits when this process does
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start the endpoint server");
+    read_value(&mut server, "READY");
+    shared_tensor::configure(Config::default().role(Role::Client).base_port(port))?;
+
+    let mut report = Report {
+        date_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs(),
+        gpu: std::env::var("ST_GPU_NAME").unwrap_or_default(),
+        floor_frame_bytes: FLOOR_FRAME,
+        ..Report::default()
+    };
+    let floor_times = floor(n.max(1000));
+    let floor_p50 = percentile(&floor_times, 0.5);
+    let mut figures = vec![figure(&format!("floor: TCP echo {FLOOR_FRAME} B"), &floor_times, floor_p50)];
+
+    figures.push(figure(
+        "ping",
+        &measure(n, 100, || {
+            shared_tensor::ping().unwrap();
+        }),
+        floor_p50,
+    ));
+    for (label, numel) in [("16 B", 4i64), ("4 MiB", 1 << 20), ("256 MiB", 1 << 26), ("1 GiB", 1 << 28)] {
+        let x = Tensor::ones([numel], (Kind::Float, device));
+        let times = measure(n, 50, || {
+            let y = endpoints::identity(x.shallow_clone()).unwrap();
+            sync();
+            drop(y);
+        });
+        figures.push(figure(&format!("identity {label}"), &times, floor_p50));
+    }
+    let times = measure(n, 50, || {
+        let y = endpoints::cached_tensor().unwrap();
+        sync();
+        drop(y);
+    });
+    figures.push(figure("cached 4 MiB result", &times, floor_p50));
+
+    let build = Instant::now();
+    let first_model = endpoints::big_model(24, 4096)?;
+    report.model_build_ms = build.elapsed().as_secs_f64() * 1e3;
+    let times = measure(n, 20, || {
+        let model = endpoints::big_model(24, 4096).unwrap();
+        sync();
+        drop(model);
+    });
+    figures.push(figure("cached managed model 1.6 GB (24 × Linear 4096²)", &times, floor_p50));
+    drop(first_model);
+
+    let times = measure(n, 50, || endpoints::trivial_task::submit().unwrap().wait().unwrap());
+    figures.push(figure("submit + wait, trivial task", &times, floor_p50));
+
+    // Scaling with tensors per call.
+    for count in [1usize, 16, 256] {
+        let xs: Vec<Tensor> = (0..count).map(|_| Tensor::ones([4], (Kind::Float, device))).collect();
+        let times = measure(if count == 256 { n / 2 } else { n }, 20, || {
+            let ys = endpoints::identity_many(xs.iter().map(Tensor::shallow_clone).collect()).unwrap();
+            sync();
+            drop(ys);
+        });
+        report.scaling_tensor_count.push((count, percentile(&times, 0.5)));
+    }
+
+    // First call from fresh client processes.
+    let mut firsts: Vec<f64> = (0..if quick { 5 } else { 20 })
+        .map(|_| {
+            let mut c = spawn_child(port, &["first-call"]);
+            let v = read_value(&mut c, "FIRST_US");
+            let _ = c.wait();
+            v
+        })
+        .collect();
+    firsts.sort_by(f64::total_cmp);
+    report.first_call_p50_us = percentile(&firsts, 0.5);
+
+    // Scaling with concurrent client processes.
+    for procs in [1usize, 4, 16] {
+        let mut children: Vec<_> =
+            (0..procs).map(|_| spawn_child(port, &["latency", if quick { "200" } else { "1000" }])).collect();
+        let mut p50s: Vec<f64> = children.iter_mut().map(|c| read_value(c, "P50_US")).collect();
+        children.iter_mut().for_each(|c| drop(c.wait()));
+        p50s.sort_by(f64::total_cmp);
+        report.scaling_processes.push((procs, percentile(&p50s, 0.5)));
+    }
+
+    // Throughput: 8 processes × 4 threads × identity 16 B.
+    let secs = if quick { 2.0 } else { 10.0 };
+    let secs_s = secs.to_string();
+    let mut children: Vec<_> = (0..8).map(|_| spawn_child(port, &["throughput", &secs_s, "4"])).collect();
+    for c in children.iter_mut() {
+        read_value(c, "READY");
+    }
+    let total: f64 = children.iter_mut().map(|c| read_value(c, "CALLS")).sum();
+    children.iter_mut().for_each(|c| drop(c.wait()));
+    report.throughput_calls_per_s = total / secs;
+
+    report.figures = figures;
+    let json = serde_json::to_string_pretty(&report).unwrap();
+    let out = std::env::var_os("OUT").map(std::path::PathBuf::from).unwrap_or_else(|| ".".into());
+    let _ = std::fs::write(out.join("bench.json"), &json);
+
+    println!("\nshared-tensor benchmark, {} ({} calls per figure)", report.gpu, n);
+    println!("| figure | p50 µs | p99 µs | p50 / floor | p99 / p50 |");
+    println!("| --- | ---: | ---: | ---: | ---: |");
+    for f in &report.figures {
+        println!(
+            "| {} | {:.1} | {:.1} | {:.2} | {:.2} |",
+            f.name,
+            f.p50_us,
+            f.p99_us,
+            f.ratio_to_floor,
+            f.p99_us / f.p50_us
+        );
+    }
+    println!(
+        "| first call from a fresh client process (p50 of {}) | {:.1} | | {:.1} | |",
+        firsts.len(),
+        report.first_call_p50_us,
+        report.first_call_p50_us / floor_p50
+    );
+    println!(
+        "| throughput, 8 processes × 4 threads, identity 16 B | {:.0} calls/s | | | |",
+        report.throughput_calls_per_s
+    );
+    println!("| model build (first call, not cached) | {:.1} ms | | | |", report.model_build_ms);
+    println!("\n| tensors per call | identity p50 µs |\n| ---: | ---: |");
+    for (count, p50) in &report.scaling_tensor_count {
+        println!("| {count} | {p50:.1} |");
+    }
+    println!("\n| concurrent client processes | identity 16 B p50 µs (median over processes) |\n| ---: | ---: |");
+    for (procs, p50) in &report.scaling_processes {
+        println!("| {procs} | {p50:.1} |");
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+    Ok(())
+}

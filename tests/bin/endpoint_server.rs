@@ -1,0 +1,41 @@
+//! A server of the test endpoints, for tests that need one in another process.
+//!
+//! - `ST_TEST_SERVER=role`: the server role (`SHARED_TENSOR_ROLE=server`, needs a GPU);
+//!   serves until SIGTERM.
+//! - `ST_TEST_SERVER=manual`: manual mode in the local role (no GPU needed); serves until
+//!   its stdin closes.
+//!
+//! Prints `READY <port>` once it accepts connections. Either way it exits when its stdin
+//! closes, so it never outlives the test that started it (even one that panicked or
+//! kept it in a static).
+
+#[path = "../endpoints.rs"]
+mod endpoints;
+
+use std::io::Read;
+
+use shared_tensor::config::{Config, Role};
+
+/// Exits the process when stdin reaches end of file (the parent is gone).
+fn exit_with_parent() {
+    std::thread::spawn(|| {
+        let _ = std::io::stdin().read_to_end(&mut Vec::new());
+        std::process::exit(0);
+    });
+}
+
+fn main() -> shared_tensor::Result<()> {
+    let mode = std::env::var("ST_TEST_SERVER").unwrap_or_else(|_| "role".into());
+    if mode == "manual" {
+        let config = Config::from_env()?.role(Role::Local);
+        shared_tensor::configure(config)?;
+        let addr = shared_tensor::serve_in_background(None)?;
+        println!("READY {}", addr.port());
+        let _ = std::io::stdin().read_to_end(&mut Vec::new());
+        return Ok(());
+    }
+    let info = shared_tensor::server_info()?; // starts the runtime, and with it the server
+    println!("READY {}", info.address.rsplit(':').next().unwrap_or_default());
+    exit_with_parent();
+    shared_tensor::serve_while_server()
+}
