@@ -23,6 +23,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -108,6 +109,22 @@ char* cuda_error(const char* what, cudaError_t err) {
 
 std::atomic<st_release_fn> g_release_fn{nullptr};
 
+// Set by an atexit handler registered after CUDA's own (atexit handlers run in reverse
+// order, so ours runs first): once the process is exiting, deleters make no CUDA calls.
+// c10 throws from inside destructors when the CUDA runtime is already gone, which would
+// abort the process; leaking a mapping at exit costs nothing.
+std::atomic<bool> g_exiting{false};
+
+void mark_exiting() { g_exiting.store(true); }
+
+bool cuda_usable() {
+  if (g_exiting.load()) {
+    return false;
+  }
+  int device = 0;
+  return cudaGetDevice(&device) != cudaErrorCudartUnloading;
+}
+
 // Context of the DataPtr of every storage we build over an IPC mapping.
 struct ImportContext {
   std::shared_ptr<void> mapping;  // from getIpcDevPtr: closes the mapping with the last owner
@@ -117,15 +134,23 @@ struct ImportContext {
 
 void import_deleter(void* raw) {
   std::unique_ptr<ImportContext> ctx(static_cast<ImportContext*>(raw));
+  if (!cuda_usable()) {
+    // Exiting: keep the mapping (the process is going) and tell nobody.
+    new std::shared_ptr<void>(std::move(ctx->mapping));
+    return;
+  }
   // The producer may reuse this memory as soon as it hears of the release, so the
-  // consumer's queued work on it must be finished first. Same rule as PyTorch's
-  // CUDA IPC receiver. Best effort: errors (a dying context) are ignored.
+  // consumer's queued work on it must be finished first (PyTorch's CUDA IPC receiver
+  // has the same rule). An idle stream has nothing queued: no wait. Best effort: errors
+  // (a dying context) are ignored.
   cudaStream_t stream = nullptr;
   try {
     stream = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(ctx->device)).stream();
   } catch (...) {
   }
-  cudaStreamSynchronize(stream);
+  if (cudaStreamQuery(stream) != cudaSuccess) {
+    cudaStreamSynchronize(stream);
+  }
   uint64_t cookie = ctx->cookie;
   ctx.reset();
   st_release_fn fn = g_release_fn.load();
@@ -204,9 +229,8 @@ std::shared_ptr<void> open_mapping(const std::string& handle, uint64_t producer)
           cache.entries.erase(found);
         }
         // Closing under our lock: no open of this handle can interleave with it.
-        try {
+        if (cuda_usable()) {
           delete mapping;
-        } catch (...) {
         }
         l.unlock();
         cache.cv.notify_all();
@@ -261,6 +285,8 @@ const char* st_init(st_init_info* info) {
   if (info->device_count > 0) {
     at::globalContext().lazyInitDevice(c10::DeviceType::CUDA);
     info->warp_size = at::cuda::warp_size();
+    // After CUDA's initialisation, so that this handler runs before CUDA's teardown.
+    std::atexit(mark_exiting);
   }
   ST_CATCH
 }
@@ -425,6 +451,21 @@ uint64_t st_ipc_mapping_count() {
   MappingCache& c = mapping_cache();
   std::lock_guard<std::mutex> lock(c.mu);
   return static_cast<uint64_t>(c.entries.size());
+}
+
+// Whether this thread's current stream on `device` has finished all its work.
+const char* st_stream_idle(int32_t device, int32_t* idle) {
+  ST_TRY
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)).stream();
+  cudaError_t err = cudaStreamQuery(stream);
+  if (err == cudaSuccess) {
+    *idle = 1;
+  } else if (err == cudaErrorNotReady) {
+    *idle = 0;
+  } else {
+    return cuda_error("cudaStreamQuery", err);
+  }
+  ST_CATCH
 }
 
 // Records this thread's current stream on `device` in an interprocess event and gives

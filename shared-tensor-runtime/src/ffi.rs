@@ -98,6 +98,7 @@ extern "C" {
         requires_grad: i32,
         out: *mut *mut C_tensor,
     ) -> *mut c_char;
+    fn st_stream_idle(device: i32, idle: *mut i32) -> *mut c_char;
     fn st_event_record(device: i32, out: *mut u8) -> *mut c_char;
     fn st_event_wait(device: i32, handle: *const u8) -> *mut c_char;
     fn st_synchronize(device: i32) -> *mut c_char;
@@ -300,6 +301,13 @@ pub(crate) fn tensor_from_storage(
     // SAFETY: `out` is a fresh `new at::Tensor` that nothing else owns; tch::Tensor takes
     // ownership and deletes it on drop.
     Ok(unsafe { Tensor::from_ptr(out) })
+}
+
+pub(crate) fn stream_idle(device: i32) -> Result<bool, String> {
+    let mut idle = 0i32;
+    // SAFETY: `idle` is a valid out-pointer for the duration of the call.
+    check(unsafe { st_stream_idle(device, &mut idle) })?;
+    Ok(idle != 0)
 }
 
 pub(crate) fn event_record(device: i32) -> Result<[u8; 64], String> {

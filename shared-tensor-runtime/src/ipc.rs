@@ -219,6 +219,17 @@ pub struct TensorView {
 pub struct EventHandle(pub serde_bytes::ByteArray<64>);
 
 impl EventHandle {
+    /// The event a consumer must wait for, or `None` when the calling thread's current
+    /// stream on `device` has no work queued: then everything it produced is complete and
+    /// the consumer may use the memory at once. Interprocess events are cheap to record
+    /// but slow to resolve across processes, so the hot path avoids them when it can.
+    pub(crate) fn when_ready(device: u32) -> Result<Option<EventHandle>> {
+        if ffi::stream_idle(device as i32).map_err(|m| Error::cuda("querying the stream", m))? {
+            return Ok(None);
+        }
+        EventHandle::record(device).map(Some)
+    }
+
     /// Records the calling thread's current stream on `device` and returns the event.
     pub(crate) fn record(device: u32) -> Result<EventHandle> {
         let raw = ffi::event_record(device as i32).map_err(|m| Error::cuda("recording the ready event", m))?;
@@ -238,7 +249,8 @@ pub struct TensorDescriptor {
     pub storage: StorageDescriptor,
     /// The view over it.
     pub view: TensorView,
-    /// Event the consumer waits on before using the data.
+    /// Event the consumer waits on before using the data (`None`: the producer's stream
+    /// was idle, the data is complete).
     pub ready: Option<EventHandle>,
 }
 
@@ -271,6 +283,10 @@ impl ExportedTensor {
     /// Splits into the descriptor and the hold.
     pub fn into_parts(self) -> (TensorDescriptor, StorageHold) {
         (self.descriptor, self.hold)
+    }
+
+    pub(crate) fn from_parts(descriptor: TensorDescriptor, hold: StorageHold) -> ExportedTensor {
+        ExportedTensor { descriptor, hold }
     }
 }
 
@@ -352,7 +368,7 @@ pub fn export(t: &Tensor) -> Result<ExportedTensor> {
     let ins = inspect(t, &|| "tensor".to_string())?;
     cuda::require()?;
     let storage = describe_storage(&ins)?;
-    let ready = Some(EventHandle::record(storage.device.index)?);
+    let ready = EventHandle::when_ready(storage.device.index)?;
     Ok(ExportedTensor {
         descriptor: TensorDescriptor { storage, view: ins.view, ready },
         hold: StorageHold { _storage: ins.storage },

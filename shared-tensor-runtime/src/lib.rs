@@ -29,6 +29,8 @@
 pub mod client;
 pub mod config;
 pub mod cuda;
+#[doc(hidden)]
+pub mod diagnostics;
 pub mod endpoint;
 pub mod error;
 pub mod exec;

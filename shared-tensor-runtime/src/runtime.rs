@@ -23,8 +23,9 @@ use crate::task::{TaskInfo, TaskStatus, Tasks};
 
 /// The tokio runtime behind servers and background tasks (created on first need).
 pub(crate) static TOKIO: Lazy<tokio::runtime::Runtime> = Lazy::new(|| {
+    let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(2, 8);
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(workers)
         .thread_name("shared-tensor")
         .enable_all()
         .build()

@@ -11,7 +11,7 @@
 //! [`Error::TaskCapacity`](crate::Error).
 
 use std::cell::RefCell;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -122,8 +122,12 @@ pub(crate) enum TaskOutcome {
     Cancelled,
 }
 
+/// Finished tasks in the order they finished: eviction takes from the front.
+type FinishOrder = Mutex<VecDeque<(u64, SystemTime)>>;
+
 pub(crate) struct TaskRecord {
     info: Mutex<TaskInfo>,
+    finished: Arc<FinishOrder>,
     pub(crate) outcome: Mutex<Option<TaskOutcome>>,
     cancelled: AtomicBool,
     done: Mutex<bool>,
@@ -198,6 +202,11 @@ impl TaskRecord {
     }
 
     fn notify_done(&self) {
+        let (id, at) = {
+            let info = self.info.lock();
+            (info.id, info.finished_at.unwrap_or_else(SystemTime::now))
+        };
+        self.finished.lock().push_back((id, at));
         *self.done.lock() = true;
         self.done_cv.notify_all();
         self.done_tx.send_replace(true);
@@ -239,7 +248,8 @@ impl TaskRecord {
 /// The task table of one process.
 pub(crate) struct Tasks {
     next_id: AtomicU64,
-    records: Mutex<BTreeMap<u64, Arc<TaskRecord>>>,
+    records: Mutex<HashMap<u64, Arc<TaskRecord>>>,
+    finished: Arc<FinishOrder>,
     ttl: Duration,
     capacity: usize,
 }
@@ -251,7 +261,13 @@ pub const DEFAULT_TASK_CAPACITY: usize = 1000;
 
 impl Tasks {
     pub(crate) fn new(ttl: Duration, capacity: usize) -> Tasks {
-        Tasks { next_id: AtomicU64::new(1), records: Mutex::new(BTreeMap::new()), ttl, capacity: capacity.max(1) }
+        Tasks {
+            next_id: AtomicU64::new(1),
+            records: Mutex::new(HashMap::new()),
+            finished: Arc::new(Mutex::new(VecDeque::new())),
+            ttl,
+            capacity: capacity.max(1),
+        }
     }
 
     /// A new task record; evicts expired and (over capacity) the oldest finished tasks,
@@ -259,29 +275,21 @@ impl Tasks {
     pub(crate) fn create(&self, endpoint: &str, awaitable: bool) -> Result<(Arc<TaskRecord>, Vec<Arc<TaskRecord>>)> {
         let mut records = self.records.lock();
         let now = SystemTime::now();
-        let expired: Vec<u64> = records
-            .iter()
-            .filter(|(_, r)| {
-                let info = r.info.lock();
-                info.status.is_finished()
-                    && info.finished_at.and_then(|f| now.duration_since(f).ok()).is_some_and(|age| age >= self.ttl)
-            })
-            .map(|(id, _)| *id)
-            .collect();
-        let mut evicted: Vec<Arc<TaskRecord>> = expired.iter().filter_map(|id| records.remove(id)).collect();
-        while records.len() >= self.capacity {
-            // Oldest finished first: the smallest finish time.
-            let oldest = records
-                .iter()
-                .filter_map(|(id, r)| r.info.lock().finished_at.map(|f| (f, *id)))
-                .min()
-                .map(|(_, id)| id);
-            match oldest {
-                Some(id) => evicted.extend(records.remove(&id)),
-                None => {
-                    return Err(Error::TaskCapacity { capacity: self.capacity });
+        let mut evicted = Vec::new();
+        {
+            // Oldest finished first: expired ones, then as many as the capacity needs.
+            let mut finished = self.finished.lock();
+            while let Some(&(id, at)) = finished.front() {
+                let expired = now.duration_since(at).is_ok_and(|age| age >= self.ttl);
+                if !expired && records.len() < self.capacity {
+                    break;
                 }
+                finished.pop_front();
+                evicted.extend(records.remove(&id));
             }
+        }
+        if records.len() >= self.capacity {
+            return Err(Error::TaskCapacity { capacity: self.capacity });
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (done_tx, _) = watch::channel(false);
@@ -297,6 +305,7 @@ impl Tasks {
                 progress: None,
                 awaitable,
             }),
+            finished: self.finished.clone(),
             outcome: Mutex::new(None),
             cancelled: AtomicBool::new(false),
             done: Mutex::new(false),

@@ -88,6 +88,8 @@
 /// ```
 pub use shared_tensor_macros::share;
 
+#[doc(hidden)]
+pub use shared_tensor_runtime::diagnostics;
 pub use shared_tensor_runtime::handle::{Managed, Output, TaskHandle};
 pub use shared_tensor_runtime::payload::{Argument, Payload};
 pub use shared_tensor_runtime::private::BoxFuture;

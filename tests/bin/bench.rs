@@ -45,6 +45,7 @@ struct Report {
     scaling_tensor_count: Vec<(usize, f64)>,
     scaling_processes: Vec<(usize, f64)>,
     model_build_ms: f64,
+    breakdown: Vec<(String, f64)>,
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -145,6 +146,16 @@ fn child(args: &[String]) -> shared_tensor::Result<()> {
             let total: u64 = handles.into_iter().map(|h| h.join().unwrap()).sum();
             println!("CALLS {total}");
         }
+        Some("profile-import") => {
+            let mut stdin = std::io::stdin().lock();
+            let mut bytes = Vec::new();
+            stdin.read_to_end(&mut bytes).unwrap();
+            let desc: shared_tensor::ipc::TensorDescriptor = rmp_serde::from_slice(&bytes).unwrap();
+            for (name, us) in shared_tensor::diagnostics::import_steps(&desc, 1000)? {
+                println!("STEP consumer: {name}\t{us}");
+            }
+            println!("DONE");
+        }
         Some("latency") => {
             let iters: usize = args[1].parse().unwrap();
             let times = measure(iters, 50, || {
@@ -170,17 +181,23 @@ fn spawn_child(port: u16, args: &[&str]) -> std::process::Child {
         .expect("spawn a bench client")
 }
 
-fn read_value(child: &mut std::process::Child, prefix: &str) -> f64 {
+/// Reads the child's lines until one starts with `prefix`; returns the rest.
+fn read_line(child: &mut std::process::Child, prefix: &str) -> String {
     let out = child.stdout.as_mut().unwrap();
     let mut line = String::new();
     let mut reader = BufReader::new(out);
     loop {
         line.clear();
-        assert!(reader.read_line(&mut line).unwrap() > 0, "a bench client exited early");
+        assert!(reader.read_line(&mut line).unwrap() > 0, "a bench process exited before printing {prefix}");
         if let Some(v) = line.trim().strip_prefix(prefix) {
-            return v.trim().parse().unwrap();
+            return v.trim().to_string();
         }
     }
+}
+
+fn read_value(child: &mut std::process::Child, prefix: &str) -> f64 {
+    let value = read_line(child, prefix);
+    value.parse().unwrap_or_else(|_| panic!("{prefix} {value:?} is not a number"))
 }
 
 fn main() -> shared_tensor::Result<()> {
@@ -205,7 +222,7 @@ fn main() -> shared_tensor::Result<()> {
         .stdout(Stdio::piped())
         .spawn()
         .expect("start the endpoint server");
-    read_value(&mut server, "READY");
+    read_line(&mut server, "READY");
     shared_tensor::configure(Config::default().role(Role::Client).base_port(port))?;
 
     let mut report = Report {
@@ -214,10 +231,49 @@ fn main() -> shared_tensor::Result<()> {
         floor_frame_bytes: FLOOR_FRAME,
         ..Report::default()
     };
+    // Where the time of one transfer goes, step by step.
+    let probe = Tensor::ones([4], (Kind::Float, device));
+    for (name, us) in shared_tensor::diagnostics::export_steps(&probe, 1000)? {
+        report.breakdown.push((format!("producer: {name}"), us));
+    }
+    let exported = shared_tensor::diagnostics::export_with_event(&probe)?;
+    let mut importer = Command::new(std::env::current_exe().unwrap())
+        .args(["child", "profile-import"])
+        .env("SHARED_TENSOR_BASE_PORT", port.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn the import profiler");
+    importer.stdin.take().unwrap().write_all(&rmp_serde::to_vec(exported.descriptor()).unwrap()).unwrap();
+    {
+        let mut reader = BufReader::new(importer.stdout.take().unwrap());
+        let mut line = String::new();
+        while reader.read_line(&mut line).unwrap() > 0 && !line.starts_with("DONE") {
+            if let Some((name, us)) = line.trim().strip_prefix("STEP ").and_then(|l| l.split_once('\t')) {
+                report.breakdown.push((name.to_string(), us.parse().unwrap()));
+            }
+            line.clear();
+        }
+    }
+    let _ = importer.wait();
+    drop(exported);
+
     let floor_times = floor(n.max(1000));
     let floor_p50 = percentile(&floor_times, 0.5);
     let mut figures = vec![figure(&format!("floor: TCP echo {FLOOR_FRAME} B"), &floor_times, floor_p50)];
 
+    figures.push(figure(
+        "no-op call (direct, no arguments)",
+        &measure(n, 100, || endpoints::noop().unwrap()),
+        floor_p50,
+    ));
+    let x16 = Tensor::ones([4], (Kind::Float, device));
+    let times = measure(n, 50, || {
+        let y = endpoints::identity_ref(&x16).unwrap();
+        sync();
+        drop(y);
+    });
+    figures.push(figure("identity 16 B, direct endpoint, by reference", &times, floor_p50));
     figures.push(figure(
         "ping",
         &measure(n, 100, || {
@@ -293,7 +349,7 @@ fn main() -> shared_tensor::Result<()> {
     let secs_s = secs.to_string();
     let mut children: Vec<_> = (0..8).map(|_| spawn_child(port, &["throughput", &secs_s, "4"])).collect();
     for c in children.iter_mut() {
-        read_value(c, "READY");
+        read_line(c, "READY");
     }
     let total: f64 = children.iter_mut().map(|c| read_value(c, "CALLS")).sum();
     children.iter_mut().for_each(|c| drop(c.wait()));
@@ -328,6 +384,10 @@ fn main() -> shared_tensor::Result<()> {
         report.throughput_calls_per_s
     );
     println!("| model build (first call, not cached) | {:.1} ms | | | |", report.model_build_ms);
+    println!("\n| step of one transfer (16 B tensor) | p50 µs |\n| --- | ---: |");
+    for (name, us) in &report.breakdown {
+        println!("| {name} | {us:.1} |");
+    }
     println!("\n| tensors per call | identity p50 µs |\n| ---: | ---: |");
     for (count, p50) in &report.scaling_tensor_count {
         println!("| {count} | {p50:.1} |");

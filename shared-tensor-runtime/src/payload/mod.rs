@@ -224,9 +224,11 @@ impl Encoded {
     /// A message for `link`'s peer: lends every storage (leases) or names it as the peer's
     /// own, and records a ready event per GPU on the calling thread's current stream.
     pub(crate) fn lend(&self, link: &Arc<Link>) -> Result<WirePayload> {
-        let mut ready = Vec::with_capacity(self.devices.len());
+        let mut ready = Vec::new();
         for gpu in &self.devices {
-            ready.push((*gpu, EventHandle::record(gpu.index)?));
+            if let Some(event) = EventHandle::when_ready(gpu.index)? {
+                ready.push((*gpu, event));
+            }
         }
         let storages = self
             .storages
