@@ -163,3 +163,179 @@ pub fn trivial_task() {}
 pub fn filled(value: f64) -> Tensor {
     Tensor::full([1 << 20], value, (tch::Kind::Float, tch::Device::Cuda(0)))
 }
+
+// ---- data plane (GPU) ----
+
+use shared_tensor::payload::nn::{Gru, Lstm};
+use shared_tensor::{Managed, Payload};
+use tch::nn::{self, ModuleT, RNN};
+
+/// A derived model three levels deep, with configuration fields.
+#[derive(Debug, Payload)]
+pub struct Mlp3 {
+    pub blocks: Vec<Block>,
+    pub name: String,
+}
+
+#[derive(Debug, Payload)]
+pub struct Block {
+    pub layers: Vec<Layer>,
+    pub scale: f64,
+}
+
+#[derive(Debug, Payload)]
+pub struct Layer {
+    pub linear: nn::Linear,
+    #[payload(skip)]
+    pub calls: u64,
+}
+
+impl nn::Module for Mlp3 {
+    fn forward(&self, xs: &Tensor) -> Tensor {
+        let mut x = xs.shallow_clone();
+        for b in &self.blocks {
+            for l in &b.layers {
+                x = l.linear.forward(&x).relu() * b.scale;
+            }
+        }
+        x
+    }
+}
+
+/// Every tch nn module type, the shareable recurrent layers, and a derived model.
+#[derive(Payload)]
+pub struct Zoo {
+    pub linear: nn::Linear,
+    pub conv1: nn::Conv1D,
+    pub conv2: nn::Conv2D,
+    pub conv3: nn::Conv3D,
+    pub tconv1: nn::ConvTranspose1D,
+    pub tconv2: nn::ConvTranspose2D,
+    pub tconv3: nn::ConvTranspose3D,
+    pub embedding: nn::Embedding,
+    pub layer_norm: nn::LayerNorm,
+    pub batch_norm: nn::BatchNorm,
+    pub group_norm: nn::GroupNorm,
+    pub lstm: Lstm,
+    pub gru: Gru,
+    pub mlp: Mlp3,
+    pub store: nn::VarStore,
+}
+
+impl Zoo {
+    /// Each module's forward on its input (batch norm in eval mode).
+    pub fn outputs(&self, inputs: &[Tensor]) -> Vec<Tensor> {
+        use tch::nn::Module;
+        vec![
+            self.linear.forward(&inputs[0]),
+            self.conv1.forward(&inputs[1]),
+            self.conv2.forward(&inputs[2]),
+            self.conv3.forward(&inputs[3]),
+            self.tconv1.forward(&inputs[1]),
+            self.tconv2.forward(&inputs[2]),
+            self.tconv3.forward(&inputs[3]),
+            self.embedding.forward(&inputs[4]),
+            self.layer_norm.forward(&inputs[0]),
+            self.batch_norm.forward_t(&inputs[2], false),
+            self.group_norm.forward(&inputs[2]),
+            self.lstm.seq(&inputs[5]).0,
+            self.gru.seq(&inputs[5]).0,
+            self.mlp.forward(&inputs[0]),
+        ]
+    }
+}
+
+/// The zoo, inputs for each module, and the server's outputs.
+#[share(execution = "direct", cache = false)]
+pub fn module_zoo(seed: i64) -> (Zoo, Vec<Tensor>, Vec<Tensor>) {
+    tch::manual_seed(seed);
+    let dev = tch::Device::Cuda(0);
+    let store = nn::VarStore::new(dev);
+    let r = store.root();
+    let zoo = Zoo {
+        linear: nn::linear(&r / "linear", 8, 8, Default::default()),
+        conv1: nn::conv1d(&r / "c1", 4, 6, 3, nn::ConvConfig { padding: 1, ..Default::default() }),
+        conv2: nn::conv2d(&r / "c2", 4, 4, 3, nn::ConvConfig { stride: 2, groups: 2, ..Default::default() }),
+        conv3: nn::conv3d(&r / "c3", 4, 2, 2, Default::default()),
+        tconv1: nn::conv_transpose1d(&r / "t1", 4, 3, 3, Default::default()),
+        tconv2: nn::conv_transpose2d(&r / "t2", 4, 3, 3, nn::ConvTransposeConfig { stride: 2, ..Default::default() }),
+        tconv3: nn::conv_transpose3d(&r / "t3", 4, 2, 2, Default::default()),
+        embedding: nn::embedding(&r / "emb", 16, 8, Default::default()),
+        layer_norm: nn::layer_norm(&r / "ln", vec![8], Default::default()),
+        batch_norm: nn::batch_norm2d(&r / "bn", 4, Default::default()),
+        group_norm: nn::group_norm(&r / "gn", 2, 4, Default::default()),
+        lstm: Lstm::new(&r / "lstm", 8, 6, nn::RNNConfig { num_layers: 2, ..Default::default() }),
+        gru: Gru::new(&r / "gru", 8, 6, Default::default()),
+        mlp: Mlp3 {
+            blocks: (0..2)
+                .map(|b| Block {
+                    layers: (0..2)
+                        .map(|l| Layer { linear: nn::linear(&r / "mlp" / b / l, 8, 8, Default::default()), calls: 0 })
+                        .collect(),
+                    scale: 0.5 + b as f64,
+                })
+                .collect(),
+            name: "mlp3".into(),
+        },
+        store: nn::VarStore::new(dev),
+    };
+    let _ = nn::linear(zoo.store.root() / "extra", 2, 2, Default::default());
+    let f = (tch::Kind::Float, dev);
+    let inputs = vec![
+        Tensor::randn([3, 8], f),
+        Tensor::randn([2, 4, 9], f),
+        Tensor::randn([2, 4, 8, 8], f),
+        Tensor::randn([1, 4, 5, 5, 5], f),
+        Tensor::randint(16, [3, 5], (tch::Kind::Int64, dev)),
+        Tensor::randn([2, 7, 8], f),
+    ];
+    // Running statistics that are not the defaults, so that they must travel.
+    let _ = zoo.batch_norm.forward_t(&inputs[2], true);
+    let outputs = zoo.outputs(&inputs);
+    (zoo, inputs, outputs)
+}
+
+/// Tied weights: an embedding and an output projection over one tensor, and a slice of it.
+#[derive(Payload)]
+pub struct Tied {
+    pub embedding: nn::Embedding,
+    pub head: nn::Linear,
+    pub rows: Tensor,
+}
+
+#[share(managed, cache_key = "tied")]
+pub fn tied_model() -> Tied {
+    let vs = nn::VarStore::new(tch::Device::Cuda(0));
+    let embedding = nn::embedding(vs.root() / "emb", 10, 4, Default::default());
+    let head = nn::Linear { ws: embedding.ws.shallow_clone(), bs: None };
+    let rows = embedding.ws.narrow(0, 2, 3);
+    Tied { embedding, head, rows }
+}
+
+/// The server's view of the tied model: the sum of its embedding weights.
+#[share(execution = "direct", cache = false)]
+pub fn tied_sum() -> Tensor {
+    let model: Managed<Tied> = tied_model().expect("the tied model");
+    model.embedding.ws.sum(tch::Kind::Float)
+}
+
+/// A large matrix product, returned without waiting for it.
+#[share(execution = "direct", cache = false)]
+pub fn slow_matmul(n: i64) -> Tensor {
+    let a = Tensor::ones([n, n], (tch::Kind::Float, tch::Device::Cuda(0)));
+    a.matmul(&a)
+}
+
+/// A model that takes a while to build.
+#[share(execution = "task", managed, cache_key = "slow:{ms}")]
+pub fn slow_model(ms: u64) -> nn::Linear {
+    std::thread::sleep(Duration::from_millis(ms));
+    let vs = nn::VarStore::new(tch::Device::Cuda(0));
+    nn::linear(vs.root(), 16, 16, Default::default())
+}
+
+/// A tensor on device `index`.
+#[share(execution = "direct", cache = false)]
+pub fn on_device(index: usize) -> Tensor {
+    Tensor::full([4], index as f64, (tch::Kind::Float, tch::Device::Cuda(index)))
+}

@@ -3,50 +3,14 @@
 
 #[path = "endpoints.rs"]
 mod endpoints;
+#[path = "gpu_server.rs"]
+mod gpu_server;
 
-use std::sync::{Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use shared_tensor::config::{Config, Role};
-use shared_tensor::server::ServerInfo;
-use shared_tensor_tests::{free_port, helper_bin, require_gpu, Peer};
-use tch::{Device, Kind, Tensor};
-
-static SERVER: OnceLock<(Mutex<Peer>, u16)> = OnceLock::new();
-
-/// Starts the server process once and makes this process its client.
-fn setup() -> Device {
-    require_gpu();
-    SERVER.get_or_init(|| {
-        let port = free_port();
-        let exe = helper_bin("endpoint_server", env!("CARGO_BIN_EXE_endpoint_server"));
-        let port_s = port.to_string();
-        let mut peer = Peer::spawn(
-            &exe,
-            &[("ST_TEST_SERVER", "role"), ("SHARED_TENSOR_ROLE", "server"), ("SHARED_TENSOR_BASE_PORT", &port_s)],
-        );
-        assert_eq!(peer.expect_line("READY"), port_s, "the server serves base port + device 0");
-        shared_tensor::configure(Config::default().role(Role::Client).base_port(port)).unwrap();
-        (Mutex::new(peer), port)
-    });
-    Device::Cuda(0)
-}
-
-/// Polls the server until `done` holds or `within` passes; returns the last info.
-fn server_until(within: Duration, done: impl Fn(&ServerInfo) -> bool) -> (ServerInfo, Duration) {
-    let start = Instant::now();
-    loop {
-        let info = shared_tensor::server_info().unwrap();
-        if done(&info) || start.elapsed() > within {
-            return (info, start.elapsed());
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn idle(info: &ServerInfo) -> bool {
-    info.live_leases == 0 && info.imported_storages == 0
-}
+use gpu_server::{idle, server_port, server_until, setup};
+use shared_tensor_tests::{helper_bin, Peer};
+use tch::{Kind, Tensor};
 
 #[test]
 #[ignore = "GPU: runs in the GPU bundle (cargo xtask gpu-bundle)"]
@@ -119,7 +83,7 @@ fn a_client_killed_mid_run_leaves_no_leases_and_no_memory() {
     setup();
     let (before, _) = server_until(Duration::from_secs(2), idle);
     let baseline = before.gpu_memory.expect("the server reports GPU memory").allocated_bytes;
-    let port = SERVER.get().unwrap().1.to_string();
+    let port = server_port().to_string();
     let exe = helper_bin("gpu_client", env!("CARGO_BIN_EXE_gpu_client"));
     let mut client = Peer::spawn(&exe, &[("SHARED_TENSOR_BASE_PORT", &port), ("ST_TEST_MB", "64")]);
     for _ in 0..6 {

@@ -4,6 +4,7 @@
 use proc_macro::TokenStream;
 
 mod errors;
+mod payload_derive;
 mod share;
 
 /// Turns a function into a shared-tensor endpoint. See `shared_tensor::share` for the
@@ -11,4 +12,11 @@ mod share;
 #[proc_macro_attribute]
 pub fn share(args: TokenStream, item: TokenStream) -> TokenStream {
     share::share(args.into(), item.into()).into()
+}
+
+/// Makes a struct or enum a payload. See `shared_tensor::Payload` for the full
+/// documentation.
+#[proc_macro_derive(Payload, attributes(payload))]
+pub fn derive_payload(input: TokenStream) -> TokenStream {
+    payload_derive::derive(input.into()).into()
 }

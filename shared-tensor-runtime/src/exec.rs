@@ -39,7 +39,7 @@ pub trait AnyPayload: Send + 'static {
     /// Encodes it.
     fn encode_dyn(&self, root: &str) -> Result<Encoded>;
     /// Another value over the same memory.
-    fn alias_dyn(&self) -> Box<dyn AnyPayload>;
+    fn alias_dyn(&self) -> Result<Box<dyn AnyPayload>>;
     /// For downcasting to the concrete type.
     fn into_any(self: Box<Self>) -> Box<dyn Any + Send>;
     /// The concrete type's name, for error messages.
@@ -50,8 +50,8 @@ impl<P: Payload> AnyPayload for P {
     fn encode_dyn(&self, root: &str) -> Result<Encoded> {
         Encoder::encode(root, self)
     }
-    fn alias_dyn(&self) -> Box<dyn AnyPayload> {
-        Box::new(self.alias())
+    fn alias_dyn(&self) -> Result<Box<dyn AnyPayload>> {
+        Ok(Box::new(self.alias()?))
     }
     fn into_any(self: Box<Self>) -> Box<dyn Any + Send> {
         self
@@ -86,7 +86,7 @@ impl Value {
     }
 
     fn alias_as<R: Payload>(&self, endpoint: &str) -> Result<R> {
-        let aliased = self.typed.lock().alias_dyn();
+        let aliased = self.typed.lock().alias_dyn()?;
         downcast(aliased, endpoint)
     }
 }

@@ -4,6 +4,7 @@
 use std::fmt::Display;
 
 pub use inventory;
+pub use serde;
 
 pub use crate::endpoint::{Concurrency, EndpointDef, EndpointOptions, Execution, Registration};
 pub use crate::exec::Prepared;
@@ -24,7 +25,7 @@ pub fn encode_arg<V, A: Argument<V>>(enc: &mut Encoder, name: &str, value: &A) -
 }
 
 /// An owned copy of a borrowed argument (for `submit`, whose body runs later).
-pub fn owned_arg<V, A: Argument<V>>(value: &A) -> A {
+pub fn owned_arg<V, A: Argument<V>>(value: &A) -> Result<A> {
     value.to_owned_arg()
 }
 
@@ -154,7 +155,7 @@ pub fn submit<O: Output, A>(
     args: A,
     key: impl FnOnce(&A) -> Option<String>,
     encode: impl FnOnce(&mut Encoder, &A) -> Result<Vec<Node>>,
-    detach: impl FnOnce(A) -> Box<dyn FnOnce() -> Result<O::Value> + Send>,
+    detach: impl FnOnce(A) -> Result<Box<dyn FnOnce() -> Result<O::Value> + Send>>,
 ) -> Result<TaskHandle<O>> {
     let rt = runtime::global()?;
     match rt.role() {
@@ -175,7 +176,7 @@ pub fn submit<O: Output, A>(
         Role::Server | Role::Local => {
             let core = rt.core();
             let key = key(&args);
-            let body = detach(args);
+            let body = detach(args)?;
             let body = Box::new(move || body().map(|v| Box::new(v) as Box<dyn AnyPayload>));
             let id = core.submit(def, key, body)?;
             Ok(TaskHandle::new(id, def.name, Backend::local(core.clone())))

@@ -88,8 +88,37 @@
 /// ```
 pub use shared_tensor_macros::share;
 
+/// Makes your struct or enum a [`Payload`](trait@Payload): a user module that crosses
+/// processes like tch's own.
+///
+/// Tensor and module fields travel by CUDA IPC, plain fields (numbers, strings, anything
+/// serde) as MessagePack, and `#[payload(skip)]` fields are rebuilt with `Default` on the
+/// other side. Fields whose type is a type parameter are payloads (or plain values with
+/// `#[payload(data)]`). The value is checked like a module before it is sent (at least
+/// one CUDA tensor, all on one GPU) unless the type is marked `#[payload(container)]`.
+///
+/// ```no_run
+/// use shared_tensor::Payload;
+/// use tch::nn::{self, Module};
+///
+/// #[derive(Debug, Payload)]
+/// struct Mlp {
+///     layers: Vec<nn::Linear>,
+///     activation: String,      // travels as MessagePack
+///     #[payload(skip)]
+///     calls: std::cell::Cell<u64>, // rebuilt with Default
+/// }
+///
+/// impl Module for Mlp {
+///     fn forward(&self, xs: &tch::Tensor) -> tch::Tensor {
+///         self.layers.iter().fold(xs.shallow_clone(), |x, l| l.forward(&x).relu())
+///     }
+/// }
+/// ```
+pub use shared_tensor_macros::Payload;
 #[doc(hidden)]
 pub use shared_tensor_runtime::diagnostics;
+
 pub use shared_tensor_runtime::handle::{Managed, Output, TaskHandle};
 pub use shared_tensor_runtime::payload::{Argument, Payload};
 pub use shared_tensor_runtime::private::BoxFuture;

@@ -8,6 +8,12 @@ use tch::{Kind, Tensor};
 
 fn main() -> shared_tensor::Result<()> {
     let device = shared_tensor::cuda::device()?;
+    if let Ok(task) = std::env::var("ST_TEST_WAIT_TASK") {
+        // Another process's task, known by id only.
+        let model: shared_tensor::Managed<tch::nn::Linear> = shared_tensor::wait_for_task(task.parse().unwrap())?;
+        println!("WAITED {}", model.object_id());
+        return Ok(());
+    }
     let mb: i64 = std::env::var("ST_TEST_MB").ok().and_then(|v| v.parse().ok()).unwrap_or(64);
     let mut held = Vec::new();
     let factor = Tensor::from(3.0f32).to_device(device);

@@ -125,7 +125,7 @@ impl Generator<'_> {
         let names = self.names();
         let owned = self.sig.params.iter().filter(|p| p.by_ref).map(|p| {
             let name = &p.name;
-            quote!(let #name = ::shared_tensor::__private::owned_arg(#name);)
+            quote!(let #name = ::shared_tensor::__private::owned_arg(#name)?;)
         });
         let args: Vec<TokenStream> = self
             .sig
@@ -144,7 +144,7 @@ impl Generator<'_> {
         quote!(|__args| {
             let (#(#names,)*) = __args;
             #(#owned)*
-            ::std::boxed::Box::new(move || #call)
+            ::core::result::Result::Ok(::std::boxed::Box::new(move || #call))
         })
     }
 

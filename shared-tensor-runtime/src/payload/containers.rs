@@ -15,7 +15,9 @@ impl Payload for () {
             other => Err(dec.mismatch("()", &other)),
         }
     }
-    fn alias(&self) -> Self {}
+    fn alias(&self) -> Result<Self> {
+        Ok(())
+    }
 }
 
 impl<P: Payload> Payload for Option<P> {
@@ -32,8 +34,8 @@ impl<P: Payload> Payload for Option<P> {
             other => Err(dec.mismatch("an Option", &other)),
         }
     }
-    fn alias(&self) -> Self {
-        self.as_ref().map(P::alias)
+    fn alias(&self) -> Result<Self> {
+        self.as_ref().map(P::alias).transpose()
     }
 }
 
@@ -44,8 +46,8 @@ impl<P: Payload> Payload for Box<P> {
     fn decode(node: Node, dec: &mut Decoder) -> Result<Self> {
         P::decode(node, dec).map(Box::new)
     }
-    fn alias(&self) -> Self {
-        Box::new((**self).alias())
+    fn alias(&self) -> Result<Self> {
+        (**self).alias().map(Box::new)
     }
 }
 
@@ -63,7 +65,7 @@ impl<P: Payload> Payload for Vec<P> {
         };
         nodes.into_iter().enumerate().map(|(i, n)| dec.index(i, |dec| P::decode(n, dec))).collect()
     }
-    fn alias(&self) -> Self {
+    fn alias(&self) -> Result<Self> {
         self.iter().map(P::alias).collect()
     }
 }
@@ -101,8 +103,8 @@ impl<P: Payload> Payload for HashMap<String, P> {
     fn decode(node: Node, dec: &mut Decoder) -> Result<Self> {
         decode_entries(node, dec)
     }
-    fn alias(&self) -> Self {
-        self.iter().map(|(k, v)| (k.clone(), v.alias())).collect()
+    fn alias(&self) -> Result<Self> {
+        self.iter().map(|(k, v)| Ok((k.clone(), v.alias()?))).collect()
     }
 }
 
@@ -113,8 +115,8 @@ impl<P: Payload> Payload for BTreeMap<String, P> {
     fn decode(node: Node, dec: &mut Decoder) -> Result<Self> {
         decode_entries(node, dec)
     }
-    fn alias(&self) -> Self {
-        self.iter().map(|(k, v)| (k.clone(), v.alias())).collect()
+    fn alias(&self) -> Result<Self> {
+        self.iter().map(|(k, v)| Ok((k.clone(), v.alias()?))).collect()
     }
 }
 
@@ -141,8 +143,8 @@ macro_rules! tuple_payload {
                     dec.field(stringify!($idx), |dec| $name::decode(n, dec))?
                 },)+))
             }
-            fn alias(&self) -> Self {
-                ($(self.$idx.alias(),)+)
+            fn alias(&self) -> Result<Self> {
+                Ok(($(self.$idx.alias()?,)+))
             }
         }
     };

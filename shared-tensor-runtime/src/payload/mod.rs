@@ -22,6 +22,7 @@
 //! ```
 
 mod containers;
+mod debug_text;
 pub mod nn;
 
 use std::collections::HashMap;
@@ -572,7 +573,7 @@ impl Decoder {
 /// ```
 /// use shared_tensor_runtime::payload::Payload;
 /// use tch::Tensor;
-/// fn alias_all<P: Payload>(p: &P) -> P { p.alias() }
+/// fn alias_all<P: Payload>(p: &P) -> P { p.alias().unwrap() }
 /// let t = Tensor::ones([2], (tch::Kind::Float, tch::Device::Cpu));
 /// let a = alias_all(&vec![t]);
 /// assert_eq!(a.len(), 1);
@@ -592,7 +593,7 @@ pub trait Payload: Send + Sized + 'static {
     /// Rebuilds the value from its node.
     fn decode(node: Node, dec: &mut Decoder) -> Result<Self>;
     /// Another value over the same GPU memory (tensors are shallow clones).
-    fn alias(&self) -> Self;
+    fn alias(&self) -> Result<Self>;
 }
 
 /// Marks an argument that travels as a payload (by CUDA IPC).
@@ -625,7 +626,7 @@ pub trait Argument<Via>: Send + Sized + 'static {
     /// Rebuilds it.
     fn decode_arg(node: Node, dec: &mut Decoder) -> Result<Self>;
     /// An owned copy for running later (tensors are aliased, plain values cloned).
-    fn to_owned_arg(&self) -> Self;
+    fn to_owned_arg(&self) -> Result<Self>;
 }
 
 impl<P: Payload> Argument<ByIpc> for P {
@@ -635,7 +636,7 @@ impl<P: Payload> Argument<ByIpc> for P {
     fn decode_arg(node: Node, dec: &mut Decoder) -> Result<Self> {
         P::decode(node, dec)
     }
-    fn to_owned_arg(&self) -> Self {
+    fn to_owned_arg(&self) -> Result<Self> {
         self.alias()
     }
 }
@@ -647,8 +648,8 @@ impl<T: Serialize + DeserializeOwned + Clone + Send + 'static> Argument<ByValue>
     fn decode_arg(node: Node, dec: &mut Decoder) -> Result<Self> {
         dec.data(node)
     }
-    fn to_owned_arg(&self) -> Self {
-        self.clone()
+    fn to_owned_arg(&self) -> Result<Self> {
+        Ok(self.clone())
     }
 }
 
@@ -724,8 +725,8 @@ impl Payload for Tensor {
     fn decode(node: Node, dec: &mut Decoder) -> Result<Self> {
         dec.tensor(node)
     }
-    fn alias(&self) -> Self {
-        self.shallow_clone()
+    fn alias(&self) -> Result<Self> {
+        Ok(self.shallow_clone())
     }
 }
 

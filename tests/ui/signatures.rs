@@ -1,0 +1,22 @@
+use shared_tensor::share;
+use tch::Tensor;
+
+#[share]
+fn generic<T: Clone>(t: T) {}
+
+#[share]
+async fn asynchronous() {}
+
+#[share]
+fn mutable(t: &mut Tensor) {}
+
+#[share]
+fn pattern((a, b): (i64, i64)) {}
+
+struct S;
+impl S {
+    #[share]
+    fn method(&self) {}
+}
+
+fn main() {}
