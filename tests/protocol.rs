@@ -9,6 +9,7 @@ use std::net::TcpStream;
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use shared_tensor::auth::{self, Side};
 use shared_tensor::client::Client;
 use shared_tensor::config::{Config, Role};
 use shared_tensor::ipc::{DType, GpuId, ProcessId, StorageDescriptor, TensorView};
@@ -45,8 +46,14 @@ fn recv(s: &mut TcpStream) -> Option<ServerMessage> {
     wire::read_frame(s, &mut buf).ok().map(|_| wire::decode(&buf).unwrap())
 }
 
+/// The whole handshake, as a client of this user does it.
 fn hello(s: &mut TcpStream) {
-    send(s, &ClientMessage::Hello(Hello { protocol: PROTOCOL_VERSION, client: ProcessId::current() }));
+    let nonce = auth::nonce();
+    send(s, &ClientMessage::Hello(Hello { protocol: PROTOCOL_VERSION, client: ProcessId::current(), nonce }));
+    let Some(ServerMessage::Challenge(c)) = recv(s) else { panic!("no challenge") };
+    let secret = auth::client_secret(port(), None).unwrap();
+    assert!(c.proofs.iter().any(|p| secret.verify(Side::Server, &nonce, p)), "the server proves itself");
+    send(s, &ClientMessage::Auth(secret.proof(Side::Client, &c.nonce)));
     assert!(matches!(recv(s), Some(ServerMessage::Welcome(_))));
 }
 
@@ -90,7 +97,7 @@ fn malformed_messagepack_is_refused() {
 #[test]
 fn a_handshake_with_another_version_is_refused_with_both_versions() {
     let mut s = raw();
-    send(&mut s, &ClientMessage::Hello(Hello { protocol: 999, client: ProcessId::current() }));
+    send(&mut s, &ClientMessage::Hello(Hello { protocol: 999, client: ProcessId::current(), nonce: auth::nonce() }));
     match closes(&mut s) {
         Some(ServerMessage::Refused(Error::ProtocolMismatch { ours, theirs })) => {
             assert_eq!((ours, theirs), (PROTOCOL_VERSION, 999))

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use futures::task::AtomicWaker;
 use parking_lot::{Condvar, Mutex};
 
+use crate::auth::{self, Side};
 use crate::config::Config;
 use crate::endpoint::EndpointInfo;
 use crate::error::{Error, Result};
@@ -117,7 +118,7 @@ struct Connection {
 }
 
 impl Connection {
-    fn open(addr: SocketAddr, window: Duration) -> Result<Arc<Connection>> {
+    fn open(addr: SocketAddr, window: Duration, shared_token: Option<&str>) -> Result<Arc<Connection>> {
         let started = Instant::now();
         let stream = loop {
             match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
@@ -133,7 +134,7 @@ impl Connection {
             }
         };
         let _ = stream.set_nodelay(true);
-        let welcome = handshake(&stream, addr)?;
+        let welcome = handshake(&stream, addr, shared_token)?;
         let mut reader = stream.try_clone().map_err(|e| Error::io("cloning the socket", &e))?;
         let releases = Arc::new(Releases::default());
         let sink = releases.clone();
@@ -193,7 +194,9 @@ impl Connection {
                 }
                 Ok(ServerMessage::Release(leases)) => self.link.released(&leases),
                 Ok(ServerMessage::Refused(e)) => break e.to_string(),
-                Ok(ServerMessage::Welcome(_)) => break "the server sent a second Welcome".into(),
+                Ok(ServerMessage::Welcome(_) | ServerMessage::Challenge(_)) => {
+                    break "the server sent a handshake message after the handshake".into()
+                }
                 Err(e) => break e.to_string(),
             }
         };
@@ -267,27 +270,55 @@ impl Connection {
     }
 }
 
-fn handshake(stream: &TcpStream, addr: SocketAddr) -> Result<Welcome> {
-    let mut buf = Vec::new();
-    wire::write_frame(
-        &ClientMessage::Hello(Hello { protocol: wire::PROTOCOL_VERSION, client: ProcessId::current() }),
-        &mut buf,
-    )?;
-    let mut s = stream;
-    s.write_all(&buf).map_err(|e| Error::io("sending the handshake", &e))?;
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+/// Hello, Challenge, Auth, Welcome (see [`auth`](crate::auth)).
+fn handshake(stream: &TcpStream, addr: SocketAddr, shared_token: Option<&str>) -> Result<Welcome> {
+    let mut writer = stream;
     let mut reader = stream;
-    wire::read_frame(&mut reader, &mut buf).map_err(|e| Error::ServerGone {
-        addr: addr.to_string(),
-        reason: format!("no answer to the handshake: {e}"),
-    })?;
-    let _ = stream.set_read_timeout(None);
-    match wire::decode::<ServerMessage>(&buf)? {
-        ServerMessage::Welcome(w) if w.protocol == wire::PROTOCOL_VERSION => Ok(w),
-        ServerMessage::Welcome(w) => Err(Error::ProtocolMismatch { ours: wire::PROTOCOL_VERSION, theirs: w.protocol }),
-        ServerMessage::Refused(e) => Err(e),
-        _ => Err(Error::Protocol("the server did not answer the handshake with Welcome".into())),
+    let send = |msg: &ClientMessage, w: &mut &TcpStream| -> Result<()> {
+        let mut buf = Vec::new();
+        wire::write_frame(msg, &mut buf)?;
+        w.write_all(&buf).map_err(|e| Error::io("sending the handshake", &e))
+    };
+    let mut buf = Vec::new();
+    let mut receive = |r: &mut &TcpStream| -> Result<ServerMessage> {
+        wire::read_frame(r, &mut buf).map_err(|e| Error::ServerGone {
+            addr: addr.to_string(),
+            reason: format!("no answer to the handshake: {e}"),
+        })?;
+        wire::decode::<ServerMessage>(&buf)
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    let nonce = auth::nonce();
+    send(
+        &ClientMessage::Hello(Hello { protocol: wire::PROTOCOL_VERSION, client: ProcessId::current(), nonce }),
+        &mut writer,
+    )?;
+    let challenge = match receive(&mut reader)? {
+        ServerMessage::Challenge(c) if c.protocol == wire::PROTOCOL_VERSION => c,
+        ServerMessage::Challenge(c) => {
+            return Err(Error::ProtocolMismatch { ours: wire::PROTOCOL_VERSION, theirs: c.protocol })
+        }
+        ServerMessage::Refused(e) => return Err(e),
+        _ => return Err(Error::Protocol("the server did not answer Hello with a challenge".into())),
+    };
+    // Read the secret now: the server wrote its token before it began to accept.
+    let secret = auth::client_secret(addr.port(), shared_token)?;
+    if !challenge.proofs.iter().any(|p| secret.verify(Side::Server, &nonce, p)) {
+        return Err(Error::Unauthorized {
+            reason: format!(
+                "the process at {addr} could not prove it is a shared-tensor server of this user (another user's \
+                 server, or another program on the port); nothing was sent to it"
+            ),
+        });
     }
+    send(&ClientMessage::Auth(secret.proof(Side::Client, &challenge.nonce)), &mut writer)?;
+    let welcome = match receive(&mut reader)? {
+        ServerMessage::Welcome(w) => w,
+        ServerMessage::Refused(e) => return Err(e),
+        _ => return Err(Error::Protocol("the server did not answer Auth with Welcome".into())),
+    };
+    let _ = stream.set_read_timeout(None);
+    Ok(welcome)
 }
 
 struct ClientInner {
@@ -365,7 +396,7 @@ impl Client {
         } else {
             self.inner.config.connect_timeout
         };
-        let conn = Connection::open(self.inner.addr, window)?;
+        let conn = Connection::open(self.inner.addr, window, self.inner.config.shared_token.as_deref())?;
         self.inner.connected_once.store(true, Ordering::Release);
         *current = Some(conn.clone());
         Ok(conn)

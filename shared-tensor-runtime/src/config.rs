@@ -23,6 +23,8 @@
 //! | `SHARED_TENSOR_CALL_TIMEOUT_MS` | how long a client waits for one call | 600000 |
 //! | `SHARED_TENSOR_TASK_TTL_S` | how long finished tasks are kept | 3600 |
 //! | `SHARED_TENSOR_TASK_CAPACITY` | how many tasks are kept | 1000 |
+//! | `SHARED_TENSOR_TOKEN` | a secret shared on purpose with other users (see [`auth`](crate::auth)) | unset: same user only |
+//! | `SHARED_TENSOR_RUNTIME_DIR` | where servers write their token files | `$XDG_RUNTIME_DIR/shared-tensor` or `/tmp/shared-tensor-<uid>` |
 //! | `SHARED_TENSOR_LOG` | log filter (`info`, `shared_tensor_runtime=debug`); quiet when unset | unset |
 
 use std::time::Duration;
@@ -88,6 +90,7 @@ pub struct Config {
     pub(crate) call_timeout: Duration,
     pub(crate) task_ttl: Duration,
     pub(crate) task_capacity: usize,
+    pub(crate) shared_token: Option<String>,
 }
 
 impl Default for Config {
@@ -100,6 +103,7 @@ impl Default for Config {
             call_timeout: Duration::from_secs(600),
             task_ttl: crate::task::DEFAULT_TASK_TTL,
             task_capacity: crate::task::DEFAULT_TASK_CAPACITY,
+            shared_token: None,
         }
     }
 }
@@ -149,6 +153,7 @@ impl Config {
             }
             config.task_capacity = n;
         }
+        config.shared_token = env_var("SHARED_TENSOR_TOKEN").filter(|t| !t.is_empty());
         Ok(config)
     }
 
@@ -161,6 +166,14 @@ impl Config {
     /// How many tasks are kept (default 1,000; the oldest finished are evicted first).
     pub fn task_capacity(mut self, capacity: usize) -> Self {
         self.task_capacity = capacity.max(1);
+        self
+    }
+
+    /// A token shared on purpose with other users: a server accepts clients that know it
+    /// (besides its own user's), a client proves itself with it instead of the server's
+    /// token file. Default: `SHARED_TENSOR_TOKEN`, else none (same user only).
+    pub fn shared_token(mut self, token: impl Into<String>) -> Self {
+        self.shared_token = Some(token.into());
         self
     }
 

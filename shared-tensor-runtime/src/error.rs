@@ -255,6 +255,14 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+
+    /// The handshake's proof of identity failed: the peer does not run as the same user
+    /// (and shares no `SHARED_TENSOR_TOKEN`), or is not a shared-tensor server at all.
+    #[error("not authorized: {reason}")]
+    Unauthorized {
+        /// What failed.
+        reason: String,
+    },
 }
 
 impl fmt::Debug for Error {

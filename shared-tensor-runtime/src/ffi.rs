@@ -155,6 +155,30 @@ impl OwnedStorage {
     }
 }
 
+/// This process's effective user id.
+pub(crate) fn effective_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// Raises this process's open-file limit to its hard limit (a server holds one socket
+/// per client connection); returns the new soft limit.
+pub(crate) fn raise_open_files_limit() -> std::io::Result<u64> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: `lim` is a valid out-pointer for getrlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: `lim` is a valid, initialised rlimit for setrlimit.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(lim.rlim_cur as u64)
+}
+
 pub(crate) fn set_release_fn(f: ReleaseFn) {
     // SAFETY: stores a plain function pointer; `f` is a Rust `extern "C"` fn that never unwinds.
     unsafe { st_set_release_fn(f) }

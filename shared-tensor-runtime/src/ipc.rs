@@ -383,29 +383,23 @@ pub(crate) fn open_storage(desc: &StorageDescriptor, cookie: u64) -> Result<(ffi
         return Err(Error::SelfImport { pid: desc.producer.pid });
     }
     let device = desc.device.local_index()?;
-    let storage = ffi::import_storage(
-        &desc.handle,
-        desc.offset,
-        desc.nbytes,
-        device as i32,
-        desc.producer.instance,
-        cookie,
-    )
-    .map_err(|m| {
-        // c10's handles are [version, type, ...]; type 'e' is an expandable segment.
-        if desc.handle.get(1) == Some(&b'e') {
-            Error::cuda(
-                "opening an IPC handle",
-                format!(
+    let storage =
+        ffi::import_storage(&desc.handle, desc.offset, desc.nbytes, device as i32, desc.producer.instance, cookie)
+            .map_err(|m| {
+                // c10's handles are [version, type, ...]; type 'e' is an expandable segment.
+                if desc.handle.get(1) == Some(&b'e') {
+                    Error::cuda(
+                        "opening an IPC handle",
+                        format!(
                     "{m}; the producer runs with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, whose memory \
                              is shared through file descriptors (pidfd_getfd), which this host refused: run the \
                              producer without expandable_segments"
                 ),
-            )
-        } else {
-            Error::cuda("opening an IPC handle", m)
-        }
-    })?;
+                    )
+                } else {
+                    Error::cuda("opening an IPC handle", m)
+                }
+            })?;
     Ok((storage, device))
 }
 

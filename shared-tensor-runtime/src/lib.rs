@@ -26,6 +26,7 @@
 
 #![warn(missing_docs)]
 
+pub mod auth;
 pub mod client;
 pub mod config;
 pub mod cuda;

@@ -121,7 +121,8 @@ impl Runtime {
     /// Serves `registry` on `127.0.0.1:port` through this process's core. Several servers
     /// may run in one process (manual mode); they share the core.
     pub(crate) fn serve(&self, registry: Registry, port: u16, device: u32) -> Result<std::net::SocketAddr> {
-        let handle = server::start(TOKIO.handle(), self.core.clone(), registry, port, device)?;
+        let shared = self.config.shared_token.as_deref();
+        let handle = server::start(TOKIO.handle(), self.core.clone(), registry, port, device, shared)?;
         let addr = handle.addr();
         let mut slot = self.server.lock();
         if slot.is_none() {

@@ -18,11 +18,12 @@ use futures::StreamExt;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
 
+use crate::auth::{self, Secret, Side};
 use crate::endpoint::{EndpointInfo, Registry};
 use crate::error::{Error, Result};
 use crate::exec::{Core, Counters, Outcome};
@@ -30,7 +31,7 @@ use crate::ipc::ProcessId;
 use crate::lease::{self, Link};
 use crate::managed::Holder;
 use crate::payload::{Decoder, Received, WirePayload, WireStorage};
-use crate::wire::{self, ClientMessage, Request, Response, ServerMessage, Welcome};
+use crate::wire::{self, Challenge, ClientMessage, Request, Response, ServerMessage, Welcome};
 
 /// How long a new connection may take to say `Hello`.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -82,6 +83,7 @@ pub struct ServerInfo {
 
 pub(crate) struct ServerState {
     core: Arc<Core>,
+    secrets: Vec<Secret>,
     registry: Registry,
     addr: SocketAddr,
     device_index: u32,
@@ -159,7 +161,11 @@ pub(crate) fn start(
     registry: Registry,
     port: u16,
     device_index: u32,
+    shared_token: Option<&str>,
 ) -> Result<ServerHandle> {
+    if let Err(e) = crate::ffi::raise_open_files_limit() {
+        tracing::warn!(error = %e, "cannot raise the open-files limit; many clients may exhaust it");
+    }
     let want = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let std_listener =
         StdListener::bind(want).map_err(|e| Error::Bind { addr: want.to_string(), reason: e.to_string() })?;
@@ -169,8 +175,12 @@ pub(crate) fn start(
         let _enter = rt.enter();
         TcpListener::from_std(std_listener).map_err(|e| Error::io("registering the listener", &e))?
     };
+    // After binding (a server already on the port keeps its token), before accepting
+    // (clients read the token once challenged).
+    let secrets = auth::server_secrets(addr.port(), shared_token)?;
     let state = Arc::new(ServerState {
         core,
+        secrets,
         registry,
         addr,
         device_index,
@@ -263,34 +273,18 @@ async fn connection(state: Arc<ServerState>, stream: TcpStream, mut stopped: wat
     let (tx, rx) = mpsc::unbounded_channel::<Out>();
     let writer = tokio::spawn(write_loop(wr, rx));
 
-    let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, frames.next()).await;
-    let mut peer = None;
-    let refusal = match hello {
-        Ok(Some(Ok(body))) => match wire::decode::<ClientMessage>(&body) {
-            Ok(ClientMessage::Hello(h)) if h.protocol == wire::PROTOCOL_VERSION => {
-                peer = Some(h.client);
-                None
+    let peer = match handshake(&state, &mut frames, &tx).await {
+        Ok(peer) => peer,
+        Err(refusal) => {
+            if let Some(error) = refusal {
+                tracing::debug!(connection = id, %error, "handshake refused");
+                let _ = tx.send(Out::Frame(frame(&ServerMessage::Refused(error))));
             }
-            Ok(ClientMessage::Hello(h)) => {
-                Some(Error::ProtocolMismatch { ours: wire::PROTOCOL_VERSION, theirs: h.protocol })
-            }
-            Ok(_) => Some(Error::Protocol("the first message must be Hello".into())),
-            Err(e) => Some(e),
-        },
-        // Closed, timed out or an unreadable frame: nothing to answer.
-        _ => {
             drop(tx);
             let _ = writer.await;
             return;
         }
     };
-    if let Some(error) = refusal {
-        tracing::debug!(connection = id, %error, "handshake refused");
-        let _ = tx.send(Out::Frame(frame(&ServerMessage::Refused(error))));
-        drop(tx);
-        let _ = writer.await;
-        return;
-    }
     let welcome = Welcome {
         protocol: wire::PROTOCOL_VERSION,
         server_id: state.core.server_id,
@@ -322,8 +316,8 @@ async fn connection(state: Arc<ServerState>, stream: TcpStream, mut stopped: wat
         match wire::decode::<ClientMessage>(&body) {
             Ok(ClientMessage::Release(leases)) => link.released(&leases),
             Ok(ClientMessage::Request { id: request_id, request }) => conn.handle(request_id, request),
-            Ok(ClientMessage::Hello(_)) => {
-                let error = Error::Protocol("Hello sent twice".into());
+            Ok(ClientMessage::Hello(_) | ClientMessage::Auth(_)) => {
+                let error = Error::Protocol("a handshake message after the handshake".into());
                 let _ = tx.send(Out::Frame(frame(&ServerMessage::Refused(error))));
                 break;
             }
@@ -338,15 +332,56 @@ async fn connection(state: Arc<ServerState>, stream: TcpStream, mut stopped: wat
     state.links.lock().remove(&id);
     link.close();
     state.core.release_holder(Holder::Connection(id));
-    if let Some(client) = peer {
-        // Keep no mapping of a departed client's memory alive for it.
-        crate::ipc::forget_producer(&client);
-    }
+    // Keep no mapping of a departed client's memory alive for it.
+    crate::ipc::forget_producer(&peer);
     drop(frames);
     // Every sender must go for the writer to finish: the link's release sink holds one,
     // calls still running hold theirs until they reply.
     drop((conn, link, tx));
     let _ = writer.await;
+}
+
+/// The next frame of the handshake, decoded; `None` if the client went silent or away.
+async fn handshake_message(
+    frames: &mut FramedRead<OwnedReadHalf, LengthDelimitedCodec>,
+) -> Option<Result<ClientMessage>> {
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, frames.next()).await {
+        Ok(Some(Ok(body))) => Some(wire::decode::<ClientMessage>(&body)),
+        _ => None,
+    }
+}
+
+/// Hello, Challenge, Auth (see [`auth`](crate::auth)). `Err(Some(e))` is refused with a
+/// reason, `Err(None)` is a client that went silent or away.
+async fn handshake(
+    state: &ServerState,
+    frames: &mut FramedRead<OwnedReadHalf, LengthDelimitedCodec>,
+    tx: &mpsc::UnboundedSender<Out>,
+) -> std::result::Result<ProcessId, Option<Error>> {
+    let hello = match handshake_message(frames).await.ok_or(None)? {
+        Ok(ClientMessage::Hello(h)) if h.protocol == wire::PROTOCOL_VERSION => h,
+        Ok(ClientMessage::Hello(h)) => {
+            return Err(Some(Error::ProtocolMismatch { ours: wire::PROTOCOL_VERSION, theirs: h.protocol }))
+        }
+        Ok(_) => return Err(Some(Error::Protocol("the first message must be Hello".into()))),
+        Err(e) => return Err(Some(e)),
+    };
+    let nonce = auth::nonce();
+    let proofs = state.secrets.iter().map(|s| s.proof(Side::Server, &hello.nonce)).collect();
+    let challenge = Challenge { protocol: wire::PROTOCOL_VERSION, nonce, proofs };
+    let _ = tx.send(Out::Frame(frame(&ServerMessage::Challenge(challenge))));
+    match handshake_message(frames).await.ok_or(None)? {
+        Ok(ClientMessage::Auth(proof)) if state.secrets.iter().any(|s| s.verify(Side::Client, &nonce, &proof)) => {
+            Ok(hello.client)
+        }
+        Ok(ClientMessage::Auth(_)) => Err(Some(Error::Unauthorized {
+            reason: "the client's proof matches no secret of this server: it does not run as the server's user \
+                     and shares no SHARED_TENSOR_TOKEN with it"
+                .into(),
+        })),
+        Ok(_) => Err(Some(Error::Unauthorized { reason: "the client sent a request before proving itself".into() })),
+        Err(e) => Err(Some(e)),
+    }
 }
 
 /// One client connection, as the request handlers see it.

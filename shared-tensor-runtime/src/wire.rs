@@ -7,8 +7,9 @@
 //! in any order, and many threads call at once over one connection.
 //!
 //! The conversation:
-//! 1. the client sends `Hello` (protocol version, process identity); the server answers
-//!    `Welcome` (its identity) or `Refused` (with the reason) and closes;
+//! 1. the handshake: `Hello`, `Challenge`, `Auth`, then `Welcome` (or `Refused` with the
+//!    reason, and the connection closes); both sides prove they share a secret (see
+//!    [`auth`](crate::auth)) before anything else is served;
 //! 2. the client sends `Request`s; the server answers each with one `Reply`;
 //! 3. either side sends `Release` when it has dropped the last tensor over storages the
 //!    other side lent it (leases).
@@ -20,6 +21,7 @@ use std::io::Read;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::auth::Bytes32;
 use crate::endpoint::EndpointInfo;
 use crate::error::{Error, Result};
 use crate::ipc::ProcessId;
@@ -42,9 +44,23 @@ pub struct Hello {
     pub protocol: u32,
     /// The client process.
     pub client: ProcessId,
+    /// The client's challenge to the server (see [`auth`](crate::auth)).
+    pub nonce: Bytes32,
 }
 
-/// The server's answer to a good `Hello`.
+/// The server's answer to `Hello`: its proofs over the client's nonce, and its own
+/// challenge.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Challenge {
+    /// The server's protocol version.
+    pub protocol: u32,
+    /// The server's challenge to the client.
+    pub nonce: Bytes32,
+    /// One proof per secret the server accepts.
+    pub proofs: Vec<Bytes32>,
+}
+
+/// The server's answer to a good `Auth`: the connection is open for requests.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Welcome {
     /// The server's protocol version.
@@ -142,8 +158,10 @@ pub enum Response {
 /// A message from client to server.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ClientMessage {
-    /// The handshake.
+    /// The handshake's first step.
     Hello(Hello),
+    /// The handshake's last step: the client's proof over the server's nonce.
+    Auth(Bytes32),
     /// A request, answered by the `Reply` with the same id.
     Request {
         /// Chosen by the client, unique among its pending requests.
@@ -158,6 +176,8 @@ pub enum ClientMessage {
 /// A message from server to client.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ServerMessage {
+    /// The handshake's second step.
+    Challenge(Challenge),
     /// The handshake succeeded.
     Welcome(Welcome),
     /// The handshake failed; the server closes the connection.
