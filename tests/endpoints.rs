@@ -339,3 +339,9 @@ pub fn slow_model(ms: u64) -> nn::Linear {
 pub fn on_device(index: usize) -> Tensor {
     Tensor::full([4], index as f64, (tch::Kind::Float, tch::Device::Cuda(index)))
 }
+
+/// A CUDA error inside an endpoint: an allocation no GPU has room for.
+#[share(execution = "direct", cache = false)]
+pub fn cuda_oom() -> Tensor {
+    Tensor::zeros([1 << 42], (tch::Kind::Float, tch::Device::Cuda(0)))
+}

@@ -149,3 +149,19 @@ fn a_freed_and_reused_block_is_never_read_stale() {
     assert_eq!(second.double_value(&[7]), 2.0, "the new data, not a stale view");
     assert_eq!(second.sum(Kind::Float).double_value(&[]), 2.0 * (1 << 20) as f64);
 }
+
+#[test]
+#[ignore = "GPU: runs in the GPU bundle (cargo xtask gpu-bundle)"]
+fn a_cuda_error_inside_an_endpoint_is_reported_and_the_server_keeps_serving() {
+    let dev = setup();
+    match endpoints::cuda_oom() {
+        Err(shared_tensor::Error::EndpointPanicked { endpoint, message }) => {
+            assert_eq!(endpoint, "cuda_oom");
+            assert!(message.contains("out of memory"), "{message}");
+            println!("a CUDA error in an endpoint reached its caller: {}", message.lines().next().unwrap_or_default());
+        }
+        other => panic!("{other:?}"),
+    }
+    let x = Tensor::ones([4], (Kind::Float, dev));
+    assert!(endpoints::identity(x.shallow_clone()).unwrap().equal(&x), "the server keeps serving");
+}

@@ -125,9 +125,18 @@ fn a_truncated_frame_then_a_hang_up_leaves_the_server_fine() {
 }
 
 #[test]
-fn silent_connections_are_dropped_after_the_handshake_timeout_without_blocking_others() {
-    let _silent: Vec<TcpStream> = (0..50).map(|_| raw()).collect();
+fn a_thousand_idle_connections_do_not_stop_others_from_being_served() {
+    // Half never say anything, half finish the handshake and then stay silent.
+    let mut idle: Vec<TcpStream> = (0..500).map(|_| raw()).collect();
+    for _ in 0..500 {
+        let mut s = raw();
+        hello(&mut s);
+        idle.push(s);
+    }
+    let started = std::time::Instant::now();
     still_serving();
+    println!("1,000 idle connections open; another client was served in {:?}", started.elapsed());
+    assert!(started.elapsed() < Duration::from_secs(5));
 }
 
 /// Sends a call and returns its reply, collecting the releases that come before it.

@@ -568,6 +568,16 @@ impl Client {
         }
     }
 
+    /// Removes managed objects from the server's registry whatever their references (an
+    /// operator's action): handles to them become stale, tensors already received stay
+    /// valid. Per id, whether it existed.
+    pub fn drop_objects(&self, ids: &[u64]) -> Result<Vec<bool>> {
+        match self.control(Request::DropObjects(ids.to_vec()))? {
+            Response::Released(r) => Ok(r),
+            other => Err(unexpected("DropObjects", &other)),
+        }
+    }
+
     /// A managed object's registry entry, if it exists.
     pub fn object_info(&self, id: u64) -> Result<Option<ObjectInfo>> {
         match self.control(Request::ObjectInfo(id))? {

@@ -562,6 +562,19 @@ impl Core {
             .collect()
     }
 
+    /// Drops objects whatever their references (operator action); true for each that existed.
+    pub(crate) fn drop_objects(&self, ids: &[u64]) -> Vec<bool> {
+        ids.iter()
+            .map(|id| match self.objects.drop_object(*id) {
+                Some(d) => {
+                    self.uncache(vec![d]);
+                    true
+                }
+                None => false,
+            })
+            .collect()
+    }
+
     /// Everything a departing holder (a closed connection) had.
     pub(crate) fn release_holder(&self, holder: Holder) {
         let destroyed = self.objects.release_holder(holder);

@@ -176,7 +176,7 @@ pub(crate) fn raise_open_files_limit() -> std::io::Result<u64> {
             return Err(std::io::Error::last_os_error());
         }
     }
-    Ok(lim.rlim_cur as u64)
+    Ok(lim.rlim_cur)
 }
 
 pub(crate) fn set_release_fn(f: ReleaseFn) {

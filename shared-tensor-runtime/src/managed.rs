@@ -148,6 +148,13 @@ impl Objects {
         Ok(Some(destroyed))
     }
 
+    /// Removes an object whatever its references (an operator's decision): handles to it
+    /// become stale; tensors they hold stay valid through their leases.
+    pub(crate) fn drop_object(&self, id: u64) -> Option<Destroyed> {
+        let obj = self.objects.lock().remove(&id)?;
+        Some(Destroyed { endpoint: obj.info.endpoint.clone(), cache_key: obj.info.cache_key.clone(), object_id: id })
+    }
+
     /// Releases every reference `holder` has (a connection closed). Returns what was destroyed.
     pub(crate) fn release_holder(&self, holder: Holder) -> Vec<Destroyed> {
         let ids: Vec<(u64, u64)> =

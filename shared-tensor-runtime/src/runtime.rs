@@ -184,6 +184,27 @@ pub fn serve_while_server() -> Result<()> {
     if rt.role() != Role::Server {
         return Ok(());
     }
+    wait_for_signal()?;
+    if let Some(server) = rt.server.lock().take() {
+        server.shutdown();
+    }
+    Ok(())
+}
+
+/// Blocks until SIGINT or SIGTERM, in any role: for a manual-mode server started with
+/// [`serve_in_background`], this makes it a blocking one.
+///
+/// ```no_run
+/// shared_tensor_runtime::runtime::serve_in_background(None)?;
+/// shared_tensor_runtime::runtime::serve_until_signal()
+/// # ;Ok::<(), shared_tensor_runtime::Error>(())
+/// ```
+pub fn serve_until_signal() -> Result<()> {
+    global()?;
+    wait_for_signal()
+}
+
+fn wait_for_signal() -> Result<()> {
     TOKIO.block_on(async {
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate()).map_err(|e| Error::io("waiting for SIGTERM", &e))?;
@@ -192,11 +213,7 @@ pub fn serve_while_server() -> Result<()> {
             _ = term.recv() => {}
         }
         Ok::<(), Error>(())
-    })?;
-    if let Some(server) = rt.server.lock().take() {
-        server.shutdown();
-    }
-    Ok(())
+    })
 }
 
 /// The process's client (client role): for manual requests to the server.

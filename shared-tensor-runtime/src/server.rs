@@ -79,6 +79,8 @@ pub struct ServerInfo {
     pub cache_entries: u64,
     /// GPU memory of the server process on its device (`None` without CUDA).
     pub gpu_memory: Option<crate::cuda::MemoryStats>,
+    /// Resident host memory of the server process, in bytes.
+    pub host_rss_bytes: u64,
 }
 
 pub(crate) struct ServerState {
@@ -114,8 +116,18 @@ impl ServerState {
             gpu_memory: (crate::cuda::device_count() > 0)
                 .then(|| crate::cuda::memory_stats(self.device_index).ok())
                 .flatten(),
+            host_rss_bytes: resident_bytes(),
         }
     }
+}
+
+/// Resident memory of this process (Linux `/proc/self/statm`), 0 if unreadable.
+fn resident_bytes() -> u64 {
+    let pages = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()))
+        .unwrap_or(0);
+    pages * 4096
 }
 
 /// A running server. Dropping it stops accepting connections; [`ServerHandle::shutdown`]
@@ -416,6 +428,7 @@ impl Conn {
             Request::CancelTask(task) => core.tasks.get(task).map(|t| Response::Cancelled(t.cancel())),
             Request::ListTasks(status) => Ok(Response::Tasks(core.tasks.list(status))),
             Request::ReleaseObjects(ids) => Ok(Response::Released(core.release_objects(&ids, self.holder()))),
+            Request::DropObjects(ids) => Ok(Response::Released(core.drop_objects(&ids))),
             Request::ObjectInfo(object) => Ok(Response::ObjectInfo(core.objects.info(object))),
             Request::ListObjects => Ok(Response::Objects(core.objects.list())),
             Request::InvalidateEndpoint(endpoint) => {

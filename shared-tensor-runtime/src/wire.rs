@@ -106,6 +106,8 @@ pub enum Request {
     ListTasks(Option<TaskStatus>),
     /// Release one reference each to these managed objects.
     ReleaseObjects(Vec<u64>),
+    /// Remove managed objects whatever their references (an operator's decision).
+    DropObjects(Vec<u64>),
     /// One managed object's registry entry.
     ObjectInfo(u64),
     /// All managed objects.
@@ -231,6 +233,20 @@ pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T> {
     rmp_serde::from_slice(body).map_err(|e| Error::Protocol(format!("malformed message: {e}")))
 }
 
+/// Reads every frame of `bytes` and decodes each as both message kinds, discarding the
+/// outcome: the fuzzers' entry point. Any result but a panic is correct.
+#[doc(hidden)]
+pub fn fuzz_decode(bytes: &[u8]) {
+    let mut cursor = std::io::Cursor::new(bytes);
+    let mut buf = Vec::new();
+    while read_frame(&mut cursor, &mut buf).is_ok() {
+        assert!(buf.len() <= MAX_FRAME_BYTES);
+        let _ = decode::<ClientMessage>(&buf);
+        let _ = decode::<ServerMessage>(&buf);
+    }
+    let _ = decode::<ClientMessage>(bytes);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -269,5 +285,62 @@ mod tests {
         let short = [0u8, 0, 0, 10, 1, 2];
         assert!(read_frame(&mut std::io::Cursor::new(short), &mut buf).is_err());
         assert!(matches!(decode::<ClientMessage>(&[0xc1, 0xff, 0x00]), Err(Error::Protocol(_))));
+    }
+
+    /// A valid request frame to corrupt.
+    fn sample_frames() -> Vec<u8> {
+        use crate::ipc::{DType, GpuId, ProcessId, StorageDescriptor, TensorView};
+        use crate::payload::{WireStorage, WireTensor};
+        let args = WirePayload {
+            storages: vec![WireStorage::Shared {
+                storage: StorageDescriptor {
+                    handle: vec![2, b'c', 9, 9, 9],
+                    offset: 0,
+                    nbytes: 16,
+                    device: GpuId { index: 0, uuid: [1; 16] },
+                    producer: ProcessId { pid: 1, instance: 2 },
+                },
+                lease: 3,
+            }],
+            tensors: vec![WireTensor {
+                storage: 0,
+                view: TensorView {
+                    dtype: DType::F32,
+                    sizes: vec![4],
+                    strides: vec![1],
+                    storage_offset: 0,
+                    requires_grad: false,
+                },
+            }],
+            ready: vec![],
+            root: Node::Seq(vec![Node::Tensor(0), Node::Data(vec![1, 2])]),
+        };
+        let mut out = Vec::new();
+        write_frame(
+            &ClientMessage::Request { id: 1, request: Request::Call { endpoint: "identity".into(), args } },
+            &mut out,
+        )
+        .unwrap();
+        write_frame(&ClientMessage::Release(vec![1, 2, 3]), &mut out).unwrap();
+        out
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            fuzz_decode(&bytes);
+        }
+
+        #[test]
+        fn corrupted_frames_never_panic(flips in proptest::collection::vec((0usize..4096, proptest::prelude::any::<u8>()), 1..8)) {
+            let mut bytes = sample_frames();
+            let n = bytes.len();
+            for (at, value) in flips {
+                bytes[at % n] = value;
+            }
+            fuzz_decode(&bytes);
+        }
     }
 }

@@ -14,7 +14,12 @@ fn main() -> shared_tensor::Result<()> {
         println!("WAITED {}", model.object_id());
         return Ok(());
     }
+    if let Ok(calls) = std::env::var("ST_TEST_LOAD_CALLS") {
+        return load(device, calls.parse().unwrap());
+    }
     let mb: i64 = std::env::var("ST_TEST_MB").ok().and_then(|v| v.parse().ok()).unwrap_or(64);
+    // A managed object held by this client: released with its connection when it dies.
+    let _model = endpoints::slow_model(0)?;
     let mut held = Vec::new();
     let factor = Tensor::from(3.0f32).to_device(device);
     loop {
@@ -25,4 +30,30 @@ fn main() -> shared_tensor::Result<()> {
         }
         println!("HOLDING {}", held.len());
     }
+}
+
+/// 4 threads × `calls` calls, mixing identity, a cached result, a managed handle and a
+/// task; prints `DONE <calls> <failures>`.
+fn load(device: tch::Device, calls: usize) -> shared_tensor::Result<()> {
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            std::thread::spawn(move || {
+                let x = Tensor::ones([4], (Kind::Float, device));
+                let mut failures = 0usize;
+                for i in 0..calls {
+                    let ok = match (i + t) % 4 {
+                        0 => endpoints::identity(x.shallow_clone()).is_ok(),
+                        1 => endpoints::cached_tensor().is_ok(),
+                        2 => endpoints::tied_model().is_ok(),
+                        _ => endpoints::trivial_task::submit().and_then(|task| task.wait()).is_ok(),
+                    };
+                    failures += usize::from(!ok);
+                }
+                failures
+            })
+        })
+        .collect();
+    let failures: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    println!("DONE {} {failures}", calls * 4);
+    Ok(())
 }

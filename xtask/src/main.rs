@@ -46,6 +46,12 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
     },
+    /// Fuzz the frame reader and message decoders with libFuzzer (nightly, cargo-fuzz).
+    Fuzz {
+        /// How many inputs to run.
+        #[arg(long, default_value_t = 1_000_000)]
+        runs: u64,
+    },
     /// Run any cargo command with the libtorch environment (e.g. `cargo xtask cargo clippy`).
     Cargo {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -90,6 +96,7 @@ fn run(cmd: Cmd) -> Result<ExitCode, String> {
         Cmd::Demo { example } => demo(&lt, &example),
         Cmd::GpuBundle => bundle::build(&lt),
         Cmd::Bench { quick } => bench(&lt, quick),
+        Cmd::Fuzz { runs } => fuzz(&lt, runs),
     }
 }
 
@@ -149,6 +156,26 @@ fn bench(lt: &Libtorch, quick: bool) -> Result<ExitCode, String> {
     if quick {
         cmd.arg("--quick");
     }
+    status_of(cmd)
+}
+
+fn fuzz(lt: &Libtorch, runs: u64) -> Result<ExitCode, String> {
+    let installed = Command::new("cargo").args(["fuzz", "--version"]).output().is_ok_and(|o| o.status.success());
+    if !installed {
+        eprintln!("xtask: installing cargo-fuzz");
+        status_of({
+            let mut c = Command::new("cargo");
+            c.args(["install", "cargo-fuzz", "--locked"]);
+            c
+        })?;
+    }
+    // The rustup proxy (not $CARGO, which is one toolchain's binary) understands +nightly.
+    let mut cmd = Command::new("cargo");
+    cmd.envs(lt.envs())
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .current_dir("shared-tensor-runtime")
+        .args(["+nightly", "fuzz", "run", "decode", "--sanitizer", "none", "--"])
+        .arg(format!("-runs={runs}"));
     status_of(cmd)
 }
 

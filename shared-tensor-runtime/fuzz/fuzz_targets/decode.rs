@@ -1,0 +1,6 @@
+//! The frame reader and the message decoders on arbitrary bytes: errors, never panics.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    shared_tensor_runtime::wire::fuzz_decode(data);
+});

@@ -1,0 +1,275 @@
+//! `shared-tensor`: look inside a running shared-tensor server.
+//!
+//! ```text
+//! shared-tensor ping | info | endpoints | tasks [--status S] | objects | release ID... | invalidate ENDPOINT [--key K]
+//!               [--base-port P] [--device D] [--json]
+//! ```
+//! The server is found like the library finds it: `127.0.0.1:(base port + device)`, with
+//! `SHARED_TENSOR_BASE_PORT` (default 2537) and `SHARED_TENSOR_DEVICE` (default 0 here).
+
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+use shared_tensor::client::Client;
+use shared_tensor::config::Config;
+use shared_tensor::task::TaskStatus;
+
+#[derive(Parser)]
+#[command(name = "shared-tensor", version, about = "Look inside a running shared-tensor server")]
+struct Cli {
+    /// Base port (default: SHARED_TENSOR_BASE_PORT, else 2537).
+    #[arg(long, global = true)]
+    base_port: Option<u16>,
+    /// CUDA device whose server to ask (default: SHARED_TENSOR_DEVICE, else 0).
+    #[arg(long, global = true)]
+    device: Option<u32>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Round-trip time to the server.
+    Ping,
+    /// Identity, uptime, counters, memory.
+    Info,
+    /// The endpoints and their options.
+    Endpoints,
+    /// Tasks, optionally of one status (pending, running, completed, failed, cancelled).
+    Tasks {
+        #[arg(long)]
+        status: Option<TaskStatus>,
+    },
+    /// Managed objects.
+    Objects,
+    /// Remove managed objects from the server's registry (their handles become stale;
+    /// tensors already received stay valid).
+    Release {
+        #[arg(required = true)]
+        ids: Vec<u64>,
+    },
+    /// Drop an endpoint's cache entries (or one, with --key); handles stay valid.
+    Invalidate {
+        endpoint: String,
+        #[arg(long)]
+        key: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("shared-tensor: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn print_json<T: Serialize>(value: &T) -> shared_tensor::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value).unwrap_or_else(|e| format!("\"{e}\"")));
+    Ok(())
+}
+
+/// Left-aligned columns.
+fn table(headers: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let parts: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        println!("{}", parts.join("  ").trim_end());
+    };
+    line(headers.iter().map(|h| h.to_string()).collect());
+    if rows.is_empty() {
+        println!("(none)");
+    }
+    for row in rows {
+        line(row);
+    }
+}
+
+fn ago(t: Option<SystemTime>) -> String {
+    match t.and_then(|t| SystemTime::now().duration_since(t).ok()) {
+        Some(d) if d < Duration::from_secs(120) => format!("{:.1} s ago", d.as_secs_f64()),
+        Some(d) => format!("{} min ago", d.as_secs() / 60),
+        None => "-".into(),
+    }
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+fn run(cli: &Cli) -> shared_tensor::Result<()> {
+    let mut config = Config::from_env()?.connect_timeout(Duration::ZERO).call_timeout(Duration::from_secs(10));
+    if let Some(port) = cli.base_port {
+        config = config.base_port(port);
+    }
+    // No CUDA probe here: the device picks the port only.
+    config = config
+        .device_index(cli.device.or_else(|| std::env::var("SHARED_TENSOR_DEVICE").ok()?.parse().ok()).unwrap_or(0));
+    let client = Client::new(&config)?;
+    match &cli.command {
+        Cmd::Ping => {
+            let rtt = client.ping()?;
+            if cli.json {
+                print_json(
+                    &serde_json::json!({ "address": client.addr().to_string(), "rtt_us": rtt.as_secs_f64() * 1e6 }),
+                )?;
+            } else {
+                println!("pong from {} in {:.0} µs", client.addr(), rtt.as_secs_f64() * 1e6);
+            }
+        }
+        Cmd::Info => {
+            let i = client.server_info()?;
+            if cli.json {
+                return print_json(&i);
+            }
+            let c = &i.counters;
+            let gpu = i.gpu_memory.map_or("-".into(), |m| {
+                format!(
+                    "{} allocated, {} reserved, {} free of {}",
+                    mib(m.allocated_bytes),
+                    mib(m.reserved_bytes),
+                    mib(m.free_bytes),
+                    mib(m.total_bytes)
+                )
+            });
+            let tasks: Vec<String> = i.tasks.iter().map(|(s, n)| format!("{n} {s}")).collect();
+            table(
+                &["", ""],
+                vec![
+                    vec!["address".into(), i.address.clone()],
+                    vec!["server id".into(), format!("{:016x}", i.server_id)],
+                    vec!["version".into(), format!("shared-tensor {} (protocol {})", i.version, i.protocol)],
+                    vec!["pid".into(), i.pid.to_string()],
+                    vec!["uptime".into(), format!("{:.1} s", i.uptime_ms as f64 / 1e3)],
+                    vec!["device".into(), format!("cuda:{}", i.device_index)],
+                    vec!["endpoints".into(), i.endpoints.len().to_string()],
+                    vec!["connections".into(), i.connections.to_string()],
+                    vec!["requests".into(), format!("{} ({} failed)", c.requests, c.errors)],
+                    vec![
+                        "cache".into(),
+                        format!("{} entries, {} hits, {} misses", i.cache_entries, c.cache_hits, c.cache_misses),
+                    ],
+                    vec!["singleflight joins".into(), c.singleflight_joins.to_string()],
+                    vec!["tasks".into(), if tasks.is_empty() { "none".into() } else { tasks.join(", ") }],
+                    vec!["managed objects".into(), i.managed_objects.to_string()],
+                    vec!["leases".into(), format!("{} lent, {} held from clients", i.live_leases, i.imported_storages)],
+                    vec!["shared".into(), format!("{} of GPU memory handed out", mib(c.bytes_shared))],
+                    vec!["GPU memory".into(), gpu],
+                    vec!["host memory".into(), mib(i.host_rss_bytes)],
+                ],
+            );
+        }
+        Cmd::Endpoints => {
+            let e = client.list_endpoints()?;
+            if cli.json {
+                return print_json(&e);
+            }
+            let yes = |b: bool| if b { "yes" } else { "no" }.to_string();
+            table(
+                &[
+                    "endpoint",
+                    "parameters",
+                    "execution",
+                    "concurrency",
+                    "cache",
+                    "cache key",
+                    "singleflight",
+                    "managed",
+                ],
+                e.into_iter()
+                    .map(|e| {
+                        vec![
+                            e.name,
+                            e.params.join(", "),
+                            format!("{:?}", e.execution).to_lowercase(),
+                            format!("{:?}", e.concurrency).to_lowercase(),
+                            yes(e.cache),
+                            e.cache_key.unwrap_or_else(|| if e.cache { "(endpoint)".into() } else { "-".into() }),
+                            yes(e.singleflight),
+                            yes(e.managed),
+                        ]
+                    })
+                    .collect(),
+            );
+        }
+        Cmd::Tasks { status } => {
+            let t = client.list_tasks(*status)?;
+            if cli.json {
+                return print_json(&t);
+            }
+            table(
+                &["id", "endpoint", "status", "submitted", "started", "finished", "progress", "error"],
+                t.into_iter()
+                    .map(|t| {
+                        vec![
+                            t.id.to_string(),
+                            t.endpoint,
+                            format!("{:?}", t.status).to_lowercase(),
+                            ago(Some(t.submitted_at)),
+                            ago(t.started_at),
+                            ago(t.finished_at),
+                            t.progress.map_or("-".into(), |p| format!("{:.0}% {}", p.fraction * 100.0, p.message)),
+                            t.error.unwrap_or_else(|| "-".into()),
+                        ]
+                    })
+                    .collect(),
+            );
+        }
+        Cmd::Objects => {
+            let o = client.list_objects()?;
+            if cli.json {
+                return print_json(&o);
+            }
+            table(
+                &["id", "endpoint", "cache key", "refcount", "created", "last access"],
+                o.into_iter()
+                    .map(|o| {
+                        vec![
+                            o.object_id.to_string(),
+                            o.endpoint,
+                            o.cache_key.unwrap_or_else(|| "-".into()),
+                            o.refcount.to_string(),
+                            ago(Some(o.created_at)),
+                            ago(Some(o.last_accessed_at)),
+                        ]
+                    })
+                    .collect(),
+            );
+        }
+        Cmd::Release { ids } => {
+            let done = client.drop_objects(ids)?;
+            if cli.json {
+                let out: Vec<_> =
+                    ids.iter().zip(&done).map(|(id, r)| serde_json::json!({"id": id, "released": r})).collect();
+                return print_json(&out);
+            }
+            for (id, released) in ids.iter().zip(done) {
+                println!("object {id}: {}", if released { "released" } else { "no such object (nothing done)" });
+            }
+        }
+        Cmd::Invalidate { endpoint, key } => {
+            let n = match key {
+                Some(k) => u64::from(client.invalidate_cache_key(endpoint, k)?),
+                None => client.invalidate_endpoint_cache(endpoint)?,
+            };
+            if cli.json {
+                return print_json(&serde_json::json!({ "endpoint": endpoint, "invalidated": n }));
+            }
+            println!("{endpoint}: {n} cache entr{} dropped", if n == 1 { "y" } else { "ies" });
+        }
+    }
+    Ok(())
+}
