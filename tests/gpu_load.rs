@@ -29,9 +29,25 @@ fn sixteen_processes_of_mixed_calls_fail_nothing_and_leave_nothing() {
         let done = done.clone();
         std::thread::spawn(move || {
             let mut samples = Vec::new();
+            let started = Instant::now();
             while !done.load(Ordering::Relaxed) {
                 if let Ok(i) = shared_tensor::server_info() {
                     samples.push((i.host_rss_bytes, i.gpu_memory.map_or(0, |m| m.allocated_bytes)));
+                    // Progress every 10 s, so a slow or stuck run shows where it is.
+                    if samples.len() % 50 == 0 {
+                        println!(
+                            "[{:>4.0?}] {} requests, {} errors, {} connections, {} leases, tasks {:?}, {} managed, \
+                             host {} MiB",
+                            started.elapsed(),
+                            i.counters.requests,
+                            i.counters.errors,
+                            i.connections,
+                            i.live_leases,
+                            i.tasks,
+                            i.managed_objects,
+                            i.host_rss_bytes >> 20
+                        );
+                    }
                 }
                 std::thread::sleep(Duration::from_millis(200));
             }

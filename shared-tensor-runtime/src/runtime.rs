@@ -124,6 +124,7 @@ impl Runtime {
         let shared = self.config.shared_token.as_deref();
         let handle = server::start(TOKIO.handle(), self.core.clone(), registry, port, device, shared)?;
         let addr = handle.addr();
+        watch_signals();
         let mut slot = self.server.lock();
         if slot.is_none() {
             *slot = Some(handle);
@@ -204,16 +205,62 @@ pub fn serve_until_signal() -> Result<()> {
     wait_for_signal()
 }
 
+/// How long a serving process's own work may run on after the first SIGINT or SIGTERM
+/// before the process exits anyway (a second signal exits at once).
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// Woken by the first SIGINT or SIGTERM (a permit is kept if nobody waits yet).
+static STOP: Lazy<tokio::sync::Notify> = Lazy::new(tokio::sync::Notify::new);
+/// Whether the program has reached [`serve_while_server`] or [`serve_until_signal`].
+static WAITING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Takes over SIGINT and SIGTERM in a process that serves, once. The first signal makes
+/// [`serve_while_server`] / [`serve_until_signal`] return; a program still busy with its
+/// own calls when it arrives gets [`STOP_GRACE`] to reach them (so a server killed during
+/// its own start-up work finishes it and exits 0 instead of dying mid-call); after that,
+/// or on a second signal, the process exits at once with 128 + the signal's number.
+fn watch_signals() {
+    use std::sync::atomic::Ordering;
+    use tokio::signal::unix::{signal, SignalKind};
+    static WATCHING: std::sync::Once = std::sync::Once::new();
+    WATCHING.call_once(|| {
+        let _context = TOKIO.enter();
+        let (mut int, mut term) = match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+            (Ok(int), Ok(term)) => (int, term),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::warn!(error = %e, "cannot take over SIGINT/SIGTERM; they will end the process abruptly");
+                return;
+            }
+        };
+        TOKIO.spawn(async move {
+            let first = tokio::select! { _ = int.recv() => 130, _ = term.recv() => 143 };
+            STOP.notify_one();
+            if !WAITING.load(Ordering::SeqCst) {
+                tracing::warn!(
+                    "stop signal received while the program's own work runs: it has {STOP_GRACE:?} to finish \
+                     and reach serve_while_server; a second signal exits now"
+                );
+            }
+            let code = tokio::select! {
+                _ = int.recv() => 130,
+                _ = term.recv() => 143,
+                _ = tokio::time::sleep(STOP_GRACE) => {
+                    if WAITING.load(Ordering::SeqCst) {
+                        return; // the program stopped serving itself and is finishing
+                    }
+                    first
+                }
+            };
+            std::process::exit(code);
+        });
+    });
+}
+
 fn wait_for_signal() -> Result<()> {
-    TOKIO.block_on(async {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate()).map_err(|e| Error::io("waiting for SIGTERM", &e))?;
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        Ok::<(), Error>(())
-    })
+    watch_signals();
+    WAITING.store(true, std::sync::atomic::Ordering::SeqCst);
+    TOKIO.block_on(STOP.notified());
+    Ok(())
 }
 
 /// The process's client (client role): for manual requests to the server.

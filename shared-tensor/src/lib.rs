@@ -1,48 +1,19 @@
-//! # shared-tensor
+#![doc = include_str!("../../README.md")]
 //!
-//! Hand CUDA tensors and CUDA modules from one process to another on the same host and
-//! the same GPU with **zero copies** (CUDA IPC through libtorch), behind plain Rust
-//! functions.
+//! ## API map
 //!
-//! Annotate functions with [`share`], build one binary, run it twice:
-//!
-//! ```no_run
-//! use shared_tensor::share;
-//! use tch::{Kind, Tensor};
-//!
-//! #[share(cache = false)]
-//! fn identity(tensor: Tensor) -> Tensor {
-//!     tensor
-//! }
-//!
-//! #[share(execution = "direct", cache = false)]
-//! fn scale_tensor(tensor: Tensor, factor: Tensor) -> Tensor {
-//!     &tensor * &factor
-//! }
-//!
-//! fn main() -> shared_tensor::Result<()> {
-//!     let device = shared_tensor::cuda::device()?; // a clear error without a GPU
-//!     let x = Tensor::ones([1, 4], (Kind::Float, device));
-//!     let y = identity(x.shallow_clone())?; // the same line in every role
-//!     let z = scale_tensor(x, Tensor::from(2.0f32).to_device(device))?;
-//!     println!("{y} {z}");
-//!     let task = identity::submit(y)?; // the task companion
-//!     let _echoed = task.wait()?;
-//!     shared_tensor::serve_while_server() // serves until SIGINT/SIGTERM in the server role
-//! }
-//! ```
-//!
-//! - `SHARED_TENSOR_ROLE=server ./app` runs its own calls locally and serves them to
-//!   other processes on `127.0.0.1:(SHARED_TENSOR_BASE_PORT or 2537) + device index`;
-//! - `./app` (the client role) turns the same calls into requests to that server, and the
-//!   tensors it gets back are views of the server's GPU memory;
-//! - `SHARED_TENSOR_ROLE=local ./app` runs everything in one process.
-//!
-//! CPU tensors, non-CUDA results, other hosts and any silent CPU fallback are out of
-//! scope: they fail with an [`Error`] that says what to do.
-//!
-//! The modules: [`config`] (roles, ports), [`cuda`], [`ipc`] (the raw codec), [`payload`]
-//! (what may cross), [`client`](mod@client) and [`server`] (manual mode), [`task`](mod@task), [`managed`].
+//! - [`share`] turns a function into an endpoint; [`Payload`](macro@Payload) makes your
+//!   types cross; [`Managed`] and [`TaskHandle`] are what managed calls and `submit` return.
+//! - Control functions, the same in every role: [`list_endpoints`], [`list_tasks`],
+//!   [`task_info`], [`wait_for_task`], [`cancel_task`], [`list_objects`], [`object_info`],
+//!   [`release_many`], [`invalidate_endpoint_cache`], [`invalidate_cache_key`],
+//!   [`server_info`], [`ping`], [`role`].
+//! - Process set-up: [`configure`], [`serve_while_server`], [`serve_in_background`],
+//!   [`serve_until_signal`].
+//! - Modules: [`config`] (roles, ports, variables), [`cuda`], [`ipc`] (the raw codec),
+//!   [`payload`] (what may cross), [`client`](mod@client) and [`server`] (manual mode),
+//!   [`task`](mod@task), [`managed`], [`auth`], [`wire`], [`endpoint`].
+//! - Every fallible call returns [`Result`]; each [`Error`] variant says what to do.
 
 #![warn(missing_docs)]
 

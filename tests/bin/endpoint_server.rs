@@ -5,6 +5,10 @@
 //! - `ST_TEST_SERVER=manual`: manual mode in the local role (no GPU needed); serves until
 //!   its stdin closes.
 //!
+//! - `ST_TEST_SERVER=busy`: manual mode in the local role that, once serving, runs "its
+//!   own work" for `ST_TEST_BUSY_MS` (prints `WORK DONE`), then serves until SIGINT or
+//!   SIGTERM (prints `STOPPED`): for the stop-signal tests.
+//!
 //! Prints `READY <port>` once it accepts connections. Either way it exits when its stdin
 //! closes, so it never outlives the test that started it (even one that panicked or
 //! kept it in a static).
@@ -26,6 +30,18 @@ fn exit_with_parent() {
 
 fn main() -> shared_tensor::Result<()> {
     let mode = std::env::var("ST_TEST_SERVER").unwrap_or_else(|_| "role".into());
+    if mode == "busy" {
+        shared_tensor::configure(Config::from_env()?.role(Role::Local))?;
+        let addr = shared_tensor::serve_in_background(None)?;
+        println!("READY {}", addr.port());
+        exit_with_parent();
+        let ms = std::env::var("ST_TEST_BUSY_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(1500);
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+        println!("WORK DONE");
+        shared_tensor::serve_until_signal()?;
+        println!("STOPPED");
+        return Ok(());
+    }
     if mode == "manual" {
         let config = Config::from_env()?.role(Role::Local);
         shared_tensor::configure(config)?;

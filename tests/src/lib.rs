@@ -103,6 +103,17 @@ impl Peer {
         self.child.wait().map(|s| s.success()).unwrap_or(false)
     }
 
+    /// Waits for the peer to exit and returns its exit code (`None`: killed by a signal).
+    pub fn wait_code(mut self) -> Option<i32> {
+        self.child.wait().ok().and_then(|s| s.code())
+    }
+
+    /// Sends `signal` (a name `kill` understands: TERM, INT, KILL, ...) to the peer.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill").arg(format!("-{signal}")).arg(self.child.id().to_string()).status();
+        assert!(status.is_ok_and(|s| s.success()), "kill -{signal} {} failed", self.child.id());
+    }
+
     /// The peer's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()

@@ -1,0 +1,51 @@
+//! Stop signals in a serving process: SIGTERM during the program's own work lets that work
+//! finish and the process exit 0 once it reaches `serve_until_signal`; a second signal exits
+//! at once with 128 + its number. No GPU needed (manual mode in the local role).
+
+use shared_tensor_tests::{free_port, helper_bin, Peer};
+
+fn busy_server(busy_ms: u64) -> Peer {
+    let exe = helper_bin("endpoint_server", env!("CARGO_BIN_EXE_endpoint_server"));
+    let (port, busy) = (free_port().to_string(), busy_ms.to_string());
+    let mut peer = Peer::spawn(
+        &exe,
+        &[
+            ("ST_TEST_SERVER", "busy"),
+            ("ST_TEST_BUSY_MS", &busy),
+            ("SHARED_TENSOR_BASE_PORT", &port),
+            ("SHARED_TENSOR_DEVICE", "0"),
+        ],
+    );
+    assert_eq!(peer.expect_line("READY"), port);
+    peer
+}
+
+#[test]
+fn sigterm_during_the_programs_own_work_lets_it_finish_and_exit_zero() {
+    let mut server = busy_server(1500);
+    server.signal("TERM");
+    server.expect_line("WORK DONE");
+    server.expect_line("STOPPED");
+    assert_eq!(server.wait_code(), Some(0));
+}
+
+#[test]
+fn sigterm_while_serving_stops_serving_and_exits_zero() {
+    let mut server = busy_server(0);
+    server.expect_line("WORK DONE");
+    std::thread::sleep(std::time::Duration::from_millis(200)); // let it reach serve_until_signal
+    server.signal("TERM");
+    server.expect_line("STOPPED");
+    assert_eq!(server.wait_code(), Some(0));
+}
+
+#[test]
+fn a_second_signal_exits_at_once_with_128_plus_its_number() {
+    let started = std::time::Instant::now();
+    let server = busy_server(60_000);
+    server.signal("TERM");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    server.signal("INT");
+    assert_eq!(server.wait_code(), Some(130), "exit code after SIGTERM then SIGINT");
+    assert!(started.elapsed().as_secs() < 30, "the second signal did not end the 60 s of work");
+}
