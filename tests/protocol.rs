@@ -12,8 +12,8 @@ use std::time::Duration;
 use shared_tensor::auth::{self, Side};
 use shared_tensor::client::Client;
 use shared_tensor::config::{Config, Role};
-use shared_tensor::ipc::{DType, GpuId, ProcessId, StorageDescriptor, TensorView};
-use shared_tensor::payload::{Node, WirePayload, WireStorage, WireTensor};
+use shared_tensor::ipc::ProcessId;
+use shared_tensor::payload::{Node, WirePayload};
 use shared_tensor::wire::{self, ClientMessage, Hello, Request, Response, ServerMessage, PROTOCOL_VERSION};
 use shared_tensor::Error;
 use shared_tensor_tests::free_port;
@@ -172,30 +172,8 @@ fn bad_calls_get_error_replies_on_a_connection_that_stays_up() {
     let not_a_seq = WirePayload::plain(Node::Unit);
     assert!(matches!(call(&mut s, 3, "noop", not_a_seq, &mut released), Err(Error::BadArguments { .. })));
     // A descriptor whose IPC handle is garbage is refused before any tensor is built.
-    let bogus = WirePayload {
-        storages: vec![WireStorage::Shared {
-            storage: StorageDescriptor {
-                handle: vec![7; 66],
-                offset: 0,
-                nbytes: 16,
-                device: GpuId { index: 0, uuid: [1; 16] },
-                producer: ProcessId { pid: 1, instance: 1 },
-            },
-            lease: 1,
-        }],
-        tensors: vec![WireTensor {
-            storage: 0,
-            view: TensorView {
-                dtype: DType::F32,
-                sizes: vec![4],
-                strides: vec![1],
-                storage_offset: 0,
-                requires_grad: false,
-            },
-        }],
-        ready: vec![],
-        root: Node::Seq(vec![Node::Tensor(0)]),
-    };
+    let bogus =
+        wire::one_shared_f32x4(vec![7; 66], ProcessId { pid: 1, instance: 1 }, Node::Seq(vec![Node::Tensor(0)]));
     match call(&mut s, 4, "identity", bogus, &mut released) {
         Err(Error::CudaUnavailable { .. } | Error::Cuda { .. } | Error::DeviceNotVisible { .. }) => {}
         other => panic!("{other:?}"),

@@ -233,6 +233,39 @@ pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T> {
     rmp_serde::from_slice(body).map_err(|e| Error::Protocol(format!("malformed message: {e}")))
 }
 
+/// Call arguments holding one shared `f32[4]` tensor (16 bytes at offset 0 of a storage
+/// on device 0) over the IPC `handle`, lent as lease 1..: sample input for the decoder
+/// fuzzer, the property tests and the protocol tests. `root` refers to it as `Tensor(0)`.
+#[doc(hidden)]
+pub fn one_shared_f32x4(handle: Vec<u8>, producer: crate::ipc::ProcessId, root: crate::payload::Node) -> WirePayload {
+    use crate::ipc::{DType, GpuId, StorageDescriptor, TensorView};
+    use crate::payload::{WireStorage, WireTensor};
+    WirePayload {
+        storages: vec![WireStorage::Shared {
+            storage: StorageDescriptor {
+                handle,
+                offset: 0,
+                nbytes: 16,
+                device: GpuId { index: 0, uuid: [1; 16] },
+                producer,
+            },
+            lease: 1,
+        }],
+        tensors: vec![WireTensor {
+            storage: 0,
+            view: TensorView {
+                dtype: DType::F32,
+                sizes: vec![4],
+                strides: vec![1],
+                storage_offset: 0,
+                requires_grad: false,
+            },
+        }],
+        ready: vec![],
+        root,
+    }
+}
+
 /// Reads every frame of `bytes` and decodes each as both message kinds, discarding the
 /// outcome: the fuzzers' entry point. Any result but a panic is correct.
 #[doc(hidden)]
@@ -289,32 +322,12 @@ mod tests {
 
     /// A valid request frame to corrupt.
     fn sample_frames() -> Vec<u8> {
-        use crate::ipc::{DType, GpuId, ProcessId, StorageDescriptor, TensorView};
-        use crate::payload::{WireStorage, WireTensor};
-        let args = WirePayload {
-            storages: vec![WireStorage::Shared {
-                storage: StorageDescriptor {
-                    handle: vec![2, b'c', 9, 9, 9],
-                    offset: 0,
-                    nbytes: 16,
-                    device: GpuId { index: 0, uuid: [1; 16] },
-                    producer: ProcessId { pid: 1, instance: 2 },
-                },
-                lease: 3,
-            }],
-            tensors: vec![WireTensor {
-                storage: 0,
-                view: TensorView {
-                    dtype: DType::F32,
-                    sizes: vec![4],
-                    strides: vec![1],
-                    storage_offset: 0,
-                    requires_grad: false,
-                },
-            }],
-            ready: vec![],
-            root: Node::Seq(vec![Node::Tensor(0), Node::Data(vec![1, 2])]),
-        };
+        let producer = crate::ipc::ProcessId { pid: 1, instance: 2 };
+        let args = one_shared_f32x4(
+            vec![2, b'c', 9, 9, 9],
+            producer,
+            Node::Seq(vec![Node::Tensor(0), Node::Data(vec![1, 2])]),
+        );
         let mut out = Vec::new();
         write_frame(
             &ClientMessage::Request { id: 1, request: Request::Call { endpoint: "identity".into(), args } },
