@@ -31,9 +31,23 @@ use crate::error::{Error, Result};
 use crate::ffi;
 
 /// A 32-byte random value or proof.
+///
+/// ```
+/// use shared_tensor_runtime::auth::{nonce, Bytes32};
+/// let n: Bytes32 = nonce();
+/// let raw: [u8; 32] = *n;
+/// assert_eq!(n, raw);
+/// ```
 pub type Bytes32 = serde_bytes::ByteArray<32>;
 
 /// Who proves: the two sides use different labels, so a proof cannot be replayed back.
+///
+/// ```
+/// use shared_tensor_runtime::auth::{Secret, Side};
+/// let secret = Secret::shared("team-token");
+/// let nonce = [1u8; 32];
+/// assert_ne!(secret.proof(Side::Server, &nonce), secret.proof(Side::Client, &nonce));
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Side {
     /// The server's proof.
@@ -62,6 +76,12 @@ impl std::fmt::Debug for Secret {
 
 impl Secret {
     /// A secret from a shared string (`SHARED_TENSOR_TOKEN`).
+    ///
+    /// ```
+    /// use shared_tensor_runtime::auth::Secret;
+    /// let secret = Secret::shared("team-token");
+    /// assert_eq!(format!("{secret:?}"), "Secret(..)"); // never printed
+    /// ```
     pub fn shared(token: &str) -> Secret {
         Secret(token.as_bytes().to_vec())
     }
@@ -77,17 +97,38 @@ impl Secret {
     }
 
     /// The proof that `side` knows this secret, for the other side's nonce.
+    ///
+    /// ```
+    /// use shared_tensor_runtime::auth::{nonce, Secret, Side};
+    /// let client_nonce = nonce(); // sent by the client in Hello
+    /// let proof = Secret::shared("team-token").proof(Side::Server, &client_nonce);
+    /// assert_eq!(proof.len(), 32);
+    /// ```
     pub fn proof(&self, side: Side, nonce: &[u8; 32]) -> Bytes32 {
         Bytes32::new(self.mac(side, nonce).finalize().into_bytes().into())
     }
 
     /// Checks a proof (in constant time).
+    ///
+    /// ```
+    /// use shared_tensor_runtime::auth::{nonce, Secret, Side};
+    /// let (ours, theirs) = (Secret::shared("team-token"), Secret::shared("another"));
+    /// let n = nonce();
+    /// assert!(ours.verify(Side::Client, &n, &ours.proof(Side::Client, &n)));
+    /// assert!(!ours.verify(Side::Client, &n, &theirs.proof(Side::Client, &n)));
+    /// ```
     pub fn verify(&self, side: Side, nonce: &[u8; 32], proof: &[u8; 32]) -> bool {
         self.mac(side, nonce).verify_slice(proof).is_ok()
     }
 }
 
 /// A fresh random nonce.
+///
+/// ```
+/// use shared_tensor_runtime::auth::nonce;
+/// let (a, b) = (nonce(), nonce());
+/// assert_ne!(a, b);
+/// ```
 pub fn nonce() -> Bytes32 {
     let mut n = [0u8; 32];
     getrandom::getrandom(&mut n).expect("the operating system's random source failed");
@@ -99,6 +140,11 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// The folder holding token files.
+///
+/// ```
+/// let dir = shared_tensor_runtime::auth::runtime_dir();
+/// println!("token files live in {}", dir.display());
+/// ```
 pub fn runtime_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("SHARED_TENSOR_RUNTIME_DIR") {
         return PathBuf::from(dir);
@@ -110,6 +156,11 @@ pub fn runtime_dir() -> PathBuf {
 }
 
 /// The token file of the server on `port`.
+///
+/// ```
+/// use shared_tensor_runtime::auth::{runtime_dir, token_path};
+/// assert_eq!(token_path(7800), runtime_dir().join("server-7800.token"));
+/// ```
 pub fn token_path(port: u16) -> PathBuf {
     runtime_dir().join(format!("server-{port}.token"))
 }
@@ -165,6 +216,17 @@ pub(crate) fn server_secrets(port: u16, shared: Option<&str>) -> Result<Vec<Secr
 
 /// The secret a client uses for the server on `port`: the shared token if there is one,
 /// else the server's token file (which must be private to this user).
+///
+/// ```
+/// # fn main() -> shared_tensor_runtime::Result<()> {
+/// use shared_tensor_runtime::auth::client_secret;
+/// // With SHARED_TENSOR_TOKEN, the shared string is the secret and no file is read.
+/// let shared = client_secret(7800, Some("team-token"))?;
+/// // Without it, the token file of the server on the port (an error if there is none).
+/// let from_file = client_secret(7800, None);
+/// # let _ = (shared, from_file);
+/// # Ok(()) }
+/// ```
 pub fn client_secret(port: u16, shared: Option<&str>) -> Result<Secret> {
     if let Some(token) = shared {
         return Ok(Secret::shared(token));

@@ -361,6 +361,14 @@ impl std::fmt::Debug for Client {
 impl Client {
     /// A client for the server of `config`'s device (`127.0.0.1:base_port + device`).
     /// It connects on first use, retrying for the connect timeout while the server starts.
+    ///
+    /// ```no_run
+    /// # fn main() -> shared_tensor_runtime::Result<()> {
+    /// use shared_tensor_runtime::{client::Client, config::Config};
+    /// let client = Client::new(&Config::from_env()?.device_index(1))?;
+    /// println!("server of device 1: {}", client.addr());
+    /// # Ok(()) }
+    /// ```
     pub fn new(config: &Config) -> Result<Client> {
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, config.port()?));
         Ok(Client::at(addr, config.clone()))
@@ -378,6 +386,13 @@ impl Client {
     }
 
     /// The server's address.
+    ///
+    /// ```no_run
+    /// # fn demo(client: &shared_tensor_runtime::client::Client) -> shared_tensor_runtime::Result<()> {
+    /// assert!(client.addr().ip().is_loopback());
+    /// println!("calling the server on port {}", client.addr().port());
+    /// # Ok(()) }
+    /// ```
     pub fn addr(&self) -> SocketAddr {
         self.inner.addr
     }
@@ -403,11 +418,28 @@ impl Client {
     }
 
     /// Connects now (normally done by the first call).
+    ///
+    /// ```no_run
+    /// # fn demo(client: &shared_tensor_runtime::client::Client) -> shared_tensor_runtime::Result<()> {
+    /// // Fail fast at start-up instead of on the first call.
+    /// client.connect()?;
+    /// # Ok(()) }
+    /// ```
     pub fn connect(&self) -> Result<()> {
         self.connection().map(|_| ())
     }
 
     /// The id of the server currently connected to.
+    ///
+    /// ```no_run
+    /// # fn demo(client: &shared_tensor_runtime::client::Client) -> shared_tensor_runtime::Result<()> {
+    /// let first = client.server_id()?;
+    /// // ... later: another id means the server restarted (managed handles are stale).
+    /// if client.server_id()? != first {
+    ///     println!("the server restarted");
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn server_id(&self) -> Result<u64> {
         Ok(self.connection()?.welcome.server_id)
     }
@@ -490,6 +522,16 @@ impl Client {
     }
 
     /// Submits an endpoint call by name as a task.
+    ///
+    /// ```no_run
+    /// # fn demo(client: &shared_tensor_runtime::client::Client) -> shared_tensor_runtime::Result<()> {
+    /// use shared_tensor_runtime::handle::TaskHandle;
+    /// let task: TaskHandle<tch::Tensor> = client.submit("train_step", (4i64,))?;
+    /// println!("submitted task {}", task.id());
+    /// let loss = task.wait()?;
+    /// # let _ = loss;
+    /// # Ok(()) }
+    /// ```
     pub fn submit<O: Output, V>(&self, endpoint: &str, args: impl Args<V>) -> Result<TaskHandle<O>> {
         let encoded = Self::encode(&args)?;
         drop(args);
@@ -501,6 +543,15 @@ impl Client {
     }
 
     /// A handle to a task known by id.
+    ///
+    /// ```no_run
+    /// # fn demo(client: &shared_tensor_runtime::client::Client) -> shared_tensor_runtime::Result<()> {
+    /// // A task submitted elsewhere (another thread or process), known by its id.
+    /// let handle = client.task::<tch::Tensor>(42)?;
+    /// let result = handle.wait()?;
+    /// # let _ = result;
+    /// # Ok(()) }
+    /// ```
     pub fn task<O: Output>(&self, task: u64) -> Result<TaskHandle<O>> {
         let endpoint = self.task_info(task)?.endpoint;
         Ok(TaskHandle::new(task, &endpoint, Backend::remote(self.clone())))
@@ -512,6 +563,13 @@ impl Client {
     }
 
     /// Round-trip time of a request that does no work.
+    ///
+    /// ```no_run
+    /// # fn demo(client: &shared_tensor_runtime::client::Client) -> shared_tensor_runtime::Result<()> {
+    /// let rtt = client.ping()?;
+    /// println!("round trip: {rtt:?}");
+    /// # Ok(()) }
+    /// ```
     pub fn ping(&self) -> Result<Duration> {
         self.connection()?;
         let start = Instant::now();
@@ -520,6 +578,14 @@ impl Client {
     }
 
     /// The server's identity, counters and endpoints.
+    ///
+    /// ```no_run
+    /// # fn demo(client: &shared_tensor_runtime::client::Client) -> shared_tensor_runtime::Result<()> {
+    /// let info = client.server_info()?;
+    /// println!("server {} (pid {}), {} endpoints", info.server_id, info.pid, info.endpoints.len());
+    /// println!("{} live leases, {} managed objects", info.live_leases, info.managed_objects);
+    /// # Ok(()) }
+    /// ```
     pub fn server_info(&self) -> Result<ServerInfo> {
         match self.control(Request::ServerInfo)? {
             Response::ServerInfo(info) => Ok(*info),
@@ -528,6 +594,14 @@ impl Client {
     }
 
     /// The server's endpoints.
+    ///
+    /// ```no_run
+    /// # fn demo(client: &shared_tensor_runtime::client::Client) -> shared_tensor_runtime::Result<()> {
+    /// for endpoint in client.list_endpoints()? {
+    ///     println!("{}({}) cached: {}", endpoint.name, endpoint.params.join(", "), endpoint.cache);
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn list_endpoints(&self) -> Result<Vec<EndpointInfo>> {
         match self.control(Request::ListEndpoints)? {
             Response::Endpoints(e) => Ok(e),
@@ -536,6 +610,15 @@ impl Client {
     }
 
     /// Tasks on the server, optionally only those with `status`.
+    ///
+    /// ```no_run
+    /// # fn demo(client: &shared_tensor_runtime::client::Client) -> shared_tensor_runtime::Result<()> {
+    /// use shared_tensor_runtime::task::TaskStatus;
+    /// for task in client.list_tasks(Some(TaskStatus::Running))? {
+    ///     println!("task {} running {}", task.id, task.endpoint);
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn list_tasks(&self, status: Option<TaskStatus>) -> Result<Vec<TaskInfo>> {
         match self.control(Request::ListTasks(status))? {
             Response::Tasks(t) => Ok(t),
@@ -544,6 +627,13 @@ impl Client {
     }
 
     /// One task's status.
+    ///
+    /// ```no_run
+    /// # fn demo(client: &shared_tensor_runtime::client::Client) -> shared_tensor_runtime::Result<()> {
+    /// let info = client.task_info(42)?;
+    /// println!("task 42 ({}): {:?}", info.endpoint, info.status);
+    /// # Ok(()) }
+    /// ```
     pub fn task_info(&self, task: u64) -> Result<TaskInfo> {
         match self.control(Request::TaskInfo(task))? {
             Response::TaskInfo(t) => Ok(t),
@@ -552,6 +642,14 @@ impl Client {
     }
 
     /// Cancels a pending task; false if it already started or ended.
+    ///
+    /// ```no_run
+    /// # fn demo(client: &shared_tensor_runtime::client::Client) -> shared_tensor_runtime::Result<()> {
+    /// if !client.cancel_task(42)? {
+    ///     println!("task 42 already started or ended");
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn cancel_task(&self, task: u64) -> Result<bool> {
         match self.control(Request::CancelTask(task))? {
             Response::Cancelled(c) => Ok(c),
@@ -561,6 +659,13 @@ impl Client {
 
     /// Releases one reference to each managed object; per id, whether this client held
     /// it (an unknown id is a no-op that answers false).
+    ///
+    /// ```no_run
+    /// # fn demo(client: &shared_tensor_runtime::client::Client) -> shared_tensor_runtime::Result<()> {
+    /// let held = client.release_many(&[7, 8])?;
+    /// assert_eq!(held.len(), 2);
+    /// # Ok(()) }
+    /// ```
     pub fn release_many(&self, ids: &[u64]) -> Result<Vec<bool>> {
         match self.control(Request::ReleaseObjects(ids.to_vec()))? {
             Response::Released(r) => Ok(r),
@@ -571,6 +676,15 @@ impl Client {
     /// Removes managed objects from the server's registry whatever their references (an
     /// operator's action): handles to them become stale, tensors already received stay
     /// valid. Per id, whether it existed.
+    ///
+    /// ```no_run
+    /// # fn demo(client: &shared_tensor_runtime::client::Client) -> shared_tensor_runtime::Result<()> {
+    /// // Evict every managed object of one endpoint, whoever holds it.
+    /// let objects = client.list_objects()?;
+    /// let ids: Vec<u64> = objects.iter().filter(|o| o.endpoint == "load_model").map(|o| o.object_id).collect();
+    /// client.drop_objects(&ids)?;
+    /// # Ok(()) }
+    /// ```
     pub fn drop_objects(&self, ids: &[u64]) -> Result<Vec<bool>> {
         match self.control(Request::DropObjects(ids.to_vec()))? {
             Response::Released(r) => Ok(r),
@@ -579,6 +693,15 @@ impl Client {
     }
 
     /// A managed object's registry entry, if it exists.
+    ///
+    /// ```no_run
+    /// # fn demo(client: &shared_tensor_runtime::client::Client) -> shared_tensor_runtime::Result<()> {
+    /// match client.object_info(7)? {
+    ///     Some(o) => println!("object 7 of {}: {} references", o.endpoint, o.refcount),
+    ///     None => println!("object 7 is gone"),
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn object_info(&self, id: u64) -> Result<Option<ObjectInfo>> {
         match self.control(Request::ObjectInfo(id))? {
             Response::ObjectInfo(i) => Ok(i),
@@ -587,6 +710,14 @@ impl Client {
     }
 
     /// All managed objects on the server.
+    ///
+    /// ```no_run
+    /// # fn demo(client: &shared_tensor_runtime::client::Client) -> shared_tensor_runtime::Result<()> {
+    /// for o in client.list_objects()? {
+    ///     println!("{} {} key={:?} refs={}", o.object_id, o.endpoint, o.cache_key, o.refcount);
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn list_objects(&self) -> Result<Vec<ObjectInfo>> {
         match self.control(Request::ListObjects)? {
             Response::Objects(o) => Ok(o),
@@ -596,6 +727,13 @@ impl Client {
 
     /// Drops every cache entry of an endpoint on the server; returns how many there were.
     /// Handles already issued stay valid.
+    ///
+    /// ```no_run
+    /// # fn demo(client: &shared_tensor_runtime::client::Client) -> shared_tensor_runtime::Result<()> {
+    /// let dropped = client.invalidate_endpoint_cache("load_model")?;
+    /// println!("dropped {dropped} cached results");
+    /// # Ok(()) }
+    /// ```
     pub fn invalidate_endpoint_cache(&self, endpoint: &str) -> Result<u64> {
         match self.control(Request::InvalidateEndpoint(endpoint.into()))? {
             Response::Invalidated(n) => Ok(n),
@@ -604,6 +742,14 @@ impl Client {
     }
 
     /// Drops one cache entry (by its key); true if it existed.
+    ///
+    /// ```no_run
+    /// # fn demo(client: &shared_tensor_runtime::client::Client) -> shared_tensor_runtime::Result<()> {
+    /// // The key as rendered from `cache_key = "model:{hidden_size}"`.
+    /// let existed = client.invalidate_cache_key("load_model", "model:1024")?;
+    /// # let _ = existed;
+    /// # Ok(()) }
+    /// ```
     pub fn invalidate_cache_key(&self, endpoint: &str, key: &str) -> Result<bool> {
         match self.control(Request::InvalidateKey { endpoint: endpoint.into(), key: key.into() })? {
             Response::Invalidated(n) => Ok(n > 0),

@@ -32,6 +32,12 @@ use std::time::Duration;
 use crate::error::{Error, Result};
 
 /// The default base port; the server of CUDA device `i` listens on `DEFAULT_BASE_PORT + i`.
+///
+/// ```
+/// use shared_tensor_runtime::config::{Config, DEFAULT_BASE_PORT};
+/// let config = Config::default().device_index(1);
+/// assert_eq!(config.port().unwrap(), DEFAULT_BASE_PORT + 1);
+/// ```
 pub const DEFAULT_BASE_PORT: u16 = 2537;
 
 /// What this process does with calls to `#[share]` functions.
@@ -122,6 +128,13 @@ fn parse_env<T: std::str::FromStr>(name: &'static str, expected: &str) -> Result
 impl Config {
     /// Reads the `SHARED_TENSOR_*` variables (see the module docs). A variable with a bad
     /// value is an [`Error::Config`] that names it, its value and what is expected.
+    ///
+    /// ```
+    /// use shared_tensor_runtime::config::Config;
+    /// let config = Config::from_env()?;
+    /// println!("role {} (from SHARED_TENSOR_ROLE)", config.get_role());
+    /// # Ok::<(), shared_tensor_runtime::Error>(())
+    /// ```
     pub fn from_env() -> Result<Config> {
         let mut config = Config::default();
         if let Some(value) = env_var("SHARED_TENSOR_ROLE") {
@@ -158,12 +171,24 @@ impl Config {
     }
 
     /// How long finished tasks are kept for waiters (default 1 h).
+    ///
+    /// ```
+    /// use shared_tensor_runtime::config::Config;
+    /// let config = Config::default().task_ttl(std::time::Duration::from_secs(10 * 60));
+    /// assert_ne!(config, Config::default());
+    /// ```
     pub fn task_ttl(mut self, ttl: Duration) -> Self {
         self.task_ttl = ttl;
         self
     }
 
     /// How many tasks are kept (default 1,000; the oldest finished are evicted first).
+    ///
+    /// ```
+    /// use shared_tensor_runtime::config::Config;
+    /// let config = Config::default().task_capacity(10_000);
+    /// assert_ne!(config, Config::default());
+    /// ```
     pub fn task_capacity(mut self, capacity: usize) -> Self {
         self.task_capacity = capacity.max(1);
         self
@@ -172,47 +197,96 @@ impl Config {
     /// A token shared on purpose with other users: a server accepts clients that know it
     /// (besides its own user's), a client proves itself with it instead of the server's
     /// token file. Default: `SHARED_TENSOR_TOKEN`, else none (same user only).
+    ///
+    /// ```
+    /// use shared_tensor_runtime::config::{Config, Role};
+    /// let config = Config::default().role(Role::Server).shared_token("team-secret");
+    /// assert_ne!(config, Config::default().role(Role::Server));
+    /// ```
     pub fn shared_token(mut self, token: impl Into<String>) -> Self {
         self.shared_token = Some(token.into());
         self
     }
 
     /// Sets the role.
+    ///
+    /// ```
+    /// use shared_tensor_runtime::config::{Config, Role};
+    /// let config = Config::default().role(Role::Local);
+    /// assert_eq!(config.get_role(), Role::Local);
+    /// ```
     pub fn role(mut self, role: Role) -> Self {
         self.role = role;
         self
     }
 
     /// Sets the base port (the server of device `i` listens on `base_port + i`).
+    ///
+    /// ```
+    /// use shared_tensor_runtime::config::Config;
+    /// let config = Config::default().base_port(3000).device_index(2);
+    /// assert_eq!(config.port().unwrap(), 3002);
+    /// ```
     pub fn base_port(mut self, port: u16) -> Self {
         self.base_port = port;
         self
     }
 
     /// Sets the CUDA device index that picks the port, instead of probing the current device.
+    ///
+    /// ```
+    /// use shared_tensor_runtime::config::Config;
+    /// let config = Config::default().device_index(3);
+    /// assert_eq!(config.resolved_device_index().unwrap(), 3);
+    /// ```
     pub fn device_index(mut self, index: u32) -> Self {
         self.device_index = Some(index);
         self
     }
 
     /// How long a client keeps retrying to connect while the server starts (default 60 s).
+    ///
+    /// ```
+    /// use shared_tensor_runtime::config::Config;
+    /// let config = Config::default().connect_timeout(std::time::Duration::from_secs(5));
+    /// assert_ne!(config, Config::default());
+    /// ```
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self
     }
 
     /// How long a client waits for one call before failing it (default 600 s).
+    ///
+    /// ```
+    /// use shared_tensor_runtime::config::Config;
+    /// let config = Config::default().call_timeout(std::time::Duration::from_secs(30));
+    /// assert_ne!(config, Config::default());
+    /// ```
     pub fn call_timeout(mut self, timeout: Duration) -> Self {
         self.call_timeout = timeout;
         self
     }
 
     /// The configured role.
+    ///
+    /// ```
+    /// use shared_tensor_runtime::config::{Config, Role};
+    /// assert_eq!(Config::default().get_role(), Role::Client);
+    /// assert_eq!(Config::default().role(Role::Server).get_role(), Role::Server);
+    /// ```
     pub fn get_role(&self) -> Role {
         self.role
     }
 
     /// The device index: the configured one, else the current CUDA device.
+    ///
+    /// ```
+    /// use shared_tensor_runtime::config::Config;
+    /// // Set explicitly, no GPU is probed; unset, it is the current CUDA device.
+    /// let config = Config::default().device_index(1);
+    /// assert_eq!(config.resolved_device_index().unwrap(), 1);
+    /// ```
     pub fn resolved_device_index(&self) -> Result<u32> {
         match self.device_index {
             Some(index) => Ok(index),
@@ -221,6 +295,12 @@ impl Config {
     }
 
     /// `base_port + device_index`, or an error if it overflows the port range.
+    ///
+    /// ```
+    /// use shared_tensor_runtime::config::Config;
+    /// assert_eq!(Config::default().base_port(5000).device_index(3).port().unwrap(), 5003);
+    /// assert!(Config::default().base_port(65535).device_index(1).port().is_err());
+    /// ```
     pub fn port(&self) -> Result<u16> {
         let device = self.resolved_device_index()?;
         u16::try_from(u32::from(self.base_port) + device).map_err(|_| {

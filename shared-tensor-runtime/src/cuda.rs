@@ -123,6 +123,12 @@ pub struct MemoryStats {
 }
 
 /// Reads [`MemoryStats`] for a device.
+///
+/// ```no_run
+/// let stats = shared_tensor_runtime::cuda::memory_stats(0)?;
+/// println!("{} of {} bytes free on the GPU", stats.free_bytes, stats.total_bytes);
+/// # Ok::<(), shared_tensor_runtime::Error>(())
+/// ```
 pub fn memory_stats(device: u32) -> Result<MemoryStats> {
     require()?;
     let s = ffi::memory_stats(device as i32).map_err(|m| Error::cuda("reading memory statistics", m))?;

@@ -71,6 +71,13 @@ pub struct EndpointOptions {
 
 impl EndpointOptions {
     /// The defaults: task execution, parallel, cached, singleflight, not managed.
+    ///
+    /// ```
+    /// use shared_tensor_runtime::endpoint::{EndpointOptions, Execution};
+    /// // `#[share(execution = "direct", cache = false)]`:
+    /// let fast = EndpointOptions { execution: Execution::Direct, cache: false, ..EndpointOptions::DEFAULT };
+    /// assert!(fast.singleflight && !fast.managed);
+    /// ```
     pub const DEFAULT: EndpointOptions = EndpointOptions {
         execution: Execution::Task,
         concurrency: Concurrency::Parallel,
@@ -81,12 +88,30 @@ impl EndpointOptions {
     };
 
     /// Whether calls need a key (for the cache or for singleflight).
+    ///
+    /// ```
+    /// use shared_tensor_runtime::endpoint::EndpointOptions;
+    /// assert!(EndpointOptions::DEFAULT.keyed());
+    /// let unkeyed = EndpointOptions { cache: false, singleflight: false, ..EndpointOptions::DEFAULT };
+    /// assert!(!unkeyed.keyed());
+    /// ```
     pub fn keyed(&self) -> bool {
         self.cache || self.singleflight
     }
 }
 
 /// What the server needs to serve one endpoint. Built by `#[share]`.
+///
+/// ```
+/// use shared_tensor_runtime::{endpoint::{EndpointDef, EndpointOptions}, exec::Prepared, payload::Decoder};
+/// fn dispatch(_: &mut Decoder) -> shared_tensor_runtime::Result<Prepared> {
+///     Ok(Prepared::new(None, || Ok(()))) // decode the arguments, return the body
+/// }
+/// static PING: EndpointDef = EndpointDef {
+///     name: "ping", path: "demo::ping", options: EndpointOptions::DEFAULT, params: &[], dispatch,
+/// };
+/// assert_eq!(PING.name, "ping");
+/// ```
 pub struct EndpointDef {
     /// The endpoint's name (the function's name unless `name = "..."`).
     pub name: &'static str,
@@ -163,6 +188,14 @@ impl From<&EndpointDef> for EndpointInfo {
 }
 
 /// The endpoints a server serves, by name.
+///
+/// ```no_run
+/// # fn main() -> shared_tensor_runtime::Result<()> {
+/// let registry = shared_tensor_runtime::endpoint::Registry::linked()?;
+/// let def = registry.get("load_model")?;
+/// println!("{} takes {:?}", def.path, def.params);
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Default)]
 pub struct Registry {
     by_name: HashMap<&'static str, &'static EndpointDef>,
@@ -171,11 +204,33 @@ pub struct Registry {
 impl Registry {
     /// Every `#[share]` function linked into this binary. Two with one name are an
     /// [`Error::DuplicateEndpoint`] naming both functions.
+    ///
+    /// ```
+    /// # fn main() -> shared_tensor_runtime::Result<()> {
+    /// let registry = shared_tensor_runtime::endpoint::Registry::linked()?;
+    /// println!("this binary serves {:?}", registry.names());
+    /// # Ok(()) }
+    /// ```
     pub fn linked() -> Result<Registry> {
         Registry::from_defs(inventory::iter::<Registration>.into_iter().map(|r| r.0))
     }
 
     /// A registry of chosen endpoints (manual mode).
+    ///
+    /// ```
+    /// # use shared_tensor_runtime::endpoint::{EndpointDef, EndpointOptions, Registry};
+    /// # use shared_tensor_runtime::{exec::Prepared, payload::Decoder};
+    /// # fn dispatch(_: &mut Decoder) -> shared_tensor_runtime::Result<Prepared> {
+    /// #     Ok(Prepared::new(None, || Ok(())))
+    /// # }
+    /// # static PING: EndpointDef = EndpointDef {
+    /// #     name: "ping", path: "demo::ping", options: EndpointOptions::DEFAULT, params: &[], dispatch,
+    /// # };
+    /// # fn main() -> shared_tensor_runtime::Result<()> {
+    /// let registry = Registry::from_defs([&PING])?;
+    /// assert_eq!(registry.names(), ["ping"]);
+    /// # Ok(()) }
+    /// ```
     pub fn from_defs(defs: impl IntoIterator<Item = &'static EndpointDef>) -> Result<Registry> {
         let mut by_name: HashMap<&'static str, &'static EndpointDef> = HashMap::new();
         for def in defs {
@@ -194,6 +249,22 @@ impl Registry {
     }
 
     /// The endpoint of that name.
+    ///
+    /// ```
+    /// # use shared_tensor_runtime::endpoint::{EndpointDef, EndpointOptions, Registry};
+    /// # use shared_tensor_runtime::{exec::Prepared, payload::Decoder};
+    /// # fn dispatch(_: &mut Decoder) -> shared_tensor_runtime::Result<Prepared> {
+    /// #     Ok(Prepared::new(None, || Ok(())))
+    /// # }
+    /// # static PING: EndpointDef = EndpointDef {
+    /// #     name: "ping", path: "demo::ping", options: EndpointOptions::DEFAULT, params: &[], dispatch,
+    /// # };
+    /// # fn main() -> shared_tensor_runtime::Result<()> {
+    /// let registry = Registry::from_defs([&PING])?;
+    /// assert_eq!(registry.get("ping")?.path, "demo::ping");
+    /// assert!(registry.get("pong").is_err()); // Error::UnknownEndpoint lists "ping"
+    /// # Ok(()) }
+    /// ```
     pub fn get(&self, name: &str) -> Result<&'static EndpointDef> {
         self.by_name
             .get(name)
@@ -202,6 +273,23 @@ impl Registry {
     }
 
     /// Names, sorted.
+    ///
+    /// ```
+    /// # use shared_tensor_runtime::endpoint::{EndpointDef, EndpointOptions, Registry};
+    /// # use shared_tensor_runtime::{exec::Prepared, payload::Decoder};
+    /// # fn dispatch(_: &mut Decoder) -> shared_tensor_runtime::Result<Prepared> {
+    /// #     Ok(Prepared::new(None, || Ok(())))
+    /// # }
+    /// # static PING: EndpointDef = EndpointDef {
+    /// #     name: "ping", path: "demo::ping", options: EndpointOptions::DEFAULT, params: &[], dispatch,
+    /// # };
+    /// # fn main() -> shared_tensor_runtime::Result<()> {
+    /// let registry = Registry::from_defs([&PING])?;
+    /// for name in registry.names() {
+    ///     println!("{name}");
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn names(&self) -> Vec<&'static str> {
         let mut names: Vec<_> = self.by_name.keys().copied().collect();
         names.sort_unstable();
@@ -218,6 +306,22 @@ impl Registry {
     }
 
     /// Descriptions of every endpoint, sorted by name.
+    ///
+    /// ```
+    /// # use shared_tensor_runtime::endpoint::{EndpointDef, EndpointOptions, Registry};
+    /// # use shared_tensor_runtime::{exec::Prepared, payload::Decoder};
+    /// # fn dispatch(_: &mut Decoder) -> shared_tensor_runtime::Result<Prepared> {
+    /// #     Ok(Prepared::new(None, || Ok(())))
+    /// # }
+    /// # static PING: EndpointDef = EndpointDef {
+    /// #     name: "ping", path: "demo::ping", options: EndpointOptions::DEFAULT, params: &[], dispatch,
+    /// # };
+    /// # fn main() -> shared_tensor_runtime::Result<()> {
+    /// let registry = Registry::from_defs([&PING])?;
+    /// let infos = registry.infos();
+    /// assert_eq!((infos[0].name.as_str(), infos[0].cache), ("ping", true));
+    /// # Ok(()) }
+    /// ```
     pub fn infos(&self) -> Vec<EndpointInfo> {
         self.names().into_iter().map(|n| EndpointInfo::from(self.by_name[n])).collect()
     }

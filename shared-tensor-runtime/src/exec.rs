@@ -35,6 +35,16 @@ use crate::payload::{Encoded, Encoder, Payload, WirePayload};
 use crate::task::{self, TaskOutcome, TaskRecord, Tasks};
 
 /// A payload whose type is known only at run time.
+///
+/// ```
+/// # fn main() -> shared_tensor_runtime::Result<()> {
+/// use shared_tensor_runtime::exec::AnyPayload;
+/// let value: Box<dyn AnyPayload> = Box::new(tch::Tensor::ones([2], (tch::Kind::Float, tch::Device::Cpu)));
+/// let alias = value.alias_dyn()?; // another tensor over the same memory
+/// let t: Box<tch::Tensor> = alias.into_any().downcast().unwrap();
+/// assert_eq!(t.size(), vec![2]);
+/// # Ok(()) }
+/// ```
 pub trait AnyPayload: Send + 'static {
     /// Encodes it.
     fn encode_dyn(&self, root: &str) -> Result<Encoded>;
@@ -125,6 +135,15 @@ impl Outcome {
 
 /// A call prepared by an endpoint's dispatch: its cache key and its body, with the
 /// decoded arguments moved in.
+///
+/// ```
+/// use shared_tensor_runtime::{exec::Prepared, payload::Decoder, Result};
+/// fn dispatch(_dec: &mut Decoder) -> Result<Prepared> {
+///     let n: i64 = 4; // decoded from `_dec` in generated code
+///     Ok(Prepared::new(None, move || Ok(tch::Tensor::zeros([n], (tch::Kind::Float, tch::Device::Cuda(0))))))
+/// }
+/// # let _ = dispatch;
+/// ```
 pub struct Prepared {
     pub(crate) key: Option<String>,
     pub(crate) body: Box<dyn FnOnce() -> Result<Box<dyn AnyPayload>> + Send>,
@@ -133,6 +152,15 @@ pub struct Prepared {
 impl Prepared {
     /// A call with this key (`None` when the endpoint is neither cached nor singleflight)
     /// whose body returns `R` or an error.
+    ///
+    /// ```
+    /// use shared_tensor_runtime::exec::Prepared;
+    /// use tch::{Device, Kind, Tensor};
+    /// let size: i64 = 1024; // a decoded argument, also the cache key
+    /// let body = move || Ok(Tensor::zeros([size], (Kind::Half, Device::Cuda(0))));
+    /// let call = Prepared::new(Some(size.to_string()), body);
+    /// # let _ = call;
+    /// ```
     pub fn new<R: Payload>(key: Option<String>, body: impl FnOnce() -> Result<R> + Send + 'static) -> Prepared {
         Prepared { key, body: Box::new(move || body().map(|r| Box::new(r) as Box<dyn AnyPayload>)) }
     }

@@ -102,6 +102,16 @@ impl Backend {
 
 /// What a call returns: a payload, or a [`Managed`] handle to one. Implemented by the
 /// runtime; the `#[share]` macro picks it from the `managed` option.
+///
+/// ```no_run
+/// use shared_tensor_runtime::handle::{Managed, Output};
+/// fn collect<O: Output>(task: u64) -> shared_tensor_runtime::Result<O> {
+///     shared_tensor_runtime::runtime::wait_for_task(task)
+/// }
+/// let plain: tch::Tensor = collect(7)?;
+/// let managed: Managed<tch::Tensor> = collect(8)?;
+/// # Ok::<(), shared_tensor_runtime::Error>(())
+/// ```
 pub trait Output: Sized + Send + 'static {
     /// The payload inside.
     type Value: Payload;
@@ -219,22 +229,52 @@ impl<T> Deref for Managed<T> {
 
 impl<T> Managed<T> {
     /// The object's id in the server's registry.
+    ///
+    /// ```no_run
+    /// # fn demo(model: shared_tensor_runtime::handle::Managed<tch::Tensor>) {
+    /// let id = model.object_id();
+    /// println!("object {id} on server {}", model.server_id());
+    /// # }
+    /// ```
     pub fn object_id(&self) -> u64 {
         self.object_id
     }
 
     /// The id of the server that holds it.
+    ///
+    /// ```no_run
+    /// # fn demo(model: shared_tensor_runtime::handle::Managed<tch::Tensor>) -> shared_tensor_runtime::Result<()> {
+    /// let now = shared_tensor_runtime::runtime::server_info()?.server_id;
+    /// if model.server_id() != now {
+    ///     println!("the server restarted since object {} was built", model.object_id());
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn server_id(&self) -> u64 {
         self.server_id
     }
 
     /// The value (also reachable through `Deref`).
+    ///
+    /// ```no_run
+    /// # fn demo(weights: shared_tensor_runtime::handle::Managed<tch::Tensor>) {
+    /// let tensor: &tch::Tensor = weights.value();
+    /// println!("{:?} on {:?}", tensor.size(), tensor.device());
+    /// # }
+    /// ```
     pub fn value(&self) -> &T {
         self
     }
 
     /// Releases this handle's reference: true the first time, false after. A server that
     /// is gone has dropped the object already; that counts as released.
+    ///
+    /// ```no_run
+    /// # fn demo(weights: shared_tensor_runtime::handle::Managed<tch::Tensor>) {
+    /// assert!(weights.release()); // the server may now forget the object
+    /// assert!(!weights.release()); // a second release does nothing
+    /// # }
+    /// ```
     pub fn release(&self) -> bool {
         if self.released.swap(true, Ordering::AcqRel) {
             return false;
@@ -247,24 +287,54 @@ impl<T> Managed<T> {
 
     /// Keeps the server's reference past this handle: returns the value and the object id
     /// and does not release on drop. Release it later with `release_many(&[id])`.
+    ///
+    /// ```no_run
+    /// # fn demo(weights: shared_tensor_runtime::handle::Managed<tch::Tensor>) -> shared_tensor_runtime::Result<()> {
+    /// let (tensor, id) = weights.detach();
+    /// // ... use `tensor`; the server keeps the object until:
+    /// shared_tensor_runtime::runtime::release_many(&[id])?;
+    /// # Ok(()) }
+    /// ```
     pub fn detach(mut self) -> (T, u64) {
         self.released.store(true, Ordering::Release);
         (self.value.take().expect("a Managed always holds its value until detach()"), self.object_id)
     }
 
     /// The object's registry entry (refcount, times, cache key).
+    ///
+    /// ```no_run
+    /// # fn demo(model: shared_tensor_runtime::handle::Managed<tch::Tensor>) -> shared_tensor_runtime::Result<()> {
+    /// let info = model.info()?;
+    /// println!("{} refs, cache key {:?}", info.refcount, info.cache_key);
+    /// # Ok(()) }
+    /// ```
     pub fn info(&self) -> Result<ObjectInfo> {
         self.ensure_live()?;
         self.backend.object_info(self.object_id)?.ok_or_else(|| self.gone("it was destroyed"))
     }
 
     /// Whether the object still exists on the server this handle came from.
+    ///
+    /// ```no_run
+    /// # fn demo(model: shared_tensor_runtime::handle::Managed<tch::Tensor>) {
+    /// if !model.is_live() {
+    ///     println!("object {} is gone: call the endpoint again", model.object_id());
+    /// }
+    /// # }
+    /// ```
     pub fn is_live(&self) -> bool {
         self.ensure_live().is_ok()
     }
 
     /// Fails with [`Error::ObjectGone`] if the handle was released, the object was
     /// destroyed, or the server restarted since.
+    ///
+    /// ```no_run
+    /// # fn demo(model: shared_tensor_runtime::handle::Managed<tch::Tensor>) -> shared_tensor_runtime::Result<()> {
+    /// model.ensure_live()?; // Error::ObjectGone says why it is not
+    /// let y = model.value() * 2;
+    /// # Ok(()) }
+    /// ```
     pub fn ensure_live(&self) -> Result<()> {
         if self.released.load(Ordering::Acquire) {
             return Err(self.gone("this handle released it"));
@@ -320,32 +390,81 @@ impl<O: Output> TaskHandle<O> {
     }
 
     /// The task id.
+    ///
+    /// ```no_run
+    /// # fn demo(task: shared_tensor_runtime::handle::TaskHandle<tch::Tensor>) -> shared_tensor_runtime::Result<()> {
+    /// let id = task.id(); // hand it to another process, which waits with:
+    /// let tensor: tch::Tensor = shared_tensor_runtime::runtime::wait_for_task(id)?;
+    /// # Ok(()) }
+    /// ```
     pub fn id(&self) -> u64 {
         self.id
     }
 
     /// Status, timestamps, error message and progress.
+    ///
+    /// ```no_run
+    /// # fn demo(task: shared_tensor_runtime::handle::TaskHandle<tch::Tensor>) -> shared_tensor_runtime::Result<()> {
+    /// let info = task.status()?;
+    /// if let Some(progress) = info.progress {
+    ///     println!("{:?}: {:.0}% {}", info.status, progress.fraction * 100.0, progress.message);
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn status(&self) -> Result<TaskInfo> {
         self.backend.task_info(self.id)
     }
 
     /// Cancels the task if it has not started; true if it was cancelled.
+    ///
+    /// ```no_run
+    /// # fn demo(task: shared_tensor_runtime::handle::TaskHandle<tch::Tensor>) -> shared_tensor_runtime::Result<()> {
+    /// if !task.cancel()? {
+    ///     let t = task.wait()?; // it had started: take its result
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn cancel(&self) -> Result<bool> {
         self.backend.cancel_task(self.id)
     }
 
     /// Blocks until the task ends and returns its result (or its error).
+    ///
+    /// ```no_run
+    /// # fn demo(task: shared_tensor_runtime::handle::TaskHandle<tch::Tensor>) -> shared_tensor_runtime::Result<()> {
+    /// let tensor = task.wait()?;
+    /// println!("{:?}", tensor.size());
+    /// # Ok(()) }
+    /// ```
     pub fn wait(&self) -> Result<O> {
         self.backend.wait_task(self.id, None, &self.endpoint)
     }
 
     /// Like [`TaskHandle::wait`], failing with [`Error::Timeout`] after `timeout` (the task
     /// keeps running).
+    ///
+    /// ```no_run
+    /// # fn demo(task: shared_tensor_runtime::handle::TaskHandle<tch::Tensor>) -> shared_tensor_runtime::Result<()> {
+    /// use shared_tensor_runtime::Error;
+    /// match task.wait_timeout(std::time::Duration::from_secs(5)) {
+    ///     Err(Error::Timeout { .. }) => println!("task {} still runs", task.id()),
+    ///     other => println!("{:?}", other?.size()),
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn wait_timeout(&self, timeout: Duration) -> Result<O> {
         self.backend.wait_task(self.id, Some(timeout), &self.endpoint)
     }
 
     /// Awaits the task's end.
+    ///
+    /// ```no_run
+    /// # use shared_tensor_runtime::{handle::TaskHandle, Result};
+    /// # async fn demo(task: TaskHandle<tch::Tensor>) -> Result<()> {
+    /// let tensor = task.wait_async().await?; // or `task.await?`, which consumes the handle
+    /// println!("{:?}", tensor.size());
+    /// # Ok(()) }
+    /// ```
     pub async fn wait_async(&self) -> Result<O> {
         self.backend.wait_task_async(self.id, &self.endpoint).await
     }

@@ -92,11 +92,22 @@ const DTYPES: [(DType, Kind, i32); 17] = [
 
 impl DType {
     /// The dtype of a tch `Kind`; `None` for quantized kinds, which cannot be shared.
+    ///
+    /// ```
+    /// use shared_tensor_runtime::ipc::DType;
+    /// assert_eq!(DType::from_kind(tch::Kind::Float), Some(DType::F32));
+    /// assert_eq!(DType::from_kind(tch::Kind::QInt8), None);
+    /// ```
     pub fn from_kind(kind: Kind) -> Option<DType> {
         DTYPES.iter().find(|(_, k, _)| *k == kind).map(|(d, _, _)| *d)
     }
 
     /// The tch `Kind` of this dtype.
+    ///
+    /// ```
+    /// use shared_tensor_runtime::ipc::DType;
+    /// assert_eq!(DType::F16.kind(), tch::Kind::Half);
+    /// ```
     pub fn kind(self) -> Kind {
         DTYPES.iter().find(|(d, _, _)| *d == self).map(|(_, k, _)| *k).unwrap_or(Kind::Uint8)
     }
@@ -134,6 +145,11 @@ static CURRENT_PROCESS: Lazy<ProcessId> = Lazy::new(|| {
 
 impl ProcessId {
     /// This process.
+    ///
+    /// ```
+    /// let me = shared_tensor_runtime::ipc::ProcessId::current();
+    /// assert_eq!(me.pid, std::process::id());
+    /// ```
     pub fn current() -> ProcessId {
         *CURRENT_PROCESS
     }
@@ -157,6 +173,12 @@ pub struct GpuId {
 
 impl GpuId {
     /// The UUID in the usual 8-4-4-4-12 hex form (as `nvidia-smi -L` prints it, without "GPU-").
+    ///
+    /// ```
+    /// use shared_tensor_runtime::ipc::GpuId;
+    /// let gpu = GpuId { index: 0, uuid: [0xab; 16] };
+    /// assert_eq!(gpu.uuid_string(), "abababab-abab-abab-abab-abababababab");
+    /// ```
     pub fn uuid_string(&self) -> String {
         let h: Vec<String> = self.uuid.iter().map(|b| format!("{b:02x}")).collect();
         format!(
@@ -184,6 +206,15 @@ impl GpuId {
 }
 
 /// Where a storage's memory is and who owns it.
+///
+/// ```no_run
+/// # fn main() -> shared_tensor_runtime::Result<()> {
+/// use tch::{Device, Kind, Tensor};
+/// let exported = shared_tensor_runtime::ipc::export(&Tensor::ones([4], (Kind::Float, Device::Cuda(0))))?;
+/// let storage = &exported.descriptor().storage;
+/// println!("{} bytes on GPU {}, lent by pid {}", storage.nbytes, storage.device.uuid_string(), storage.producer.pid);
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StorageDescriptor {
     /// The CUDA IPC handle of the caching-allocator block (empty for an empty storage).
@@ -200,6 +231,15 @@ pub struct StorageDescriptor {
 }
 
 /// How a tensor looks at its storage.
+///
+/// ```
+/// # fn main() -> shared_tensor_runtime::Result<()> {
+/// use tch::{Device, Kind, Tensor};
+/// let t = Tensor::zeros([2, 3], (Kind::Float, Device::Cpu)).transpose(0, 1);
+/// let view = shared_tensor_runtime::ipc::view_of(&t)?;
+/// assert_eq!((view.sizes, view.strides), (vec![3, 2], vec![1, 3]));
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TensorView {
     /// Element type.
@@ -215,6 +255,16 @@ pub struct TensorView {
 }
 
 /// An interprocess CUDA event handle (`cudaIpcEventHandle_t`).
+///
+/// ```no_run
+/// # fn main() -> shared_tensor_runtime::Result<()> {
+/// let t = tch::Tensor::ones([4], (tch::Kind::Float, tch::Device::Cuda(0))) * 2;
+/// let exported = shared_tensor_runtime::ipc::export(&t)?;
+/// if let Some(event) = &exported.descriptor().ready {
+///     println!("the consumer's stream will wait on {event:?}");
+/// }
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EventHandle(pub serde_bytes::ByteArray<64>);
 
@@ -243,6 +293,16 @@ impl EventHandle {
 }
 
 /// Everything another process needs to rebuild a tensor over the same GPU memory.
+///
+/// ```no_run
+/// # fn main() -> shared_tensor_runtime::Result<()> {
+/// use shared_tensor_runtime::ipc::{self, TensorDescriptor};
+/// let exported = ipc::export(&tch::Tensor::ones([4], (tch::Kind::Float, tch::Device::Cuda(0))))?;
+/// let bytes = rmp_serde::to_vec(exported.descriptor()).unwrap(); // sent to the other process
+/// let descriptor: TensorDescriptor = rmp_serde::from_slice(&bytes).unwrap();
+/// assert_eq!(descriptor.view.sizes, vec![4]);
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TensorDescriptor {
     /// The storage.
@@ -256,6 +316,17 @@ pub struct TensorDescriptor {
 
 /// Keeps an exported storage's memory alive. While it lives, the block cannot be freed
 /// or reused by the producer, so consumers' views stay valid.
+///
+/// ```no_run
+/// # fn main() -> shared_tensor_runtime::Result<()> {
+/// let t = tch::Tensor::ones([4], (tch::Kind::Float, tch::Device::Cuda(0)));
+/// let (descriptor, hold) = shared_tensor_runtime::ipc::export(&t)?.into_parts();
+/// drop(t); // the memory stays allocated: `hold` keeps it
+/// // ... send `descriptor`, wait until the consumer has dropped its tensors ...
+/// drop(hold);
+/// # let _ = descriptor;
+/// # Ok(()) }
+/// ```
 pub struct StorageHold {
     _storage: ffi::OwnedStorage,
 }
@@ -268,6 +339,15 @@ impl std::fmt::Debug for StorageHold {
 
 /// A tensor exported for another process: its descriptor, and the hold that keeps its
 /// memory alive in this one.
+///
+/// ```no_run
+/// # fn main() -> shared_tensor_runtime::Result<()> {
+/// let t = tch::Tensor::randn([16], (tch::Kind::Float, tch::Device::Cuda(0)));
+/// let exported = shared_tensor_runtime::ipc::export(&t)?;
+/// println!("{:?}", exported.descriptor().view);
+/// // keep `exported` alive while the other process uses the tensor
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
 pub struct ExportedTensor {
     descriptor: TensorDescriptor,
@@ -276,11 +356,30 @@ pub struct ExportedTensor {
 
 impl ExportedTensor {
     /// The descriptor to send.
+    ///
+    /// ```no_run
+    /// # fn main() -> shared_tensor_runtime::Result<()> {
+    /// let t = tch::Tensor::ones([2], (tch::Kind::Int, tch::Device::Cuda(0)));
+    /// let exported = shared_tensor_runtime::ipc::export(&t)?;
+    /// let bytes = rmp_serde::to_vec(exported.descriptor()).unwrap();
+    /// println!("a {}-byte descriptor", bytes.len());
+    /// # Ok(()) }
+    /// ```
     pub fn descriptor(&self) -> &TensorDescriptor {
         &self.descriptor
     }
 
     /// Splits into the descriptor and the hold.
+    ///
+    /// ```no_run
+    /// # fn main() -> shared_tensor_runtime::Result<()> {
+    /// let t = tch::Tensor::ones([2], (tch::Kind::Int, tch::Device::Cuda(0)));
+    /// let exported = shared_tensor_runtime::ipc::export(&t)?;
+    /// let (descriptor, hold) = exported.into_parts();
+    /// let bytes = rmp_serde::to_vec(&descriptor).unwrap(); // send it; keep `hold` until the consumer is done
+    /// # drop((bytes, hold));
+    /// # Ok(()) }
+    /// ```
     pub fn into_parts(self) -> (TensorDescriptor, StorageHold) {
         (self.descriptor, self.hold)
     }
@@ -364,6 +463,14 @@ pub(crate) fn describe_storage(ins: &Inspected) -> Result<StorageDescriptor> {
 ///
 /// Fails with [`Error::NotCuda`] for a tensor that is not on a CUDA device (nothing is
 /// copied), and [`Error::Unsupported`] for quantized, sparse or undefined tensors.
+///
+/// ```no_run
+/// # fn main() -> shared_tensor_runtime::Result<()> {
+/// let t = tch::Tensor::randn([8, 8], (tch::Kind::Float, tch::Device::Cuda(0)));
+/// let exported = shared_tensor_runtime::ipc::export(&t)?;
+/// assert_eq!(exported.descriptor().view.sizes, vec![8, 8]);
+/// # Ok(()) }
+/// ```
 pub fn export(t: &Tensor) -> Result<ExportedTensor> {
     let ins = inspect(t, &|| "tensor".to_string())?;
     cuda::require()?;
@@ -412,6 +519,11 @@ pub(crate) fn forget_producer(producer: &ProcessId) {
 }
 
 /// Mappings of other processes' memory open in this process (cached or in use).
+///
+/// ```
+/// let open = shared_tensor_runtime::ipc::open_mappings();
+/// println!("{open} mappings of other processes' GPU memory are open");
+/// ```
 pub fn open_mappings() -> u64 {
     if cuda::device_count() > 0 {
         ffi::mapping_count()
@@ -439,6 +551,15 @@ pub(crate) fn view_tensor(storage: &ffi::OwnedStorage, view: &TensorView) -> Res
 ///
 /// Fails with [`Error::SelfImport`] in the exporting process (CUDA forbids it) and with
 /// [`Error::DeviceNotVisible`] if this process cannot see the producer's GPU.
+///
+/// ```no_run
+/// # fn main() -> shared_tensor_runtime::Result<()> {
+/// # let bytes: Vec<u8> = Vec::new();
+/// let descriptor: shared_tensor_runtime::ipc::TensorDescriptor = rmp_serde::from_slice(&bytes).unwrap();
+/// let t = shared_tensor_runtime::ipc::import(&descriptor)?; // the producer's memory, not a copy
+/// println!("{:?} on {:?}", t.size(), t.device());
+/// # Ok(()) }
+/// ```
 pub fn import(desc: &TensorDescriptor) -> Result<Tensor> {
     let (storage, device) = open_storage(&desc.storage, 0)?;
     if let Some(ready) = &desc.ready {

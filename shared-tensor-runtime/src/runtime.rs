@@ -44,6 +44,12 @@ fn init_logging() {
 }
 
 /// A process's runtime.
+///
+/// ```no_run
+/// let rt = shared_tensor_runtime::runtime::global()?;
+/// println!("{} on port {}", rt.role(), rt.config().port()?);
+/// # Ok::<(), shared_tensor_runtime::Error>(())
+/// ```
 pub struct Runtime {
     config: Config,
     core: Arc<Core>,
@@ -78,6 +84,12 @@ pub fn configure(config: Config) -> Result<()> {
 }
 
 /// The process's runtime, started from the environment on first use.
+///
+/// ```no_run
+/// let rt = shared_tensor_runtime::runtime::global()?;
+/// println!("running as {}", rt.role());
+/// # Ok::<(), shared_tensor_runtime::Error>(())
+/// ```
 pub fn global() -> Result<Arc<Runtime>> {
     GLOBAL.get_or_init(|| Config::from_env().and_then(Runtime::start)).clone()
 }
@@ -105,11 +117,26 @@ impl Runtime {
     }
 
     /// The role.
+    ///
+    /// ```no_run
+    /// use shared_tensor_runtime::config::Role;
+    /// let rt = shared_tensor_runtime::runtime::global()?;
+    /// if rt.role() == Role::Server {
+    ///     println!("serving the endpoints of this binary");
+    /// }
+    /// # Ok::<(), shared_tensor_runtime::Error>(())
+    /// ```
     pub fn role(&self) -> Role {
         self.config.role
     }
 
     /// The configuration.
+    ///
+    /// ```no_run
+    /// let rt = shared_tensor_runtime::runtime::global()?;
+    /// println!("port {} for role {}", rt.config().port()?, rt.config().get_role());
+    /// # Ok::<(), shared_tensor_runtime::Error>(())
+    /// ```
     pub fn config(&self) -> &Config {
         &self.config
     }
@@ -264,6 +291,12 @@ fn wait_for_signal() -> Result<()> {
 }
 
 /// The process's client (client role): for manual requests to the server.
+///
+/// ```no_run
+/// let client = shared_tensor_runtime::runtime::client()?;
+/// println!("server {} at {}", client.server_id()?, client.addr());
+/// # Ok::<(), shared_tensor_runtime::Error>(())
+/// ```
 pub fn client() -> Result<Client> {
     let rt = global()?;
     match rt.role() {
@@ -278,11 +311,23 @@ pub fn client() -> Result<Client> {
 
 /// The server's identity, counters and endpoints (this process's own server in the
 /// server role).
+///
+/// ```no_run
+/// let info = shared_tensor_runtime::runtime::server_info()?;
+/// println!("server {} (pid {}) at {}, up {} ms", info.server_id, info.pid, info.address, info.uptime_ms);
+/// # Ok::<(), shared_tensor_runtime::Error>(())
+/// ```
 pub fn server_info() -> Result<ServerInfo> {
     global()?.server_info()
 }
 
 /// Round-trip time to the server (zero in the server and local roles).
+///
+/// ```no_run
+/// let rtt = shared_tensor_runtime::runtime::ping()?;
+/// println!("round trip: {rtt:?}");
+/// # Ok::<(), shared_tensor_runtime::Error>(())
+/// ```
 pub fn ping() -> Result<Duration> {
     let rt = global()?;
     match rt.role() {
@@ -292,6 +337,13 @@ pub fn ping() -> Result<Duration> {
 }
 
 /// The endpoints served (in the server and local roles: those linked into this binary).
+///
+/// ```no_run
+/// for endpoint in shared_tensor_runtime::runtime::list_endpoints()? {
+///     println!("{} ({}): {:?}", endpoint.name, endpoint.path, endpoint.params);
+/// }
+/// # Ok::<(), shared_tensor_runtime::Error>(())
+/// ```
 pub fn list_endpoints() -> Result<Vec<EndpointInfo>> {
     let rt = global()?;
     match rt.role() {
@@ -301,6 +353,15 @@ pub fn list_endpoints() -> Result<Vec<EndpointInfo>> {
 }
 
 /// Tasks, optionally only those with `status`.
+///
+/// ```no_run
+/// use shared_tensor_runtime::task::TaskStatus;
+/// let running = shared_tensor_runtime::runtime::list_tasks(Some(TaskStatus::Running))?;
+/// for task in running {
+///     println!("task {} runs {}", task.id, task.endpoint);
+/// }
+/// # Ok::<(), shared_tensor_runtime::Error>(())
+/// ```
 pub fn list_tasks(status: Option<TaskStatus>) -> Result<Vec<TaskInfo>> {
     let rt = global()?;
     match rt.role() {
@@ -310,11 +371,24 @@ pub fn list_tasks(status: Option<TaskStatus>) -> Result<Vec<TaskInfo>> {
 }
 
 /// One task's status.
+///
+/// ```no_run
+/// let info = shared_tensor_runtime::runtime::task_info(7)?;
+/// println!("task 7 is {:?}, progress {:?}", info.status, info.progress);
+/// # Ok::<(), shared_tensor_runtime::Error>(())
+/// ```
 pub fn task_info(task: u64) -> Result<TaskInfo> {
     global()?.backend()?.task_info(task)
 }
 
 /// Cancels a pending task; false if it already started or ended.
+///
+/// ```no_run
+/// if !shared_tensor_runtime::runtime::cancel_task(7)? {
+///     println!("task 7 already started; it runs to the end");
+/// }
+/// # Ok::<(), shared_tensor_runtime::Error>(())
+/// ```
 pub fn cancel_task(task: u64) -> Result<bool> {
     global()?.backend()?.cancel_task(task)
 }
@@ -334,22 +408,49 @@ pub fn task<O: Output>(task: u64) -> Result<TaskHandle<O>> {
 }
 
 /// Waits for a task known by id and returns its result.
+///
+/// ```no_run
+/// let tensor: tch::Tensor = shared_tensor_runtime::runtime::wait_for_task(7)?;
+/// println!("{:?}", tensor.size());
+/// # Ok::<(), shared_tensor_runtime::Error>(())
+/// ```
 pub fn wait_for_task<O: Output>(task: u64) -> Result<O> {
     self::task::<O>(task)?.wait()
 }
 
 /// Releases one reference to each managed object; per id, whether it was held (an unknown
 /// id is a no-op that answers false).
+///
+/// ```no_run
+/// let released = shared_tensor_runtime::runtime::release_many(&[3, 4])?;
+/// assert_eq!(released.len(), 2);
+/// # Ok::<(), shared_tensor_runtime::Error>(())
+/// ```
 pub fn release_many(ids: &[u64]) -> Result<Vec<bool>> {
     global()?.backend()?.release_many(ids)
 }
 
 /// A managed object's registry entry, if it exists.
+///
+/// ```no_run
+/// match shared_tensor_runtime::runtime::object_info(3)? {
+///     Some(info) => println!("object 3 is held {} times", info.refcount),
+///     None => println!("object 3 is gone"),
+/// }
+/// # Ok::<(), shared_tensor_runtime::Error>(())
+/// ```
 pub fn object_info(id: u64) -> Result<Option<ObjectInfo>> {
     global()?.backend()?.object_info(id)
 }
 
 /// All managed objects.
+///
+/// ```no_run
+/// for object in shared_tensor_runtime::runtime::list_objects()? {
+///     println!("object {} from {}: {} refs", object.object_id, object.endpoint, object.refcount);
+/// }
+/// # Ok::<(), shared_tensor_runtime::Error>(())
+/// ```
 pub fn list_objects() -> Result<Vec<ObjectInfo>> {
     let rt = global()?;
     match rt.role() {
@@ -360,6 +461,12 @@ pub fn list_objects() -> Result<Vec<ObjectInfo>> {
 
 /// Drops every cache entry of an endpoint; returns how many there were. Handles already
 /// issued stay valid.
+///
+/// ```no_run
+/// let dropped = shared_tensor_runtime::runtime::invalidate_endpoint_cache("load_model")?;
+/// println!("dropped {dropped} cached results");
+/// # Ok::<(), shared_tensor_runtime::Error>(())
+/// ```
 pub fn invalidate_endpoint_cache(endpoint: &str) -> Result<u64> {
     let rt = global()?;
     match rt.role() {
@@ -370,6 +477,13 @@ pub fn invalidate_endpoint_cache(endpoint: &str) -> Result<u64> {
 
 /// Drops the cache entry of one key; true if it existed. `#[share]` generates
 /// `NAME::invalidate(args...)`, which computes the key from arguments.
+///
+/// ```no_run
+/// let key = "gpt2";
+/// let existed = shared_tensor_runtime::runtime::invalidate_cache_key("load_model", key)?;
+/// println!("entry {key:?} existed: {existed}");
+/// # Ok::<(), shared_tensor_runtime::Error>(())
+/// ```
 pub fn invalidate_cache_key(endpoint: &str, key: &str) -> Result<bool> {
     let rt = global()?;
     match rt.role() {

@@ -132,6 +132,14 @@ fn resident_bytes() -> u64 {
 
 /// A running server. Dropping it stops accepting connections; [`ServerHandle::shutdown`]
 /// does so explicitly.
+///
+/// ```no_run
+/// # fn demo(server: &shared_tensor_runtime::server::ServerHandle) {
+/// let info = server.info();
+/// println!("{} on {}: {} connections", info.server_id, server.addr(), info.connections);
+/// server.shutdown();
+/// # }
+/// ```
 pub struct ServerHandle {
     state: Arc<ServerState>,
     stop: watch::Sender<bool>,
@@ -145,16 +153,36 @@ impl std::fmt::Debug for ServerHandle {
 
 impl ServerHandle {
     /// The address it listens on.
+    ///
+    /// ```no_run
+    /// # fn demo(server: &shared_tensor_runtime::server::ServerHandle) {
+    /// assert!(server.addr().ip().is_loopback());
+    /// println!("listening on port {}", server.addr().port());
+    /// # }
+    /// ```
     pub fn addr(&self) -> SocketAddr {
         self.state.addr
     }
 
     /// Its identity and counters.
+    ///
+    /// ```no_run
+    /// # fn demo(server: &shared_tensor_runtime::server::ServerHandle) {
+    /// let info = server.info();
+    /// println!("{} requests, {} bytes shared", info.counters.requests, info.counters.bytes_shared);
+    /// # }
+    /// ```
     pub fn info(&self) -> ServerInfo {
         self.state.info()
     }
 
     /// Stops accepting connections and closes open ones.
+    ///
+    /// ```no_run
+    /// # fn demo(server: &shared_tensor_runtime::server::ServerHandle) {
+    /// server.shutdown(); // clients' next calls fail with Error::ServerGone
+    /// # }
+    /// ```
     pub fn shutdown(&self) {
         self.stop.send_replace(true);
     }

@@ -46,6 +46,13 @@ pub enum TaskStatus {
 
 impl TaskStatus {
     /// Whether the task has ended (completed, failed or cancelled).
+    ///
+    /// ```
+    /// use shared_tensor_runtime::task::TaskStatus;
+    /// assert!(TaskStatus::Completed.is_finished());
+    /// assert!(TaskStatus::Failed.is_finished());
+    /// assert!(!TaskStatus::Pending.is_finished());
+    /// ```
     pub fn is_finished(self) -> bool {
         matches!(self, TaskStatus::Completed | TaskStatus::Failed | TaskStatus::Cancelled)
     }
@@ -255,8 +262,20 @@ pub(crate) struct Tasks {
 }
 
 /// Default retention of finished tasks.
+///
+/// ```
+/// use shared_tensor_runtime::{config::Config, task::DEFAULT_TASK_TTL};
+/// assert_eq!(DEFAULT_TASK_TTL.as_secs(), 3600);
+/// let config = Config::default().task_ttl(DEFAULT_TASK_TTL * 24); // keep results for a day
+/// ```
 pub const DEFAULT_TASK_TTL: Duration = Duration::from_secs(3600);
 /// Default number of tasks retained.
+///
+/// ```
+/// use shared_tensor_runtime::{config::Config, task::DEFAULT_TASK_CAPACITY};
+/// assert_eq!(DEFAULT_TASK_CAPACITY, 1000);
+/// let config = Config::default().task_capacity(DEFAULT_TASK_CAPACITY * 10);
+/// ```
 pub const DEFAULT_TASK_CAPACITY: usize = 1000;
 
 impl Tasks {

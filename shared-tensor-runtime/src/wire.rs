@@ -31,13 +31,35 @@ use crate::server::ServerInfo;
 use crate::task::{TaskInfo, TaskStatus};
 
 /// Version of this protocol; both sides must speak the same.
+///
+/// ```
+/// use shared_tensor_runtime::wire::PROTOCOL_VERSION;
+/// let peer_protocol = 1; // from the peer's `Challenge` or `Welcome`
+/// assert_eq!(peer_protocol, PROTOCOL_VERSION, "both sides must speak the same protocol");
+/// ```
 pub const PROTOCOL_VERSION: u32 = 1;
 
 /// Largest frame accepted, in bytes (64 MiB). Descriptors are small: a frame near this
 /// limit is a bug or an attack, not a tensor.
+///
+/// ```
+/// use shared_tensor_runtime::wire::{read_frame, MAX_FRAME_BYTES};
+/// let prefix = (MAX_FRAME_BYTES as u32 + 1).to_be_bytes();
+/// let err = read_frame(&mut prefix.as_slice(), &mut Vec::new()).unwrap_err();
+/// assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+/// ```
 pub const MAX_FRAME_BYTES: usize = 64 * 1024 * 1024;
 
 /// The client's first message.
+///
+/// ```
+/// # fn main() -> shared_tensor_runtime::Result<()> {
+/// use shared_tensor_runtime::{auth, ipc::ProcessId, wire};
+/// let hello = wire::Hello { protocol: wire::PROTOCOL_VERSION, client: ProcessId::current(), nonce: auth::nonce() };
+/// let mut out = Vec::new();
+/// wire::write_frame(&wire::ClientMessage::Hello(hello), &mut out)?;
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Hello {
     /// The client's protocol version.
@@ -50,6 +72,15 @@ pub struct Hello {
 
 /// The server's answer to `Hello`: its proofs over the client's nonce, and its own
 /// challenge.
+///
+/// ```
+/// use shared_tensor_runtime::auth::{self, Secret, Side};
+/// use shared_tensor_runtime::wire::{Challenge, PROTOCOL_VERSION};
+/// let (secret, client_nonce) = (Secret::shared("team-token"), auth::nonce());
+/// let proofs = vec![secret.proof(Side::Server, &client_nonce)];
+/// let challenge = Challenge { protocol: PROTOCOL_VERSION, nonce: auth::nonce(), proofs };
+/// assert!(secret.verify(Side::Server, &client_nonce, &challenge.proofs[0]));
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Challenge {
     /// The server's protocol version.
@@ -61,6 +92,15 @@ pub struct Challenge {
 }
 
 /// The server's answer to a good `Auth`: the connection is open for requests.
+///
+/// ```
+/// use shared_tensor_runtime::{ipc::ProcessId, wire::{ServerMessage, Welcome}};
+/// # let reply = ServerMessage::Welcome(Welcome {
+/// #     protocol: 1, server_id: 42, server: ProcessId::current(), version: "0.1.0".into() });
+/// if let ServerMessage::Welcome(w) = reply {
+///     println!("server {} (pid {}), shared-tensor {}", w.server_id, w.server.pid, w.version);
+/// }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Welcome {
     /// The server's protocol version.
@@ -74,6 +114,14 @@ pub struct Welcome {
 }
 
 /// What a client asks.
+///
+/// ```
+/// use shared_tensor_runtime::payload::{Node, WirePayload};
+/// use shared_tensor_runtime::wire::{ClientMessage, Request};
+/// let call = Request::Call { endpoint: "identity".into(), args: WirePayload::plain(Node::Seq(vec![])) };
+/// let msg = ClientMessage::Request { id: 1, request: call };
+/// # let _ = msg;
+/// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Request {
     /// Call an endpoint and wait for its result.
@@ -124,6 +172,14 @@ pub enum Request {
 }
 
 /// What a server answers.
+///
+/// ```
+/// use shared_tensor_runtime::wire::{Response, ServerMessage};
+/// let reply = ServerMessage::Reply { id: 7, result: Ok(Response::Cancelled(true)) };
+/// if let ServerMessage::Reply { id, result: Ok(Response::Cancelled(done)) } = reply {
+///     println!("request {id}: the task was cancelled: {done}");
+/// }
+/// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Response {
     /// A value; `object` is set for a managed result.
@@ -158,6 +214,15 @@ pub enum Response {
 }
 
 /// A message from client to server.
+///
+/// ```
+/// # fn main() -> shared_tensor_runtime::Result<()> {
+/// use shared_tensor_runtime::wire::{write_frame, ClientMessage, Request};
+/// let mut out = Vec::new();
+/// write_frame(&ClientMessage::Request { id: 1, request: Request::Ping }, &mut out)?;
+/// write_frame(&ClientMessage::Release(vec![3, 4]), &mut out)?; // leases given back
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ClientMessage {
     /// The handshake's first step.
@@ -176,6 +241,15 @@ pub enum ClientMessage {
 }
 
 /// A message from server to client.
+///
+/// ```
+/// # fn main() -> shared_tensor_runtime::Result<()> {
+/// use shared_tensor_runtime::{wire::{write_frame, ServerMessage}, Error};
+/// let refused = ServerMessage::Refused(Error::Protocol("no secret matches the client's proof".into()));
+/// let mut out = Vec::new();
+/// write_frame(&refused, &mut out)?; // then the server closes the connection
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ServerMessage {
     /// The handshake's second step.
@@ -196,6 +270,15 @@ pub enum ServerMessage {
 }
 
 /// Appends one frame (length prefix and MessagePack body) to `out`.
+///
+/// ```
+/// # fn main() -> shared_tensor_runtime::Result<()> {
+/// use shared_tensor_runtime::wire::{write_frame, ClientMessage, Request};
+/// let mut out = Vec::new();
+/// write_frame(&ClientMessage::Request { id: 1, request: Request::Ping }, &mut out)?;
+/// assert_eq!(u32::from_be_bytes(out[..4].try_into().unwrap()) as usize, out.len() - 4);
+/// # Ok(()) }
+/// ```
 pub fn write_frame<T: Serialize>(msg: &T, out: &mut Vec<u8>) -> Result<()> {
     let start = out.len();
     out.extend_from_slice(&[0; 4]);
@@ -213,6 +296,17 @@ pub fn write_frame<T: Serialize>(msg: &T, out: &mut Vec<u8>) -> Result<()> {
 
 /// Reads one frame's body into `buf` (blocking). The length is checked against
 /// [`MAX_FRAME_BYTES`] before anything is allocated.
+///
+/// ```
+/// # fn main() -> std::io::Result<()> {
+/// use shared_tensor_runtime::wire::{read_frame, write_frame, ClientMessage};
+/// let mut bytes = Vec::new();
+/// write_frame(&ClientMessage::Release(vec![7]), &mut bytes).unwrap();
+/// let (mut stream, mut body) = (bytes.as_slice(), Vec::new()); // a TcpStream in practice
+/// read_frame(&mut stream, &mut body)?;
+/// assert_eq!(body.len(), bytes.len() - 4);
+/// # Ok(()) }
+/// ```
 pub fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> std::io::Result<()> {
     let mut len = [0u8; 4];
     r.read_exact(&mut len)?;
@@ -229,6 +323,16 @@ pub fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> std::io::Result<()> {
 }
 
 /// Decodes a frame body.
+///
+/// ```
+/// # fn main() -> shared_tensor_runtime::Result<()> {
+/// use shared_tensor_runtime::wire::{decode, write_frame, ClientMessage};
+/// let mut frame = Vec::new();
+/// write_frame(&ClientMessage::Release(vec![7]), &mut frame)?;
+/// let msg: ClientMessage = decode(&frame[4..])?; // the body follows the 4-byte length
+/// assert_eq!(msg, ClientMessage::Release(vec![7]));
+/// # Ok(()) }
+/// ```
 pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T> {
     rmp_serde::from_slice(body).map_err(|e| Error::Protocol(format!("malformed message: {e}")))
 }

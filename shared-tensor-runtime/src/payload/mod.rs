@@ -39,6 +39,17 @@ use crate::ipc::{self, EventHandle, GpuId, StorageDescriptor, TensorView};
 use crate::lease::{self, Link, Origin};
 
 /// One value on the wire.
+///
+/// ```
+/// # fn main() -> shared_tensor_runtime::Result<()> {
+/// use shared_tensor_runtime::payload::{Encoder, Node, Payload};
+/// let mut enc = Encoder::new("result");
+/// assert_eq!(().encode(&mut enc)?, Node::Unit);
+/// assert_eq!(None::<tch::Tensor>.encode(&mut enc)?, Node::Opt(None));
+/// assert_eq!(vec![(), ()].encode(&mut enc)?, Node::Seq(vec![Node::Unit, Node::Unit]));
+/// assert!(matches!(enc.data(&0.5f64)?, Node::Data(_)));
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Node {
     /// `()`.
@@ -72,6 +83,19 @@ impl Node {
 }
 
 /// A storage in a message.
+///
+/// ```
+/// use shared_tensor_runtime::payload::{Node, WirePayload, WireStorage};
+/// // The bytes of GPU memory a message makes the receiver open.
+/// fn shared_bytes(msg: &WirePayload) -> u64 {
+///     let bytes = |s: &WireStorage| match s {
+///         WireStorage::Shared { storage, .. } => storage.nbytes,
+///         WireStorage::Returned { .. } => 0,
+///     };
+///     msg.storages.iter().map(bytes).sum()
+/// }
+/// assert_eq!(shared_bytes(&WirePayload::plain(Node::Unit)), 0);
+/// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum WireStorage {
     /// Memory the receiver opens by IPC; it releases `lease` to the sender when done.
@@ -89,6 +113,17 @@ pub enum WireStorage {
 }
 
 /// A tensor in a message: a view of one of the message's storages.
+///
+/// ```
+/// use shared_tensor_runtime::ipc::{DType, TensorView};
+/// use shared_tensor_runtime::payload::WireTensor;
+/// let (sizes, strides) = (vec![4], vec![1]);
+/// let view = TensorView { dtype: DType::F32, sizes, strides, storage_offset: 0, requires_grad: false };
+/// let whole = WireTensor { storage: 0, view };
+/// // Its last two elements: another tensor over the same storage entry.
+/// let tail = WireTensor { storage: 0, view: TensorView { sizes: vec![2], storage_offset: 2, ..whole.view.clone() } };
+/// assert_eq!(whole.storage, tail.storage);
+/// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WireTensor {
     /// Index into the storage table.
@@ -98,6 +133,15 @@ pub struct WireTensor {
 }
 
 /// A whole value as sent: storages, tensors, ready events, and the value tree.
+///
+/// ```
+/// use shared_tensor_runtime::payload::{Node, WirePayload};
+/// fn describe(msg: &WirePayload) -> String {
+///     let (t, s, e) = (msg.tensors.len(), msg.storages.len(), msg.ready.len());
+///     format!("{t} tensors over {s} storages, {e} ready events")
+/// }
+/// assert_eq!(describe(&WirePayload::plain(Node::Unit)), "0 tensors over 0 storages, 0 ready events");
+/// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WirePayload {
     /// The storages.
@@ -112,6 +156,16 @@ pub struct WirePayload {
 
 impl WirePayload {
     /// A payload with no GPU memory.
+    ///
+    /// ```
+    /// # fn main() -> shared_tensor_runtime::Result<()> {
+    /// use shared_tensor_runtime::payload::{Encoder, Node, WirePayload};
+    /// // Call arguments `(8, "fp16")`: plain values only, nothing to lend.
+    /// let mut enc = Encoder::new("args");
+    /// let args = WirePayload::plain(Node::Seq(vec![enc.data(&8i64)?, enc.data("fp16")?]));
+    /// assert!(args.storages.is_empty() && args.ready.is_empty());
+    /// # Ok(()) }
+    /// ```
     pub fn plain(root: Node) -> WirePayload {
         WirePayload { storages: Vec::new(), tensors: Vec::new(), ready: Vec::new(), root }
     }
@@ -204,6 +258,16 @@ struct EncodedStorage {
 /// A value encoded for sending, independent of the receiver: IPC handles exported once,
 /// storages held. Lending it turns it into a message for one peer, as often as
 /// needed (a cached result is encoded once and lent to every caller).
+///
+/// ```no_run
+/// # fn main() -> shared_tensor_runtime::Result<()> {
+/// use shared_tensor_runtime::payload::Encoder;
+/// let device = shared_tensor_runtime::cuda::device()?;
+/// let weights = vec![tch::Tensor::randn([256, 256], (tch::Kind::Float, device))];
+/// let encoded = Encoder::encode("result", &weights)?;
+/// println!("{} tensor(s), {} bytes", encoded.tensor_count(), encoded.storage_bytes());
+/// # Ok(()) }
+/// ```
 pub struct Encoded {
     storages: Vec<EncodedStorage>,
     tensors: Vec<WireTensor>,
@@ -250,16 +314,45 @@ impl Encoded {
     }
 
     /// Number of distinct storages in the value.
+    ///
+    /// ```no_run
+    /// # fn main() -> shared_tensor_runtime::Result<()> {
+    /// # use shared_tensor_runtime::payload::Encoder;
+    /// let x = tch::Tensor::randn([8, 8], (tch::Kind::Float, shared_tensor_runtime::cuda::device()?));
+    /// // A tensor and its transpose share one storage.
+    /// let encoded = Encoder::encode("result", &(x.shallow_clone(), x.transpose(0, 1)))?;
+    /// assert_eq!(encoded.storage_count(), 1);
+    /// # Ok(()) }
+    /// ```
     pub fn storage_count(&self) -> usize {
         self.storages.len()
     }
 
     /// Number of tensors in the value.
+    ///
+    /// ```no_run
+    /// # fn main() -> shared_tensor_runtime::Result<()> {
+    /// # use shared_tensor_runtime::payload::Encoder;
+    /// let x = tch::Tensor::randn([8, 8], (tch::Kind::Float, shared_tensor_runtime::cuda::device()?));
+    /// let encoded = Encoder::encode("batch", &vec![Some(x), None])?;
+    /// assert_eq!(encoded.tensor_count(), 1);
+    /// # Ok(()) }
+    /// ```
     pub fn tensor_count(&self) -> usize {
         self.tensors.len()
     }
 
     /// Total bytes of the storages in the value.
+    ///
+    /// ```no_run
+    /// # fn main() -> shared_tensor_runtime::Result<()> {
+    /// # use shared_tensor_runtime::payload::Encoder;
+    /// let x = tch::Tensor::ones([1024], (tch::Kind::Float, shared_tensor_runtime::cuda::device()?));
+    /// // A view adds no bytes: it is over the same storage.
+    /// let encoded = Encoder::encode("result", &(x.shallow_clone(), x.narrow(0, 0, 512)))?;
+    /// assert_eq!(encoded.storage_bytes(), 4096);
+    /// # Ok(()) }
+    /// ```
     pub fn storage_bytes(&self) -> u64 {
         self.storages
             .iter()
@@ -271,6 +364,21 @@ impl Encoded {
 }
 
 /// Turns a value into an [`Encoded`]: used by [`Payload::encode`] implementations.
+///
+/// ```no_run
+/// // A hand-written `encode`, as `#[derive(shared_tensor::Payload)]` would write it.
+/// use shared_tensor_runtime::payload::{Decoder, Encoder, Node, Payload};
+/// struct Embeddings { table: tch::Tensor, vocab: i64 }
+/// impl Payload for Embeddings {
+///     fn encode(&self, enc: &mut Encoder) -> shared_tensor_runtime::Result<Node> {
+///         let table = enc.field("table", |enc| enc.tensor(&self.table))?;
+///         let vocab = enc.field("vocab", |enc| enc.data(&self.vocab))?;
+///         Ok(Node::Map(vec![("table".into(), table), ("vocab".into(), vocab)]))
+///     }
+/// #   fn decode(_: Node, _: &mut Decoder) -> shared_tensor_runtime::Result<Self> { unimplemented!() }
+/// #   fn alias(&self) -> shared_tensor_runtime::Result<Self> { unimplemented!() }
+/// }
+/// ```
 pub struct Encoder {
     storages: Vec<EncodedStorage>,
     storage_index: HashMap<(u64, u64, i32), u32>,
@@ -281,6 +389,15 @@ pub struct Encoder {
 
 impl Encoder {
     /// An encoder whose error messages name the value `root` (a parameter name, `result`).
+    ///
+    /// ```
+    /// # fn main() -> shared_tensor_runtime::Result<()> {
+    /// use shared_tensor_runtime::payload::Encoder;
+    /// let mut enc = Encoder::new("steps");
+    /// let node = enc.data(&8i64)?;
+    /// assert_eq!(enc.finish(node).tensor_count(), 0);
+    /// # Ok(()) }
+    /// ```
     pub fn new(root: &str) -> Encoder {
         Encoder {
             storages: Vec::new(),
@@ -292,6 +409,17 @@ impl Encoder {
     }
 
     /// Encodes a whole payload.
+    ///
+    /// ```no_run
+    /// # fn main() -> shared_tensor_runtime::Result<()> {
+    /// use shared_tensor_runtime::payload::Encoder;
+    /// let device = shared_tensor_runtime::cuda::device()?;
+    /// let w = tch::Tensor::randn([4, 4], (tch::Kind::Float, device));
+    /// let b = tch::Tensor::zeros([4], (tch::Kind::Float, device));
+    /// let encoded = Encoder::encode("result", &(w, b))?;
+    /// assert_eq!(encoded.tensor_count(), 2);
+    /// # Ok(()) }
+    /// ```
     pub fn encode<P: Payload>(root: &str, value: &P) -> Result<Encoded> {
         let mut enc = Encoder::new(root);
         let node = value.encode(&mut enc)?;
@@ -299,32 +427,92 @@ impl Encoder {
     }
 
     /// Finishes with the value's root node.
+    ///
+    /// ```
+    /// # fn main() -> shared_tensor_runtime::Result<()> {
+    /// use shared_tensor_runtime::payload::{Encoder, Node};
+    /// let mut enc = Encoder::new("config");
+    /// let root = Node::Seq(vec![enc.index(0, |enc| enc.data(&0.5f64))?, enc.index(1, |enc| enc.data("fp16"))?]);
+    /// let encoded = enc.finish(root);
+    /// assert_eq!(encoded.storage_count(), 0);
+    /// # Ok(()) }
+    /// ```
     pub fn finish(self, root: Node) -> Encoded {
         Encoded { storages: self.storages, tensors: self.tensors, devices: self.devices, root }
     }
 
     /// Where the encoder is, for error messages (`encoder.layers[3].weight`).
+    ///
+    /// ```
+    /// use shared_tensor_runtime::payload::Encoder;
+    /// let mut enc = Encoder::new("result");
+    /// let msg = enc.field("layers", |enc| enc.index(3, |enc| format!("{}: hidden size must be even", enc.path())));
+    /// assert_eq!(msg, "result.layers[3]: hidden size must be even");
+    /// ```
     pub fn path(&self) -> String {
         self.path.to_string()
     }
 
     /// Encodes a named part (a struct field).
+    ///
+    /// ```
+    /// # fn main() -> shared_tensor_runtime::Result<()> {
+    /// use shared_tensor_runtime::payload::{Encoder, Node};
+    /// let mut enc = Encoder::new("config");
+    /// let eps = enc.field("eps", |enc| enc.data(&1e-5f64))?;
+    /// let root = Node::Map(vec![("eps".into(), eps)]);
+    /// # Ok(()) }
+    /// ```
     pub fn field<T>(&mut self, name: &str, f: impl FnOnce(&mut Self) -> T) -> T {
         self.scoped(Seg::Field(name.to_string()), f)
     }
 
     /// Encodes a numbered part (a sequence element).
+    ///
+    /// ```
+    /// # fn main() -> shared_tensor_runtime::Result<()> {
+    /// use shared_tensor_runtime::payload::{Encoder, Node};
+    /// let mut enc = Encoder::new("sizes");
+    /// let sizes = [128i64, 256, 512];
+    /// let nodes = sizes.iter().enumerate().map(|(i, s)| enc.index(i, |enc| enc.data(s)));
+    /// let nodes: Vec<Node> = nodes.collect::<Result<_, _>>()?;
+    /// assert_eq!(nodes.len(), 3);
+    /// # Ok(()) }
+    /// ```
     pub fn index<T>(&mut self, i: usize, f: impl FnOnce(&mut Self) -> T) -> T {
         self.scoped(Seg::Index(i), f)
     }
 
     /// Encodes a map entry.
+    ///
+    /// ```
+    /// # fn main() -> shared_tensor_runtime::Result<()> {
+    /// use shared_tensor_runtime::payload::{Encoder, Node};
+    /// let mut enc = Encoder::new("scales");
+    /// let mut entries = Vec::new();
+    /// for (name, scale) in [("q_proj", 0.5f64), ("k_proj", 0.25)] {
+    ///     entries.push((name.to_string(), enc.key(name, |enc| enc.data(&scale))?));
+    /// }
+    /// let root = Node::Map(entries);
+    /// # Ok(()) }
+    /// ```
     pub fn key<T>(&mut self, key: &str, f: impl FnOnce(&mut Self) -> T) -> T {
         self.scoped(Seg::Key(key.to_string()), f)
     }
 
     /// Encodes a tensor: checks it is a shareable CUDA tensor, exports its storage once
     /// per message, and records the view.
+    ///
+    /// ```no_run
+    /// # fn main() -> shared_tensor_runtime::Result<()> {
+    /// use shared_tensor_runtime::payload::{Encoder, Node};
+    /// let x = tch::Tensor::randn([4, 4], (tch::Kind::Float, shared_tensor_runtime::cuda::device()?));
+    /// let mut enc = Encoder::new("x");
+    /// let node = enc.tensor(&x)?;
+    /// assert_eq!(node, Node::Tensor(0));
+    /// let encoded = enc.finish(node);
+    /// # Ok(()) }
+    /// ```
     pub fn tensor(&mut self, t: &Tensor) -> Result<Node> {
         let path = self.path.clone();
         let ins = ipc::inspect(t, &|| path.to_string())?;
@@ -358,6 +546,15 @@ impl Encoder {
     }
 
     /// Encodes a plain value as MessagePack.
+    ///
+    /// ```
+    /// # fn main() -> shared_tensor_runtime::Result<()> {
+    /// use shared_tensor_runtime::payload::{Encoder, Node};
+    /// let mut enc = Encoder::new("shape");
+    /// let node = enc.data(&vec![2i64, 3, 4])?;
+    /// assert!(matches!(node, Node::Data(_)));
+    /// # Ok(()) }
+    /// ```
     pub fn data<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<Node> {
         rmp_serde::to_vec(value)
             .map(Node::Data)
@@ -365,6 +562,19 @@ impl Encoder {
     }
 
     /// Runs `f` and checks what it encoded as a module: at least one tensor, all on one GPU.
+    ///
+    /// ```no_run
+    /// # use shared_tensor_runtime::payload::{Encoder, Node};
+    /// # struct Scale { weight: tch::Tensor, bias: tch::Tensor }
+    /// # fn encode(this: &Scale, enc: &mut Encoder) -> shared_tensor_runtime::Result<Node> {
+    /// // Refuses a layer that holds no tensor, or whose tensors are on two GPUs.
+    /// enc.module(|enc| {
+    ///     let weight = enc.field("weight", |enc| enc.tensor(&this.weight))?;
+    ///     let bias = enc.field("bias", |enc| enc.tensor(&this.bias))?;
+    ///     Ok(Node::Map(vec![("weight".into(), weight), ("bias".into(), bias)]))
+    /// })
+    /// # }
+    /// ```
     pub fn module(&mut self, f: impl FnOnce(&mut Self) -> Result<Node>) -> Result<Node> {
         let first = self.tensors.len();
         let node = f(self)?;
@@ -444,6 +654,21 @@ impl Drop for Received {
 }
 
 /// Turns a received value back into Rust values: used by [`Payload::decode`] implementations.
+///
+/// ```no_run
+/// // A hand-written `decode`, as `#[derive(shared_tensor::Payload)]` would write it.
+/// use shared_tensor_runtime::payload::{nn::Fields, Decoder, Encoder, Node, Payload};
+/// struct Embeddings { table: tch::Tensor, vocab: i64 }
+/// impl Payload for Embeddings {
+/// #   fn encode(&self, _: &mut Encoder) -> shared_tensor_runtime::Result<Node> { unimplemented!() }
+///     fn decode(node: Node, dec: &mut Decoder) -> shared_tensor_runtime::Result<Self> {
+///         // `table` comes back as a view of the sender's GPU memory: no copy.
+///         let mut fields = Fields::new(node, dec)?;
+///         Ok(Embeddings { table: fields.take(dec, "table")?, vocab: fields.take_data(dec, "vocab")? })
+///     }
+/// #   fn alias(&self) -> shared_tensor_runtime::Result<Self> { unimplemented!() }
+/// }
+/// ```
 pub struct Decoder {
     received: Received,
     waited: bool,
@@ -461,32 +686,86 @@ impl Decoder {
     }
 
     /// Where the decoder is, for error messages.
+    ///
+    /// ```no_run
+    /// # use shared_tensor_runtime::payload::{Decoder, Node};
+    /// # use shared_tensor_runtime::{Error, Result};
+    /// # fn decode(node: Node, dec: &mut Decoder) -> Result<tch::Tensor> {
+    /// let table = dec.tensor(node)?;
+    /// if table.dim() != 2 {
+    ///     return Err(Error::Protocol(format!("{}: expected a 2-d table", dec.path())));
+    /// }
+    /// # Ok(table) }
+    /// ```
     pub fn path(&self) -> String {
         self.path.to_string()
     }
 
     /// Decodes a named part.
+    ///
+    /// ```no_run
+    /// # use shared_tensor_runtime::payload::{Decoder, Node};
+    /// # fn decode(node: Node, dec: &mut Decoder) -> shared_tensor_runtime::Result<tch::Tensor> {
+    /// // Errors name the part: `result.weight: expected a tensor, got a map`.
+    /// let weight = dec.field("weight", |dec| dec.tensor(node))?;
+    /// # Ok(weight) }
+    /// ```
     pub fn field<T>(&mut self, name: &str, f: impl FnOnce(&mut Self) -> T) -> T {
         self.scoped(Seg::Field(name.to_string()), f)
     }
 
     /// Decodes a numbered part.
+    ///
+    /// ```no_run
+    /// # use shared_tensor_runtime::payload::{Decoder, Node};
+    /// # fn decode(node: Node, dec: &mut Decoder) -> shared_tensor_runtime::Result<Vec<tch::Tensor>> {
+    /// let Node::Seq(nodes) = node else { return Err(dec.mismatch("a sequence", &node)) };
+    /// nodes.into_iter().enumerate().map(|(i, n)| dec.index(i, |dec| dec.tensor(n))).collect()
+    /// # }
+    /// ```
     pub fn index<T>(&mut self, i: usize, f: impl FnOnce(&mut Self) -> T) -> T {
         self.scoped(Seg::Index(i), f)
     }
 
     /// Decodes a map entry.
+    ///
+    /// ```no_run
+    /// # use shared_tensor_runtime::payload::{Decoder, Node};
+    /// # fn decode(node: Node, dec: &mut Decoder) -> shared_tensor_runtime::Result<Vec<(String, tch::Tensor)>> {
+    /// let Node::Map(entries) = node else { return Err(dec.mismatch("a map", &node)) };
+    /// entries.into_iter().map(|(k, n)| Ok((k.clone(), dec.key(&k, |dec| dec.tensor(n))?))).collect()
+    /// # }
+    /// ```
     pub fn key<T>(&mut self, key: &str, f: impl FnOnce(&mut Self) -> T) -> T {
         self.scoped(Seg::Key(key.to_string()), f)
     }
 
     /// The error for a node of the wrong shape.
+    ///
+    /// ```no_run
+    /// # use shared_tensor_runtime::payload::{Decoder, Node};
+    /// # fn decode(node: Node, dec: &mut Decoder) -> shared_tensor_runtime::Result<Option<tch::Tensor>> {
+    /// match node {
+    ///     Node::Opt(Some(inner)) => dec.tensor(*inner).map(Some),
+    ///     Node::Opt(None) => Ok(None),
+    ///     other => Err(dec.mismatch("an Option", &other)),
+    /// }
+    /// # }
+    /// ```
     pub fn mismatch(&self, expected: &str, got: &Node) -> Error {
         Error::Protocol(format!("{}: expected {expected}, got {}", self.path, got.kind()))
     }
 
     /// The tensor a [`Node::Tensor`] names: a view of the sender's memory (or of this
     /// process's own, come back).
+    ///
+    /// ```no_run
+    /// # use shared_tensor_runtime::payload::{Decoder, Node};
+    /// # fn decode(node: Node, dec: &mut Decoder) -> shared_tensor_runtime::Result<()> {
+    /// let weight = dec.tensor(node)?;
+    /// assert!(weight.device().is_cuda());
+    /// # Ok(()) }
+    /// ```
     pub fn tensor(&mut self, node: Node) -> Result<Tensor> {
         let Node::Tensor(index) = node else {
             return Err(self.mismatch("a tensor", &node));
@@ -554,6 +833,13 @@ impl Decoder {
     }
 
     /// Decodes a plain value from MessagePack.
+    ///
+    /// ```no_run
+    /// # use shared_tensor_runtime::payload::{Decoder, Node};
+    /// # fn decode(node: Node, dec: &mut Decoder) -> shared_tensor_runtime::Result<()> {
+    /// let shape: Vec<i64> = dec.data(node)?;
+    /// # Ok(()) }
+    /// ```
     pub fn data<T: DeserializeOwned>(&mut self, node: Node) -> Result<T> {
         let Node::Data(bytes) = node else {
             return Err(self.mismatch("a plain value", &node));
@@ -597,9 +883,23 @@ pub trait Payload: Send + Sized + 'static {
 }
 
 /// Marks an argument that travels as a payload (by CUDA IPC).
+///
+/// ```
+/// use shared_tensor_runtime::payload::{Argument, ByIpc};
+/// fn by_ipc<A: Argument<ByIpc>>() {}
+/// by_ipc::<tch::Tensor>();
+/// by_ipc::<Vec<Option<tch::Tensor>>>();
+/// ```
 #[derive(Debug)]
 pub enum ByIpc {}
 /// Marks an argument that travels by value (MessagePack).
+///
+/// ```
+/// use shared_tensor_runtime::payload::{Argument, ByValue};
+/// fn by_value<A: Argument<ByValue>>() {}
+/// by_value::<f64>();
+/// by_value::<Vec<String>>();
+/// ```
 #[derive(Debug)]
 pub enum ByValue {}
 
@@ -654,15 +954,38 @@ impl<T: Serialize + DeserializeOwned + Clone + Send + 'static> Argument<ByValue>
 }
 
 /// One element of an [`Args`] tuple: an [`Argument`], or a reference to one.
+///
+/// ```
+/// # fn main() -> shared_tensor_runtime::Result<()> {
+/// use shared_tensor_runtime::payload::{ArgLike, Encoder, Node};
+/// fn encode_one<V>(arg: impl ArgLike<V>) -> shared_tensor_runtime::Result<Node> {
+///     arg.encode_like(&mut Encoder::new("arg0"))
+/// }
+/// let precision = "fp16".to_string();
+/// assert_eq!(encode_one(&precision)?, encode_one(precision)?);
+/// # Ok(()) }
+/// ```
 pub trait ArgLike<Via> {
     /// Encodes it.
     fn encode_like(&self, enc: &mut Encoder) -> Result<Node>;
 }
 
 /// Marks an argument passed by value in [`Args`].
+///
+/// ```
+/// use shared_tensor_runtime::payload::{ArgLike, ByValue, Owned};
+/// fn owned<A: ArgLike<(ByValue, Owned)>>(_: A) {}
+/// owned(8i64);
+/// ```
 #[derive(Debug)]
 pub enum Owned {}
 /// Marks an argument passed by reference in [`Args`].
+///
+/// ```
+/// use shared_tensor_runtime::payload::{ArgLike, Borrowed, ByValue};
+/// fn borrowed<A: ArgLike<(ByValue, Borrowed)>>(_: A) {}
+/// borrowed(&"fp16".to_string());
+/// ```
 #[derive(Debug)]
 pub enum Borrowed {}
 

@@ -43,6 +43,14 @@ pub struct Fields {
 
 impl Fields {
     /// Reads a [`Node::Map`].
+    ///
+    /// ```no_run
+    /// # use shared_tensor_runtime::payload::{nn::Fields, Decoder, Node};
+    /// # fn decode(node: Node, dec: &mut Decoder) -> shared_tensor_runtime::Result<tch::nn::Linear> {
+    /// let mut fields = Fields::new(node, dec)?;
+    /// Ok(tch::nn::Linear { ws: fields.take(dec, "weight")?, bs: fields.take(dec, "bias")? })
+    /// # }
+    /// ```
     pub fn new(node: Node, dec: &Decoder) -> Result<Fields> {
         match node {
             Node::Map(entries) => Ok(Fields { entries: entries.into_iter().collect() }),
@@ -57,18 +65,45 @@ impl Fields {
     }
 
     /// Decodes a payload field.
+    ///
+    /// ```no_run
+    /// # use shared_tensor_runtime::payload::{nn::Fields, Decoder, Node};
+    /// # fn decode(node: Node, dec: &mut Decoder) -> shared_tensor_runtime::Result<()> {
+    /// let mut fields = Fields::new(node, dec)?;
+    /// let weight: tch::Tensor = fields.take(dec, "weight")?;
+    /// let bias: Option<tch::Tensor> = fields.take(dec, "bias")?;
+    /// # Ok(()) }
+    /// ```
     pub fn take<P: Payload>(&mut self, dec: &mut Decoder, name: &str) -> Result<P> {
         let node = self.node(dec, name)?;
         dec.field(name, |dec| P::decode(node, dec))
     }
 
     /// Decodes any argument field (payload or plain value).
+    ///
+    /// ```no_run
+    /// # use shared_tensor_runtime::payload::{nn::Fields, Decoder, Node};
+    /// # fn decode(node: Node, dec: &mut Decoder) -> shared_tensor_runtime::Result<()> {
+    /// let mut fields = Fields::new(node, dec)?;
+    /// let mask: tch::Tensor = fields.take_arg(dec, "mask")?; // by CUDA IPC
+    /// let steps: i64 = fields.take_arg(dec, "steps")?; // by value
+    /// # Ok(()) }
+    /// ```
     pub fn take_arg<V, A: super::Argument<V>>(&mut self, dec: &mut Decoder, name: &str) -> Result<A> {
         let node = self.node(dec, name)?;
         dec.field(name, |dec| A::decode_arg(node, dec))
     }
 
     /// Decodes a plain (MessagePack) field.
+    ///
+    /// ```no_run
+    /// # use shared_tensor_runtime::payload::{nn::Fields, Decoder, Node};
+    /// # fn decode(node: Node, dec: &mut Decoder) -> shared_tensor_runtime::Result<()> {
+    /// let mut fields = Fields::new(node, dec)?;
+    /// let eps: f64 = fields.take_data(dec, "eps")?;
+    /// let shape: Vec<i64> = fields.take_data(dec, "normalized_shape")?;
+    /// # Ok(()) }
+    /// ```
     pub fn take_data<T: serde::de::DeserializeOwned>(&mut self, dec: &mut Decoder, name: &str) -> Result<T> {
         let node = self.node(dec, name)?;
         dec.field(name, |dec| dec.data(node))
@@ -616,6 +651,16 @@ fn rnn_weights<'a>(vs: &nn::Path<'a>, in_dim: i64, hidden: i64, gates: i64, c: &
 macro_rules! recurrent {
     ($name:ident, $gates:expr, $state:ident, $doc:literal) => {
         #[doc = $doc]
+        ///
+        #[doc = concat!(
+            "```no_run\nuse shared_tensor_runtime::payload::nn::", stringify!($name), ";\n",
+            "use tch::nn::{self, RNN};\n\n",
+            "let vs = nn::VarStore::new(tch::Device::Cuda(0));\n",
+            "let layer = ", stringify!($name), "::new(vs.root(), 16, 32, Default::default()); // send it like any module\n",
+            "let xs = tch::Tensor::zeros([4, 10, 16], (tch::Kind::Float, tch::Device::Cuda(0)));\n",
+            "let (out, _state) = layer.seq(&xs);\n",
+            "assert_eq!(out.size(), [4, 10, 32]);\n```"
+        )]
         ///
         /// Its fields are public: `weights` in tch's flat order (per layer and direction:
         /// `weight_ih`, `weight_hh`, then `bias_ih`, `bias_hh` if any).
