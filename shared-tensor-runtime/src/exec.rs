@@ -479,6 +479,27 @@ impl Core {
     }
 
     fn lookup(&self, endpoint: &str, key: &str, holder: Holder) -> Option<Outcome> {
+        let hit = self.find(endpoint, key, holder);
+        let counter = if hit.is_some() { &self.stats.cache_hits } else { &self.stats.cache_misses };
+        counter.fetch_add(1, Ordering::Relaxed);
+        hit
+    }
+
+    /// The cached result of a call, if there is one, counted as a request and a hit (a
+    /// managed result gains `holder`'s reference). Runs no endpoint code and never waits,
+    /// so the server answers hits on the connection's own task, without a thread
+    /// handoff. A miss counts nothing: the call that follows counts it.
+    pub(crate) fn try_hit(&self, def: &'static EndpointDef, key: &str, holder: Holder) -> Option<Outcome> {
+        if !def.options.cache {
+            return None;
+        }
+        let hit = self.find(def.name, key, holder)?;
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+        Some(hit)
+    }
+
+    fn find(&self, endpoint: &str, key: &str, holder: Holder) -> Option<Outcome> {
         let mut cache = self.cache.lock();
         let cache_key = (endpoint.to_string(), key.to_string());
         let hit = match cache.get(&cache_key) {
@@ -492,8 +513,6 @@ impl Core {
                 }
             },
         };
-        let counter = if hit.is_some() { &self.stats.cache_hits } else { &self.stats.cache_misses };
-        counter.fetch_add(1, Ordering::Relaxed);
         hit
     }
 

@@ -24,9 +24,9 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
 
 use crate::auth::{self, Secret, Side};
-use crate::endpoint::{EndpointInfo, Registry};
+use crate::endpoint::{EndpointDef, EndpointInfo, Registry};
 use crate::error::{Error, Result};
-use crate::exec::{Core, Counters, Outcome};
+use crate::exec::{Core, Counters, Outcome, Prepared};
 use crate::ipc::ProcessId;
 use crate::lease::{self, Link};
 use crate::managed::Holder;
@@ -472,27 +472,49 @@ impl Conn {
     fn spawn_call(&self, id: u64, endpoint: String, args: WirePayload, submit: bool) {
         // Pin returned storages now, in message order, before a later Release can drop them.
         let received = args.receive(&self.link);
+        let cached = !submit && self.state.registry.get(&endpoint).is_ok_and(|def| def.options.cache);
+        if cached {
+            // A cached endpoint's arguments are decoded here: a hit is answered at once,
+            // without handing the call to another thread (no endpoint code runs for it).
+            let (def, prepared) = match self.prepare(&endpoint, received) {
+                Ok(p) => p,
+                Err(e) => return self.reply(id, Err(e)),
+            };
+            if let Some(hit) = prepared.key.as_deref().and_then(|k| self.state.core.try_hit(def, k, self.holder())) {
+                let result = self.respond(&hit);
+                self.reply(id, result);
+                return drop(hit); // after the reply, so releases it causes follow it
+            }
+            let conn = self.clone();
+            tokio::task::spawn_blocking(move || {
+                let (result, keep) = conn.run(def, prepared, false);
+                conn.reply(id, result);
+                drop(keep);
+            });
+            return;
+        }
         let conn = self.clone();
         tokio::task::spawn_blocking(move || {
-            let (result, keep) = conn.call(&endpoint, received, submit);
+            let (result, keep) = match conn.prepare(&endpoint, received) {
+                Ok((def, prepared)) => conn.run(def, prepared, submit),
+                Err(e) => (Err(e), None),
+            };
             conn.reply(id, result);
             // The outcome goes after the reply is queued, so releases it causes follow it.
             drop(keep);
         });
     }
 
-    fn call(&self, endpoint: &str, received: Received, submit: bool) -> (Result<Response>, Option<Outcome>) {
-        let core = &self.state.core;
-        let def = match self.state.registry.get(endpoint) {
-            Ok(def) => def,
-            Err(e) => return (Err(e), None),
-        };
+    /// Finds the endpoint and decodes its arguments.
+    fn prepare(&self, endpoint: &str, received: Received) -> Result<(&'static EndpointDef, Prepared)> {
+        let def = self.state.registry.get(endpoint)?;
         let mut dec = Decoder::new(received, "");
-        let prepared = match (def.dispatch)(&mut dec) {
-            Ok(p) => p,
-            Err(e) => return (Err(e), None),
-        };
-        drop(dec);
+        let prepared = (def.dispatch)(&mut dec)?;
+        Ok((def, prepared))
+    }
+
+    fn run(&self, def: &'static EndpointDef, prepared: Prepared, submit: bool) -> (Result<Response>, Option<Outcome>) {
+        let core = &self.state.core;
         if submit {
             return (core.submit(def, prepared.key, prepared.body).map(Response::Task), None);
         }
