@@ -472,7 +472,15 @@ impl Conn {
     fn spawn_call(&self, id: u64, endpoint: String, args: WirePayload, submit: bool) {
         // Pin returned storages now, in message order, before a later Release can drop them.
         let received = args.receive(&self.link);
-        let cached = !submit && self.state.registry.get(&endpoint).is_ok_and(|def| def.options.cache);
+        if submit {
+            // Submitting decodes the arguments, creates the record and starts the task on
+            // the blocking pool: nothing here waits or runs endpoint code, so no handoff.
+            let result = self
+                .prepare(&endpoint, received)
+                .and_then(|(def, p)| self.state.core.submit(def, p.key, p.body).map(Response::Task));
+            return self.reply(id, result);
+        }
+        let cached = self.state.registry.get(&endpoint).is_ok_and(|def| def.options.cache);
         if cached {
             // A cached endpoint's arguments are decoded here: a hit is answered at once,
             // without handing the call to another thread (no endpoint code runs for it).
@@ -487,7 +495,7 @@ impl Conn {
             }
             let conn = self.clone();
             tokio::task::spawn_blocking(move || {
-                let (result, keep) = conn.run(def, prepared, false);
+                let (result, keep) = conn.run(def, prepared);
                 conn.reply(id, result);
                 drop(keep);
             });
@@ -496,7 +504,7 @@ impl Conn {
         let conn = self.clone();
         tokio::task::spawn_blocking(move || {
             let (result, keep) = match conn.prepare(&endpoint, received) {
-                Ok((def, prepared)) => conn.run(def, prepared, submit),
+                Ok((def, prepared)) => conn.run(def, prepared),
                 Err(e) => (Err(e), None),
             };
             conn.reply(id, result);
@@ -513,12 +521,9 @@ impl Conn {
         Ok((def, prepared))
     }
 
-    fn run(&self, def: &'static EndpointDef, prepared: Prepared, submit: bool) -> (Result<Response>, Option<Outcome>) {
-        let core = &self.state.core;
-        if submit {
-            return (core.submit(def, prepared.key, prepared.body).map(Response::Task), None);
-        }
-        match core.call(def, prepared.key, self.holder(), prepared.body) {
+    /// Runs a call (on the blocking pool: the body may take any time).
+    fn run(&self, def: &'static EndpointDef, prepared: Prepared) -> (Result<Response>, Option<Outcome>) {
+        match self.state.core.call(def, prepared.key, self.holder(), prepared.body) {
             Ok(outcome) => (self.respond(&outcome), Some(outcome)),
             Err(e) => (Err(e), None),
         }
@@ -556,15 +561,13 @@ impl Conn {
                 Err(e) => return conn.reply(id, Err(e)),
             };
             record.wait_async().await;
-            tokio::task::spawn_blocking(move || {
-                let outcome = conn.state.core.collect(&record, conn.holder());
-                let (result, keep) = match outcome {
-                    Ok(o) => (conn.respond(&o), Some(o)),
-                    Err(e) => (Err(e), None),
-                };
-                conn.reply(id, result);
-                drop(keep);
-            });
+            // Collecting a finished task never waits and runs no endpoint code: answer here.
+            let (result, keep) = match conn.state.core.collect(&record, conn.holder()) {
+                Ok(o) => (conn.respond(&o), Some(o)),
+                Err(e) => (Err(e), None),
+            };
+            conn.reply(id, result);
+            drop(keep);
         });
     }
 }
