@@ -279,6 +279,18 @@ impl Config {
         self.role
     }
 
+    /// The configured device index (`SHARED_TENSOR_DEVICE` or [`Config::device_index`]),
+    /// without probing CUDA; `None` means "the current CUDA device".
+    ///
+    /// ```
+    /// use shared_tensor_runtime::config::Config;
+    /// assert_eq!(Config::default().get_device_index(), None);
+    /// assert_eq!(Config::default().device_index(2).get_device_index(), Some(2));
+    /// ```
+    pub fn get_device_index(&self) -> Option<u32> {
+        self.device_index
+    }
+
     /// The device index: the configured one, else the current CUDA device.
     ///
     /// ```

@@ -62,6 +62,13 @@ struct Object {
     holders: HashMap<Holder, u64>,
 }
 
+impl Object {
+    /// Drops the value; returns what the caller must clean up.
+    fn destroy(self) -> Destroyed {
+        Destroyed { endpoint: self.info.endpoint, cache_key: self.info.cache_key, object_id: self.info.object_id }
+    }
+}
+
 /// An object destroyed by a release: what the caller must clean up (its cache entry).
 pub(crate) struct Destroyed {
     pub endpoint: String,
@@ -142,17 +149,14 @@ impl Objects {
         }
         let obj = objects.remove(&id).expect("present");
         drop(objects);
-        let destroyed =
-            Destroyed { endpoint: obj.info.endpoint.clone(), cache_key: obj.info.cache_key.clone(), object_id: id };
-        drop(obj); // the value goes here, outside the lock
-        Ok(Some(destroyed))
+        Ok(Some(obj.destroy())) // the value goes there, outside the lock
     }
 
     /// Removes an object whatever its references (an operator's decision): handles to it
     /// become stale; tensors they hold stay valid through their leases.
     pub(crate) fn drop_object(&self, id: u64) -> Option<Destroyed> {
         let obj = self.objects.lock().remove(&id)?;
-        Some(Destroyed { endpoint: obj.info.endpoint.clone(), cache_key: obj.info.cache_key.clone(), object_id: id })
+        Some(obj.destroy())
     }
 
     /// Releases every reference `holder` has (a connection closed). Returns what was destroyed.

@@ -121,13 +121,12 @@ impl ServerState {
     }
 }
 
-/// Resident memory of this process (Linux `/proc/self/statm`), 0 if unreadable.
+/// Resident memory of this process (Linux `/proc/self/status`), 0 if unreadable.
 fn resident_bytes() -> u64 {
-    let pages = std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()))
-        .unwrap_or(0);
-    pages * 4096
+    // VmRSS is in kB whatever the page size (statm counts pages).
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib = status.lines().find_map(|l| l.strip_prefix("VmRSS:")?.trim().strip_suffix("kB")?.trim().parse().ok());
+    kib.unwrap_or(0u64) * 1024
 }
 
 /// A running server. Dropping it stops accepting connections; [`ServerHandle::shutdown`]
@@ -192,6 +191,11 @@ impl Drop for ServerHandle {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// Decodes an endpoint's arguments (and computes its cache key).
+fn decode(def: &'static EndpointDef, received: Received) -> Result<Prepared> {
+    (def.dispatch)(&mut Decoder::new(received, ""))
 }
 
 /// Binds `127.0.0.1:port` and serves `registry` through `core` on `rt`.
@@ -472,39 +476,46 @@ impl Conn {
     fn spawn_call(&self, id: u64, endpoint: String, args: WirePayload, submit: bool) {
         // Pin returned storages now, in message order, before a later Release can drop them.
         let received = args.receive(&self.link);
+        let def = match self.state.registry.get(&endpoint) {
+            Ok(def) => def,
+            Err(e) => return self.reply(id, Err(e)),
+        };
         if submit {
             // Submitting decodes the arguments, creates the record and starts the task on
             // the blocking pool: nothing here waits or runs endpoint code, so no handoff.
-            let result = self
-                .prepare(&endpoint, received)
-                .and_then(|(def, p)| self.state.core.submit(def, p.key, p.body).map(Response::Task));
-            return self.reply(id, result);
+            let result = decode(def, received).and_then(|p| self.state.core.submit(def, p.key, p.body));
+            return self.reply(id, result.map(Response::Task));
         }
-        let cached = self.state.registry.get(&endpoint).is_ok_and(|def| def.options.cache);
-        if cached {
-            // A cached endpoint's arguments are decoded here: a hit is answered at once,
-            // without handing the call to another thread (no endpoint code runs for it).
-            let (def, prepared) = match self.prepare(&endpoint, received) {
-                Ok(p) => p,
-                Err(e) => return self.reply(id, Err(e)),
-            };
-            if let Some(hit) = prepared.key.as_deref().and_then(|k| self.state.core.try_hit(def, k, self.holder())) {
+        if !def.options.cache {
+            return self.spawn_run(id, def, move || decode(def, received));
+        }
+        // A cached endpoint's arguments are decoded here: a hit is answered at once,
+        // without handing the call to another thread (no endpoint code runs for it).
+        let prepared = match decode(def, received) {
+            Ok(p) => p,
+            Err(e) => return self.reply(id, Err(e)),
+        };
+        match prepared.key.as_deref().and_then(|k| self.state.core.try_hit(def, k, self.holder())) {
+            Some(hit) => {
                 let result = self.respond(&hit);
                 self.reply(id, result);
-                return drop(hit); // after the reply, so releases it causes follow it
+                drop(hit); // after the reply, so releases it causes follow it
             }
-            let conn = self.clone();
-            tokio::task::spawn_blocking(move || {
-                let (result, keep) = conn.run(def, prepared);
-                conn.reply(id, result);
-                drop(keep);
-            });
-            return;
+            None => self.spawn_run(id, def, move || Ok(prepared)),
         }
+    }
+
+    /// Runs a call on the blocking pool (the body may take any time) and replies.
+    fn spawn_run(
+        &self,
+        id: u64,
+        def: &'static EndpointDef,
+        prepare: impl FnOnce() -> Result<Prepared> + Send + 'static,
+    ) {
         let conn = self.clone();
         tokio::task::spawn_blocking(move || {
-            let (result, keep) = match conn.prepare(&endpoint, received) {
-                Ok((def, prepared)) => conn.run(def, prepared),
+            let (result, keep) = match prepare() {
+                Ok(prepared) => conn.run(def, prepared),
                 Err(e) => (Err(e), None),
             };
             conn.reply(id, result);
@@ -513,15 +524,6 @@ impl Conn {
         });
     }
 
-    /// Finds the endpoint and decodes its arguments.
-    fn prepare(&self, endpoint: &str, received: Received) -> Result<(&'static EndpointDef, Prepared)> {
-        let def = self.state.registry.get(endpoint)?;
-        let mut dec = Decoder::new(received, "");
-        let prepared = (def.dispatch)(&mut dec)?;
-        Ok((def, prepared))
-    }
-
-    /// Runs a call (on the blocking pool: the body may take any time).
     fn run(&self, def: &'static EndpointDef, prepared: Prepared) -> (Result<Response>, Option<Outcome>) {
         match self.state.core.call(def, prepared.key, self.holder(), prepared.body) {
             Ok(outcome) => (self.respond(&outcome), Some(outcome)),
@@ -569,5 +571,18 @@ impl Conn {
             conn.reply(id, result);
             drop(keep);
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn resident_memory_is_read_in_bytes() {
+        let before = super::resident_bytes();
+        let block = vec![1u8; 64 << 20]; // touched: resident
+        let after = super::resident_bytes();
+        assert!(before > 1 << 20, "a running test process has more than 1 MiB resident: {before}");
+        assert!(after >= before + (48 << 20), "64 MiB touched: {before} -> {after}");
+        drop(block);
     }
 }

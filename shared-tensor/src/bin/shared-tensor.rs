@@ -115,9 +115,10 @@ fn run(cli: &Cli) -> shared_tensor::Result<()> {
     if let Some(port) = cli.base_port {
         config = config.base_port(port);
     }
-    // No CUDA probe here: the device picks the port only.
-    config = config
-        .device_index(cli.device.or_else(|| std::env::var("SHARED_TENSOR_DEVICE").ok()?.parse().ok()).unwrap_or(0));
+    // No CUDA probe here: the device picks the port only (SHARED_TENSOR_DEVICE, checked by
+    // Config::from_env, else 0).
+    let device = cli.device.or(config.get_device_index()).unwrap_or(0);
+    config = config.device_index(device);
     let client = Client::new(&config)?;
     match &cli.command {
         Cmd::Ping => {
