@@ -7,15 +7,16 @@ use tch::nn;
 /// Scenarios 2 and 3 of the seed: slow model construction, one at a time, and a
 /// reusable registry of models keyed by name and dtype.
 #[share(execution = "task", managed, concurrency = "serialized", cache_key = "model:{model_name}:{dtype}")]
-pub fn load_model(model_name: String, dtype: String) -> nn::Linear {
+pub fn load_model(model_name: String, dtype: String) -> Result<nn::Linear, String> {
     let kind = match dtype.as_str() {
+        "f32" => tch::Kind::Float,
         "f16" => tch::Kind::Half,
         "bf16" => tch::Kind::BFloat16,
-        _ => tch::Kind::Float,
+        other => return Err(format!("dtype {other:?} is not served: ask for \"f32\", \"f16\" or \"bf16\"")),
     };
     let width = if model_name == "large" { 4096 } else { 256 };
     let mut vs = nn::VarStore::new(tch::Device::Cuda(0));
     let layer = nn::linear(vs.root(), width, width, Default::default());
     vs.set_kind(kind);
-    layer
+    Ok(layer)
 }
