@@ -13,6 +13,9 @@
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <c10/core/StorageImpl.h>
+#include <c10/core/TensorImpl.h>
+#include <c10/util/StringUtil.h>
+#include <c10/util/safe_numerics.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -73,7 +76,11 @@ struct st_alloc_stats {
   uint64_t total_bytes;  // cudaMemGetInfo
 };
 
-typedef void (*st_release_fn)(uint64_t cookie);
+// Called when the last reference to an imported storage goes, with the stream the
+// dropping thread had current on the storage's device (as an integer): the lender may
+// reuse the memory only once that stream's queued work is done, which the receiver of
+// this call sees to (st_stream_settled) before it tells the lender.
+typedef void (*st_release_fn)(uint64_t cookie, int32_t device, uint64_t stream);
 
 }  // extern "C"
 
@@ -107,6 +114,52 @@ char* cuda_error(const char* what, cudaError_t err) {
   }                                                       \
   return nullptr;
 
+// Empty when a view of `size` and `stride` (in elements) starting `offset` elements into a
+// storage of `nbytes` bytes, with elements of `itemsize` bytes, lies inside it; otherwise
+// a message saying what does not fit, with the numbers. The bounds rule is ATen's
+// (checkInBoundsForStorage): a view with no elements fits any storage; otherwise its last
+// element, at offset + sum((size_i - 1) * stride_i), must end within the storage.
+std::string view_misfit(c10::IntArrayRef size, c10::IntArrayRef stride, int64_t offset, size_t itemsize,
+                        size_t nbytes) {
+  bool empty = false;
+  for (size_t i = 0; i < size.size(); ++i) {
+    if (size[i] < 0) {
+      return c10::str("size ", size[i], " of dimension ", i, " is negative (sizes ", size, ")");
+    }
+    if (stride[i] < 0) {
+      return c10::str("stride ", stride[i], " of dimension ", i, " is negative (strides ", stride,
+                      "); negative strides are not supported");
+    }
+    empty = empty || size[i] == 0;
+  }
+  if (offset < 0) {
+    return c10::str("storage offset ", offset, " is negative");
+  }
+  if (empty) {
+    return std::string();
+  }
+  // One past the last element, in elements, then in bytes.
+  int64_t end = 0;
+  bool overflow = c10::add_overflows(offset, int64_t{1}, &end);
+  for (size_t i = 0; i < size.size(); ++i) {
+    int64_t span = 0;
+    overflow |= c10::mul_overflows(size[i] - 1, stride[i], &span);
+    overflow |= c10::add_overflows(end, span, &end);
+  }
+  uint64_t need = 0;
+  overflow |= c10::mul_overflows(static_cast<uint64_t>(end), static_cast<uint64_t>(itemsize), &need);
+  if (overflow) {
+    return c10::str("the view (sizes ", size, ", strides ", stride, ", ", itemsize,
+                    "-byte elements) from offset ", offset,
+                    " needs more storage than a 64-bit count can hold");
+  }
+  if (need > static_cast<uint64_t>(nbytes)) {
+    return c10::str("the view (sizes ", size, ", strides ", stride, ", ", itemsize, "-byte elements) needs ",
+                    need, " bytes of storage from offset ", offset, " but the storage has ", nbytes);
+  }
+  return std::string();
+}
+
 std::atomic<st_release_fn> g_release_fn{nullptr};
 
 // Set by an atexit handler registered after CUDA's own (atexit handlers run in reverse
@@ -115,7 +168,18 @@ std::atomic<st_release_fn> g_release_fn{nullptr};
 // abort the process; leaking a mapping at exit costs nothing.
 std::atomic<bool> g_exiting{false};
 
-void mark_exiting() { g_exiting.store(true); }
+// Held by st_stream_settled for its CUDA calls (made from background threads) and by
+// mark_exiting: once mark_exiting returns, no such call is in flight or can start, so none
+// races CUDA's own teardown. Never destroyed.
+std::mutex& settle_mutex() {
+  static std::mutex* m = new std::mutex();
+  return *m;
+}
+
+void mark_exiting() {
+  std::lock_guard<std::mutex> lock(settle_mutex());
+  g_exiting.store(true);
+}
 
 bool cuda_usable() {
   if (g_exiting.load()) {
@@ -141,21 +205,25 @@ void import_deleter(void* raw) {
   }
   // The producer may reuse this memory as soon as it hears of the release, so the
   // consumer's queued work on it must be finished first (PyTorch's CUDA IPC receiver
-  // has the same rule). An idle stream has nothing queued: no wait. Best effort: errors
-  // (a dying context) are ignored.
+  // has the same rule). A leased storage hands its stream to the release function,
+  // which settles each stream once per batch of releases; a raw import (cookie 0)
+  // settles here. Best effort: errors (a dying context) are ignored.
   cudaStream_t stream = nullptr;
   try {
     stream = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(ctx->device)).stream();
   } catch (...) {
   }
-  if (cudaStreamQuery(stream) != cudaSuccess) {
-    cudaStreamSynchronize(stream);
-  }
   uint64_t cookie = ctx->cookie;
-  ctx.reset();
+  int device = ctx->device;
   st_release_fn fn = g_release_fn.load();
+  if (cookie == 0 || fn == nullptr) {
+    if (cudaStreamQuery(stream) != cudaSuccess) {
+      cudaStreamSynchronize(stream);
+    }
+  }
+  ctx.reset();
   if (fn != nullptr && cookie != 0) {
-    fn(cookie);
+    fn(cookie, device, reinterpret_cast<uint64_t>(stream));
   }
 }
 
@@ -347,7 +415,15 @@ const char* st_tensor_inspect(const at::Tensor* t, st_tensor_meta* meta, int64_t
   ST_CATCH
 }
 
-void st_storage_free(st_storage* s) { delete s; }
+// Once the process is exiting, a storage may be the last reference to CUDA memory whose
+// free would run into CUDA's teardown (a background thread dropping a storage as exit
+// begins): it is leaked instead, which costs nothing at exit.
+void st_storage_free(st_storage* s) {
+  if (g_exiting.load()) {
+    return;
+  }
+  delete s;
+}
 
 // Another owning reference to the same storage; null only when out of host memory.
 st_storage* st_storage_clone(const st_storage* s) {
@@ -412,18 +488,66 @@ const char* st_storage_import(const uint8_t* handle, uint64_t len, int64_t offse
   ST_CATCH
 }
 
-// A new tensor over a storage. `set_` checks that the view fits in the storage.
+// A new tensor over a storage, built directly the way ATen's own from_blob (TensorMaker)
+// builds one: a TensorImpl over the storage, then its sizes, strides and offset. This
+// replaces `at::empty({0}) + set_()`, two trips through the dispatcher (~2 us a tensor).
+//
+// It checks everything `set_` checked, and more: the dtype is a real, non-quantized one,
+// the storage is on CPU or CUDA, no size, stride or offset is negative, and a non-empty
+// view lies inside the storage (computed without overflow). Unlike `set_`, a view too
+// large for a resizable (CPU) storage is refused rather than growing the storage; an
+// imported CUDA storage is never resizable, so `set_` refused it too.
 const char* st_tensor_from_storage(const st_storage* s, int32_t scalar_type, const int64_t* sizes,
                                    const int64_t* strides, int32_t ndim, int64_t storage_offset,
                                    int32_t requires_grad, at::Tensor** out) {
   ST_TRY
-  auto options = at::TensorOptions()
-                     .dtype(static_cast<c10::ScalarType>(scalar_type))
-                     .device(s->storage.device());
-  at::Tensor t = at::empty({0}, options);
-  t.set_(s->storage, storage_offset, c10::IntArrayRef(sizes, ndim),
-         c10::IntArrayRef(strides, ndim));
+  if (s == nullptr || !s->storage) {
+    return dup_error("no storage to build a tensor over");
+  }
+  if (ndim < 0) {
+    return dup_error(c10::str("invalid dimension count ", ndim).c_str());
+  }
+  if (ndim > 0 && (sizes == nullptr || strides == nullptr)) {
+    return dup_error("no sizes or strides for a tensor of one or more dimensions");
+  }
+  // Before any cast to ScalarType: TypeMeta::fromScalarType indexes a table with it.
+  if (scalar_type < 0 || scalar_type >= static_cast<int32_t>(c10::ScalarType::NumOptions)) {
+    return dup_error(c10::str("unknown scalar type ", scalar_type).c_str());
+  }
+  const auto st = static_cast<c10::ScalarType>(scalar_type);
+  if (st == c10::ScalarType::Undefined || c10::isQIntType(st)) {
+    // A plain TensorImpl cannot hold these (quantized tensors need a QTensorImpl).
+    return dup_error(c10::str("scalar type ", st, " cannot be viewed over a storage").c_str());
+  }
+  const c10::Storage& storage = s->storage;
+  // The backend key at::empty gives a dense tensor on that device; the TensorImpl
+  // constructor adds the autograd, ADInplaceOrView and autocast keys, as it does there.
+  c10::DispatchKey backend;
+  switch (storage.device().type()) {
+    case c10::DeviceType::CPU:
+      backend = c10::DispatchKey::CPU;
+      break;
+    case c10::DeviceType::CUDA:
+      backend = c10::DispatchKey::CUDA;
+      break;
+    default:
+      return dup_error(
+          c10::str("a storage on ", storage.device(), " (only CPU and CUDA storages are supported)").c_str());
+  }
+  const c10::IntArrayRef size(sizes, static_cast<size_t>(ndim));
+  const c10::IntArrayRef stride(strides, static_cast<size_t>(ndim));
+  const caffe2::TypeMeta dtype = caffe2::TypeMeta::fromScalarType(st);
+  std::string misfit = view_misfit(size, stride, storage_offset, dtype.itemsize(), storage.nbytes());
+  if (!misfit.empty()) {
+    return dup_error(misfit.c_str());
+  }
+  at::Tensor t =
+      at::detail::make_tensor<c10::TensorImpl>(c10::Storage(storage), c10::DispatchKeySet(backend), dtype);
+  // Sets sizes, strides (all non-negative, so kept as given) and offset, then recomputes
+  // numel and the contiguity flags.
+  t.unsafeGetTensorImpl()->set_sizes_and_strides(size, stride, storage_offset);
   if (requires_grad != 0) {
+    // Throws (an error return) for dtypes that cannot require grad, as before.
     t.set_requires_grad(true);
   }
   *out = new at::Tensor(std::move(t));
@@ -466,6 +590,29 @@ const char* st_stream_idle(int32_t device, int32_t* idle) {
     return cuda_error("cudaStreamQuery", err);
   }
   ST_CATCH
+}
+
+// Whether `stream` (a cudaStream_t as an integer, on `device`) has finished its queued
+// work. Never waits (callers poll), so the lock it takes against CUDA's teardown is held
+// only for a query. Best effort for the release path: an error (a dying context, a
+// stream destroyed since) counts as finished.
+int32_t st_stream_settled(int32_t device, uint64_t stream) {
+  std::lock_guard<std::mutex> lock(settle_mutex());
+  if (!cuda_usable()) {
+    return 1;
+  }
+  try {
+    c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+    cudaError_t err = cudaStreamQuery(reinterpret_cast<cudaStream_t>(stream));
+    if (err == cudaErrorNotReady) {
+      return 0;
+    }
+    if (err != cudaSuccess) {
+      (void)cudaGetLastError();  // not an error of whoever calls CUDA next on this thread
+    }
+  } catch (...) {
+  }
+  return 1;
 }
 
 // Records this thread's current stream on `device` in an interprocess event and gives

@@ -2,8 +2,11 @@
 //! thread, with no async runtime required.
 //!
 //! A calling thread writes its request itself (with any pending releases in the same
-//! write) and sleeps until the reader thread hands it the reply; it then opens the
-//! reply's tensors on its own thread. Failures are contained: a call that times out fails
+//! write), then reads the socket itself until its reply is in, unless another caller is
+//! already reading, which hands it the reply (and the turn to read, when it stops). So a
+//! lone caller gets its reply with no thread handoff. An idle reader thread reads what
+//! arrives while no caller is waiting. The caller opens the reply's tensors on its own
+//! thread. Failures are contained: a call that times out fails
 //! alone, a lost connection fails the calls in flight with [`Error::ServerGone`], and the
 //! next call connects again.
 //!
@@ -13,10 +16,10 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -30,7 +33,7 @@ use crate::endpoint::EndpointInfo;
 use crate::error::{Error, Result};
 use crate::handle::{from_answer, Backend, Output, TaskHandle};
 use crate::ipc::ProcessId;
-use crate::lease::Link;
+use crate::lease::{Link, UsedOn};
 use crate::managed::ObjectInfo;
 use crate::payload::{Args, Encoded, Encoder, Node, Received};
 use crate::server::ServerInfo;
@@ -52,58 +55,244 @@ impl Answer {
     }
 }
 
-/// Where a reply lands: the waiting thread (or future) sleeps on it.
-#[derive(Default)]
+/// Where a reply lands. A synchronous caller sleeps on it unless it is the one reading;
+/// an async caller's future is woken through it.
 struct Slot {
-    answer: Mutex<Option<Result<Answer>>>,
+    state: Mutex<SlotState>,
     cv: Condvar,
     waker: AtomicWaker,
+    /// An async caller: it never reads the socket itself.
+    is_async: bool,
+}
+
+#[derive(Default)]
+struct SlotState {
+    answer: Option<Result<Answer>>,
+    /// The reading was passed to this slot's caller.
+    turn: bool,
 }
 
 impl Slot {
+    fn new(is_async: bool) -> Arc<Slot> {
+        Arc::new(Slot { state: Mutex::default(), cv: Condvar::new(), waker: AtomicWaker::new(), is_async })
+    }
+
     fn fill(&self, answer: Result<Answer>) {
-        *self.answer.lock() = Some(answer);
+        self.state.lock().answer = Some(answer);
         self.cv.notify_one();
         self.waker.wake();
     }
 
-    fn wait(&self, deadline: Option<Instant>) -> Option<Result<Answer>> {
-        let mut answer = self.answer.lock();
-        while answer.is_none() {
-            match deadline {
-                Some(d) => {
-                    if self.cv.wait_until(&mut answer, d).timed_out() {
-                        return answer.take();
-                    }
-                }
-                None => self.cv.wait(&mut answer),
-            }
+    fn take(&self) -> Option<Result<Answer>> {
+        self.state.lock().answer.take()
+    }
+
+    fn answered(&self) -> bool {
+        self.state.lock().answer.is_some()
+    }
+
+    /// Passes the reading to this slot's caller; false if it needs no turn (it has its
+    /// answer, or it is async).
+    fn offer_turn(&self) -> bool {
+        if self.is_async {
+            return false;
         }
-        answer.take()
+        let mut st = self.state.lock();
+        if st.answer.is_some() {
+            return false;
+        }
+        st.turn = true;
+        drop(st);
+        self.cv.notify_one();
+        true
+    }
+
+    /// Sleeps until the answer comes, the turn to read is passed here, or `until`.
+    fn sleep(&self, until: Instant) {
+        let mut st = self.state.lock();
+        if st.answer.is_none() && !st.turn {
+            self.cv.wait_until(&mut st, until);
+        }
+        st.turn = false;
     }
 }
 
-struct SlotFuture(Arc<Slot>);
+/// An async caller's wait: the idle reader reads for it.
+struct SlotFuture {
+    slot: Arc<Slot>,
+    conn: Arc<Connection>,
+}
+
+impl SlotFuture {
+    fn new(slot: Arc<Slot>, conn: Arc<Connection>) -> SlotFuture {
+        conn.async_waiting.fetch_add(1, Ordering::AcqRel);
+        conn.wake_idle_reader();
+        SlotFuture { slot, conn }
+    }
+}
+
+impl Drop for SlotFuture {
+    fn drop(&mut self) {
+        self.conn.async_waiting.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 impl Future for SlotFuture {
     type Output = Result<Answer>;
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        if let Some(a) = self.0.answer.lock().take() {
+        if let Some(a) = self.slot.take() {
             return Poll::Ready(a);
         }
-        self.0.waker.register(cx.waker());
-        match self.0.answer.lock().take() {
+        self.slot.waker.register(cx.waker());
+        match self.slot.take() {
             Some(a) => Poll::Ready(a),
             None => Poll::Pending,
         }
     }
 }
 
-/// Releases of the server's leases, waiting to be sent.
+/// What waits to be sent to the server without an answer: releases of its leases and of
+/// managed objects. Sent ahead of the next request, or by the release thread.
 #[derive(Default)]
 struct Releases {
-    queue: Mutex<Vec<u64>>,
+    queue: Mutex<ReleaseQueue>,
     cv: Condvar,
+}
+
+#[derive(Default)]
+struct ReleaseQueue {
+    /// Server leases released, with the stream each storage was last used on.
+    leases: Vec<(u64, UsedOn)>,
+    objects: Vec<u64>,
+}
+
+impl ReleaseQueue {
+    fn is_empty(&self) -> bool {
+        self.leases.is_empty() && self.objects.is_empty()
+    }
+
+    /// Frames the object releases, and the lease releases whose streams have no queued
+    /// work (each stream asked once), into `out`. Returns whether releases on busy
+    /// streams are left for the release thread, which waits for those streams.
+    fn drain_ready(&mut self, out: &mut Vec<u8>) -> Result<bool> {
+        let (ready, busy) = UsedOn::split_settled(std::mem::take(&mut self.leases));
+        self.leases = busy;
+        if !ready.is_empty() {
+            wire::write_frame(&ClientMessage::Release(ready), out)?;
+        }
+        if !self.objects.is_empty() {
+            wire::write_frame(&ClientMessage::ReleaseObjects(std::mem::take(&mut self.objects)), out)?;
+        }
+        Ok(!self.leases.is_empty())
+    }
+}
+
+impl Releases {
+    fn push(&self, add: impl FnOnce(&mut ReleaseQueue)) {
+        let mut q = self.queue.lock();
+        let was_empty = q.is_empty();
+        add(&mut q);
+        if was_empty {
+            self.cv.notify_one();
+        }
+    }
+}
+
+/// How long queued releases wait for a request to carry them before the release thread
+/// sends them itself: a busy client sends them with its next request (no extra write,
+/// no second thread at the socket), an idle one within this delay.
+const RELEASE_DELAY: Duration = Duration::from_micros(500);
+
+/// How long the socket's reads block before the reader looks at its deadline again.
+const READ_SLICE: Duration = Duration::from_millis(20);
+
+/// How long after a caller last read the idle reader waits before it watches the socket:
+/// a busy client's callers read everything themselves.
+const IDLE_AFTER: Duration = Duration::from_millis(1);
+
+/// The read side of the socket, held by whichever thread reads: frames are read into
+/// one buffer with as few reads as the data allows.
+struct FrameReader {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    /// First byte not yet consumed.
+    start: usize,
+    /// End of the bytes read.
+    end: usize,
+}
+
+/// A frame's body in a [`FrameReader`]'s buffer.
+struct FrameAt {
+    body: std::ops::Range<usize>,
+}
+
+impl FrameReader {
+    fn new(stream: TcpStream) -> FrameReader {
+        FrameReader { stream, buf: vec![0; 64 * 1024], start: 0, end: 0 }
+    }
+
+    /// The next complete frame already read, if any.
+    fn next_frame(&mut self) -> std::result::Result<Option<FrameAt>, String> {
+        let have = self.end - self.start;
+        if have < 4 {
+            return Ok(None);
+        }
+        let mut prefix = [0u8; 4];
+        prefix.copy_from_slice(&self.buf[self.start..self.start + 4]);
+        let len = u32::from_be_bytes(prefix) as usize;
+        if len > wire::MAX_FRAME_BYTES {
+            return Err(format!(
+                "the server announced a {len}-byte frame, over the {}-byte limit",
+                wire::MAX_FRAME_BYTES
+            ));
+        }
+        if have < 4 + len {
+            return Ok(None);
+        }
+        let body = self.start + 4..self.start + 4 + len;
+        self.start = body.end;
+        Ok(Some(FrameAt { body }))
+    }
+
+    /// Whether part of a frame has been read.
+    fn partial(&self) -> bool {
+        self.end > self.start
+    }
+
+    /// Reads once (blocking for at most [`READ_SLICE`]); `Ok(false)` when nothing came.
+    fn fill(&mut self) -> std::result::Result<bool, String> {
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        } else if self.start > 0 && self.end == self.buf.len() {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        // Room for the whole frame being read, once its length is known.
+        if self.end - self.start >= 4 {
+            let mut prefix = [0u8; 4];
+            prefix.copy_from_slice(&self.buf[self.start..self.start + 4]);
+            let need = self.start + 4 + u32::from_be_bytes(prefix) as usize;
+            if need > self.buf.len() {
+                self.buf.resize(need, 0);
+            }
+        }
+        loop {
+            match self.stream.read(&mut self.buf[self.end..]) {
+                Ok(0) => return Err("the server closed the connection".into()),
+                Ok(n) => {
+                    self.end += n;
+                    return Ok(true);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                    return Ok(false)
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
 }
 
 struct Connection {
@@ -115,6 +304,19 @@ struct Connection {
     releases: Arc<Releases>,
     dead: AtomicBool,
     welcome: Welcome,
+    /// The socket's read side. Whoever holds it reads and hands every reply to its slot:
+    /// a waiting caller (which then usually reads its own reply, with no thread handoff)
+    /// or, when no caller waits, the idle reader thread.
+    reader: Mutex<FrameReader>,
+    /// Async callers waiting: they cannot read, so the idle reader reads for them.
+    async_waiting: AtomicUsize,
+    /// Synchronous callers waiting: one of them reads.
+    sync_waiting: AtomicUsize,
+    /// When a caller last stopped reading (nanoseconds since `epoch`).
+    last_read: AtomicU64,
+    epoch: Instant,
+    idle: Mutex<()>,
+    idle_cv: Condvar,
 }
 
 impl Connection {
@@ -135,16 +337,12 @@ impl Connection {
         };
         let _ = stream.set_nodelay(true);
         let welcome = handshake(&stream, addr, shared_token)?;
-        let mut reader = stream.try_clone().map_err(|e| Error::io("cloning the socket", &e))?;
+        stream.set_read_timeout(Some(READ_SLICE)).map_err(|e| Error::io("configuring the socket", &e))?;
+        let reader = stream.try_clone().map_err(|e| Error::io("cloning the socket", &e))?;
+        let watcher = stream.try_clone().map_err(|e| Error::io("cloning the socket", &e))?;
         let releases = Arc::new(Releases::default());
         let sink = releases.clone();
-        let link = Link::new(Box::new(move |lease| {
-            let mut q = sink.queue.lock();
-            q.push(lease);
-            if q.len() == 1 {
-                sink.cv.notify_one();
-            }
-        }));
+        let link = Link::new(Box::new(move |lease, used| sink.push(|q| q.leases.push((lease, used)))));
         let conn = Arc::new(Connection {
             addr,
             writer: Mutex::new(stream),
@@ -154,11 +352,18 @@ impl Connection {
             releases,
             dead: AtomicBool::new(false),
             welcome,
+            reader: Mutex::new(FrameReader::new(reader)),
+            async_waiting: AtomicUsize::new(0),
+            sync_waiting: AtomicUsize::new(0),
+            last_read: AtomicU64::new(0),
+            epoch: Instant::now(),
+            idle: Mutex::new(()),
+            idle_cv: Condvar::new(),
         });
         let c = conn.clone();
         std::thread::Builder::new()
             .name("shared-tensor-reader".into())
-            .spawn(move || c.read_loop(&mut reader))
+            .spawn(move || c.idle_loop(&watcher))
             .map_err(|e| Error::io("starting the reader thread", &e))?;
         let c = conn.clone();
         std::thread::Builder::new()
@@ -168,39 +373,165 @@ impl Connection {
         Ok(conn)
     }
 
-    fn read_loop(&self, stream: &mut TcpStream) {
-        let mut buf = Vec::new();
-        let reason = loop {
-            if let Err(e) = wire::read_frame(stream, &mut buf) {
-                break if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                    "the server closed the connection".to_string()
-                } else {
-                    e.to_string()
-                };
-            }
-            match wire::decode::<ServerMessage>(&buf) {
-                Ok(ServerMessage::Reply { id, result }) => {
-                    let answer = result.map(|r| match r {
-                        Response::Value { object, payload } => {
-                            Answer::Value { object, received: payload.receive(&self.link) }
-                        }
-                        other => Answer::Other(other),
-                    });
-                    let slot = self.pending.lock().remove(&id);
-                    // No slot: the call timed out; dropping the answer releases its leases.
-                    if let Some(slot) = slot {
-                        slot.fill(answer);
+    /// Hands one frame to where it belongs; `Err` ends the connection.
+    fn dispatch(&self, body: &[u8]) -> std::result::Result<(), String> {
+        match wire::decode::<ServerMessage>(body) {
+            Ok(ServerMessage::Reply { id, result }) => {
+                let answer = result.map(|r| match r {
+                    Response::Value { object, payload } => {
+                        Answer::Value { object, received: payload.receive(&self.link) }
                     }
+                    other => Answer::Other(other),
+                });
+                let slot = self.pending.lock().remove(&id);
+                // No slot: the call timed out; dropping the answer releases its leases.
+                if let Some(slot) = slot {
+                    slot.fill(answer);
                 }
-                Ok(ServerMessage::Release(leases)) => self.link.released(&leases),
-                Ok(ServerMessage::Refused(e)) => break e.to_string(),
-                Ok(ServerMessage::Welcome(_) | ServerMessage::Challenge(_)) => {
-                    break "the server sent a handshake message after the handshake".into()
+                Ok(())
+            }
+            Ok(ServerMessage::Release(leases)) => {
+                self.link.released(&leases);
+                Ok(())
+            }
+            Ok(ServerMessage::Refused(e)) => Err(e.to_string()),
+            Ok(ServerMessage::Welcome(_) | ServerMessage::Challenge(_)) => {
+                Err("the server sent a handshake message after the handshake".into())
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Dispatches every complete frame already read.
+    fn dispatch_buffered(&self, rd: &mut FrameReader) -> std::result::Result<(), String> {
+        while let Some(frame) = rd.next_frame()? {
+            self.dispatch(&rd.buf[frame.body])?;
+        }
+        Ok(())
+    }
+
+    /// Reads for a waiting caller until its answer is in (or its deadline passes, or the
+    /// connection dies). Every frame read is dispatched, whoever it is for.
+    fn read_for(
+        &self,
+        rd: &mut FrameReader,
+        slot: &Slot,
+        deadline: Option<Instant>,
+    ) -> std::result::Result<(), String> {
+        loop {
+            self.dispatch_buffered(rd)?;
+            if slot.answered() || self.dead.load(Ordering::Acquire) || deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(());
+            }
+            rd.fill()?;
+        }
+    }
+
+    /// Waits for the answer in `slot`, reading the socket itself whenever nobody else
+    /// does. `None` when `deadline` passed first.
+    fn wait_reply(&self, id: u64, slot: &Arc<Slot>, deadline: Option<Instant>) -> Option<Result<Answer>> {
+        self.sync_waiting.fetch_add(1, Ordering::AcqRel);
+        let answer = loop {
+            if let Some(answer) = slot.take() {
+                break Some(answer);
+            }
+            if let Some(mut rd) = self.reader.try_lock() {
+                let read = self.read_for(&mut rd, slot, deadline);
+                drop(rd);
+                self.last_read.store(self.epoch.elapsed().as_nanos() as u64, Ordering::Release);
+                self.pass_reading();
+                if let Err(reason) = read {
+                    self.fail(&reason); // answers every waiting slot, this one included
                 }
-                Err(e) => break e.to_string(),
+            } else {
+                let now = Instant::now();
+                // Woken by the answer or the turn; the slice bounds a missed wake-up.
+                let until = deadline.map_or(now + READ_SLICE, |d| d.min(now + READ_SLICE));
+                slot.sleep(until);
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                break slot.take();
             }
         };
-        self.fail(&reason);
+        self.sync_waiting.fetch_sub(1, Ordering::AcqRel);
+        if answer.is_none() {
+            // Timed out: a reply that comes later is dropped; a turn it was given goes on.
+            self.pending.lock().remove(&id);
+            self.pass_reading();
+        }
+        answer
+    }
+
+    /// The reader just stopped: passes the reading to a caller still waiting, or wakes
+    /// the idle reader for async callers.
+    fn pass_reading(&self) {
+        if self.reader.is_locked() {
+            return;
+        }
+        let slots: Vec<Arc<Slot>> = self.pending.lock().values().cloned().collect();
+        if slots.iter().any(|s| s.offer_turn()) {
+            return;
+        }
+        if self.async_waiting.load(Ordering::Acquire) > 0 {
+            self.wake_idle_reader();
+        }
+    }
+
+    fn wake_idle_reader(&self) {
+        let _guard = self.idle.lock();
+        self.idle_cv.notify_one();
+    }
+
+    /// The idle reader: reads what arrives while no caller is reading (releases, replies
+    /// to async callers and to calls that timed out). It stays out of the way of a busy
+    /// client, whose callers read for themselves.
+    fn idle_loop(&self, watcher: &TcpStream) {
+        let mut probe = [0u8; 1];
+        while !self.dead.load(Ordering::Acquire) {
+            let since_read =
+                self.epoch.elapsed().saturating_sub(Duration::from_nanos(self.last_read.load(Ordering::Acquire)));
+            let callers_read = self.sync_waiting.load(Ordering::Acquire) > 0 || since_read < IDLE_AFTER;
+            if callers_read && self.async_waiting.load(Ordering::Acquire) == 0 {
+                let mut guard = self.idle.lock();
+                self.idle_cv.wait_for(&mut guard, IDLE_AFTER);
+                continue;
+            }
+            match watcher.peek(&mut probe) {
+                Ok(0) => return self.fail("the server closed the connection"),
+                Ok(_) => {
+                    let Some(mut rd) = self.reader.try_lock() else {
+                        // A caller is reading: it takes this data.
+                        let mut guard = self.idle.lock();
+                        self.idle_cv.wait_for(&mut guard, IDLE_AFTER);
+                        continue;
+                    };
+                    let read = self.read_available(&mut rd);
+                    drop(rd);
+                    self.pass_reading();
+                    if let Err(reason) = read {
+                        return self.fail(&reason);
+                    }
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => return self.fail(&e.to_string()),
+            }
+        }
+    }
+
+    /// Reads what has arrived, and the rest of a frame begun, and dispatches it.
+    fn read_available(&self, rd: &mut FrameReader) -> std::result::Result<(), String> {
+        rd.fill()?;
+        loop {
+            self.dispatch_buffered(rd)?;
+            if !rd.partial() || self.dead.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            rd.fill()?;
+        }
     }
 
     /// Marks the connection dead and fails every call in flight.
@@ -217,47 +548,89 @@ impl Connection {
             slot.fill(Err(self.gone(reason)));
         }
         self.releases.cv.notify_one();
+        self.wake_idle_reader();
     }
 
     fn gone(&self, reason: &str) -> Error {
         Error::ServerGone { addr: self.addr.to_string(), reason: reason.to_string() }
     }
 
+    /// Sends what is queued for the server when no request takes it along first.
     fn release_loop(&self) {
         loop {
-            let batch = {
+            let leases = {
                 let mut q = self.releases.queue.lock();
                 while q.is_empty() && !self.dead.load(Ordering::Acquire) {
                     self.releases.cv.wait(&mut q);
                 }
-                if self.dead.load(Ordering::Acquire) {
-                    return;
+                // Give the next request the chance to carry them.
+                let until = Instant::now() + RELEASE_DELAY;
+                while !q.is_empty() && !self.dead.load(Ordering::Acquire) {
+                    if self.releases.cv.wait_until(&mut q, until).timed_out() {
+                        break;
+                    }
                 }
-                std::mem::take(&mut *q)
+                if q.is_empty() {
+                    continue;
+                }
+                std::mem::take(&mut q.leases)
             };
+            if self.dead.load(Ordering::Acquire) {
+                return;
+            }
+            // Each stream's queued work is done before the server may reuse the memory.
+            UsedOn::settle_all(leases.iter().map(|&(_, used)| used));
             let mut buf = Vec::new();
-            if wire::write_frame(&ClientMessage::Release(batch), &mut buf).is_ok() {
-                let _ = self.writer.lock().write_all(&buf);
+            if !leases.is_empty() {
+                let ids = leases.into_iter().map(|(lease, _)| lease).collect();
+                let _ = wire::write_frame(&ClientMessage::Release(ids), &mut buf);
+            }
+            // Object releases are taken under the writer's lock: none queued before a
+            // request is sent after it.
+            let mut writer = self.writer.lock();
+            let mut q = self.releases.queue.lock();
+            if !q.objects.is_empty() {
+                let _ = wire::write_frame(&ClientMessage::ReleaseObjects(std::mem::take(&mut q.objects)), &mut buf);
+            }
+            drop(q);
+            if !buf.is_empty() {
+                let _ = writer.write_all(&buf);
             }
         }
     }
 
-    /// Sends a request (with any queued releases) and registers its reply slot.
-    fn send(&self, request: Request) -> Result<(u64, Arc<Slot>)> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let slot = Arc::new(Slot::default());
-        let mut buf = Vec::new();
-        let releases = std::mem::take(&mut *self.releases.queue.lock());
-        if !releases.is_empty() {
-            wire::write_frame(&ClientMessage::Release(releases), &mut buf)?;
+    /// Queues the release of one reference to a managed object.
+    fn release_object(&self, id: u64) {
+        if !self.dead.load(Ordering::Acquire) {
+            self.releases.push(|q| q.objects.push(id));
         }
-        wire::write_frame(&ClientMessage::Request { id, request }, &mut buf)?;
+    }
+
+    /// Sends a request (after anything queued for the server) and registers its reply slot.
+    fn send(&self, request: Request, is_async: bool) -> Result<(u64, Arc<Slot>)> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let slot = Slot::new(is_async);
+        let mut frame = Vec::new();
+        wire::write_frame(&ClientMessage::Request { id, request }, &mut frame)?;
         self.pending.lock().insert(id, slot.clone());
         if self.dead.load(Ordering::Acquire) {
             self.pending.lock().remove(&id);
             return Err(self.gone("the connection was already lost"));
         }
-        if let Err(e) = self.writer.lock().write_all(&buf) {
+        let written = {
+            let mut writer = self.writer.lock();
+            let mut buf = Vec::new();
+            if self.releases.queue.lock().drain_ready(&mut buf)? {
+                self.releases.cv.notify_one();
+            }
+            if buf.is_empty() {
+                writer.write_all(&frame)
+            } else {
+                buf.extend_from_slice(&frame);
+                writer.write_all(&buf)
+            }
+        };
+        if let Err(e) = written {
             self.pending.lock().remove(&id);
             self.fail(&e.to_string());
             return Err(self.gone(&e.to_string()));
@@ -456,14 +829,11 @@ impl Client {
     pub(crate) fn request(&self, request: Request, timeout: Option<Duration>) -> Result<Answer> {
         let name = Self::name_of(&request);
         let conn = self.connection()?;
-        let (id, slot) = conn.send(request)?;
+        let (id, slot) = conn.send(request, false)?;
         let deadline = timeout.map(|t| Instant::now() + t);
-        match slot.wait(deadline) {
+        match conn.wait_reply(id, &slot, deadline) {
             Some(answer) => answer,
-            None => {
-                conn.pending.lock().remove(&id);
-                Err(Error::Timeout { endpoint: name, timeout_ms: timeout.unwrap_or_default().as_millis() as u64 })
-            }
+            None => Err(Error::Timeout { endpoint: name, timeout_ms: timeout.unwrap_or_default().as_millis() as u64 }),
         }
     }
 
@@ -471,8 +841,8 @@ impl Client {
     pub(crate) async fn request_async(&self, request: Request, timeout: Option<Duration>) -> Result<Answer> {
         let name = Self::name_of(&request);
         let conn = self.connection()?;
-        let (id, slot) = conn.send(request)?;
-        let fut = SlotFuture(slot);
+        let (id, slot) = conn.send(request, true)?;
+        let fut = SlotFuture::new(slot, conn.clone());
         match timeout {
             None => fut.await,
             Some(t) => match tokio::time::timeout(t, fut).await {
@@ -482,6 +852,16 @@ impl Client {
                     Err(Error::Timeout { endpoint: name, timeout_ms: t.as_millis() as u64 })
                 }
             },
+        }
+    }
+
+    /// Releases one reference to a managed object without waiting: the release goes to
+    /// the server ahead of this client's next request (or at once if none comes). A
+    /// lost connection has released everything it held already.
+    pub(crate) fn release_later(&self, id: u64) {
+        let conn = self.inner.conn.lock().clone();
+        if let Some(conn) = conn {
+            conn.release_object(id);
         }
     }
 
@@ -513,12 +893,18 @@ impl Client {
     /// # Ok(()) }
     /// ```
     pub fn call<O: Output, V>(&self, endpoint: &str, args: impl Args<V>) -> Result<O> {
+        let (answer, encoded) = self.call_parts(endpoint, args)?;
+        drop(encoded);
+        from_answer(answer, &Backend::remote(self.clone()), endpoint)
+    }
+
+    /// A call's answer, not yet decoded, and its encoded arguments (kept until then).
+    pub(crate) fn call_parts<V>(&self, endpoint: &str, args: impl Args<V>) -> Result<(Answer, Encoded)> {
         let encoded = Self::encode(&args)?;
         drop(args);
         let request = self.call_request(endpoint, &encoded, false)?;
         let answer = self.request(request, Some(self.call_timeout()))?;
-        drop(encoded);
-        from_answer(answer, &Backend::remote(self.clone()), endpoint)
+        Ok((answer, encoded))
     }
 
     /// Submits an endpoint call by name as a task.

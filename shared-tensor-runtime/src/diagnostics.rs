@@ -41,7 +41,7 @@ pub fn export_steps(t: &Tensor, n: usize) -> Result<Vec<(&'static str, f64)>> {
         ),
         ("record interprocess event", p50(n, || EventHandle::record(device).map(drop))?),
         ("stream synchronize (idle stream)", p50(n, || crate::cuda::synchronize_stream(device))?),
-        ("tensor over a local storage (at::empty + set_)", p50(n, || ipc::view_tensor(&ins.storage, &view).map(drop))?),
+        ("tensor over a local storage", p50(n, || ipc::view_tensor(&ins.storage, &view).map(drop))?),
         ("whole ipc::export", p50(n, || ipc::export(t).map(drop))?),
     ])
 }
@@ -78,5 +78,51 @@ pub fn import_steps(desc: &TensorDescriptor, n: usize) -> Result<Vec<(&'static s
                 ipc::view_tensor(&s, &desc.view).map(drop)
             })?,
         ),
+    ])
+}
+
+/// The phases of a remote call of `endpoint` that returns `O`: p50 microseconds of each,
+/// over `n` calls through `client`: until the reply is in (request, server, reply, its
+/// MessagePack decoded), until the value is built (storages opened, tensors made), and
+/// dropping it (storage releases queued; a managed handle's release queued).
+///
+/// ```no_run
+/// # fn demo(client: &shared_tensor_runtime::client::Client) -> shared_tensor_runtime::Result<()> {
+/// use shared_tensor_runtime::{diagnostics::call_steps, handle::Managed};
+/// let steps = call_steps::<Managed<Vec<tch::nn::Linear>>, _, _>(client, "big_model", || (24i64, 4096i64), 100)?;
+/// for (phase, us) in steps {
+///     println!("{phase}: {us:.1} µs");
+/// }
+/// # Ok(()) }
+/// ```
+pub fn call_steps<O: crate::handle::Output, V, A: crate::payload::Args<V>>(
+    client: &crate::client::Client,
+    endpoint: &str,
+    args: impl Fn() -> A,
+    n: usize,
+) -> Result<Vec<(&'static str, f64)>> {
+    let mut phases = [Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n)];
+    for _ in 0..n {
+        let t0 = Instant::now();
+        let (answer, encoded) = client.call_parts(endpoint, args())?;
+        let t1 = Instant::now();
+        let value: O = crate::handle::from_answer(answer, &crate::handle::Backend::remote(client.clone()), endpoint)?;
+        drop(encoded);
+        let t2 = Instant::now();
+        drop(value);
+        let t3 = Instant::now();
+        for (phase, (a, b)) in phases.iter_mut().zip([(t0, t1), (t1, t2), (t2, t3)]) {
+            phase.push((b - a).as_secs_f64() * 1e6);
+        }
+    }
+    let p50 = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let [reply, build, dropped] = phases;
+    Ok(vec![
+        ("until the reply is in and decoded", p50(reply)),
+        ("building the value (open storages, make tensors)", p50(build)),
+        ("dropping the value", p50(dropped)),
     ])
 }

@@ -56,6 +56,16 @@ impl Backend {
         }
     }
 
+    /// Releases one reference without waiting for the outcome (a handle's release).
+    pub(crate) fn release_one(&self, id: u64) {
+        match &self.0 {
+            Via::Local(core) => {
+                core.release_objects(&[id], Holder::Local);
+            }
+            Via::Remote(client) => client.release_later(id),
+        }
+    }
+
     pub(crate) fn object_info(&self, id: u64) -> Result<Option<ObjectInfo>> {
         match &self.0 {
             Via::Local(core) => Ok(core.objects.info(id)),
@@ -269,6 +279,10 @@ impl<T> Managed<T> {
     /// Releases this handle's reference: true the first time, false after. A server that
     /// is gone has dropped the object already; that counts as released.
     ///
+    /// In the client role the release is sent without waiting for the server: it reaches
+    /// the server ahead of this process's next request on the same connection, or at once
+    /// if none follows, so dropping a handle costs no round trip.
+    ///
     /// ```no_run
     /// # fn demo(weights: shared_tensor_runtime::handle::Managed<tch::Tensor>) {
     /// assert!(weights.release()); // the server may now forget the object
@@ -279,9 +293,7 @@ impl<T> Managed<T> {
         if self.released.swap(true, Ordering::AcqRel) {
             return false;
         }
-        if let Err(e) = self.backend.release_many(&[self.object_id]) {
-            tracing::debug!(object = self.object_id, error = %e, "release of a managed object failed");
-        }
+        self.backend.release_one(self.object_id);
         true
     }
 

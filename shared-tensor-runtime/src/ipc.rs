@@ -167,7 +167,8 @@ impl ProcessId {
 pub struct GpuId {
     /// Device index in the producing process.
     pub index: u32,
-    /// The GPU's UUID.
+    /// The GPU's UUID (MessagePack binary on the wire).
+    #[serde(with = "serde_bytes")]
     pub uuid: [u8; 16],
 }
 
@@ -622,5 +623,31 @@ mod tests {
         };
         assert!(matches!(&err, Error::NotCuda { path, .. } if path == "encoder.weight"), "{err}");
         assert!(err.to_string().contains("encoder.weight is on Cpu"), "{err}");
+    }
+
+    #[test]
+    fn view_tensor_builds_views_and_refuses_those_past_the_storage_as_cuda_errors() {
+        // 16 floats: 64 bytes (a CPU storage stands in for a mapped one).
+        let base = Tensor::arange(16, (Kind::Float, tch::Device::Cpu));
+        let storage = ffi::inspect(&base, true).unwrap().storage.unwrap();
+        let mut view = TensorView {
+            dtype: DType::F32,
+            sizes: vec![4, 4],
+            strides: vec![1, 4],
+            storage_offset: 0,
+            requires_grad: true,
+        };
+        let t = view_tensor(&storage, &view).unwrap();
+        assert_eq!((t.size(), t.stride(), t.data_ptr()), (vec![4, 4], vec![1, 4], base.data_ptr()));
+        assert!(t.requires_grad() && !t.is_contiguous());
+        assert_eq!(view_of(&t).unwrap(), view);
+        // payload::Decoder::tensor turns a Cuda error from here into "does not fit its storage".
+        view.storage_offset = 1;
+        match view_tensor(&storage, &view) {
+            Err(Error::Cuda { message, .. }) => {
+                assert!(message.contains("needs 68 bytes of storage from offset 1 but the storage has 64"), "{message}")
+            }
+            other => panic!("expected a Cuda error, got {other:?}"),
+        }
     }
 }

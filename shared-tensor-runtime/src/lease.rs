@@ -34,11 +34,74 @@ pub(crate) struct Link {
     lent: Mutex<HashMap<u64, ffi::OwnedStorage>>,
     closed: AtomicBool,
     /// Takes the peer's leases this side has released, for sending.
-    sink: Box<dyn Fn(u64) + Send + Sync>,
+    sink: Box<dyn Fn(u64, UsedOn) + Send + Sync>,
+}
+
+/// The CUDA stream a released storage was last used on: the current stream of the
+/// thread that dropped it. The lender may reuse the memory once it hears of the release,
+/// so that stream's queued work must be done first; the sending side settles each
+/// distinct stream once per batch of releases instead of once per storage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct UsedOn {
+    device: i32,
+    stream: u64,
+}
+
+impl UsedOn {
+    /// Nothing to wait for (a storage that was never opened).
+    pub(crate) const NOTHING: UsedOn = UsedOn { device: -1, stream: 0 };
+
+    /// Whether its queued work is done (never waits).
+    pub(crate) fn idle(self) -> bool {
+        self.device < 0 || ffi::stream_settled(self.device, self.stream)
+    }
+
+    /// Waits until its queued work is done (polling: the stream is asked, never waited on
+    /// inside CUDA, so that process exit never races a wait).
+    pub(crate) fn settle(self) {
+        while !self.idle() {
+            std::thread::sleep(std::time::Duration::from_micros(50));
+        }
+    }
+
+    /// Settles each distinct stream of `used` once.
+    pub(crate) fn settle_all(used: impl IntoIterator<Item = UsedOn>) {
+        let mut done: Vec<UsedOn> = Vec::new();
+        for u in used {
+            if !done.contains(&u) {
+                u.settle();
+                done.push(u);
+            }
+        }
+    }
+
+    /// Splits released leases into those whose streams have finished their work (each
+    /// stream asked once), ready to send, and the others.
+    pub(crate) fn split_settled(leases: Vec<(u64, UsedOn)>) -> (Vec<u64>, Vec<(u64, UsedOn)>) {
+        let mut asked: Vec<(UsedOn, bool)> = Vec::new();
+        let mut ready = Vec::with_capacity(leases.len());
+        let mut busy = Vec::new();
+        for (lease, used) in leases {
+            let idle = match asked.iter().find(|(u, _)| *u == used) {
+                Some((_, idle)) => *idle,
+                None => {
+                    let idle = used.idle();
+                    asked.push((used, idle));
+                    idle
+                }
+            };
+            if idle {
+                ready.push(lease);
+            } else {
+                busy.push((lease, used));
+            }
+        }
+        (ready, busy)
+    }
 }
 
 impl Link {
-    pub(crate) fn new(sink: Box<dyn Fn(u64) + Send + Sync>) -> Arc<Link> {
+    pub(crate) fn new(sink: Box<dyn Fn(u64, UsedOn) + Send + Sync>) -> Arc<Link> {
         Arc::new(Link {
             next_lease: AtomicU64::new(1),
             lent: Mutex::new(HashMap::new()),
@@ -47,11 +110,19 @@ impl Link {
         })
     }
 
-    /// Lends a storage to the peer; the hold lives until [`Link::released`] for the lease.
-    pub(crate) fn lend(&self, hold: ffi::OwnedStorage) -> u64 {
-        let lease = self.next_lease.fetch_add(1, Ordering::Relaxed);
-        self.lent.lock().insert(lease, hold);
-        lease
+    /// Lends storages to the peer (under one lock); returns their leases in order. Each
+    /// hold lives until [`Link::released`] for its lease.
+    pub(crate) fn lend_all(&self, holds: impl ExactSizeIterator<Item = ffi::OwnedStorage>) -> Vec<u64> {
+        let first = self.next_lease.fetch_add(holds.len() as u64, Ordering::Relaxed);
+        let mut lent = self.lent.lock();
+        holds
+            .enumerate()
+            .map(|(i, hold)| {
+                let lease = first + i as u64;
+                lent.insert(lease, hold);
+                lease
+            })
+            .collect()
     }
 
     /// The peer released these leases: drop the holds.
@@ -75,13 +146,13 @@ impl Link {
 
     /// A storage the peer lent us that we never opened: release it at once.
     pub(crate) fn release_unopened(&self, lease: u64) {
-        self.queue_release(lease);
+        self.queue_release(lease, UsedOn::NOTHING);
     }
 
     /// Hands a release of the peer's lease to the sink, unless the connection is gone.
-    fn queue_release(&self, lease: u64) {
+    fn queue_release(&self, lease: u64, used: UsedOn) {
         if !self.closed.load(Ordering::Acquire) {
-            (self.sink)(lease);
+            (self.sink)(lease, used);
         }
     }
 
@@ -108,17 +179,24 @@ static IMPORTS: Lazy<Mutex<HashMap<u64, ImportRecord>>> = Lazy::new(|| {
 });
 static NEXT_COOKIE: AtomicU64 = AtomicU64::new(1);
 
-/// Registers a storage about to be imported from `link`'s peer under `lease`; returns the
-/// cookie to build the storage with.
-pub(crate) fn register_import(link: &Arc<Link>, lease: u64, descriptor: StorageDescriptor) -> u64 {
-    let cookie = NEXT_COOKIE.fetch_add(1, Ordering::Relaxed);
-    IMPORTS.lock().insert(cookie, ImportRecord { link: Arc::downgrade(link), lease, descriptor });
-    cookie
+/// A cookie to build an imported storage with (the release hook is installed by now).
+pub(crate) fn new_cookie() -> u64 {
+    Lazy::force(&IMPORTS);
+    NEXT_COOKIE.fetch_add(1, Ordering::Relaxed)
 }
 
-/// An import that never got built: release its lease now.
-pub(crate) fn abandon_import(cookie: u64) {
-    release_cookie(cookie);
+/// Registers a storage just imported with `cookie` from `link`'s peer under `lease`. The
+/// caller still holds the storage, so its release cannot come before this.
+pub(crate) fn register_import(cookie: u64, link: &Arc<Link>, lease: u64, descriptor: StorageDescriptor) {
+    IMPORTS.lock().insert(cookie, ImportRecord { link: Arc::downgrade(link), lease, descriptor });
+}
+
+/// Registers an import and returns its new cookie (tests).
+#[cfg(test)]
+fn register_new(link: &Arc<Link>, lease: u64, descriptor: StorageDescriptor) -> u64 {
+    let cookie = new_cookie();
+    register_import(cookie, link, lease, descriptor);
+    cookie
 }
 
 /// Where an imported storage came from, seen from one link.
@@ -150,19 +228,19 @@ pub(crate) fn live_imports() -> usize {
     IMPORTS.lock().len()
 }
 
-fn release_cookie(cookie: u64) {
+fn release_cookie(cookie: u64, used: UsedOn) {
     let rec = IMPORTS.lock().remove(&cookie);
     if let Some(rec) = rec {
         if let Some(link) = rec.link.upgrade() {
-            link.queue_release(rec.lease);
+            link.queue_release(rec.lease, used);
         }
     }
 }
 
 /// Called by the C++ side when the last reference to an imported storage goes. Must not
 /// unwind into C++.
-extern "C" fn on_storage_released(cookie: u64) {
-    let _ = std::panic::catch_unwind(|| release_cookie(cookie));
+extern "C" fn on_storage_released(cookie: u64, device: i32, stream: u64) {
+    let _ = std::panic::catch_unwind(|| release_cookie(cookie, UsedOn { device, stream }));
 }
 
 /// Makes sure the release hook is installed before the first import.
@@ -178,7 +256,7 @@ mod tests {
     fn recording_link() -> (Arc<Link>, Arc<Mutex<Vec<u64>>>) {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let s = seen.clone();
-        (Link::new(Box::new(move |lease| s.lock().push(lease))), seen)
+        (Link::new(Box::new(move |lease, _| s.lock().push(lease))), seen)
     }
 
     fn descriptor() -> StorageDescriptor {
@@ -194,12 +272,12 @@ mod tests {
     #[test]
     fn dropped_imports_release_their_lease_to_their_link() {
         let (link, seen) = recording_link();
-        let a = register_import(&link, 10, descriptor());
-        let b = register_import(&link, 11, descriptor());
+        let a = register_new(&link, 10, descriptor());
+        let b = register_new(&link, 11, descriptor());
         assert!(matches!(origin(a, &link), Origin::ThisPeer(10)));
-        release_cookie(a);
-        release_cookie(b);
-        release_cookie(b); // a second release of one cookie does nothing
+        release_cookie(a, UsedOn::NOTHING);
+        release_cookie(b, UsedOn::NOTHING);
+        release_cookie(b, UsedOn::NOTHING); // a second release of one cookie does nothing
         assert_eq!(*seen.lock(), vec![10, 11]);
         assert!(matches!(origin(a, &link), Origin::Unknown));
     }
@@ -217,19 +295,19 @@ mod tests {
     fn other_links_see_imports_as_forwardable() {
         let (link, seen) = recording_link();
         let (other, _) = recording_link();
-        let c = register_import(&link, 5, descriptor());
+        let c = register_new(&link, 5, descriptor());
         assert!(matches!(origin(c, &other), Origin::Elsewhere));
         assert_eq!(imported_descriptor(c), Some(descriptor()));
-        abandon_import(c);
+        release_cookie(c, UsedOn::NOTHING);
         assert_eq!(*seen.lock(), vec![5]);
     }
 
     #[test]
     fn a_closed_link_queues_nothing() {
         let (link, seen) = recording_link();
-        let c = register_import(&link, 1, descriptor());
+        let c = register_new(&link, 1, descriptor());
         link.close();
-        release_cookie(c);
+        release_cookie(c, UsedOn::NOTHING);
         assert!(seen.lock().is_empty());
     }
 }

@@ -1,13 +1,16 @@
 //! The server: serves a process's endpoints to client processes on loopback.
 //!
-//! One tokio task reads each connection, another writes it. Endpoint bodies run on the
-//! blocking pool, never on the reactor, so a slow endpoint does not stall other calls,
-//! pings or other clients. When a connection closes (the client exited or was killed),
+//! A tokio task reads each connection and answers what runs no endpoint code (pings,
+//! cache hits, submits, task and object requests) on the spot. Calls run on the blocking
+//! pool, never on the reactor, so a slow endpoint does not stall other calls, pings or
+//! other clients. Every reply is written by the thread that computed it, with no handoff
+//! to a writer (see `Writer`). When a connection closes (the client exited or was killed),
 //! everything lent to it is released: its leases, and its references to managed objects.
 //!
 //! Start one with the server role (`SHARED_TENSOR_ROLE=server`), or in code with
 //! [`serve_in_background`](crate::runtime::serve_in_background) (manual mode).
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener as StdListener};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,12 +18,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, MutexGuard};
 use serde::{Deserialize, Serialize};
-use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{watch, Notify};
 use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
 
 use crate::auth::{self, Secret, Side};
@@ -28,7 +30,7 @@ use crate::endpoint::{EndpointDef, EndpointInfo, Registry};
 use crate::error::{Error, Result};
 use crate::exec::{Core, Counters, Outcome, Prepared};
 use crate::ipc::ProcessId;
-use crate::lease::{self, Link};
+use crate::lease::{self, Link, UsedOn};
 use crate::managed::Holder;
 use crate::payload::{Decoder, Received, WirePayload, WireStorage};
 use crate::wire::{self, Challenge, ClientMessage, Request, Response, ServerMessage, Welcome};
@@ -262,70 +264,237 @@ async fn until_stopped(stopped: &mut watch::Receiver<bool>) {
     let _ = stopped.wait_for(|s| *s).await;
 }
 
-/// What the writer task sends.
-enum Out {
-    /// A whole frame.
-    Frame(Vec<u8>),
-    /// A client lease this process has released; batched into one `Release` frame.
-    Release(u64),
-}
-
 fn codec() -> LengthDelimitedCodec {
     LengthDelimitedCodec::builder().length_field_length(4).max_frame_length(wire::MAX_FRAME_BYTES).new_codec()
 }
 
-fn frame(msg: &ServerMessage) -> Vec<u8> {
-    let mut out = Vec::new();
-    if let Err(e) = wire::write_frame(msg, &mut out) {
-        // Only a reply can be too large to frame: answer with the error instead.
+/// Appends a message's frame to `out`. Only a reply can be too large to frame: it is
+/// answered with the error instead.
+fn frame_into(msg: &ServerMessage, out: &mut Vec<u8>) {
+    let start = out.len();
+    if let Err(e) = wire::write_frame(msg, out) {
+        out.truncate(start); // never a partial frame in the stream
         if let ServerMessage::Reply { id, .. } = msg {
-            out.clear();
-            let _ = wire::write_frame(&ServerMessage::Reply { id: *id, result: Err(e) }, &mut out);
+            let _ = wire::write_frame(&ServerMessage::Reply { id: *id, result: Err(e) }, out);
         }
     }
-    out
 }
 
-async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Out>) {
-    let mut buf = Vec::with_capacity(64 * 1024);
-    let mut releases = Vec::new();
-    while let Some(first) = rx.recv().await {
-        let mut next = Some(first);
-        while let Some(out) = next {
-            match out {
-                Out::Frame(bytes) => buf.extend_from_slice(&bytes),
-                Out::Release(lease) => releases.push(lease),
+/// The write side of a connection.
+///
+/// Whoever has a frame writes it at once, from its own thread, with a nonblocking write:
+/// a reply costs no thread handoff. Frames go through one outbox in the order they were
+/// put there; what the socket cannot take right away stays in it for the connection's
+/// flusher task, which writes it once the socket is writable again (later frames queue
+/// behind it). Releases of the client's leases ride along after the next frame, or are
+/// sent by the flusher when no frame comes.
+struct Writer {
+    half: OwnedWriteHalf,
+    state: Mutex<WriteState>,
+    wake: Notify,
+}
+
+#[derive(Default)]
+struct WriteState {
+    /// Framed bytes not yet written, in order.
+    outbox: Vec<u8>,
+    /// Client leases released and not yet sent.
+    releases: Vec<u64>,
+    /// The flusher owns the outbox until it is empty: nobody else writes.
+    flushing: bool,
+    /// The connection is closing: the flusher writes what is left and stops.
+    closing: bool,
+    /// The socket failed: nothing more is written.
+    broken: bool,
+}
+
+impl Writer {
+    fn new(half: OwnedWriteHalf) -> Arc<Writer> {
+        let writer = Arc::new(Writer { half, state: Mutex::new(WriteState::default()), wake: Notify::new() });
+        tokio::spawn(flush_loop(writer.clone()));
+        writer
+    }
+
+    /// Sends a message.
+    fn send(&self, msg: &ServerMessage) {
+        let mut st = self.state.lock();
+        frame_into(msg, &mut st.outbox);
+        self.flush(st);
+    }
+
+    /// Puts a message in the outbox without writing it yet: it keeps its place ahead of
+    /// anything sent after this returns.
+    fn reserve(&self, msg: &ServerMessage) {
+        frame_into(msg, &mut self.state.lock().outbox);
+    }
+
+    /// Writes the outbox (with the releases waiting, after it), unless the flusher has it.
+    fn flush(&self, mut st: MutexGuard<'_, WriteState>) {
+        if st.broken {
+            st.outbox.clear();
+            return;
+        }
+        if !st.releases.is_empty() {
+            let releases = std::mem::take(&mut st.releases);
+            frame_into(&ServerMessage::Release(releases), &mut st.outbox);
+        }
+        if st.flushing || st.outbox.is_empty() {
+            return;
+        }
+        let mut written = 0;
+        while written < st.outbox.len() {
+            match self.half.try_write(&st.outbox[written..]) {
+                Ok(n) => written += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    st.outbox.drain(..written);
+                    st.flushing = true;
+                    drop(st);
+                    self.wake.notify_one();
+                    return;
+                }
+                Err(_) => {
+                    // The client is gone; the reader sees it too and cleans up.
+                    st.broken = true;
+                    st.outbox.clear();
+                    return;
+                }
             }
-            next = rx.try_recv().ok();
         }
-        // Releases go after every frame queued before them (see lease::Link).
-        if !releases.is_empty() {
-            buf.extend(frame(&ServerMessage::Release(std::mem::take(&mut releases))));
+        st.outbox.clear();
+    }
+
+    /// A client lease this process released: sent after the next frame, or by the
+    /// flusher if none comes.
+    fn release(&self, lease: u64) {
+        let mut st = self.state.lock();
+        st.releases.push(lease);
+        if st.releases.len() == 1 && !st.flushing {
+            drop(st);
+            self.wake.notify_one();
         }
-        if wr.write_all(&buf).await.is_err() {
-            break;
-        }
-        buf.clear();
+    }
+
+    /// No more frames will be read on this connection: write what is left, then stop.
+    fn close(&self) {
+        self.state.lock().closing = true;
+        self.wake.notify_one();
     }
 }
 
-async fn connection(state: Arc<ServerState>, stream: TcpStream, mut stopped: watch::Receiver<bool>) {
+/// Writes what the socket could not take at once, and releases no frame carried.
+async fn flush_loop(w: Arc<Writer>) {
+    loop {
+        w.wake.notified().await;
+        loop {
+            let buf = {
+                let mut st = w.state.lock();
+                if st.broken {
+                    return;
+                }
+                if !st.releases.is_empty() {
+                    let releases = std::mem::take(&mut st.releases);
+                    frame_into(&ServerMessage::Release(releases), &mut st.outbox);
+                }
+                if st.outbox.is_empty() {
+                    st.flushing = false;
+                    if st.closing {
+                        return;
+                    }
+                    break;
+                }
+                st.flushing = true;
+                std::mem::take(&mut st.outbox)
+            };
+            let mut written = 0;
+            while written < buf.len() {
+                let result = match w.half.writable().await {
+                    Ok(()) => w.half.try_write(&buf[written..]),
+                    Err(e) => Err(e),
+                };
+                match result {
+                    Ok(n) => written += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => {
+                        w.state.lock().broken = true;
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A connection's id and the releases of its leases collected for one reply.
+type Captured = (u64, Vec<(u64, UsedOn)>);
+
+thread_local! {
+    /// While a thread answers a request of connection N, the releases of N's leases that
+    /// it causes (the call's arguments and results being dropped) are collected here and
+    /// written right after its reply, in the same write.
+    static CAPTURE: RefCell<Option<Captured>> = const { RefCell::new(None) };
+}
+
+/// Takes a release of connection `connection`'s lease if this thread is answering one of
+/// its requests.
+fn captured(connection: u64, lease: u64, used: UsedOn) -> bool {
+    CAPTURE.with(|c| match c.try_borrow_mut().as_deref_mut() {
+        Ok(Some((id, leases))) if *id == connection => {
+            leases.push((lease, used));
+            true
+        }
+        _ => false,
+    })
+}
+
+/// Collects the releases a reply causes (see [`CAPTURE`]); whatever it still holds when
+/// dropped (an unwinding endpoint) goes the ordinary way. Nests: the capture it replaced
+/// comes back when it ends.
+struct Capture<'a> {
+    writer: &'a Writer,
+    outer: Option<Captured>,
+}
+
+impl<'a> Capture<'a> {
+    fn begin(connection: u64, writer: &'a Writer) -> Capture<'a> {
+        let outer = CAPTURE.with(|c| c.borrow_mut().replace((connection, Vec::new())));
+        Capture { writer, outer }
+    }
+
+    /// Ends the capture; returns the leases it collected.
+    fn finish(mut self) -> Vec<(u64, UsedOn)> {
+        let outer = self.outer.take();
+        let leases = CAPTURE.with(|c| std::mem::replace(&mut *c.borrow_mut(), outer));
+        std::mem::forget(self);
+        leases.map(|(_, l)| l).unwrap_or_default()
+    }
+}
+
+impl Drop for Capture<'_> {
+    fn drop(&mut self) {
+        let outer = self.outer.take();
+        let leases = CAPTURE.with(|c| std::mem::replace(&mut *c.borrow_mut(), outer));
+        for (lease, used) in leases.map(|(_, l)| l).unwrap_or_default() {
+            used.settle();
+            self.writer.release(lease);
+        }
+    }
+}
+
+async fn connection(state: Arc<ServerState>, stream: TcpStream, stopped: watch::Receiver<bool>) {
     let _ = stream.set_nodelay(true);
     let id = state.next_connection.fetch_add(1, Ordering::Relaxed);
     let (rd, wr) = stream.into_split();
     let mut frames = FramedRead::new(rd, codec());
-    let (tx, rx) = mpsc::unbounded_channel::<Out>();
-    let writer = tokio::spawn(write_loop(wr, rx));
+    let writer = Writer::new(wr);
 
-    let peer = match handshake(&state, &mut frames, &tx).await {
+    let peer = match handshake(&state, &mut frames, &writer).await {
         Ok(peer) => peer,
         Err(refusal) => {
             if let Some(error) = refusal {
                 tracing::debug!(connection = id, %error, "handshake refused");
-                let _ = tx.send(Out::Frame(frame(&ServerMessage::Refused(error))));
+                writer.send(&ServerMessage::Refused(error));
             }
-            drop(tx);
-            let _ = writer.await;
+            writer.close();
             return;
         }
     };
@@ -335,54 +504,80 @@ async fn connection(state: Arc<ServerState>, stream: TcpStream, mut stopped: wat
         server: ProcessId::current(),
         version: env!("CARGO_PKG_VERSION").into(),
     };
-    let _ = tx.send(Out::Frame(frame(&ServerMessage::Welcome(welcome))));
+    writer.send(&ServerMessage::Welcome(welcome));
 
-    let sink = tx.clone();
-    let link = Link::new(Box::new(move |lease| {
-        let _ = sink.send(Out::Release(lease));
+    let sink = writer.clone();
+    let link = Link::new(Box::new(move |lease, used| {
+        if !captured(id, lease, used) {
+            used.settle();
+            sink.release(lease);
+        }
     }));
     state.links.lock().insert(id, link.clone());
-    let conn = Conn { state: state.clone(), id, link: link.clone(), tx: tx.clone() };
+    let conn = Conn { state, id, link, writer };
+    read_frames(Reader { frames, stopped, conn, peer }).await;
+}
+
+/// The reading side of one connection.
+struct Reader {
+    frames: FramedRead<OwnedReadHalf, LengthDelimitedCodec>,
+    stopped: watch::Receiver<bool>,
+    conn: Conn,
+    peer: ProcessId,
+}
+
+/// Reads and answers a connection's requests until it closes.
+///
+/// Requests that run no endpoint code and never wait are answered here, on the spot. A
+/// call goes to the blocking pool, so that a slow endpoint holds up no other request; its
+/// thread writes the reply itself.
+async fn read_frames(mut r: Reader) {
     loop {
         let body = tokio::select! {
-            next = frames.next() => match next {
+            next = r.frames.next() => match next {
                 Some(Ok(body)) => body,
                 Some(Err(e)) => {
-                    tracing::debug!(connection = id, error = %e, "unreadable frame; closing");
+                    tracing::debug!(connection = r.conn.id, error = %e, "unreadable frame; closing");
                     let error = Error::Protocol(format!("unreadable frame: {e}"));
-                    let _ = tx.send(Out::Frame(frame(&ServerMessage::Refused(error))));
+                    r.conn.writer.send(&ServerMessage::Refused(error));
                     break;
                 }
                 None => break,
             },
-            _ = until_stopped(&mut stopped) => break,
+            _ = until_stopped(&mut r.stopped) => break,
         };
         match wire::decode::<ClientMessage>(&body) {
-            Ok(ClientMessage::Release(leases)) => link.released(&leases),
-            Ok(ClientMessage::Request { id: request_id, request }) => conn.handle(request_id, request),
+            Ok(ClientMessage::Release(leases)) => r.conn.link.released(&leases),
+            Ok(ClientMessage::ReleaseObjects(ids)) => {
+                r.conn.state.core.release_objects(&ids, r.conn.holder());
+            }
+            Ok(ClientMessage::Request { id, request }) => {
+                if let Some(call) = r.conn.handle(id, request) {
+                    let conn = r.conn.clone();
+                    tokio::task::spawn_blocking(move || conn.run_call(call));
+                }
+            }
             Ok(ClientMessage::Hello(_) | ClientMessage::Auth(_)) => {
                 let error = Error::Protocol("a handshake message after the handshake".into());
-                let _ = tx.send(Out::Frame(frame(&ServerMessage::Refused(error))));
+                r.conn.writer.send(&ServerMessage::Refused(error));
                 break;
             }
             Err(error) => {
-                tracing::debug!(connection = id, %error, "malformed message; closing");
-                let _ = tx.send(Out::Frame(frame(&ServerMessage::Refused(error))));
+                tracing::debug!(connection = r.conn.id, %error, "malformed message; closing");
+                r.conn.writer.send(&ServerMessage::Refused(error));
                 break;
             }
         }
     }
     // Everything lent to this client goes back; its managed references are released.
-    state.links.lock().remove(&id);
-    link.close();
-    state.core.release_holder(Holder::Connection(id));
+    let conn = &r.conn;
+    conn.state.links.lock().remove(&conn.id);
+    conn.link.close();
+    conn.state.core.release_holder(Holder::Connection(conn.id));
     // Keep no mapping of a departed client's memory alive for it.
-    crate::ipc::forget_producer(&peer);
-    drop(frames);
-    // Every sender must go for the writer to finish: the link's release sink holds one,
-    // calls still running hold theirs until they reply.
-    drop((conn, link, tx));
-    let _ = writer.await;
+    crate::ipc::forget_producer(&r.peer);
+    // Calls still running write their replies; the socket closes when the last is done.
+    conn.writer.close();
 }
 
 /// The next frame of the handshake, decoded; `None` if the client went silent or away.
@@ -400,7 +595,7 @@ async fn handshake_message(
 async fn handshake(
     state: &ServerState,
     frames: &mut FramedRead<OwnedReadHalf, LengthDelimitedCodec>,
-    tx: &mpsc::UnboundedSender<Out>,
+    writer: &Writer,
 ) -> std::result::Result<ProcessId, Option<Error>> {
     let hello = match handshake_message(frames).await.ok_or(None)? {
         Ok(ClientMessage::Hello(h)) if h.protocol == wire::PROTOCOL_VERSION => h,
@@ -413,7 +608,7 @@ async fn handshake(
     let nonce = auth::nonce();
     let proofs = state.secrets.iter().map(|s| s.proof(Side::Server, &hello.nonce)).collect();
     let challenge = Challenge { protocol: wire::PROTOCOL_VERSION, nonce, proofs };
-    let _ = tx.send(Out::Frame(frame(&ServerMessage::Challenge(challenge))));
+    writer.send(&ServerMessage::Challenge(challenge));
     match handshake_message(frames).await.ok_or(None)? {
         Ok(ClientMessage::Auth(proof)) if state.secrets.iter().any(|s| s.verify(Side::Client, &nonce, &proof)) => {
             Ok(hello.client)
@@ -428,31 +623,67 @@ async fn handshake(
     }
 }
 
+/// A call that runs endpoint code, read and ready to run.
+struct Call {
+    id: u64,
+    def: &'static EndpointDef,
+    prepare: Box<dyn FnOnce() -> Result<Prepared> + Send>,
+}
+
 /// One client connection, as the request handlers see it.
 #[derive(Clone)]
 struct Conn {
     state: Arc<ServerState>,
     id: u64,
     link: Arc<Link>,
-    tx: mpsc::UnboundedSender<Out>,
+    writer: Arc<Writer>,
 }
 
 impl Conn {
-    fn reply(&self, id: u64, result: Result<Response>) {
-        let _ = self.tx.send(Out::Frame(frame(&ServerMessage::Reply { id, result })));
-    }
-
     fn holder(&self) -> Holder {
         Holder::Connection(self.id)
     }
 
-    /// Handles one request: calls and waits off the reactor, the rest inline.
-    fn handle(&self, id: u64, request: Request) {
+    /// Answers request `id` with what `answer` computes. Releases of this connection's
+    /// leases that the computation causes, and those that dropping `keep` (the outcome,
+    /// dropped after the reply is framed) causes, follow the reply in the same write.
+    fn answer(&self, id: u64, answer: impl FnOnce() -> (Result<Response>, Option<Outcome>)) {
+        let capture = Capture::begin(self.id, &self.writer);
+        let (result, keep) = answer();
+        // The reply takes its place first: whatever release `keep` causes comes after it.
+        self.writer.reserve(&ServerMessage::Reply { id, result });
+        drop(keep);
+        // Releases whose streams are done go in the same write; the others once their
+        // streams are (the reply does not wait for them).
+        let (ready, busy) = UsedOn::split_settled(capture.finish());
+        let mut st = self.writer.state.lock();
+        if !ready.is_empty() {
+            frame_into(&ServerMessage::Release(ready), &mut st.outbox);
+        }
+        self.writer.flush(st);
+        if !busy.is_empty() {
+            UsedOn::settle_all(busy.iter().map(|&(_, used)| used));
+            for (lease, _) in busy {
+                self.writer.release(lease);
+            }
+        }
+    }
+
+    fn reply(&self, id: u64, result: Result<Response>) {
+        self.answer(id, || (result, None));
+    }
+
+    /// Handles one request. Those that run no endpoint code and never wait are answered
+    /// here; a call that must run endpoint code is returned for the caller to run.
+    fn handle(&self, id: u64, request: Request) -> Option<Call> {
         let core = &self.state.core;
         let result = match request {
-            Request::Call { endpoint, args } => return self.spawn_call(id, endpoint, args, false),
-            Request::Submit { endpoint, args } => return self.spawn_call(id, endpoint, args, true),
-            Request::WaitTask(task) => return self.spawn_wait(id, task),
+            Request::Call { endpoint, args } => return self.call(id, endpoint, args, false),
+            Request::Submit { endpoint, args } => return self.call(id, endpoint, args, true),
+            Request::WaitTask(task) => {
+                self.spawn_wait(id, task);
+                return None;
+            }
             Request::Ping => Ok(Response::Pong),
             Request::ServerInfo => Ok(Response::ServerInfo(Box::new(self.state.info()))),
             Request::ListEndpoints => Ok(Response::Endpoints(self.state.registry.infos())),
@@ -471,64 +702,56 @@ impl Conn {
             }
         };
         self.reply(id, result);
+        None
     }
 
-    fn spawn_call(&self, id: u64, endpoint: String, args: WirePayload, submit: bool) {
+    fn call(&self, id: u64, endpoint: String, args: WirePayload, submit: bool) -> Option<Call> {
         // Pin returned storages now, in message order, before a later Release can drop them.
         let received = args.receive(&self.link);
         let def = match self.state.registry.get(&endpoint) {
             Ok(def) => def,
-            Err(e) => return self.reply(id, Err(e)),
+            Err(e) => {
+                self.reply(id, Err(e));
+                return None;
+            }
         };
         if submit {
             // Submitting decodes the arguments, creates the record and starts the task on
-            // the blocking pool: nothing here waits or runs endpoint code, so no handoff.
+            // the blocking pool: nothing here waits or runs endpoint code.
             let result = decode(def, received).and_then(|p| self.state.core.submit(def, p.key, p.body));
-            return self.reply(id, result.map(Response::Task));
+            self.reply(id, result.map(Response::Task));
+            return None;
         }
         if !def.options.cache {
-            return self.spawn_run(id, def, move || decode(def, received));
+            return Some(Call { id, def, prepare: Box::new(move || decode(def, received)) });
         }
-        // A cached endpoint's arguments are decoded here: a hit is answered at once,
-        // without handing the call to another thread (no endpoint code runs for it).
+        // A cached endpoint's arguments are decoded here: a hit is answered at once (no
+        // endpoint code runs for it).
         let prepared = match decode(def, received) {
             Ok(p) => p,
-            Err(e) => return self.reply(id, Err(e)),
+            Err(e) => {
+                self.reply(id, Err(e));
+                return None;
+            }
         };
         match prepared.key.as_deref().and_then(|k| self.state.core.try_hit(def, k, self.holder())) {
             Some(hit) => {
-                let result = self.respond(&hit);
-                self.reply(id, result);
-                drop(hit); // after the reply, so releases it causes follow it
+                self.answer(id, || (self.respond(&hit), Some(hit)));
+                None
             }
-            None => self.spawn_run(id, def, move || Ok(prepared)),
+            None => Some(Call { id, def, prepare: Box::new(move || Ok(prepared)) }),
         }
     }
 
-    /// Runs a call on the blocking pool (the body may take any time) and replies.
-    fn spawn_run(
-        &self,
-        id: u64,
-        def: &'static EndpointDef,
-        prepare: impl FnOnce() -> Result<Prepared> + Send + 'static,
-    ) {
-        let conn = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let (result, keep) = match prepare() {
-                Ok(prepared) => conn.run(def, prepared),
+    /// Runs a call on this thread (the body may take any time) and replies.
+    fn run_call(&self, call: Call) {
+        self.answer(call.id, || match (call.prepare)() {
+            Ok(prepared) => match self.state.core.call(call.def, prepared.key, self.holder(), prepared.body) {
+                Ok(outcome) => (self.respond(&outcome), Some(outcome)),
                 Err(e) => (Err(e), None),
-            };
-            conn.reply(id, result);
-            // The outcome goes after the reply is queued, so releases it causes follow it.
-            drop(keep);
-        });
-    }
-
-    fn run(&self, def: &'static EndpointDef, prepared: Prepared) -> (Result<Response>, Option<Outcome>) {
-        match self.state.core.call(def, prepared.key, self.holder(), prepared.body) {
-            Ok(outcome) => (self.respond(&outcome), Some(outcome)),
+            },
             Err(e) => (Err(e), None),
-        }
+        });
     }
 
     /// The reply for an outcome. A managed reference that cannot be delivered is released.
@@ -564,12 +787,10 @@ impl Conn {
             };
             record.wait_async().await;
             // Collecting a finished task never waits and runs no endpoint code: answer here.
-            let (result, keep) = match conn.state.core.collect(&record, conn.holder()) {
+            conn.answer(id, || match conn.state.core.collect(&record, conn.holder()) {
                 Ok(o) => (conn.respond(&o), Some(o)),
                 Err(e) => (Err(e), None),
-            };
-            conn.reply(id, result);
-            drop(keep);
+            });
         });
     }
 }

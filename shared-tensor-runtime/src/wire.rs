@@ -34,10 +34,10 @@ use crate::task::{TaskInfo, TaskStatus};
 ///
 /// ```
 /// use shared_tensor_runtime::wire::PROTOCOL_VERSION;
-/// let peer_protocol = 1; // from the peer's `Challenge` or `Welcome`
+/// let peer_protocol = 2; // from the peer's `Challenge` or `Welcome`
 /// assert_eq!(peer_protocol, PROTOCOL_VERSION, "both sides must speak the same protocol");
 /// ```
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest frame accepted, in bytes (64 MiB). Descriptors are small: a frame near this
 /// limit is a bug or an attack, not a tensor.
@@ -238,6 +238,10 @@ pub enum ClientMessage {
     },
     /// Leases of the server that the client has released.
     Release(Vec<u64>),
+    /// Managed objects whose handles the client dropped: one reference each is
+    /// released. Not answered (`Request::ReleaseObjects` is, for callers that want the
+    /// outcome); ordered before every later request of the client.
+    ReleaseObjects(Vec<u64>),
 }
 
 /// A message from server to client.

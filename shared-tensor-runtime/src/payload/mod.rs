@@ -295,19 +295,31 @@ impl Encoded {
                 ready.push((*gpu, event));
             }
         }
-        let storages = self
+        // Which storages go back as the peer's own, and which are lent (under one lock).
+        let returned: Vec<Option<u64>> = self
             .storages
             .iter()
             .map(|s| match &s.source {
-                Source::Imported(cookie, descriptor) => match lease::origin(*cookie, link) {
-                    Origin::ThisPeer(lease) => WireStorage::Returned { lease },
-                    Origin::Elsewhere | Origin::Unknown => {
-                        WireStorage::Shared { storage: descriptor.clone(), lease: link.lend(s.hold.clone_ref()) }
-                    }
+                Source::Imported(cookie, _) => match lease::origin(*cookie, link) {
+                    Origin::ThisPeer(lease) => Some(lease),
+                    Origin::Elsewhere | Origin::Unknown => None,
                 },
-                Source::Own(descriptor) => {
-                    WireStorage::Shared { storage: descriptor.clone(), lease: link.lend(s.hold.clone_ref()) }
-                }
+                Source::Own(_) => None,
+            })
+            .collect();
+        let lent: Vec<ffi::OwnedStorage> =
+            self.storages.iter().zip(&returned).filter(|(_, r)| r.is_none()).map(|(s, _)| s.hold.clone_ref()).collect();
+        let mut leases = link.lend_all(lent.into_iter()).into_iter();
+        let storages = self
+            .storages
+            .iter()
+            .zip(returned)
+            .map(|(s, returned)| match (returned, &s.source) {
+                (Some(lease), _) => WireStorage::Returned { lease },
+                (None, Source::Own(descriptor) | Source::Imported(_, descriptor)) => WireStorage::Shared {
+                    storage: descriptor.clone(),
+                    lease: leases.next().expect("one lease per lent storage"),
+                },
             })
             .collect();
         Ok(WirePayload { storages, tensors: self.tensors.clone(), ready, root: self.root.clone() })
@@ -805,13 +817,18 @@ impl Decoder {
             .get_mut(index as usize)
             .ok_or_else(|| Error::Protocol(format!("storage #{index} is not in the message")))?;
         let opened = match slot {
-            Slot::Remote { descriptor, lease } => {
-                let cookie = lease::register_import(&link, *lease, descriptor.clone());
-                match ipc::open_storage(descriptor, cookie) {
-                    Ok((storage, _)) => storage,
+            Slot::Remote { .. } => {
+                let Slot::Remote { descriptor, lease } = std::mem::replace(slot, Slot::Missing(0)) else {
+                    unreachable!("matched above")
+                };
+                let cookie = lease::new_cookie();
+                match ipc::open_storage(&descriptor, cookie) {
+                    Ok((storage, _)) => {
+                        lease::register_import(cookie, &link, lease, descriptor);
+                        storage
+                    }
                     Err(e) => {
-                        lease::abandon_import(cookie);
-                        *slot = Slot::Missing(0);
+                        link.release_unopened(lease);
                         return Err(e);
                     }
                 }
