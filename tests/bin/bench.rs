@@ -300,12 +300,35 @@ fn main() -> shared_tensor::Result<()> {
     let build = Instant::now();
     let first_model = endpoints::big_model(24, 4096)?;
     report.model_build_ms = build.elapsed().as_secs_f64() * 1e3;
+    let (mut fetch_us, mut drop_us) = (Vec::with_capacity(n), Vec::with_capacity(n));
     let times = measure(n, 20, || {
+        let t = Instant::now();
         let model = endpoints::big_model(24, 4096).unwrap();
         sync();
+        let fetched = t.elapsed();
         drop(model);
+        fetch_us.push(fetched.as_secs_f64() * 1e6);
+        drop_us.push((t.elapsed() - fetched).as_secs_f64() * 1e6);
     });
     figures.push(figure("cached managed model 1.6 GB (24 × Linear 4096²)", &times, floor_p50));
+    for (name, mut part) in
+        [("model: call until the value is built", fetch_us), ("model: dropping the handle and value", drop_us)]
+    {
+        part.sort_by(f64::total_cmp);
+        report.breakdown.push((name.to_string(), percentile(&part, 0.5)));
+    }
+    // The same calls again, phase by phase, through a client of the same server.
+    let phases = shared_tensor::client::Client::new(&Config::default().role(Role::Client).base_port(port))?;
+    let model_steps = shared_tensor::diagnostics::call_steps::<shared_tensor::Managed<Vec<tch::nn::Linear>>, _, _>(
+        &phases,
+        "big_model",
+        || (24i64, 4096i64),
+        n,
+    )?;
+    for (name, us) in model_steps {
+        report.breakdown.push((format!("model call: {name}"), us));
+    }
+    drop(phases);
     drop(first_model);
 
     let times = measure(n, 50, || endpoints::trivial_task::submit().unwrap().wait().unwrap());
