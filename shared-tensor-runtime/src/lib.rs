@@ -41,6 +41,7 @@ pub mod ipc;
 mod lease;
 pub mod managed;
 pub mod payload;
+mod pool;
 #[doc(hidden)]
 pub mod private;
 pub mod runtime;

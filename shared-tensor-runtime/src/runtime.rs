@@ -98,9 +98,7 @@ impl Runtime {
     fn start(config: Config) -> Result<Arc<Runtime>> {
         init_logging();
         crate::lease::init();
-        let spawn = Box::new(|job: Box<dyn FnOnce() + Send>| {
-            TOKIO.spawn_blocking(job);
-        });
+        let spawn = Box::new(crate::pool::spawn);
         let core = Arc::new(Core::new(
             ProcessId::current().instance,
             Tasks::new(config.task_ttl, config.task_capacity),
