@@ -81,6 +81,7 @@ fn a_request_before_the_proof_never_reaches_an_endpoint() {
     let args = shared_tensor::payload::WirePayload::plain(shared_tensor::payload::Node::Seq(vec![
         shared_tensor::payload::Node::Data(rmp_serde::to_vec(&4242i64).unwrap()),
     ]));
+    let args = shared_tensor::payload::PackedPayload::pack(&args).unwrap();
     frame(&mut s, &ClientMessage::Request { id: 1, request: Request::Call { endpoint: "parallel_work".into(), args } });
     assert!(matches!(refused_and_closed(&mut s), Error::Unauthorized { .. }));
     std::thread::sleep(Duration::from_millis(200));

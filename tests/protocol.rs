@@ -13,7 +13,7 @@ use shared_tensor::auth::{self, Side};
 use shared_tensor::client::Client;
 use shared_tensor::config::{Config, Role};
 use shared_tensor::ipc::ProcessId;
-use shared_tensor::payload::{Node, WirePayload};
+use shared_tensor::payload::{Node, PackedPayload, WirePayload};
 use shared_tensor::wire::{self, ClientMessage, Hello, Request, Response, ServerMessage, PROTOCOL_VERSION};
 use shared_tensor::Error;
 use shared_tensor_tests::free_port;
@@ -147,6 +147,17 @@ fn call(
     args: WirePayload,
     released: &mut Vec<u64>,
 ) -> Result<Response, Error> {
+    call_packed(s, id, endpoint, PackedPayload::pack(&args).unwrap(), released)
+}
+
+/// [`call`] with arguments already packed (or deliberately malformed).
+fn call_packed(
+    s: &mut TcpStream,
+    id: u64,
+    endpoint: &str,
+    args: PackedPayload,
+    released: &mut Vec<u64>,
+) -> Result<Response, Error> {
     send(s, &ClientMessage::Request { id, request: Request::Call { endpoint: endpoint.into(), args } });
     loop {
         match recv(s) {
@@ -181,6 +192,12 @@ fn bad_calls_get_error_replies_on_a_connection_that_stays_up() {
     // A tensor index that is not in the message.
     let dangling = WirePayload::plain(Node::Seq(vec![Node::Tensor(9)]));
     assert!(matches!(call(&mut s, 5, "identity", dangling, &mut released), Err(Error::BadArguments { .. })));
+    // Arguments whose packed form is corrupt: an error naming the fault, not a closed connection.
+    let corrupt = PackedPayload::from_bytes([1, 0, 0, 0, 7].into_iter().chain([0; 8]).collect());
+    match call_packed(&mut s, 7, "noop", corrupt, &mut released) {
+        Err(Error::Protocol(m)) => assert!(m.contains("malformed payload: unknown storage tag 7"), "{m}"),
+        other => panic!("{other:?}"),
+    }
     assert!(matches!(call(&mut s, 6, "noop", no_args(), &mut released), Ok(Response::Value { object: None, .. })));
     // The storage it never opened was released to us, the "client", at once.
     assert_eq!(released, vec![1]);

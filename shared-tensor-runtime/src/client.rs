@@ -180,10 +180,16 @@ impl ReleaseQueue {
         if !ready.is_empty() {
             wire::write_frame(&ClientMessage::Release(ready), out)?;
         }
+        self.frame_objects(out)?;
+        Ok(!self.leases.is_empty())
+    }
+
+    /// Frames the object releases into `out`.
+    fn frame_objects(&mut self, out: &mut Vec<u8>) -> Result<()> {
         if !self.objects.is_empty() {
             wire::write_frame(&ClientMessage::ReleaseObjects(std::mem::take(&mut self.objects)), out)?;
         }
-        Ok(!self.leases.is_empty())
+        Ok(())
     }
 }
 
@@ -377,12 +383,16 @@ impl Connection {
     fn dispatch(&self, body: &[u8]) -> std::result::Result<(), String> {
         match wire::decode::<ServerMessage>(body) {
             Ok(ServerMessage::Reply { id, result }) => {
-                let answer = result.map(|r| match r {
-                    Response::Value { object, payload } => {
-                        Answer::Value { object, received: payload.receive(&self.link) }
+                // A payload that cannot be read names leases we cannot release: the
+                // connection is no longer trustworthy, as with any malformed frame.
+                let answer = match result {
+                    Ok(Response::Value { object, payload }) => {
+                        let payload = payload.unpack().map_err(|e| e.to_string())?;
+                        Ok(Answer::Value { object, received: payload.receive(&self.link) })
                     }
-                    other => Answer::Other(other),
-                });
+                    Ok(other) => Ok(Answer::Other(other)),
+                    Err(e) => Err(e),
+                };
                 let slot = self.pending.lock().remove(&id);
                 // No slot: the call timed out; dropping the answer releases its leases.
                 if let Some(slot) = slot {
@@ -588,11 +598,7 @@ impl Connection {
             // Object releases are taken under the writer's lock: none queued before a
             // request is sent after it.
             let mut writer = self.writer.lock();
-            let mut q = self.releases.queue.lock();
-            if !q.objects.is_empty() {
-                let _ = wire::write_frame(&ClientMessage::ReleaseObjects(std::mem::take(&mut q.objects)), &mut buf);
-            }
-            drop(q);
+            let _ = self.releases.queue.lock().frame_objects(&mut buf);
             if !buf.is_empty() {
                 let _ = writer.write_all(&buf);
             }
@@ -868,7 +874,7 @@ impl Client {
     /// A call's request: lends the encoded arguments over the current connection.
     pub(crate) fn call_request(&self, endpoint: &str, args: &Encoded, submit: bool) -> Result<Request> {
         let conn = self.connection()?;
-        let args = args.lend(&conn.link)?;
+        let (args, _) = args.lend(&conn.link)?;
         let endpoint = endpoint.to_string();
         Ok(if submit { Request::Submit { endpoint, args } } else { Request::Call { endpoint, args } })
     }

@@ -6,8 +6,6 @@
 //! crashes), and libtorch's CUDA library must be loaded for CUDA kernels to exist at all.
 
 use once_cell::sync::OnceCell;
-use parking_lot::Mutex;
-use std::collections::HashMap;
 
 use crate::error::{Error, Result};
 use crate::ffi;
@@ -71,7 +69,8 @@ pub fn current_device() -> Result<u32> {
     Ok(dev as u32)
 }
 
-static UUIDS: Mutex<Option<HashMap<u32, [u8; 16]>>> = Mutex::new(None);
+/// Each visible device's UUID, read once (lock-free after that: it is asked per storage).
+static UUIDS: OnceCell<Vec<OnceCell<[u8; 16]>>> = OnceCell::new();
 
 /// The UUID of a CUDA device: its identity across processes, whatever each process's
 /// `CUDA_VISIBLE_DEVICES` numbering.
@@ -81,15 +80,13 @@ static UUIDS: Mutex<Option<HashMap<u32, [u8; 16]>>> = Mutex::new(None);
 /// assert_ne!(uuid, [0u8; 16]);
 /// ```
 pub fn device_uuid(index: u32) -> Result<[u8; 16]> {
-    require()?;
-    let mut cache = UUIDS.lock();
-    let map = cache.get_or_insert_with(HashMap::new);
-    if let Some(uuid) = map.get(&index) {
-        return Ok(*uuid);
-    }
-    let uuid = ffi::device_uuid(index as i32).map_err(|m| Error::cuda("reading the device UUID", m))?;
-    map.insert(index, uuid);
-    Ok(uuid)
+    let count = require()?;
+    let cells = UUIDS.get_or_init(|| (0..count).map(|_| OnceCell::new()).collect());
+    let cell = cells.get(index as usize).ok_or_else(|| {
+        Error::cuda("reading the device UUID", format!("there is no device {index}; this process sees {count}"))
+    })?;
+    cell.get_or_try_init(|| ffi::device_uuid(index as i32).map_err(|m| Error::cuda("reading the device UUID", m)))
+        .copied()
 }
 
 /// The local index of the device with this UUID, if this process can see it.

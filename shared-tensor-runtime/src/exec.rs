@@ -31,7 +31,7 @@ use crate::endpoint::{Concurrency, EndpointDef, Execution};
 use crate::error::{Error, Result};
 use crate::lease::Link;
 use crate::managed::{Destroyed, Holder, Objects};
-use crate::payload::{Encoded, Encoder, Payload, WirePayload};
+use crate::payload::{Encoded, Encoder, PackedPayload, Payload};
 use crate::task::{self, TaskOutcome, TaskRecord, Tasks};
 
 /// A payload whose type is known only at run time.
@@ -124,12 +124,14 @@ impl Outcome {
     /// The value as a message for `link`'s peer, and the object id if it is managed.
     /// By reference: keep the outcome alive until the message is queued, so that releases
     /// of the caller's own storages it returns are queued after it.
-    pub(crate) fn lend(&self, link: &Arc<Link>) -> Result<(Option<u64>, WirePayload)> {
-        match self {
-            Outcome::Fresh(v) => Ok((None, v.encode_dyn("result")?.lend(link)?)),
-            Outcome::Shared(v) => Ok((None, v.encoded()?.lend(link)?)),
-            Outcome::Object { id, value } => Ok((Some(*id), value.encoded()?.lend(link)?)),
-        }
+    /// Also returns the bytes of GPU memory lent.
+    pub(crate) fn lend(&self, link: &Arc<Link>) -> Result<(Option<u64>, PackedPayload, u64)> {
+        let (object, (payload, bytes)) = match self {
+            Outcome::Fresh(v) => (None, v.encode_dyn("result")?.lend(link)?),
+            Outcome::Shared(v) => (None, v.encoded()?.lend(link)?),
+            Outcome::Object { id, value } => (Some(*id), value.encoded()?.lend(link)?),
+        };
+        Ok((object, payload, bytes))
     }
 }
 

@@ -70,7 +70,7 @@ pub enum DType {
 }
 
 /// (DType, tch Kind, c10 ScalarType number).
-const DTYPES: [(DType, Kind, i32); 17] = [
+pub(crate) const DTYPES: [(DType, Kind, i32); 17] = [
     (DType::U8, Kind::Uint8, 0),
     (DType::I8, Kind::Int8, 1),
     (DType::I16, Kind::Int16, 2),

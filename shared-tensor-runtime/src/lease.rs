@@ -13,12 +13,13 @@
 //! the lender's own storage: same memory, same data pointer, no IPC handle opened (a
 //! process cannot open its own handles anyway).
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
 use once_cell::sync::Lazy;
 use parking_lot::Mutex;
+// Lease ids and cookies are counters: FxHash is enough, and cheaper than SipHash per storage.
+use rustc_hash::FxHashMap as HashMap;
 
 use crate::ffi;
 use crate::ipc::StorageDescriptor;
@@ -64,39 +65,30 @@ impl UsedOn {
         }
     }
 
-    /// Settles each distinct stream of `used` once.
-    pub(crate) fn settle_all(used: impl IntoIterator<Item = UsedOn>) {
-        let mut done: Vec<UsedOn> = Vec::new();
+    /// Each distinct stream of `used`, once, in the order first seen.
+    fn distinct(used: impl IntoIterator<Item = UsedOn>) -> Vec<UsedOn> {
+        let mut streams: Vec<UsedOn> = Vec::new();
         for u in used {
-            if !done.contains(&u) {
-                u.settle();
-                done.push(u);
+            if !streams.contains(&u) {
+                streams.push(u);
             }
         }
+        streams
+    }
+
+    /// Settles each distinct stream of `used` once.
+    pub(crate) fn settle_all(used: impl IntoIterator<Item = UsedOn>) {
+        UsedOn::distinct(used).into_iter().for_each(UsedOn::settle);
     }
 
     /// Splits released leases into those whose streams have finished their work (each
     /// stream asked once), ready to send, and the others.
     pub(crate) fn split_settled(leases: Vec<(u64, UsedOn)>) -> (Vec<u64>, Vec<(u64, UsedOn)>) {
-        let mut asked: Vec<(UsedOn, bool)> = Vec::new();
-        let mut ready = Vec::with_capacity(leases.len());
-        let mut busy = Vec::new();
-        for (lease, used) in leases {
-            let idle = match asked.iter().find(|(u, _)| *u == used) {
-                Some((_, idle)) => *idle,
-                None => {
-                    let idle = used.idle();
-                    asked.push((used, idle));
-                    idle
-                }
-            };
-            if idle {
-                ready.push(lease);
-            } else {
-                busy.push((lease, used));
-            }
-        }
-        (ready, busy)
+        let idle: Vec<(UsedOn, bool)> =
+            UsedOn::distinct(leases.iter().map(|&(_, u)| u)).into_iter().map(|u| (u, u.idle())).collect();
+        let is_idle = |used: &UsedOn| idle.iter().any(|(u, i)| u == used && *i);
+        let (ready, busy): (Vec<_>, Vec<_>) = leases.into_iter().partition(|(_, used)| is_idle(used));
+        (ready.into_iter().map(|(lease, _)| lease).collect(), busy)
     }
 }
 
@@ -104,7 +96,7 @@ impl Link {
     pub(crate) fn new(sink: Box<dyn Fn(u64, UsedOn) + Send + Sync>) -> Arc<Link> {
         Arc::new(Link {
             next_lease: AtomicU64::new(1),
-            lent: Mutex::new(HashMap::new()),
+            lent: Mutex::new(HashMap::default()),
             closed: AtomicBool::new(false),
             sink,
         })
@@ -175,7 +167,7 @@ struct ImportRecord {
 
 static IMPORTS: Lazy<Mutex<HashMap<u64, ImportRecord>>> = Lazy::new(|| {
     ffi::set_release_fn(on_storage_released);
-    Mutex::new(HashMap::new())
+    Mutex::new(HashMap::default())
 });
 static NEXT_COOKIE: AtomicU64 = AtomicU64::new(1);
 

@@ -32,7 +32,7 @@ use crate::exec::{Core, Counters, Outcome, Prepared};
 use crate::ipc::ProcessId;
 use crate::lease::{self, Link, UsedOn};
 use crate::managed::Holder;
-use crate::payload::{Decoder, Received, WirePayload, WireStorage};
+use crate::payload::{Decoder, PackedPayload, Received};
 use crate::wire::{self, Challenge, ClientMessage, Request, Response, ServerMessage, Welcome};
 
 /// How long a new connection may take to say `Hello`.
@@ -452,28 +452,36 @@ fn captured(connection: u64, lease: u64, used: UsedOn) -> bool {
 struct Capture<'a> {
     writer: &'a Writer,
     outer: Option<Captured>,
+    ended: bool,
 }
 
 impl<'a> Capture<'a> {
     fn begin(connection: u64, writer: &'a Writer) -> Capture<'a> {
         let outer = CAPTURE.with(|c| c.borrow_mut().replace((connection, Vec::new())));
-        Capture { writer, outer }
+        Capture { writer, outer, ended: false }
     }
 
     /// Ends the capture; returns the leases it collected.
     fn finish(mut self) -> Vec<(u64, UsedOn)> {
+        self.end()
+    }
+
+    /// Restores the outer capture and returns what this one collected (nothing after the
+    /// first time).
+    fn end(&mut self) -> Vec<(u64, UsedOn)> {
+        if std::mem::replace(&mut self.ended, true) {
+            return Vec::new();
+        }
         let outer = self.outer.take();
         let leases = CAPTURE.with(|c| std::mem::replace(&mut *c.borrow_mut(), outer));
-        std::mem::forget(self);
         leases.map(|(_, l)| l).unwrap_or_default()
     }
 }
 
 impl Drop for Capture<'_> {
     fn drop(&mut self) {
-        let outer = self.outer.take();
-        let leases = CAPTURE.with(|c| std::mem::replace(&mut *c.borrow_mut(), outer));
-        for (lease, used) in leases.map(|(_, l)| l).unwrap_or_default() {
+        // Not finished (a panic unwinding through `answer`): release what was captured.
+        for (lease, used) in self.end() {
             used.settle();
             self.writer.release(lease);
         }
@@ -529,8 +537,8 @@ struct Reader {
 /// Reads and answers a connection's requests until it closes.
 ///
 /// Requests that run no endpoint code and never wait are answered here, on the spot. A
-/// call goes to the blocking pool, so that a slow endpoint holds up no other request; its
-/// thread writes the reply itself.
+/// call goes to the call pool (`pool`), so that a slow endpoint holds up no other
+/// request; its thread writes the reply itself.
 async fn read_frames(mut r: Reader) {
     loop {
         let body = tokio::select! {
@@ -554,7 +562,7 @@ async fn read_frames(mut r: Reader) {
             Ok(ClientMessage::Request { id, request }) => {
                 if let Some(call) = r.conn.handle(id, request) {
                     let conn = r.conn.clone();
-                    tokio::task::spawn_blocking(move || conn.run_call(call));
+                    crate::pool::spawn(Box::new(move || conn.run_call(call)));
                 }
             }
             Ok(ClientMessage::Hello(_) | ClientMessage::Auth(_)) => {
@@ -705,9 +713,15 @@ impl Conn {
         None
     }
 
-    fn call(&self, id: u64, endpoint: String, args: WirePayload, submit: bool) -> Option<Call> {
+    fn call(&self, id: u64, endpoint: String, args: PackedPayload, submit: bool) -> Option<Call> {
         // Pin returned storages now, in message order, before a later Release can drop them.
-        let received = args.receive(&self.link);
+        let received = match args.unpack() {
+            Ok(args) => args.receive(&self.link),
+            Err(e) => {
+                self.reply(id, Err(e));
+                return None;
+            }
+        };
         let def = match self.state.registry.get(&endpoint) {
             Ok(def) => def,
             Err(e) => {
@@ -717,7 +731,7 @@ impl Conn {
         };
         if submit {
             // Submitting decodes the arguments, creates the record and starts the task on
-            // the blocking pool: nothing here waits or runs endpoint code.
+            // the call pool: nothing here waits or runs endpoint code.
             let result = decode(def, received).and_then(|p| self.state.core.submit(def, p.key, p.body));
             self.reply(id, result.map(Response::Task));
             return None;
@@ -757,15 +771,7 @@ impl Conn {
     /// The reply for an outcome. A managed reference that cannot be delivered is released.
     fn respond(&self, outcome: &Outcome) -> Result<Response> {
         match outcome.lend(&self.link) {
-            Ok((object, payload)) => {
-                let bytes: u64 = payload
-                    .storages
-                    .iter()
-                    .map(|s| match s {
-                        WireStorage::Shared { storage, .. } => storage.nbytes,
-                        WireStorage::Returned { .. } => 0,
-                    })
-                    .sum();
+            Ok((object, payload, bytes)) => {
                 self.state.core.stats.bytes_shared.fetch_add(bytes, Ordering::Relaxed);
                 Ok(Response::Value { object, payload })
             }

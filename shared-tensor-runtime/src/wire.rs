@@ -26,7 +26,7 @@ use crate::endpoint::EndpointInfo;
 use crate::error::{Error, Result};
 use crate::ipc::ProcessId;
 use crate::managed::ObjectInfo;
-use crate::payload::WirePayload;
+use crate::payload::{PackedPayload, WirePayload};
 use crate::server::ServerInfo;
 use crate::task::{TaskInfo, TaskStatus};
 
@@ -34,10 +34,10 @@ use crate::task::{TaskInfo, TaskStatus};
 ///
 /// ```
 /// use shared_tensor_runtime::wire::PROTOCOL_VERSION;
-/// let peer_protocol = 2; // from the peer's `Challenge` or `Welcome`
+/// let peer_protocol = 3; // from the peer's `Challenge` or `Welcome`
 /// assert_eq!(peer_protocol, PROTOCOL_VERSION, "both sides must speak the same protocol");
 /// ```
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Largest frame accepted, in bytes (64 MiB). Descriptors are small: a frame near this
 /// limit is a bug or an attack, not a tensor.
@@ -116,9 +116,10 @@ pub struct Welcome {
 /// What a client asks.
 ///
 /// ```
-/// use shared_tensor_runtime::payload::{Node, WirePayload};
+/// use shared_tensor_runtime::payload::{Node, PackedPayload, WirePayload};
 /// use shared_tensor_runtime::wire::{ClientMessage, Request};
-/// let call = Request::Call { endpoint: "identity".into(), args: WirePayload::plain(Node::Seq(vec![])) };
+/// let args = PackedPayload::pack(&WirePayload::plain(Node::Seq(vec![]))).unwrap();
+/// let call = Request::Call { endpoint: "identity".into(), args };
 /// let msg = ClientMessage::Request { id: 1, request: call };
 /// # let _ = msg;
 /// ```
@@ -129,14 +130,14 @@ pub enum Request {
         /// The endpoint.
         endpoint: String,
         /// The arguments: a sequence node, one element per parameter.
-        args: WirePayload,
+        args: PackedPayload,
     },
     /// Submit an endpoint call as a task; the reply is the task id.
     Submit {
         /// The endpoint.
         endpoint: String,
         /// The arguments.
-        args: WirePayload,
+        args: PackedPayload,
     },
     /// A round trip with no work.
     Ping,
@@ -187,7 +188,7 @@ pub enum Response {
         /// The managed object id.
         object: Option<u64>,
         /// The value.
-        payload: WirePayload,
+        payload: PackedPayload,
     },
     /// A submitted task's id.
     Task(u64),
@@ -382,10 +383,20 @@ pub fn fuzz_decode(bytes: &[u8]) {
     let mut buf = Vec::new();
     while read_frame(&mut cursor, &mut buf).is_ok() {
         assert!(buf.len() <= MAX_FRAME_BYTES);
-        let _ = decode::<ClientMessage>(&buf);
-        let _ = decode::<ServerMessage>(&buf);
+        if let Ok(ClientMessage::Request {
+            request: Request::Call { args, .. } | Request::Submit { args, .. }, ..
+        }) = decode::<ClientMessage>(&buf)
+        {
+            let _ = args.unpack();
+        }
+        if let Ok(ServerMessage::Reply { result: Ok(Response::Value { payload, .. }), .. }) =
+            decode::<ServerMessage>(&buf)
+        {
+            let _ = payload.unpack();
+        }
     }
     let _ = decode::<ClientMessage>(bytes);
+    let _ = crate::payload::PackedPayload::from_bytes(bytes.to_vec()).unpack();
 }
 
 #[cfg(test)]
@@ -397,7 +408,10 @@ mod tests {
     fn frames_round_trip() {
         let msg = ClientMessage::Request {
             id: 7,
-            request: Request::Call { endpoint: "identity".into(), args: WirePayload::plain(Node::Seq(vec![])) },
+            request: Request::Call {
+                endpoint: "identity".into(),
+                args: PackedPayload::pack(&WirePayload::plain(Node::Seq(vec![]))).unwrap(),
+            },
         };
         let mut out = Vec::new();
         write_frame(&msg, &mut out).unwrap();
@@ -436,6 +450,7 @@ mod tests {
             producer,
             Node::Seq(vec![Node::Tensor(0), Node::Data(vec![1, 2])]),
         );
+        let args = PackedPayload::pack(&args).unwrap();
         let mut out = Vec::new();
         write_frame(
             &ClientMessage::Request { id: 1, request: Request::Call { endpoint: "identity".into(), args } },

@@ -24,6 +24,7 @@
 mod containers;
 mod debug_text;
 pub mod nn;
+mod packed;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -134,6 +135,8 @@ pub struct WireTensor {
 
 /// A whole value as sent: storages, tensors, ready events, and the value tree.
 ///
+/// It travels packed ([`PackedPayload`]).
+///
 /// ```
 /// use shared_tensor_runtime::payload::{Node, WirePayload};
 /// fn describe(msg: &WirePayload) -> String {
@@ -142,7 +145,7 @@ pub struct WireTensor {
 /// }
 /// assert_eq!(describe(&WirePayload::plain(Node::Unit)), "0 tensors over 0 storages, 0 ready events");
 /// ```
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct WirePayload {
     /// The storages.
     pub storages: Vec<WireStorage>,
@@ -152,6 +155,115 @@ pub struct WirePayload {
     pub ready: Vec<(GpuId, EventHandle)>,
     /// The value.
     pub root: Node,
+}
+
+/// A [`WirePayload`] as it travels: one MessagePack binary in a compact fixed layout
+/// (tag bytes and fixed-width fields, see `docs/architecture.md`), which is what call
+/// arguments and results carry. A sender packs straight from its own tables (a cached
+/// result is lent without copying them); [`PackedPayload::unpack`] checks every length,
+/// tag and dtype, so a corrupt payload is an error naming what is wrong and where.
+///
+/// ```
+/// # fn main() -> shared_tensor_runtime::Result<()> {
+/// use shared_tensor_runtime::payload::{Node, PackedPayload, WirePayload};
+/// let value = WirePayload::plain(Node::Seq(vec![Node::Unit, Node::Opt(None)]));
+/// let packed = PackedPayload::pack(&value)?;
+/// assert_eq!(packed.unpack()?, value);
+/// assert!(PackedPayload::from_bytes(vec![9, 9]).unpack().is_err());
+/// # Ok(()) }
+/// ```
+#[derive(Clone, PartialEq, Eq)]
+pub struct PackedPayload(Vec<u8>);
+
+impl PackedPayload {
+    /// Packs a payload. Fails only for a value nested deeper than 256 levels.
+    ///
+    /// ```
+    /// use shared_tensor_runtime::payload::{Node, PackedPayload, WirePayload};
+    /// let packed = PackedPayload::pack(&WirePayload::plain(Node::Unit)).unwrap();
+    /// assert_eq!(packed.as_bytes().len(), 13); // three empty tables and a unit
+    /// ```
+    pub fn pack(payload: &WirePayload) -> Result<PackedPayload> {
+        let mut bytes = Vec::new();
+        packed::pack(payload, &mut bytes).map_err(|e| Error::Protocol(format!("cannot pack a payload: {e}")))?;
+        Ok(PackedPayload(bytes))
+    }
+
+    /// Reads the payload back, checking it.
+    ///
+    /// ```
+    /// use shared_tensor_runtime::payload::PackedPayload;
+    /// let err = PackedPayload::from_bytes(vec![1, 0, 0, 0]).unpack().unwrap_err();
+    /// assert!(err.to_string().contains("malformed payload"), "{err}");
+    /// ```
+    pub fn unpack(&self) -> Result<WirePayload> {
+        packed::unpack(&self.0).map_err(|e| Error::Protocol(format!("malformed payload: {e}")))
+    }
+
+    /// The packed bytes.
+    ///
+    /// ```
+    /// use shared_tensor_runtime::payload::{Node, PackedPayload, WirePayload};
+    /// let packed = PackedPayload::pack(&WirePayload::plain(Node::Unit)).unwrap();
+    /// assert_eq!(packed.as_bytes().last(), Some(&0)); // the unit node's tag
+    /// ```
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// Wraps bytes received some other way (unchecked until [`PackedPayload::unpack`]).
+    ///
+    /// ```
+    /// use shared_tensor_runtime::payload::{Node, PackedPayload, WirePayload};
+    /// let packed = PackedPayload::pack(&WirePayload::plain(Node::Unit)).unwrap();
+    /// let copy = PackedPayload::from_bytes(packed.as_bytes().to_vec());
+    /// assert_eq!(copy, packed);
+    /// ```
+    pub fn from_bytes(bytes: Vec<u8>) -> PackedPayload {
+        PackedPayload(bytes)
+    }
+}
+
+impl fmt::Debug for PackedPayload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PackedPayload({} bytes)", self.0.len())
+    }
+}
+
+impl Serialize for PackedPayload {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for PackedPayload {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        struct Bytes;
+        impl<'de> serde::de::Visitor<'de> for Bytes {
+            type Value = PackedPayload;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a packed payload (binary)")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, bytes: &[u8]) -> std::result::Result<PackedPayload, E> {
+                Ok(PackedPayload(bytes.to_vec()))
+            }
+            fn visit_byte_buf<E: serde::de::Error>(self, bytes: Vec<u8>) -> std::result::Result<PackedPayload, E> {
+                Ok(PackedPayload(bytes))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> std::result::Result<PackedPayload, A::Error> {
+                // Formats without a binary type (JSON) carry the bytes as a sequence.
+                let mut bytes = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 16));
+                while let Some(b) = seq.next_element::<u8>()? {
+                    bytes.push(b);
+                }
+                Ok(PackedPayload(bytes))
+            }
+        }
+        deserializer.deserialize_bytes(Bytes)
+    }
 }
 
 impl WirePayload {
@@ -255,6 +367,25 @@ struct EncodedStorage {
     hold: ffi::OwnedStorage,
 }
 
+impl EncodedStorage {
+    fn descriptor(&self) -> &StorageDescriptor {
+        match &self.source {
+            Source::Own(d) | Source::Imported(_, d) => d,
+        }
+    }
+}
+
+/// A ready event of a message: the GPU and the event recorded on it.
+type ReadyEvent = (GpuId, EventHandle);
+
+/// How one storage of a value goes to a peer.
+enum Lent {
+    /// Lent under this new lease.
+    Shared(u64),
+    /// The peer's own storage, under the peer's lease.
+    Returned(u64),
+}
+
 /// A value encoded for sending, independent of the receiver: IPC handles exported once,
 /// storages held. Lending it turns it into a message for one peer, as often as
 /// needed (a cached result is encoded once and lent to every caller).
@@ -286,16 +417,16 @@ impl fmt::Debug for Encoded {
 }
 
 impl Encoded {
-    /// A message for `link`'s peer: lends every storage (leases) or names it as the peer's
-    /// own, and records a ready event per GPU on the calling thread's current stream.
-    pub(crate) fn lend(&self, link: &Arc<Link>) -> Result<WirePayload> {
+    /// Lends the value to `link`'s peer: records a ready event per GPU on the calling
+    /// thread's current stream, and decides per storage whether it goes back as the
+    /// peer's own or is lent under a new lease (under one lock).
+    fn lend_parts(&self, link: &Arc<Link>) -> Result<(Vec<ReadyEvent>, Vec<Lent>)> {
         let mut ready = Vec::new();
         for gpu in &self.devices {
             if let Some(event) = EventHandle::when_ready(gpu.index)? {
                 ready.push((*gpu, event));
             }
         }
-        // Which storages go back as the peer's own, and which are lent (under one lock).
         let returned: Vec<Option<u64>> = self
             .storages
             .iter()
@@ -310,19 +441,34 @@ impl Encoded {
         let lent: Vec<ffi::OwnedStorage> =
             self.storages.iter().zip(&returned).filter(|(_, r)| r.is_none()).map(|(s, _)| s.hold.clone_ref()).collect();
         let mut leases = link.lend_all(lent.into_iter()).into_iter();
-        let storages = self
-            .storages
-            .iter()
-            .zip(returned)
-            .map(|(s, returned)| match (returned, &s.source) {
-                (Some(lease), _) => WireStorage::Returned { lease },
-                (None, Source::Own(descriptor) | Source::Imported(_, descriptor)) => WireStorage::Shared {
-                    storage: descriptor.clone(),
-                    lease: leases.next().expect("one lease per lent storage"),
-                },
+        let lent = returned
+            .into_iter()
+            .map(|r| match r {
+                Some(lease) => Lent::Returned(lease),
+                None => Lent::Shared(leases.next().expect("one lease per lent storage")),
             })
             .collect();
-        Ok(WirePayload { storages, tensors: self.tensors.clone(), ready, root: self.root.clone() })
+        Ok((ready, lent))
+    }
+
+    /// The storages as lent, borrowed.
+    fn storage_refs<'a>(&'a self, lent: &'a [Lent]) -> impl ExactSizeIterator<Item = packed::StorageRef<'a>> + 'a {
+        self.storages.iter().zip(lent).map(|(s, lent)| match lent {
+            Lent::Returned(lease) => packed::StorageRef::Returned(*lease),
+            Lent::Shared(lease) => packed::StorageRef::Shared(s.descriptor(), *lease),
+        })
+    }
+
+    /// A message for `link`'s peer, packed straight from this value's tables; also the
+    /// bytes of GPU memory it lends.
+    pub(crate) fn lend(&self, link: &Arc<Link>) -> Result<(PackedPayload, u64)> {
+        let (ready, lent) = self.lend_parts(link)?;
+        let shared =
+            self.storage_refs(&lent).map(|s| if let packed::StorageRef::Shared(d, _) = s { d.nbytes } else { 0 }).sum();
+        let mut bytes = Vec::new();
+        packed::pack_parts(self.storage_refs(&lent), &self.tensors, &ready, &self.root, &mut bytes)
+            .map_err(|e| Error::Protocol(format!("cannot pack a payload: {e}")))?;
+        Ok((PackedPayload(bytes), shared))
     }
 
     /// Number of distinct storages in the value.
@@ -366,12 +512,7 @@ impl Encoded {
     /// # Ok(()) }
     /// ```
     pub fn storage_bytes(&self) -> u64 {
-        self.storages
-            .iter()
-            .map(|s| match &s.source {
-                Source::Own(d) | Source::Imported(_, d) => d.nbytes,
-            })
-            .sum()
+        self.storages.iter().map(|s| s.descriptor().nbytes).sum()
     }
 }
 
@@ -597,9 +738,7 @@ impl Encoder {
                 reason: "a module must hold at least one CUDA tensor".into(),
             });
         }
-        let device_of = |t: &WireTensor| match &self.storages[t.storage as usize].source {
-            Source::Own(d) | Source::Imported(_, d) => d.device,
-        };
+        let device_of = |t: &WireTensor| self.storages[t.storage as usize].descriptor().device;
         let first_device = device_of(&tensors[0]);
         if let Some(other) = tensors.iter().map(device_of).find(|d| d.uuid != first_device.uuid) {
             return Err(Error::Unsupported {
@@ -782,15 +921,13 @@ impl Decoder {
         let Node::Tensor(index) = node else {
             return Err(self.mismatch("a tensor", &node));
         };
-        let wire = self
-            .received
-            .tensors
-            .get(index as usize)
-            .cloned()
-            .ok_or_else(|| Error::Protocol(format!("{}: tensor #{index} is not in the message", self.path)))?;
+        let Some(storage) = self.received.tensors.get(index as usize).map(|t| t.storage) else {
+            return Err(Error::Protocol(format!("{}: tensor #{index} is not in the message", self.path)));
+        };
         self.wait_ready()?;
-        let storage = self.open(wire.storage)?;
-        ipc::view_tensor(storage, &wire.view).map_err(|e| match e {
+        self.open(storage)?;
+        let Slot::Open(opened) = &self.received.slots[storage as usize] else { unreachable!("just opened") };
+        ipc::view_tensor(opened, &self.received.tensors[index as usize].view).map_err(|e| match e {
             Error::Cuda { message, .. } => {
                 Error::Protocol(format!("{}: the tensor does not fit its storage: {message}", self.path))
             }
@@ -809,8 +946,9 @@ impl Decoder {
         Ok(())
     }
 
-    fn open(&mut self, index: u32) -> Result<&ffi::OwnedStorage> {
-        let link = self.received.link.clone();
+    /// Opens storage `index` of the message (once): its slot is `Slot::Open` after this.
+    fn open(&mut self, index: u32) -> Result<()> {
+        let link = &self.received.link;
         let slot = self
             .received
             .slots
@@ -824,7 +962,7 @@ impl Decoder {
                 let cookie = lease::new_cookie();
                 match ipc::open_storage(&descriptor, cookie) {
                     Ok((storage, _)) => {
-                        lease::register_import(cookie, &link, lease, descriptor);
+                        lease::register_import(cookie, link, lease, descriptor);
                         storage
                     }
                     Err(e) => {
@@ -840,13 +978,10 @@ impl Decoder {
                     self.path
                 )))
             }
-            Slot::Open(storage) => return Ok(storage),
+            Slot::Open(_) => return Ok(()),
         };
         *slot = Slot::Open(opened);
-        match slot {
-            Slot::Open(storage) => Ok(storage),
-            _ => unreachable!("just stored"),
-        }
+        Ok(())
     }
 
     /// Decodes a plain value from MessagePack.

@@ -17,7 +17,7 @@
 //! variable names, shapes and initialisation) and computing the same forward.
 
 use std::borrow::Borrow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use tch::nn::{self, RNN};
@@ -38,7 +38,8 @@ use crate::error::{Error, Result};
 /// # Ok(()) }
 /// ```
 pub struct Fields {
-    entries: HashMap<String, Node>,
+    // A struct has a handful of fields: a linear search beats hashing each name.
+    entries: Vec<(String, Node)>,
 }
 
 impl Fields {
@@ -53,15 +54,16 @@ impl Fields {
     /// ```
     pub fn new(node: Node, dec: &Decoder) -> Result<Fields> {
         match node {
-            Node::Map(entries) => Ok(Fields { entries: entries.into_iter().collect() }),
+            Node::Map(entries) => Ok(Fields { entries }),
             other => Err(dec.mismatch("a struct", &other)),
         }
     }
 
     fn node(&mut self, dec: &Decoder, name: &str) -> Result<Node> {
-        self.entries
-            .remove(name)
-            .ok_or_else(|| Error::Protocol(format!("{}: the field `{name}` is missing", dec.path())))
+        match self.entries.iter().position(|(key, _)| key == name) {
+            Some(at) => Ok(self.entries.swap_remove(at).1),
+            None => Err(Error::Protocol(format!("{}: the field `{name}` is missing", dec.path()))),
+        }
     }
 
     /// Decodes a payload field.
