@@ -12,6 +12,8 @@
 
 #[path = "../endpoints.rs"]
 mod endpoints;
+#[path = "profiling.rs"]
+mod profiling;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -200,17 +202,18 @@ fn read_value(child: &mut std::process::Child, prefix: &str) -> f64 {
     value.parse().unwrap_or_else(|_| panic!("{prefix} {value:?} is not a number"))
 }
 
-fn main() -> shared_tensor::Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) == Some("child") {
-        return child(&args[1..]);
-    }
-    let quick = args.iter().any(|a| a == "--quick");
-    let n = if quick { 200 } else { 1000 };
-    let device = shared_tensor::cuda::device()?;
+/// The server process, stopped when dropped (an early return included).
+struct Server(std::process::Child);
 
-    // The server process.
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts the endpoint server; `env` is added to its environment.
+fn start_server(port: u16, env: &[(&str, String)]) -> Server {
     let server_exe = std::env::var_os("SHARED_TENSOR_TEST_BIN_DIR")
         .map(|d| std::path::PathBuf::from(d).join("endpoint_server"))
         .unwrap_or_else(|| std::env::current_exe().unwrap().with_file_name("endpoint_server"));
@@ -218,11 +221,85 @@ fn main() -> shared_tensor::Result<()> {
         .env("SHARED_TENSOR_ROLE", "server")
         .env("ST_TEST_SERVER", "role")
         .env("SHARED_TENSOR_BASE_PORT", port.to_string())
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::piped()) // the server exits when this process does
         .stdout(Stdio::piped())
         .spawn()
         .expect("start the endpoint server");
     read_line(&mut server, "READY");
+    Server(server)
+}
+
+/// `bench profile <model|identity|throughput> <seconds>`: one workload in a loop while
+/// the server and (except for `throughput`, whose load runs in 8 child processes) the
+/// client, this process, are sampled; folded stacks go to
+/// `$OUT/{client,server}-<workload>.folded`. Needs `--features profile`.
+fn profile(args: &[String]) -> shared_tensor::Result<()> {
+    let workload = args.first().map(String::as_str).unwrap_or("model").to_string();
+    let secs: f64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(5.0);
+    let out = std::env::var_os("OUT").map(std::path::PathBuf::from).unwrap_or_else(|| ".".into());
+    let warmup = 1.0;
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let server_file = out.join(format!("server-{workload}.folded")).display().to_string();
+    let _server = start_server(port, &[("ST_PROFILE", server_file), ("ST_PROFILE_SECS", (warmup + secs).to_string())]);
+    shared_tensor::configure(Config::default().role(Role::Client).base_port(port))?;
+    if workload == "throughput" {
+        // The throughput figure's load (8 processes × 4 threads); only the server is sampled.
+        let secs_s = (warmup + secs).to_string();
+        let mut children: Vec<_> = (0..8).map(|_| spawn_child(port, &["throughput", &secs_s, "4"])).collect();
+        let total: f64 = children.iter_mut().map(|c| read_value(c, "CALLS")).sum();
+        children.iter_mut().for_each(|c| drop(c.wait()));
+        println!("profile throughput: {:.0} calls/s under the server's profile", total / (warmup + secs));
+        std::thread::sleep(Duration::from_millis(1500)); // the server's profile ends meanwhile
+        return Ok(());
+    }
+    let device = shared_tensor::cuda::device()?;
+    let x = Tensor::ones([4], (Kind::Float, device));
+    // As in the benchmark, one handle stays alive: the managed model stays cached.
+    let _model = endpoints::big_model(24, 4096)?;
+    let mut step: Box<dyn FnMut()> = match workload.as_str() {
+        "model" => Box::new(|| drop(endpoints::big_model(24, 4096).unwrap())),
+        "identity" => Box::new(move || drop(endpoints::identity(x.shallow_clone()).unwrap())),
+        other => panic!("unknown workload {other:?}: model, identity or throughput"),
+    };
+    let run_for = |step: &mut dyn FnMut(), secs: f64| {
+        let (t, mut calls) = (Instant::now(), 0u64);
+        while t.elapsed().as_secs_f64() < secs {
+            step();
+            sync();
+            calls += 1;
+        }
+        calls
+    };
+    run_for(&mut step, warmup);
+    let profile =
+        profiling::Profile::start(out.join(format!("client-{workload}.folded"))).unwrap_or_else(|e| panic!("{e}"));
+    let calls = run_for(&mut step, secs);
+    let samples = profile.finish().unwrap_or_else(|e| panic!("{e}"));
+    println!(
+        "profile {workload}: {calls} calls in {secs} s ({:.1} µs a call), {samples} client samples",
+        secs * 1e6 / calls as f64
+    );
+    run_for(&mut step, 1.0); // the server's profile ends meanwhile
+    std::thread::sleep(Duration::from_millis(500));
+    Ok(())
+}
+
+fn main() -> shared_tensor::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("child") {
+        return child(&args[1..]);
+    }
+    if args.first().map(String::as_str) == Some("profile") {
+        return profile(&args[1..]);
+    }
+    let quick = args.iter().any(|a| a == "--quick");
+    let n = if quick { 200 } else { 1000 };
+    let device = shared_tensor::cuda::device()?;
+
+    // The server process.
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let server = start_server(port, &[]);
     shared_tensor::configure(Config::default().role(Role::Client).base_port(port))?;
 
     let mut report = Report {
@@ -419,7 +496,6 @@ fn main() -> shared_tensor::Result<()> {
     for (procs, p50) in &report.scaling_processes {
         println!("| {procs} | {p50:.1} |");
     }
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(server);
     Ok(())
 }

@@ -15,6 +15,8 @@
 
 #[path = "../endpoints.rs"]
 mod endpoints;
+#[path = "profiling.rs"]
+mod profiling;
 
 use std::io::Read;
 
@@ -25,6 +27,21 @@ fn exit_with_parent() {
     std::thread::spawn(|| {
         let _ = std::io::stdin().read_to_end(&mut Vec::new());
         std::process::exit(0);
+    });
+}
+
+/// `ST_PROFILE=<file>`: profiles this process for `ST_PROFILE_SECS` (default 8) seconds
+/// from now, then writes the folded stacks to the file (`bench profile`).
+fn profile_for_a_while() {
+    let Some(path) = std::env::var_os("ST_PROFILE") else { return };
+    let secs: f64 = std::env::var("ST_PROFILE_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(8.0);
+    let profile = profiling::Profile::start(path.into()).unwrap_or_else(|e| panic!("{e}"));
+    std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs_f64(secs));
+        match profile.finish() {
+            Ok(samples) => eprintln!("endpoint_server: profile written ({samples} samples)"),
+            Err(e) => eprintln!("endpoint_server: {e}"),
+        }
     });
 }
 
@@ -51,6 +68,7 @@ fn main() -> shared_tensor::Result<()> {
         return Ok(());
     }
     let info = shared_tensor::server_info()?; // starts the runtime, and with it the server
+    profile_for_a_while();
     println!("READY {}", info.address.rsplit(':').next().unwrap_or_default());
     exit_with_parent();
     shared_tensor::serve_while_server()
