@@ -37,7 +37,8 @@ pub(crate) struct Pool {
 struct Shared {
     /// Threads waiting for a job, the most recently idle last.
     idle: Vec<Arc<Worker>>,
-    /// Jobs waiting for a thread (only at the cap, or when a thread could not start).
+    /// Jobs waiting for a thread: one per thread being started, and those that found
+    /// none at the cap (or whose thread could not start).
     queued: VecDeque<Job>,
     /// Threads alive.
     threads: usize,
@@ -68,54 +69,47 @@ impl Pool {
             drop(shared);
             *worker.job.lock() = Some(job);
             worker.wake.notify_one();
-        } else if shared.threads < MAX_THREADS {
+            return;
+        }
+        // No thread is idle: the job waits in the queue for the thread started for it
+        // (or, at the cap, for the first to free up).
+        shared.queued.push_back(job);
+        if shared.threads < MAX_THREADS {
             shared.threads += 1;
             drop(shared);
-            self.start(job);
-        } else {
-            shared.queued.push_back(job);
+            self.start();
         }
     }
 
-    /// Starts a thread whose first job is `job`.
-    fn start(self: &Arc<Self>, job: Job) {
+    fn start(self: &Arc<Self>) {
         let pool = self.clone();
-        // The job comes back if the thread cannot start: it waits for a busy thread.
-        let job = Arc::new(Mutex::new(Some(job)));
-        let handed = job.clone();
-        let started = std::thread::Builder::new()
-            .name("shared-tensor-call".into())
-            .spawn(move || pool.work(handed.lock().take().expect("the first job")));
+        let started = std::thread::Builder::new().name("shared-tensor-call".into()).spawn(move || pool.work());
         if let Err(e) = started {
+            // Its job stays queued for a busy thread.
             tracing::warn!(error = %e, "cannot start a call thread; the call waits for a busy one");
-            let mut shared = self.shared.lock();
-            shared.threads -= 1;
-            if let Some(job) = job.lock().take() {
-                shared.queued.push_back(job);
-            }
+            self.shared.lock().threads -= 1;
         }
     }
 
-    fn work(&self, first: Job) {
+    fn work(&self) {
         let _runtime = crate::runtime::TOKIO.enter();
         let me = Arc::new(Worker::default());
-        let mut job = first;
         loop {
-            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
-            job = {
+            let job = {
                 let mut shared = self.shared.lock();
                 match shared.queued.pop_front() {
-                    Some(next) => next,
+                    Some(job) => job,
                     None => {
                         shared.idle.push(me.clone());
                         drop(shared);
                         match self.next_job(&me) {
-                            Some(next) => next,
+                            Some(job) => job,
                             None => return,
                         }
                     }
                 }
             };
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
         }
     }
 

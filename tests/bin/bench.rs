@@ -202,6 +202,19 @@ fn read_value(child: &mut std::process::Child, prefix: &str) -> f64 {
     value.parse().unwrap_or_else(|_| panic!("{prefix} {value:?} is not a number"))
 }
 
+/// Calls per second of 8 client processes × 4 threads calling `identity` on 16 B for
+/// `secs` seconds.
+fn throughput(port: u16, secs: f64) -> f64 {
+    let secs_s = secs.to_string();
+    let mut children: Vec<_> = (0..8).map(|_| spawn_child(port, &["throughput", &secs_s, "4"])).collect();
+    for c in children.iter_mut() {
+        read_line(c, "READY");
+    }
+    let total: f64 = children.iter_mut().map(|c| read_value(c, "CALLS")).sum();
+    children.iter_mut().for_each(|c| drop(c.wait()));
+    total / secs
+}
+
 /// The server process, stopped when dropped (an early return included).
 struct Server(std::process::Child);
 
@@ -245,11 +258,8 @@ fn profile(args: &[String]) -> shared_tensor::Result<()> {
     shared_tensor::configure(Config::default().role(Role::Client).base_port(port))?;
     if workload == "throughput" {
         // The throughput figure's load (8 processes × 4 threads); only the server is sampled.
-        let secs_s = (warmup + secs).to_string();
-        let mut children: Vec<_> = (0..8).map(|_| spawn_child(port, &["throughput", &secs_s, "4"])).collect();
-        let total: f64 = children.iter_mut().map(|c| read_value(c, "CALLS")).sum();
-        children.iter_mut().for_each(|c| drop(c.wait()));
-        println!("profile throughput: {:.0} calls/s under the server's profile", total / (warmup + secs));
+        let rate = throughput(port, warmup + secs);
+        println!("profile throughput: {rate:.0} calls/s under the server's profile");
         std::thread::sleep(Duration::from_millis(1500)); // the server's profile ends meanwhile
         return Ok(());
     }
@@ -445,15 +455,7 @@ fn main() -> shared_tensor::Result<()> {
     }
 
     // Throughput: 8 processes × 4 threads × identity 16 B.
-    let secs = if quick { 2.0 } else { 10.0 };
-    let secs_s = secs.to_string();
-    let mut children: Vec<_> = (0..8).map(|_| spawn_child(port, &["throughput", &secs_s, "4"])).collect();
-    for c in children.iter_mut() {
-        read_line(c, "READY");
-    }
-    let total: f64 = children.iter_mut().map(|c| read_value(c, "CALLS")).sum();
-    children.iter_mut().for_each(|c| drop(c.wait()));
-    report.throughput_calls_per_s = total / secs;
+    report.throughput_calls_per_s = throughput(port, if quick { 2.0 } else { 10.0 });
 
     report.figures = figures;
     let json = serde_json::to_string_pretty(&report).unwrap();

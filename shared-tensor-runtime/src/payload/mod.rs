@@ -184,8 +184,13 @@ impl PackedPayload {
     /// assert_eq!(packed.as_bytes().len(), 13); // three empty tables and a unit
     /// ```
     pub fn pack(payload: &WirePayload) -> Result<PackedPayload> {
+        PackedPayload::packed_by(|out| packed::pack(payload, out))
+    }
+
+    /// The bytes `write` packs; its error (a value nested too deep) as a typed one.
+    fn packed_by(write: impl FnOnce(&mut Vec<u8>) -> std::result::Result<(), String>) -> Result<PackedPayload> {
         let mut bytes = Vec::new();
-        packed::pack(payload, &mut bytes).map_err(|e| Error::Protocol(format!("cannot pack a payload: {e}")))?;
+        write(&mut bytes).map_err(|e| Error::Protocol(format!("cannot pack a payload: {e}")))?;
         Ok(PackedPayload(bytes))
     }
 
@@ -465,10 +470,10 @@ impl Encoded {
         let (ready, lent) = self.lend_parts(link)?;
         let shared =
             self.storage_refs(&lent).map(|s| if let packed::StorageRef::Shared(d, _) = s { d.nbytes } else { 0 }).sum();
-        let mut bytes = Vec::new();
-        packed::pack_parts(self.storage_refs(&lent), &self.tensors, &ready, &self.root, &mut bytes)
-            .map_err(|e| Error::Protocol(format!("cannot pack a payload: {e}")))?;
-        Ok((PackedPayload(bytes), shared))
+        let payload = PackedPayload::packed_by(|out| {
+            packed::pack_parts(self.storage_refs(&lent), &self.tensors, &ready, &self.root, out)
+        })?;
+        Ok((payload, shared))
     }
 
     /// Number of distinct storages in the value.
