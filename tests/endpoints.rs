@@ -345,3 +345,162 @@ pub fn on_device(index: usize) -> Tensor {
 pub fn cuda_oom() -> Tensor {
     Tensor::zeros([1 << 42], (tch::Kind::Float, tch::Device::Cuda(0)))
 }
+
+// ---- LLM-shaped benchmark models (GPU) ----
+
+use std::collections::HashMap;
+
+/// Vocabulary of the LLM-shaped benchmark models (128k, as in Llama 3).
+pub const VOCAB: i64 = 131_072;
+/// Hidden size of the LLM-shaped benchmark models (a 7B-class decoder).
+pub const HIDDEN: i64 = 4096;
+/// Inner size of the decoder blocks' MLP.
+pub const MLP_HIDDEN: i64 = 11_008;
+/// Output features of the embedding model's head.
+pub const HEAD_OUT: i64 = 16;
+
+/// A 2 GiB f32 embedding (`VOCAB` × `HIDDEN`) and a small head.
+#[derive(Payload)]
+pub struct EmbeddingHead {
+    pub embedding: nn::Embedding,
+    pub head: nn::Linear,
+}
+
+/// The cached embedding model (about 2 GiB of weights).
+#[share(execution = "task", managed, concurrency = "serialized", cache_key = "embedding_head")]
+pub fn embedding_model() -> EmbeddingHead {
+    let vs = nn::VarStore::new(tch::Device::Cuda(0));
+    EmbeddingHead {
+        embedding: nn::embedding(vs.root() / "embedding", VOCAB, HIDDEN, Default::default()),
+        head: nn::linear(vs.root() / "head", HIDDEN, HEAD_OUT, Default::default()),
+    }
+}
+
+/// An RMS norm: one weight of `HIDDEN`.
+#[derive(Payload)]
+pub struct RmsNorm {
+    pub weight: Tensor,
+    pub eps: f64,
+}
+
+/// One decoder block: two norms, the attention projections and a gated MLP (no biases).
+#[derive(Payload)]
+pub struct DecoderBlock {
+    pub input_norm: RmsNorm,
+    pub q_proj: nn::Linear,
+    pub k_proj: nn::Linear,
+    pub v_proj: nn::Linear,
+    pub o_proj: nn::Linear,
+    pub post_attention_norm: RmsNorm,
+    pub gate_proj: nn::Linear,
+    pub up_proj: nn::Linear,
+    pub down_proj: nn::Linear,
+}
+
+/// A decoder-only language model, Llama-shaped, bf16; the head is tied to the embedding.
+#[derive(Payload)]
+pub struct Decoder {
+    pub embed_tokens: nn::Embedding,
+    pub layers: Vec<DecoderBlock>,
+    pub norm: RmsNorm,
+    pub lm_head: nn::Linear,
+}
+
+impl Decoder {
+    /// The number of distinct tensors of a decoder with `layers` blocks (the tied head is
+    /// the embedding's tensor).
+    pub fn tensor_count(layers: i64) -> i64 {
+        9 * layers + 2
+    }
+
+    /// The bytes of the weights of a decoder with `layers` blocks (bf16).
+    pub fn weight_bytes(layers: i64) -> i64 {
+        let block = 4 * HIDDEN * HIDDEN + 3 * HIDDEN * MLP_HIDDEN + 2 * HIDDEN;
+        2 * (VOCAB * HIDDEN + layers * block + HIDDEN)
+    }
+
+    /// Every distinct tensor under its Hugging Face Llama name (views, no copies).
+    pub fn state_dict(&self) -> HashMap<String, Tensor> {
+        let mut tensors = HashMap::new();
+        tensors.insert("model.embed_tokens.weight".to_string(), self.embed_tokens.ws.shallow_clone());
+        for (i, b) in self.layers.iter().enumerate() {
+            for (name, t) in [
+                ("input_layernorm", &b.input_norm.weight),
+                ("self_attn.q_proj", &b.q_proj.ws),
+                ("self_attn.k_proj", &b.k_proj.ws),
+                ("self_attn.v_proj", &b.v_proj.ws),
+                ("self_attn.o_proj", &b.o_proj.ws),
+                ("post_attention_layernorm", &b.post_attention_norm.weight),
+                ("mlp.gate_proj", &b.gate_proj.ws),
+                ("mlp.up_proj", &b.up_proj.ws),
+                ("mlp.down_proj", &b.down_proj.ws),
+            ] {
+                tensors.insert(format!("model.layers.{i}.{name}.weight"), t.shallow_clone());
+            }
+        }
+        tensors.insert("model.norm.weight".to_string(), self.norm.weight.shallow_clone());
+        tensors
+    }
+}
+
+/// A bf16 weight on GPU 0, drawn from N(0, 0.02²) in place (no f32 copy).
+fn bf16_weight(shape: [i64; 2]) -> Tensor {
+    let mut w = Tensor::empty(shape, (tch::Kind::BFloat16, tch::Device::Cuda(0)));
+    let _ = w.normal_(0.0, 0.02);
+    w
+}
+
+fn bf16_linear(out_features: i64, in_features: i64) -> nn::Linear {
+    nn::Linear { ws: bf16_weight([out_features, in_features]), bs: None }
+}
+
+fn rms_norm() -> RmsNorm {
+    RmsNorm { weight: Tensor::ones([HIDDEN], (tch::Kind::BFloat16, tch::Device::Cuda(0))), eps: 1e-5 }
+}
+
+/// The cached decoder with `layers` blocks (32: about 7B parameters, 14 GB).
+#[share(execution = "task", managed, concurrency = "serialized", cache_key = "decoder:{layers}")]
+pub fn decoder(layers: i64) -> Decoder {
+    // The embedding's configuration is private to tch: build a one-row placeholder, then
+    // give it the real weight (drawn in bf16 on the GPU, not converted from f32).
+    let vs = nn::VarStore::new(tch::Device::Cuda(0));
+    let mut embed_tokens = nn::embedding(vs.root() / "embed_tokens", 1, HIDDEN, Default::default());
+    embed_tokens.ws = bf16_weight([VOCAB, HIDDEN]);
+    let lm_head = nn::Linear { ws: embed_tokens.ws.shallow_clone(), bs: None };
+    let layers = (0..layers)
+        .map(|_| DecoderBlock {
+            input_norm: rms_norm(),
+            q_proj: bf16_linear(HIDDEN, HIDDEN),
+            k_proj: bf16_linear(HIDDEN, HIDDEN),
+            v_proj: bf16_linear(HIDDEN, HIDDEN),
+            o_proj: bf16_linear(HIDDEN, HIDDEN),
+            post_attention_norm: rms_norm(),
+            gate_proj: bf16_linear(MLP_HIDDEN, HIDDEN),
+            up_proj: bf16_linear(MLP_HIDDEN, HIDDEN),
+            down_proj: bf16_linear(HIDDEN, MLP_HIDDEN),
+        })
+        .collect();
+    Decoder { embed_tokens, layers, norm: rms_norm(), lm_head }
+}
+
+/// The cached decoder's tensors as a state dict (views of its weights, cached itself).
+#[share(execution = "direct", cache_key = "decoder_state_dict:{layers}")]
+pub fn decoder_state_dict(layers: i64) -> Result<HashMap<String, Tensor>, String> {
+    let model: Managed<Decoder> = decoder(layers).map_err(|e| e.to_string())?;
+    Ok(model.state_dict())
+}
+
+/// The cached decoder's tensors in a `VarStore`, by the same names (views, cached itself).
+#[share(execution = "direct", cache_key = "decoder_var_store:{layers}")]
+pub fn decoder_var_store(layers: i64) -> Result<nn::VarStore, String> {
+    let model: Managed<Decoder> = decoder(layers).map_err(|e| e.to_string())?;
+    let store = nn::VarStore::new(tch::Device::Cuda(0));
+    for (name, tensor) in model.state_dict() {
+        // A path component may not contain a dot: walk the dotted name through sub-paths.
+        let mut parts: Vec<&str> = name.split('.').collect();
+        let leaf = parts.pop().unwrap_or_default();
+        let path = parts.into_iter().fold(store.root(), |path, part| path / part);
+        let _ = path.add(leaf, tensor, false);
+    }
+    Ok(store)
+}
