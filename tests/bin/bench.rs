@@ -7,14 +7,18 @@
 //! are this binary again (`bench child ...`). GPU timings stop after the consumer's
 //! stream has the data (a stream synchronize inside the timed region).
 //!
+//! `bench models [--quick]` runs only the LLM-shaped rows (an embedding model, decoders,
+//! state dicts; they also end a full run) and writes `$OUT/bench-models.json`.
+//!
 //! `cargo xtask bench` runs it where a GPU is present; the GPU bundle carries it
-//! (`.gpu-bundle/run.sh bench`).
+//! (`.gpu-bundle/run.sh bench`, `.gpu-bundle/run.sh bench models`).
 
 #[path = "../endpoints.rs"]
 mod endpoints;
 #[path = "profiling.rs"]
 mod profiling;
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::{Command, Stdio};
@@ -48,6 +52,8 @@ struct Report {
     scaling_processes: Vec<(usize, f64)>,
     model_build_ms: f64,
     breakdown: Vec<(String, f64)>,
+    /// The LLM-shaped model rows (their fetch figures are in `figures`).
+    models: ModelRows,
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -100,6 +106,13 @@ fn floor(n: usize) -> Vec<f64> {
         s.write_all(&out).unwrap();
         s.read_exact(&mut back).unwrap();
     })
+}
+
+/// The floor over `n` echoes: its figure and its p50.
+fn floor_figure(n: usize) -> (Figure, f64) {
+    let times = floor(n);
+    let p50 = percentile(&times, 0.5);
+    (figure(&format!("floor: TCP echo {FLOOR_FRAME} B"), &times, p50), p50)
 }
 
 fn figure(name: &str, times: &[f64], floor_p50: f64) -> Figure {
@@ -166,6 +179,20 @@ fn child(args: &[String]) -> shared_tensor::Result<()> {
             });
             println!("P50_US {}", percentile(&times, 0.5));
         }
+        Some("fetch-model") => {
+            // Connected first, so that the figure is the fetch (the connect is reported apart).
+            let model = Model::from_args(&args[1..]);
+            let t = Instant::now();
+            shared_tensor::ping()?;
+            let connect_us = t.elapsed().as_secs_f64() * 1e6;
+            let (value, first_us, held) = fetch_held(|| model.fetch());
+            let verdict = value.check().err().unwrap_or_else(|| "ok".into());
+            println!(
+                "FETCHED {first_us} {connect_us} {} {} {} {} {verdict}",
+                held.rss, held.peak_rss, held.allocated, held.reserved
+            );
+            drop(value);
+        }
         other => panic!("unknown child mode {other:?}"),
     }
     Ok(())
@@ -185,14 +212,22 @@ fn spawn_child(port: u16, args: &[&str]) -> std::process::Child {
 
 /// Reads the child's lines until one starts with `prefix`; returns the rest.
 fn read_line(child: &mut std::process::Child, prefix: &str) -> String {
+    try_read_line(child, prefix).unwrap_or_else(|| panic!("a bench process exited before printing {prefix}"))
+}
+
+/// Reads the child's lines until one starts with `prefix`; returns the rest, or `None` if
+/// the child's output ends first.
+fn try_read_line(child: &mut std::process::Child, prefix: &str) -> Option<String> {
     let out = child.stdout.as_mut().unwrap();
     let mut line = String::new();
     let mut reader = BufReader::new(out);
     loop {
         line.clear();
-        assert!(reader.read_line(&mut line).unwrap() > 0, "a bench process exited before printing {prefix}");
+        if reader.read_line(&mut line).ok()? == 0 {
+            return None;
+        }
         if let Some(v) = line.trim().strip_prefix(prefix) {
-            return v.trim().to_string();
+            return Some(v.trim().to_string());
         }
     }
 }
@@ -241,6 +276,376 @@ fn start_server(port: u16, env: &[(&str, String)]) -> Server {
         .expect("start the endpoint server");
     read_line(&mut server, "READY");
     Server(server)
+}
+
+// ---- LLM-shaped models: an embedding model, decoders, state dicts ----
+
+/// A model row's subject: what one fetch calls.
+#[derive(Clone, Copy)]
+enum Model {
+    /// `embedding_model`: a 2 GiB f32 embedding and a small head.
+    Embedding,
+    /// `decoder(layers)`: bf16, the head tied to the embedding.
+    Decoder(i64),
+    /// `decoder_state_dict(layers)`: the decoder's tensors as a `HashMap<String, Tensor>`.
+    StateDict(i64),
+    /// `decoder_var_store(layers)`: the decoder's tensors in an `nn::VarStore`.
+    VarStore(i64),
+}
+
+/// One fetched model, held until dropped.
+enum Fetched {
+    Embedding(shared_tensor::Managed<endpoints::EmbeddingHead>),
+    Decoder(shared_tensor::Managed<endpoints::Decoder>, i64),
+    StateDict(HashMap<String, Tensor>, i64),
+    VarStore(tch::nn::VarStore, i64),
+}
+
+impl Model {
+    /// The model's name in the tables (the same for every runtime and every run mode).
+    fn label(self) -> String {
+        let decoder = |layers: i64| {
+            format!(
+                "decoder N={layers} bf16 ({} tensors, {:.1} GB)",
+                endpoints::Decoder::tensor_count(layers),
+                endpoints::Decoder::weight_bytes(layers) as f64 / 1e9
+            )
+        };
+        match self {
+            Model::Embedding => "embedding 2 GiB f32 + head".into(),
+            Model::Decoder(layers) => decoder(layers),
+            Model::StateDict(layers) => {
+                format!("state dict HashMap {} tensors (decoder N={layers})", endpoints::Decoder::tensor_count(layers))
+            }
+            Model::VarStore(layers) => {
+                format!("VarStore {} tensors (decoder N={layers})", endpoints::Decoder::tensor_count(layers))
+            }
+        }
+    }
+
+    /// The arguments of `bench child fetch-model ...`.
+    fn args(self) -> Vec<String> {
+        match self {
+            Model::Embedding => vec!["embedding".into()],
+            Model::Decoder(l) => vec!["decoder".into(), l.to_string()],
+            Model::StateDict(l) => vec!["state-dict".into(), l.to_string()],
+            Model::VarStore(l) => vec!["var-store".into(), l.to_string()],
+        }
+    }
+
+    fn from_args(args: &[String]) -> Model {
+        let layers = || args.get(1).and_then(|l| l.parse().ok()).expect("a layer count");
+        match args.first().map(String::as_str) {
+            Some("embedding") => Model::Embedding,
+            Some("decoder") => Model::Decoder(layers()),
+            Some("state-dict") => Model::StateDict(layers()),
+            Some("var-store") => Model::VarStore(layers()),
+            other => panic!("unknown model {other:?}"),
+        }
+    }
+
+    /// One call; the value stays until the `Fetched` is dropped.
+    fn fetch(self) -> Fetched {
+        match self {
+            Model::Embedding => Fetched::Embedding(endpoints::embedding_model().expect("embedding_model")),
+            Model::Decoder(l) => Fetched::Decoder(endpoints::decoder(l).expect("decoder"), l),
+            Model::StateDict(l) => Fetched::StateDict(endpoints::decoder_state_dict(l).expect("decoder_state_dict"), l),
+            Model::VarStore(l) => Fetched::VarStore(endpoints::decoder_var_store(l).expect("decoder_var_store"), l),
+        }
+    }
+}
+
+/// Checks that the tensor `what` has `size` and `kind` and lies on a GPU.
+fn check_tensor(what: &str, t: &Tensor, size: &[i64], kind: Kind) -> Result<(), String> {
+    if t.size() != size || t.kind() != kind || !t.device().is_cuda() {
+        return Err(format!(
+            "{what} is {:?} {:?} on {:?}, expected {size:?} {kind:?} on a GPU",
+            t.size(),
+            t.kind(),
+            t.device()
+        ));
+    }
+    Ok(())
+}
+
+impl Fetched {
+    /// Shapes and dtypes as built on the server, and the decoder's tie kept.
+    fn check(&self) -> Result<(), String> {
+        use endpoints::{HEAD_OUT, HIDDEN, MLP_HIDDEN, VOCAB};
+        let embedding_weight = |t: &Tensor| check_tensor("the embedding weight", t, &[VOCAB, HIDDEN], Kind::BFloat16);
+        let count = |found: usize, layers: i64| {
+            let expected = endpoints::Decoder::tensor_count(layers) as usize;
+            if found == expected {
+                Ok(())
+            } else {
+                Err(format!("{found} tensors arrived, expected {expected}"))
+            }
+        };
+        match self {
+            Fetched::Embedding(m) => {
+                check_tensor("the embedding weight", &m.embedding.ws, &[VOCAB, HIDDEN], Kind::Float)?;
+                check_tensor("the head weight", &m.head.ws, &[HEAD_OUT, HIDDEN], Kind::Float)
+            }
+            Fetched::Decoder(m, layers) => {
+                if m.layers.len() as i64 != *layers {
+                    return Err(format!("{} blocks arrived, expected {layers}", m.layers.len()));
+                }
+                embedding_weight(&m.embed_tokens.ws)?;
+                check_tensor("the final norm", &m.norm.weight, &[HIDDEN], Kind::BFloat16)?;
+                for b in &m.layers {
+                    check_tensor("q_proj", &b.q_proj.ws, &[HIDDEN, HIDDEN], Kind::BFloat16)?;
+                    check_tensor("up_proj", &b.up_proj.ws, &[MLP_HIDDEN, HIDDEN], Kind::BFloat16)?;
+                    check_tensor("down_proj", &b.down_proj.ws, &[HIDDEN, MLP_HIDDEN], Kind::BFloat16)?;
+                }
+                let (head, embedding) = (m.lm_head.ws.data_ptr(), m.embed_tokens.ws.data_ptr());
+                if head != embedding {
+                    return Err(format!(
+                        "the tie did not survive: the head's weight is at {head:?}, the embedding's at {embedding:?}"
+                    ));
+                }
+                Ok(())
+            }
+            Fetched::StateDict(tensors, layers) => {
+                count(tensors.len(), *layers)?;
+                embedding_weight(tensors.get("model.embed_tokens.weight").ok_or("no model.embed_tokens.weight")?)
+            }
+            Fetched::VarStore(store, layers) => {
+                let tensors = store.variables();
+                count(tensors.len(), *layers)?;
+                embedding_weight(tensors.get("model.embed_tokens.weight").ok_or("no model.embed_tokens.weight")?)
+            }
+        }
+    }
+}
+
+/// This process's memory, in bytes: host RSS, peak host RSS (since the last reset) and the
+/// CUDA caching allocator of device 0; or the difference of two such readings.
+#[derive(Clone, Copy)]
+struct Memory {
+    rss: f64,
+    peak_rss: f64,
+    allocated: f64,
+    reserved: f64,
+}
+
+impl Memory {
+    fn now() -> Memory {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        // In kB whatever the page size.
+        let kib = |field: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(field)?.trim().strip_suffix("kB")?.trim().parse::<f64>().ok())
+                .map_or(f64::NAN, |k| k * 1024.0)
+        };
+        let cuda = shared_tensor::cuda::memory_stats(0).expect("CUDA memory statistics");
+        Memory {
+            rss: kib("VmRSS:"),
+            peak_rss: kib("VmHWM:"),
+            allocated: cuda.allocated_bytes as f64,
+            reserved: cuda.reserved_bytes as f64,
+        }
+    }
+}
+
+/// Fetches (call and stream synchronize) and returns the value, the microseconds it took,
+/// and what holding it costs this process: host RSS and the CUDA allocator while holding
+/// it, and the host RSS peak during the fetch (NaN where the kernel cannot reset the peak).
+fn fetch_held<T>(fetch: impl FnOnce() -> T) -> (T, f64, Memory) {
+    // Writing 5 to clear_refs sets the peak RSS (VmHWM) to the current RSS.
+    let peak_known = std::fs::write("/proc/self/clear_refs", "5").is_ok();
+    let before = Memory::now();
+    let t = Instant::now();
+    let value = fetch();
+    sync();
+    let us = t.elapsed().as_secs_f64() * 1e6;
+    let after = Memory::now();
+    let held = Memory {
+        rss: after.rss - before.rss,
+        peak_rss: if peak_known { after.peak_rss - before.peak_rss } else { f64::NAN },
+        allocated: after.allocated - before.allocated,
+        reserved: after.reserved - before.reserved,
+    };
+    (value, us, held)
+}
+
+/// A row of the client memory table, in MiB.
+#[derive(Serialize, Clone)]
+struct MemoryRow {
+    name: String,
+    host_rss_mib: f64,
+    peak_host_rss_mib: f64,
+    allocator_allocated_mib: f64,
+    allocator_reserved_mib: f64,
+}
+
+impl MemoryRow {
+    fn new(name: String, held: Memory) -> MemoryRow {
+        let mib = |bytes: f64| bytes / (1u64 << 20) as f64;
+        MemoryRow {
+            name,
+            host_rss_mib: mib(held.rss),
+            peak_host_rss_mib: mib(held.peak_rss),
+            allocator_allocated_mib: mib(held.allocated),
+            allocator_reserved_mib: mib(held.reserved),
+        }
+    }
+}
+
+/// What the model rows report besides their fetch figures.
+#[derive(Serialize, Default)]
+struct ModelRows {
+    /// Cached fetches per row of a model (state dicts: `state_dict_fetches`).
+    fetches: usize,
+    state_dict_fetches: usize,
+    /// First call of each model: the server builds it, this process receives it.
+    builds_ms: Vec<(String, f64)>,
+    /// The fresh client processes' connect (a ping) before their first fetch, p50.
+    fresh_connect_p50_us: Vec<(String, f64)>,
+    memory: Vec<MemoryRow>,
+    /// Each check and its verdict: "ok" or what was wrong.
+    checks: Vec<(String, String)>,
+}
+
+impl ModelRows {
+    fn check(&mut self, what: String, verdict: Result<(), String>) {
+        self.checks.push((what, verdict.err().unwrap_or_else(|| "ok".into())));
+    }
+
+    fn failed(&self) -> usize {
+        self.checks.iter().filter(|(_, v)| v != "ok").count()
+    }
+}
+
+/// The rows of one model: its first call (the build), `fetches` cached fetches (each: call,
+/// stream synchronize, drop), one more while one is held (memory), and `fresh` first
+/// fetches in fresh client processes (figure and memory, medians). Returns the first
+/// call's value: the model stays cached while it lives.
+#[allow(clippy::too_many_arguments)]
+fn model_rows(
+    model: Model,
+    port: u16,
+    fetches: usize,
+    warmup: usize,
+    fresh: usize,
+    floor_p50: f64,
+    figures: &mut Vec<Figure>,
+    rows: &mut ModelRows,
+) -> Fetched {
+    let label = model.label();
+    let t = Instant::now();
+    let first = model.fetch();
+    sync();
+    rows.builds_ms.push((label.clone(), t.elapsed().as_secs_f64() * 1e3));
+    rows.check(format!("{label}: first call"), first.check());
+
+    let times = measure(fetches, warmup, || {
+        let value = model.fetch();
+        sync();
+        drop(value);
+    });
+    figures.push(figure(&format!("{label}: cached fetch"), &times, floor_p50));
+    let (value, _, held) = fetch_held(|| model.fetch());
+    rows.check(format!("{label}: cached fetch"), value.check());
+    rows.memory.push(MemoryRow::new(format!("{label}: cached fetch, one already held"), held));
+    drop(value);
+
+    if fresh > 0 {
+        let (mut firsts, mut connects, mut helds) = (Vec::new(), Vec::new(), Vec::new());
+        for i in 0..fresh {
+            let args: Vec<String> = ["fetch-model".to_string()].into_iter().chain(model.args()).collect();
+            let mut c = spawn_child(port, &args.iter().map(String::as_str).collect::<Vec<_>>());
+            let line = try_read_line(&mut c, "FETCHED");
+            let _ = c.wait();
+            let what = format!("{label}: fresh client process {}", i + 1);
+            let Some(line) = line else {
+                rows.check(what, Err("the process exited without a result (see its stderr)".into()));
+                continue;
+            };
+            let mut parts = line.splitn(7, ' ');
+            let mut number = || parts.next().and_then(|v| v.parse::<f64>().ok()).unwrap_or(f64::NAN);
+            let (first, connect) = (number(), number());
+            let held = Memory { rss: number(), peak_rss: number(), allocated: number(), reserved: number() };
+            let verdict = parts.next().unwrap_or("no verdict").to_string();
+            rows.check(what, if verdict == "ok" { Ok(()) } else { Err(verdict) });
+            firsts.push(first);
+            connects.push(connect);
+            helds.push(held);
+        }
+        let median = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            percentile(&v, 0.5)
+        };
+        let field = |f: fn(&Memory) -> f64| median(helds.iter().map(f).collect());
+        let held = Memory {
+            rss: field(|h| h.rss),
+            peak_rss: field(|h| h.peak_rss),
+            allocated: field(|h| h.allocated),
+            reserved: field(|h| h.reserved),
+        };
+        firsts.sort_by(f64::total_cmp);
+        let name = format!("{label}: first fetch in a fresh client process (p50 of {})", firsts.len());
+        figures.push(figure(&name, &firsts, floor_p50));
+        rows.fresh_connect_p50_us.push((label.clone(), median(connects)));
+        rows.memory.push(MemoryRow::new(format!("{label}: first fetch in a fresh client process (median)"), held));
+    }
+    first
+}
+
+/// The LLM-shaped rows: a 2 GiB embedding model, decoders of 2 and 32 blocks (bf16, head
+/// tied to the embedding), and the 32-block decoder's tensors as a `HashMap` and a
+/// `VarStore`. Each model is freed (handles dropped, cache entries gone) before the next.
+fn llm_rows(port: u16, quick: bool, floor_p50: f64, figures: &mut Vec<Figure>) -> ModelRows {
+    // A fetch rebuilding an embedding costs ~200 ms on the runtime before issue 14: keep
+    // the heavy rows short.
+    let (fetches, state_dict_fetches) = if quick { (20, 50) } else { (30, 200) };
+    let mut rows = ModelRows { fetches, state_dict_fetches, ..ModelRows::default() };
+    let fresh = if quick { 3 } else { 5 };
+    for (model, fresh) in [(Model::Embedding, fresh - 1), (Model::Decoder(2), fresh)] {
+        drop(model_rows(model, port, fetches, 2, fresh, floor_p50, figures, &mut rows));
+    }
+    let decoder = model_rows(Model::Decoder(32), port, fetches, 2, fresh, floor_p50, figures, &mut rows);
+    for model in [Model::StateDict(32), Model::VarStore(32)] {
+        drop(model_rows(model, port, state_dict_fetches, 5, 0, floor_p50, figures, &mut rows));
+    }
+    // The state dicts are views of the decoder's weights: free them with it.
+    let _ = endpoints::decoder_state_dict::invalidate(32);
+    let _ = endpoints::decoder_var_store::invalidate(32);
+    drop(decoder);
+    // The release reaches the server ahead of this request: the 14 GB are freed now.
+    let _ = shared_tensor::ping();
+    rows
+}
+
+/// A two-column table: `header` names both columns, each row a name and a value.
+fn print_named_values(header: &str, rows: &[(String, f64)]) {
+    println!("\n| {header} |\n| --- | ---: |");
+    for (name, value) in rows {
+        println!("| {name} | {value:.1} |");
+    }
+}
+
+fn print_llm_rows(rows: &ModelRows) {
+    print_named_values("model (first call: built on the server, received here) | build ms", &rows.builds_ms);
+    print_named_values(
+        "model | fresh client: connect (ping) before its first fetch, p50 µs",
+        &rows.fresh_connect_p50_us,
+    );
+    println!(
+        "\n| client memory while holding one | host RSS Δ MiB | peak host RSS Δ during the fetch MiB \
+         | CUDA allocator allocated Δ MiB | reserved Δ MiB |\n| --- | ---: | ---: | ---: | ---: |"
+    );
+    for m in &rows.memory {
+        println!(
+            "| {} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            m.name, m.host_rss_mib, m.peak_host_rss_mib, m.allocator_allocated_mib, m.allocator_reserved_mib
+        );
+    }
+    println!("\n| check (shapes, dtypes; the decoder's head tied to its embedding) | result |\n| --- | --- |");
+    for (what, verdict) in &rows.checks {
+        let verdict = if verdict == "ok" { "ok".to_string() } else { format!("FAILED: {verdict}") };
+        println!("| {what} | {verdict} |");
+    }
 }
 
 /// `bench profile <model|identity|throughput> <seconds>`: one workload in a loop while
@@ -318,6 +723,12 @@ fn main() -> shared_tensor::Result<()> {
         floor_frame_bytes: FLOOR_FRAME,
         ..Report::default()
     };
+    if args.first().map(String::as_str) == Some("models") {
+        let report = models_only(port, quick, report);
+        drop(server);
+        exit_on_failed_checks(&report.models);
+        return Ok(());
+    }
     // Where the time of one transfer goes, step by step.
     let probe = Tensor::ones([4], (Kind::Float, device));
     for (name, us) in shared_tensor::diagnostics::export_steps(&probe, 1000)? {
@@ -345,9 +756,8 @@ fn main() -> shared_tensor::Result<()> {
     let _ = importer.wait();
     drop(exported);
 
-    let floor_times = floor(n.max(1000));
-    let floor_p50 = percentile(&floor_times, 0.5);
-    let mut figures = vec![figure(&format!("floor: TCP echo {FLOOR_FRAME} B"), &floor_times, floor_p50)];
+    let (floor, floor_p50) = floor_figure(n.max(1000));
+    let mut figures = vec![floor];
 
     figures.push(figure(
         "no-op call (direct, no arguments)",
@@ -457,24 +867,17 @@ fn main() -> shared_tensor::Result<()> {
     // Throughput: 8 processes × 4 threads × identity 16 B.
     report.throughput_calls_per_s = throughput(port, if quick { 2.0 } else { 10.0 });
 
-    report.figures = figures;
-    let json = serde_json::to_string_pretty(&report).unwrap();
-    let out = std::env::var_os("OUT").map(std::path::PathBuf::from).unwrap_or_else(|| ".".into());
-    let _ = std::fs::write(out.join("bench.json"), &json);
+    // The LLM-shaped models last, so that their gigabytes sit under no other figure.
+    report.models = llm_rows(port, quick, floor_p50, &mut figures);
 
-    println!("\nshared-tensor benchmark, {} ({} calls per figure)", report.gpu, n);
-    println!("| figure | p50 µs | p99 µs | p50 / floor | p99 / p50 |");
-    println!("| --- | ---: | ---: | ---: | ---: |");
-    for f in &report.figures {
-        println!(
-            "| {} | {:.1} | {:.1} | {:.2} | {:.2} |",
-            f.name,
-            f.p50_us,
-            f.p99_us,
-            f.ratio_to_floor,
-            f.p99_us / f.p50_us
-        );
-    }
+    report.figures = figures;
+    write_report(&report, "bench.json");
+
+    println!(
+        "\nshared-tensor benchmark, {} ({} calls per figure; models: {} fetches, state dicts: {})",
+        report.gpu, n, report.models.fetches, report.models.state_dict_fetches
+    );
+    print_figures(&report.figures);
     println!(
         "| first call from a fresh client process (p50 of {}) | {:.1} | | {:.1} | |",
         firsts.len(),
@@ -486,10 +889,7 @@ fn main() -> shared_tensor::Result<()> {
         report.throughput_calls_per_s
     );
     println!("| model build (first call, not cached) | {:.1} ms | | | |", report.model_build_ms);
-    println!("\n| step of one transfer (16 B tensor) | p50 µs |\n| --- | ---: |");
-    for (name, us) in &report.breakdown {
-        println!("| {name} | {us:.1} |");
-    }
+    print_named_values("step of one transfer (16 B tensor) | p50 µs", &report.breakdown);
     println!("\n| tensors per call | identity p50 µs |\n| ---: | ---: |");
     for (count, p50) in &report.scaling_tensor_count {
         println!("| {count} | {p50:.1} |");
@@ -498,6 +898,56 @@ fn main() -> shared_tensor::Result<()> {
     for (procs, p50) in &report.scaling_processes {
         println!("| {procs} | {p50:.1} |");
     }
+    print_llm_rows(&report.models);
     drop(server);
+    exit_on_failed_checks(&report.models);
     Ok(())
+}
+
+/// `bench models [--quick]`: only the LLM-shaped rows (and the floor, for the ratios);
+/// writes `$OUT/bench-models.json`.
+fn models_only(port: u16, quick: bool, mut report: Report) -> Report {
+    let (floor, floor_p50) = floor_figure(1000);
+    let mut figures = vec![floor];
+    report.models = llm_rows(port, quick, floor_p50, &mut figures);
+    report.figures = figures;
+    write_report(&report, "bench-models.json");
+    println!(
+        "\nshared-tensor benchmark, {}: LLM-shaped models ({} fetches per model, {} per state dict)",
+        report.gpu, report.models.fetches, report.models.state_dict_fetches
+    );
+    print_figures(&report.figures);
+    print_llm_rows(&report.models);
+    report
+}
+
+fn print_figures(figures: &[Figure]) {
+    println!("| figure | p50 µs | p99 µs | p50 / floor | p99 / p50 |");
+    println!("| --- | ---: | ---: | ---: | ---: |");
+    for f in figures {
+        println!(
+            "| {} | {:.1} | {:.1} | {:.2} | {:.2} |",
+            f.name,
+            f.p50_us,
+            f.p99_us,
+            f.ratio_to_floor,
+            f.p99_us / f.p50_us
+        );
+    }
+}
+
+/// Writes the report as JSON to `$OUT/<file>` (or `./<file>`).
+fn write_report(report: &Report, file: &str) {
+    let json = serde_json::to_string_pretty(report).unwrap();
+    let out = std::env::var_os("OUT").map(std::path::PathBuf::from).unwrap_or_else(|| ".".into());
+    let _ = std::fs::write(out.join(file), &json);
+}
+
+/// Ends the process with status 1, after the tables, if a check of the model rows failed.
+fn exit_on_failed_checks(rows: &ModelRows) {
+    let failed = rows.failed();
+    if failed > 0 {
+        println!("\nbench: {failed} checks of the model rows FAILED (see the check table)");
+        std::process::exit(1);
+    }
 }
