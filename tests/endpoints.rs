@@ -394,14 +394,14 @@ pub struct DecoderBlock {
 
 /// A decoder-shaped model (bf16) whose output head is tied to its embedding.
 #[derive(Payload)]
-pub struct Decoder {
+pub struct TinyDecoder {
     pub embedding: nn::Embedding,
     pub blocks: Vec<DecoderBlock>,
     pub norm: nn::LayerNorm,
     pub head: nn::Linear,
 }
 
-impl Decoder {
+impl TinyDecoder {
     /// A causal single-head forward: enough to use every weight.
     pub fn forward(&self, ids: &Tensor) -> Tensor {
         use tch::nn::Module;
@@ -412,7 +412,8 @@ impl Decoder {
             let (q, k, v) = (b.q.forward(&h), b.k.forward(&h), b.v.forward(&h));
             let t = ids.size()[1];
             let mask = Tensor::ones([t, t], (tch::Kind::Bool, x.device())).triu(1);
-            let att = (q.matmul(&k.transpose(1, 2)) / scale).masked_fill(&mask, f64::NEG_INFINITY).softmax(-1, x.kind());
+            let att =
+                (q.matmul(&k.transpose(1, 2)) / scale).masked_fill(&mask, f64::NEG_INFINITY).softmax(-1, x.kind());
             x = x + b.o.forward(&att.matmul(&v));
             let h = b.mlp_norm.forward(&x);
             x = &x + b.down.forward(&(b.gate.forward(&h).silu() * b.up.forward(&h)));
@@ -422,7 +423,7 @@ impl Decoder {
 }
 
 #[share(execution = "task", managed, concurrency = "serialized", cache_key = "decoder:{blocks}")]
-pub fn decoder_model(blocks: i64) -> Decoder {
+pub fn decoder_model(blocks: i64) -> TinyDecoder {
     tch::manual_seed(22);
     let (vocab, hidden, mlp) = (32000, 1024, 2816);
     let mut vs = nn::VarStore::new(tch::Device::Cuda(0));
@@ -450,20 +451,20 @@ pub fn decoder_model(blocks: i64) -> Decoder {
     let head = nn::Linear { ws: embedding.ws.shallow_clone(), bs: None };
     // In place: the modules hold the store's tensors, so they (and the tie) follow.
     vs.bfloat16();
-    Decoder { embedding, blocks, norm, head }
+    TinyDecoder { embedding, blocks, norm, head }
 }
 
 /// The server's forward of the cached decoder on `ids`.
 #[share(execution = "direct", cache = false)]
 pub fn decoder_forward(blocks: i64, ids: Tensor) -> Tensor {
-    let model: Managed<Decoder> = decoder_model(blocks).expect("the decoder");
+    let model: Managed<TinyDecoder> = decoder_model(blocks).expect("the decoder");
     model.forward(&ids)
 }
 
 /// The sum (in f32) of row `row` of the cached decoder's head weight, as the server sees it.
 #[share(execution = "direct", cache = false)]
 pub fn decoder_head_row_sum(blocks: i64, row: i64) -> Tensor {
-    let model: Managed<Decoder> = decoder_model(blocks).expect("the decoder");
+    let model: Managed<TinyDecoder> = decoder_model(blocks).expect("the decoder");
     model.head.ws.get(row).sum(tch::Kind::Float)
 }
 
@@ -487,7 +488,7 @@ pub fn flat_store() -> (nn::VarStore, std::collections::HashMap<String, Tensor>)
 }
 
 /// Views of storage: what the client checks of the received recurrent layers.
-#[derive(Debug, serde::Serialize, serde::Deserialize, PartialEq)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
 pub struct Layout {
     /// Each weight's storage offset, in elements.
     pub offsets: Vec<i64>,
@@ -495,10 +496,21 @@ pub struct Layout {
     pub storage_bytes: u64,
 }
 
-/// A 2-layer bidirectional LSTM and a GRU built on CUDA (so laid out as cuDNN expects),
-/// an input, the server's outputs, and the layers' layouts as the server sees them.
+/// Recurrent layers, an input, the server's outputs, and the layers' layouts as the
+/// server sees them.
+#[derive(Payload)]
+pub struct RecurrentLayers {
+    pub lstm: Lstm,
+    pub gru: Gru,
+    pub input: Tensor,
+    pub outputs: Vec<Tensor>,
+    #[payload(data)]
+    pub layouts: Vec<Layout>,
+}
+
+/// A 2-layer bidirectional LSTM and a GRU built on CUDA (so laid out as cuDNN expects).
 #[share(execution = "direct", cache = false)]
-pub fn recurrent_layers(seed: i64) -> (Lstm, Gru, Tensor, Vec<Tensor>, Vec<Layout>) {
+pub fn recurrent_layers(seed: i64) -> RecurrentLayers {
     tch::manual_seed(seed);
     let dev = tch::Device::Cuda(0);
     let vs = nn::VarStore::new(dev);
@@ -508,7 +520,7 @@ pub fn recurrent_layers(seed: i64) -> (Lstm, Gru, Tensor, Vec<Tensor>, Vec<Layou
     let input = Tensor::randn([4, 9, 32], (tch::Kind::Float, dev));
     let outputs = vec![lstm.seq(&input).0, gru.seq(&input).0];
     let layouts = vec![layout(&lstm.weights), layout(&gru.weights)];
-    (lstm, gru, input, outputs, layouts)
+    RecurrentLayers { lstm, gru, input, outputs, layouts }
 }
 
 /// The weights' storage offsets and storage size; panics unless they view one storage.
@@ -519,6 +531,7 @@ pub fn layout(weights: &[Tensor]) -> Layout {
     for (w, v) in weights.iter().zip(&views) {
         assert_eq!(base(w, v.storage_offset), first, "every weight views one storage");
     }
-    let storage_bytes = weights.iter().zip(&views).map(|(w, v)| (v.storage_offset as u64 + w.numel() as u64) * 4).max().unwrap_or(0);
+    let storage_bytes =
+        weights.iter().zip(&views).map(|(w, v)| (v.storage_offset as u64 + w.numel() as u64) * 4).max().unwrap_or(0);
     Layout { offsets: views.iter().map(|v| v.storage_offset).collect(), storage_bytes }
 }

@@ -143,8 +143,18 @@ struct Source {
     kind: Kind,
     /// A tensor over it (to read the whole storage through).
     any: Tensor,
-    /// Each tensor over it: path, handle, storage offset (elements), sizes, strides.
-    views: Vec<(String, Tensor, i64, Vec<i64>, Vec<i64>)>,
+    /// Each tensor over it.
+    views: Vec<View>,
+}
+
+/// One tensor over a [`Source`], as it looks at the storage.
+struct View {
+    path: String,
+    tensor: Tensor,
+    /// In elements.
+    offset: i64,
+    sizes: Vec<i64>,
+    strides: Vec<i64>,
 }
 
 fn unsupported(path: &str, reason: String) -> Error {
@@ -178,7 +188,7 @@ fn flatten(tensors: Vec<(String, Tensor)>) -> Result<FlatReport> {
         let device = group[0].any.device();
         let buffer = Tensor::f_empty([at], (kind, device)).map_err(|e| {
             unsupported(
-                &group[0].views[0].0,
+                &group[0].views[0].path,
                 format!("its {kind:?} buffer of {at} elements on {device:?} cannot be allocated ({e})"),
             )
         })?;
@@ -204,15 +214,21 @@ fn repoint(buffer: &Tensor, source: &Source, start: i64) -> Result<()> {
     let fail =
         |path: &str, e: tch::TchError| unsupported(path, format!("it cannot be moved into the flat buffer ({e})"));
     if elements > 0 {
-        let whole = source.any.f_as_strided([elements], [1], Some(0)).map_err(|e| fail(&source.views[0].0, e))?;
+        let whole = source.any.f_as_strided([elements], [1], Some(0)).map_err(|e| fail(&source.views[0].path, e))?;
         let mut place = buffer.narrow(0, start, elements);
-        place.f_copy_(&whole).map_err(|e| fail(&source.views[0].0, e))?;
+        place.f_copy_(&whole).map_err(|e| fail(&source.views[0].path, e))?;
     }
-    for (path, tensor, offset, sizes, strides) in &source.views {
-        let mut handle = tensor.shallow_clone();
-        handle
-            .f_set_source_tensor_storage_offset_(buffer, start + offset, sizes.as_slice(), strides.as_slice())
-            .map_err(|e| fail(path, e))?;
+    for view in &source.views {
+        // `set_` re-points the tensor itself, which every shallow clone of it shares.
+        let mut handle = view.tensor.shallow_clone();
+        let _ = handle
+            .f_set_source_tensor_storage_offset_(
+                buffer,
+                start + view.offset,
+                view.sizes.as_slice(),
+                view.strides.as_slice(),
+            )
+            .map_err(|e| fail(&view.path, e))?;
     }
     Ok(())
 }
@@ -244,17 +260,18 @@ fn group_by_storage(tensors: Vec<(String, Tensor)>) -> Result<Vec<Source>> {
                 format!("its storage of {} bytes is not whole {kind:?} elements", meta.storage_nbytes),
             ));
         }
-        let view = (path, tensor, meta.storage_offset, inspected.sizes, inspected.strides);
+        let view =
+            View { path, tensor, offset: meta.storage_offset, sizes: inspected.sizes, strides: inspected.strides };
         // An empty storage has no address to share: each gets its own (empty) place.
         let existing = sources.iter_mut().find(|s| s.bytes > 0 && s.base == meta.storage_base);
         match existing {
             Some(source) if source.kind != kind => {
                 return Err(unsupported(
-                    &view.0,
+                    &view.path,
                     format!(
                         "it is {kind:?} but views the storage of {}, which is {:?}; \
                          tensors of two dtypes over one storage cannot be flattened",
-                        source.views[0].0, source.kind
+                        source.views[0].path, source.kind
                     ),
                 ))
             }
@@ -263,7 +280,7 @@ fn group_by_storage(tensors: Vec<(String, Tensor)>) -> Result<Vec<Source>> {
                 base: meta.storage_base,
                 bytes: meta.storage_nbytes,
                 kind,
-                any: view.1.shallow_clone(),
+                any: view.tensor.shallow_clone(),
                 views: vec![view],
             }),
         }
