@@ -753,7 +753,7 @@ macro_rules! recurrent {
             ///
             /// ```no_run
             #[doc = concat!("use shared_tensor_runtime::payload::nn::", stringify!($name), ";")]
-            /// let vs = tch::nn::VarStore::new(tch::Device::Cuda(0));
+            /// let mut vs = tch::nn::VarStore::new(tch::Device::Cuda(0));
             #[doc = concat!("let mut layer = ", stringify!($name), "::new(vs.root(), 16, 32, Default::default());")]
             /// vs.half(); // new weights (f16) that are no longer in one buffer
             /// layer.flatten_parameters()?;
