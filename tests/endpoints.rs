@@ -414,7 +414,7 @@ impl TinyDecoder {
             let mask = Tensor::ones([t, t], (tch::Kind::Bool, x.device())).triu(1);
             let att =
                 (q.matmul(&k.transpose(1, 2)) / scale).masked_fill(&mask, f64::NEG_INFINITY).softmax(-1, x.kind());
-            x = x + b.o.forward(&att.matmul(&v));
+            x = &x + b.o.forward(&att.matmul(&v));
             let h = b.mlp_norm.forward(&x);
             x = &x + b.down.forward(&(b.gate.forward(&h).silu() * b.up.forward(&h)));
         }
