@@ -492,7 +492,7 @@ pub fn flat_store() -> (nn::VarStore, std::collections::HashMap<String, Tensor>)
 pub struct Layout {
     /// Each weight's storage offset, in elements.
     pub offsets: Vec<i64>,
-    /// The storage's size, in bytes.
+    /// Bytes from the storage's start to the end of the last weight.
     pub storage_bytes: u64,
 }
 
