@@ -504,3 +504,193 @@ pub fn decoder_var_store(layers: i64) -> Result<nn::VarStore, String> {
     }
     Ok(store)
 }
+
+// ---- real models (GPU, tests/gpu_models.rs) ----
+
+/// A language-model-shaped pair: a 2 GiB embedding (131072 × 4096 f32) and a small head.
+#[derive(Payload)]
+pub struct EmbeddingModel {
+    pub embedding: nn::Embedding,
+    pub head: nn::Linear,
+}
+
+impl EmbeddingModel {
+    pub fn forward(&self, ids: &Tensor) -> Tensor {
+        use tch::nn::Module;
+        self.head.forward(&self.embedding.forward(ids))
+    }
+}
+
+#[share(execution = "task", managed, concurrency = "serialized", cache_key = "embedding_model")]
+pub fn real_embedding_model() -> EmbeddingModel {
+    tch::manual_seed(21);
+    let vs = nn::VarStore::new(tch::Device::Cuda(0));
+    let embedding = nn::embedding(vs.root() / "emb", 131072, 4096, Default::default());
+    let head = nn::linear(vs.root() / "head", 4096, 64, Default::default());
+    EmbeddingModel { embedding, head }
+}
+
+/// The server's forward of the cached embedding model on `ids`.
+#[share(execution = "direct", cache = false)]
+pub fn embedding_model_forward(ids: Tensor) -> Tensor {
+    let model: Managed<EmbeddingModel> = real_embedding_model().expect("the embedding model");
+    model.forward(&ids)
+}
+
+/// A pre-norm decoder block: norms, q/k/v/o projections and a 3-matrix MLP.
+#[derive(Payload)]
+pub struct TinyDecoderBlock {
+    pub attn_norm: nn::LayerNorm,
+    pub q: nn::Linear,
+    pub k: nn::Linear,
+    pub v: nn::Linear,
+    pub o: nn::Linear,
+    pub mlp_norm: nn::LayerNorm,
+    pub gate: nn::Linear,
+    pub up: nn::Linear,
+    pub down: nn::Linear,
+}
+
+/// A decoder-shaped model (bf16) whose output head is tied to its embedding.
+#[derive(Payload)]
+pub struct TinyDecoder {
+    pub embedding: nn::Embedding,
+    pub blocks: Vec<TinyDecoderBlock>,
+    pub norm: nn::LayerNorm,
+    pub head: nn::Linear,
+}
+
+impl TinyDecoder {
+    /// A causal single-head forward: enough to use every weight.
+    pub fn forward(&self, ids: &Tensor) -> Tensor {
+        use tch::nn::Module;
+        let mut x = self.embedding.forward(ids);
+        let scale = (x.size()[2] as f64).sqrt();
+        for b in &self.blocks {
+            let h = b.attn_norm.forward(&x);
+            let (q, k, v) = (b.q.forward(&h), b.k.forward(&h), b.v.forward(&h));
+            let t = ids.size()[1];
+            let mask = Tensor::ones([t, t], (tch::Kind::Bool, x.device())).triu(1);
+            let att =
+                (q.matmul(&k.transpose(1, 2)) / scale).masked_fill(&mask, f64::NEG_INFINITY).softmax(-1, x.kind());
+            x = &x + b.o.forward(&att.matmul(&v));
+            let h = b.mlp_norm.forward(&x);
+            x = &x + b.down.forward(&(b.gate.forward(&h).silu() * b.up.forward(&h)));
+        }
+        self.head.forward(&self.norm.forward(&x))
+    }
+}
+
+#[share(execution = "task", managed, concurrency = "serialized", cache_key = "decoder:{blocks}")]
+pub fn decoder_model(blocks: i64) -> TinyDecoder {
+    tch::manual_seed(22);
+    let (vocab, hidden, mlp) = (32000, 1024, 2816);
+    let mut vs = nn::VarStore::new(tch::Device::Cuda(0));
+    let r = vs.root();
+    let no_bias = nn::LinearConfig { bias: false, ..Default::default() };
+    let linear = |p: nn::Path, i, o| nn::linear(p, i, o, no_bias);
+    let embedding = nn::embedding(&r / "emb", vocab, hidden, Default::default());
+    let blocks = (0..blocks)
+        .map(|i| {
+            let p = &r / "blocks" / i;
+            TinyDecoderBlock {
+                attn_norm: nn::layer_norm(&p / "attn_norm", vec![hidden], Default::default()),
+                q: linear(&p / "q", hidden, hidden),
+                k: linear(&p / "k", hidden, hidden),
+                v: linear(&p / "v", hidden, hidden),
+                o: linear(&p / "o", hidden, hidden),
+                mlp_norm: nn::layer_norm(&p / "mlp_norm", vec![hidden], Default::default()),
+                gate: linear(&p / "gate", hidden, mlp),
+                up: linear(&p / "up", hidden, mlp),
+                down: linear(&p / "down", mlp, hidden),
+            }
+        })
+        .collect();
+    let norm = nn::layer_norm(&r / "norm", vec![hidden], Default::default());
+    let head = nn::Linear { ws: embedding.ws.shallow_clone(), bs: None };
+    // In place: the modules hold the store's tensors, so they (and the tie) follow.
+    vs.bfloat16();
+    TinyDecoder { embedding, blocks, norm, head }
+}
+
+/// The server's forward of the cached decoder on `ids`.
+#[share(execution = "direct", cache = false)]
+pub fn decoder_forward(blocks: i64, ids: Tensor) -> Tensor {
+    let model: Managed<TinyDecoder> = decoder_model(blocks).expect("the decoder");
+    model.forward(&ids)
+}
+
+/// The sum (in f32) of row `row` of the cached decoder's head weight, as the server sees it.
+#[share(execution = "direct", cache = false)]
+pub fn decoder_head_row_sum(blocks: i64, row: i64) -> Tensor {
+    let model: Managed<TinyDecoder> = decoder_model(blocks).expect("the decoder");
+    model.head.ws.get(row).sum(tch::Kind::Float)
+}
+
+/// A VarStore of 40 f32 linears and a few bf16 variables, flattened with
+/// `payload::flat::flatten_var_store`, and copies of its values taken before flattening.
+#[share(execution = "direct", cache = false)]
+pub fn flat_store() -> (nn::VarStore, std::collections::HashMap<String, Tensor>) {
+    tch::manual_seed(23);
+    let vs = nn::VarStore::new(tch::Device::Cuda(0));
+    for i in 0..40 {
+        let _ = nn::linear(vs.root() / "layers" / i, 64, 64, Default::default());
+    }
+    for i in 0..3 {
+        let t = Tensor::randn([17 + i], (tch::Kind::BFloat16, tch::Device::Cuda(0)));
+        let _ = (vs.root() / "bf16").add(&i.to_string(), t, false);
+    }
+    let before = vs.variables().into_iter().map(|(k, t)| (k, t.copy())).collect();
+    let report = shared_tensor::payload::flat::flatten_var_store(&vs).expect("flattening");
+    assert_eq!((report.tensors, report.buffers.len()), (83, 2));
+    (vs, before)
+}
+
+/// Views of storage: what the client checks of the received recurrent layers.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct Layout {
+    /// Each weight's storage offset, in elements.
+    pub offsets: Vec<i64>,
+    /// Bytes from the storage's start to the end of the last weight.
+    pub storage_bytes: u64,
+}
+
+/// Recurrent layers, an input, the server's outputs, and the layers' layouts as the
+/// server sees them.
+#[derive(Payload)]
+pub struct RecurrentLayers {
+    pub lstm: Lstm,
+    pub gru: Gru,
+    pub input: Tensor,
+    pub outputs: Vec<Tensor>,
+    #[payload(data)]
+    pub layouts: Vec<Layout>,
+}
+
+/// A 2-layer bidirectional LSTM and a GRU built on CUDA (so laid out as cuDNN expects).
+#[share(execution = "direct", cache = false)]
+pub fn recurrent_layers(seed: i64) -> RecurrentLayers {
+    tch::manual_seed(seed);
+    let dev = tch::Device::Cuda(0);
+    let vs = nn::VarStore::new(dev);
+    let config = nn::RNNConfig { num_layers: 2, bidirectional: true, ..Default::default() };
+    let lstm = Lstm::new(vs.root() / "lstm", 32, 64, config);
+    let gru = Gru::new(vs.root() / "gru", 32, 48, Default::default());
+    let input = Tensor::randn([4, 9, 32], (tch::Kind::Float, dev));
+    let outputs = vec![lstm.seq(&input).0, gru.seq(&input).0];
+    let layouts = vec![layout(&lstm.weights), layout(&gru.weights)];
+    RecurrentLayers { lstm, gru, input, outputs, layouts }
+}
+
+/// The weights' storage offsets and storage size; panics unless they view one storage.
+pub fn layout(weights: &[Tensor]) -> Layout {
+    let views: Vec<_> = weights.iter().map(|w| shared_tensor::ipc::view_of(w).expect("a view")).collect();
+    let base = |w: &Tensor, offset: i64| w.data_ptr() as i64 - offset * w.kind().elt_size_in_bytes() as i64;
+    let first = base(&weights[0], views[0].storage_offset);
+    for (w, v) in weights.iter().zip(&views) {
+        assert_eq!(base(w, v.storage_offset), first, "every weight views one storage");
+    }
+    let storage_bytes =
+        weights.iter().zip(&views).map(|(w, v)| (v.storage_offset as u64 + w.numel() as u64) * 4).max().unwrap_or(0);
+    Layout { offsets: views.iter().map(|v| v.storage_offset).collect(), storage_bytes }
+}

@@ -23,6 +23,7 @@
 
 mod containers;
 mod debug_text;
+pub mod flat;
 pub mod nn;
 mod packed;
 

@@ -9,8 +9,11 @@
 //! tch keeps most modules' configuration private (no getters); it is read from their
 //! `Debug` text, which is stable under the pinned tch version and covered by tests that
 //! rebuild each module and compare. The receiver rebuilds a module with tch's own
-//! constructor over a throw-away CPU `VarStore` (host memory, never GPU memory) and then
-//! puts the shared tensors in its public fields.
+//! constructor over a throw-away CPU `VarStore` and then puts the shared tensors in its
+//! public fields. The constructor is called with the smallest dimensions that keep the
+//! configuration valid (every size 1, `groups` kept): the settings live in the private
+//! configuration, the sizes only in the tensors, so rebuilding a 2 GiB embedding costs a
+//! few bytes of host memory, not 2 GiB, on every decode and every local cache hit.
 //!
 //! tch's `nn::LSTM` and `nn::GRU` hide their weights entirely, so they cannot be read to
 //! be shared: use [`Lstm`] and [`Gru`] instead, built like `nn::lstm`/`nn::gru` (same
@@ -220,8 +223,9 @@ fn rebuild_conv<const N: usize>(ws: Tensor, bs: Option<Tensor>, s: &ConvSpec) ->
         bs_init: nn::Init::Const(0.),
         padding_mode: padding_mode(&s.padding_mode)?,
     };
+    // in = groups and out = 1 give a [1, 1, 1..] weight: the sizes come from `ws`.
     let vs = cpu_store();
-    let mut conv = nn::conv(vs.root(), size[1] * s.groups, size[0], array(&size[2..], "kernel size")?, config);
+    let mut conv = nn::conv(vs.root(), s.groups, 1, [1; N], config);
     conv.ws = ws;
     conv.bs = bs;
     Ok(conv)
@@ -320,7 +324,7 @@ macro_rules! conv_transpose_payload {
             type Spec = ConvTransposeSpec;
             fn rebuild(ws: Tensor, bs: Option<Tensor>, s: &ConvTransposeSpec) -> Result<Self> {
                 let size = ws.size();
-                if size.len() != $n + 2 || s.groups < 1 || size[2..].iter().any(|k| *k != size[2]) {
+                if size.len() != $n + 2 || s.groups < 1 {
                     return Err(rebuild_error("transposed convolution", format!("weight of shape {size:?}")));
                 }
                 let config = nn::ConvTransposeConfig {
@@ -333,8 +337,9 @@ macro_rules! conv_transpose_payload {
                     ws_init: nn::Init::Const(0.),
                     bs_init: nn::Init::Const(0.),
                 };
+                // in = 1 and out = 1 allocate a few bytes at most: the sizes come from `ws`.
                 let vs = cpu_store();
-                let mut m = $ctor(vs.root(), size[0], size[1] * s.groups, size[2], config);
+                let mut m = $ctor(vs.root(), 1, 1, 1, config);
                 m.ws = ws;
                 m.bs = bs;
                 Ok(m)
@@ -380,7 +385,7 @@ fn rebuild_embedding(ws: Tensor, s: &EmbeddingSpec) -> Result<nn::Embedding> {
         padding_idx: s.padding_idx,
     };
     let vs = cpu_store();
-    let mut m = nn::embedding(vs.root(), size[0], size[1], config);
+    let mut m = nn::embedding(vs.root(), 1, 1, config);
     m.ws = ws;
     Ok(m)
 }
@@ -437,7 +442,8 @@ fn rebuild_layer_norm(ws: Option<Tensor>, bs: Option<Tensor>, shape: Vec<i64>, s
         bs_init: nn::Init::Const(0.),
     };
     let vs = cpu_store();
-    let mut m = nn::layer_norm(vs.root(), shape, config);
+    let mut m = nn::layer_norm(vs.root(), vec![1], config);
+    m.normalized_shape = shape;
     m.ws = ws;
     m.bs = bs;
     m
@@ -487,12 +493,11 @@ fn rebuild_batch_norm(p: BatchNormParts, s: &NormSpec) -> Result<nn::BatchNorm> 
         ws_init: nn::Init::Const(1.),
         bs_init: nn::Init::Const(0.),
     };
-    let dim = p.running_mean.size().first().copied().unwrap_or(0);
     let vs = cpu_store();
     let mut m = match p.nd {
-        1 => nn::batch_norm1d(vs.root(), dim, config),
-        2 => nn::batch_norm2d(vs.root(), dim, config),
-        3 => nn::batch_norm3d(vs.root(), dim, config),
+        1 => nn::batch_norm1d(vs.root(), 1, config),
+        2 => nn::batch_norm2d(vs.root(), 1, config),
+        3 => nn::batch_norm3d(vs.root(), 1, config),
         nd => return Err(rebuild_error("batch norm", format!("{nd} dimensions"))),
     };
     m.running_mean = p.running_mean;
@@ -558,7 +563,8 @@ fn rebuild_group_norm(
         bs_init: nn::Init::Const(0.),
     };
     let vs = cpu_store();
-    let mut m = nn::group_norm(vs.root(), groups, channels, config);
+    let mut m = nn::group_norm(vs.root(), 1, 1, config);
+    (m.num_groups, m.num_channels) = (groups, channels);
     m.ws = ws;
     m.bs = bs;
     m
@@ -650,8 +656,44 @@ fn rnn_weights<'a>(vs: &nn::Path<'a>, in_dim: i64, hidden: i64, gates: i64, c: &
     weights
 }
 
+/// cuDNN's RNN modes (`cudnnRNNMode_t`), as `torch._cudnn_rnn_flatten_weight` takes them.
+const CUDNN_LSTM: i64 = 2;
+const CUDNN_GRU: i64 = 3;
+
+/// Moves a recurrent layer's weights into one new buffer in cuDNN's layout and re-points
+/// each weight at its view of it (what PyTorch's `RNNBase.flatten_parameters` does).
+/// A no-op off CUDA or without cuDNN.
+fn flatten_rnn(weights: &[Tensor], mode: i64, hidden_dim: i64, s: &RnnSettings) -> Result<()> {
+    let Some(first) = weights.first() else { return Ok(()) };
+    if !first.device().is_cuda() || !tch::Cuda::cudnn_is_available() {
+        return Ok(());
+    }
+    let input_dim = first.size().get(1).copied().unwrap_or(0);
+    let per_layer = if s.has_biases { 4 } else { 2 };
+    // cuDNN's flatten copies the weights into its buffer and `set_`s each one to its view
+    // of it; `set_` on a leaf that requires grad is allowed only without grad mode.
+    tch::no_grad(|| {
+        Tensor::f_internal_cudnn_rnn_flatten_weight(
+            weights,
+            per_layer,
+            input_dim,
+            mode,
+            hidden_dim,
+            0,
+            s.num_layers,
+            s.batch_first,
+            s.bidirectional,
+        )
+    })
+    .map(drop)
+    .map_err(|e| Error::Unsupported {
+        path: "a recurrent layer".into(),
+        reason: format!("cuDNN cannot lay out its {:?} weights in one buffer ({e})", first.kind()),
+    })
+}
+
 macro_rules! recurrent {
-    ($name:ident, $gates:expr, $state:ident, $doc:literal) => {
+    ($name:ident, $gates:expr, $mode:expr, $doc:literal) => {
         #[doc = $doc]
         ///
         #[doc = concat!(
@@ -666,6 +708,13 @@ macro_rules! recurrent {
         ///
         /// Its fields are public: `weights` in tch's flat order (per layer and direction:
         /// `weight_ih`, `weight_hh`, then `bias_ih`, `bias_hh` if any).
+        ///
+        /// On CUDA with cuDNN, [`new`](Self::new) lays the weights out as cuDNN expects, in
+        /// one buffer with each weight a view of it (see
+        /// [`flatten_parameters`](Self::flatten_parameters)): cuDNN then computes on them in
+        /// place instead of copying them into a buffer of its own on every forward (its
+        /// warning "RNN module weights are not part of single contiguous chunk of memory").
+        /// Views of one buffer travel as one storage, so a received layer is flat too.
         #[derive(Debug)]
         pub struct $name {
             /// The flat weights.
@@ -685,7 +734,37 @@ macro_rules! recurrent {
                 config: nn::RNNConfig,
             ) -> Self {
                 let weights = rnn_weights(vs.borrow(), in_dim, hidden_dim, $gates, &config);
-                $name { weights, hidden_dim, settings: RnnSettings::from(&config) }
+                let mut layer = $name { weights, hidden_dim, settings: RnnSettings::from(&config) };
+                // A dtype cuDNN does not lay out keeps separate weights, which cuDNN (or
+                // the non-cuDNN kernels) still accepts: `flatten_parameters` says why.
+                let _ = layer.flatten_parameters();
+                layer
+            }
+
+            /// Puts the weights in one new CUDA buffer in cuDNN's layout, each weight a view
+            /// of it, as PyTorch's `flatten_parameters` does: the weight tensors (and the
+            /// `VarStore` variables they are) are re-pointed in place, values unchanged.
+            /// [`new`](Self::new) already does this on CUDA; call it again after moving or
+            /// replacing the weights. Off CUDA, or without cuDNN, it does nothing.
+            ///
+            /// Flattening copies: on a layer received from another process it would leave
+            /// the sender's memory for a private copy (a received layer whose sender was
+            /// flat is flat already).
+            ///
+            /// ```no_run
+            #[doc = concat!("use shared_tensor_runtime::payload::nn::", stringify!($name), ";")]
+            /// let mut vs = tch::nn::VarStore::new(tch::Device::Cuda(0));
+            #[doc = concat!("let mut layer = ", stringify!($name), "::new(vs.root(), 16, 32, Default::default());")]
+            /// vs.half(); // new weights (f16) that are no longer in one buffer
+            /// layer.flatten_parameters()?;
+            /// # Ok::<(), shared_tensor_runtime::Error>(())
+            /// ```
+            ///
+            /// # Errors
+            /// [`Error::Unsupported`] when cuDNN refuses the weights (a dtype it has no
+            /// RNN kernels for, shapes that do not match the settings).
+            pub fn flatten_parameters(&mut self) -> Result<()> {
+                flatten_rnn(&self.weights, $mode, self.hidden_dim, &self.settings)
             }
 
             fn layer_dim(&self) -> i64 {
@@ -714,8 +793,8 @@ macro_rules! recurrent {
     };
 }
 
-recurrent!(Lstm, 4, LSTMState, "A shareable LSTM layer: built like tch's `nn::lstm` and computing its forward.");
-recurrent!(Gru, 3, GRUState, "A shareable GRU layer: built like tch's `nn::gru` and computing its forward.");
+recurrent!(Lstm, 4, CUDNN_LSTM, "A shareable LSTM layer: built like tch's `nn::lstm` and computing its forward.");
+recurrent!(Gru, 3, CUDNN_GRU, "A shareable GRU layer: built like tch's `nn::gru` and computing its forward.");
 
 impl RNN for Lstm {
     type State = nn::LSTMState;
@@ -832,7 +911,7 @@ impl Payload for nn::VarStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::nn::Module;
+    use tch::nn::{Module, ModuleT};
     use tch::Kind;
 
     #[test]
@@ -927,6 +1006,8 @@ mod tests {
         );
         assert_eq!(spec_of(&emb, embedding_spec), spec_of(&emb.alias().unwrap(), embedding_spec));
         assert_eq!(spec_of(&emb, embedding_spec).padding_idx, 3);
+        let ids = Tensor::from_slice(&[0i64, 3, 9]);
+        assert!(emb.forward(&ids).equal(&emb.alias().unwrap().forward(&ids)));
 
         let ln = nn::layer_norm(&root / "ln", vec![4], nn::LayerNormConfig { eps: 1e-3, ..Default::default() });
         assert_eq!(
@@ -934,6 +1015,9 @@ mod tests {
             spec_of(&ln.alias().unwrap(), norm_spec("elementwise_affine"))
         );
         assert_eq!(spec_of(&ln, norm_spec("elementwise_affine")).eps, 1e-3);
+        let z = Tensor::randn([3, 4], (Kind::Float, Device::Cpu));
+        assert!(ln.forward(&z).equal(&ln.alias().unwrap().forward(&z)));
+        assert_eq!(ln.alias().unwrap().normalized_shape, vec![4]);
         let ln_plain = nn::layer_norm(
             &root / "ln2",
             vec![4],
@@ -947,9 +1031,80 @@ mod tests {
         assert_eq!(spec_of(&bn, norm_spec("affine")), spec_of(&bnc, norm_spec("affine")));
         assert_eq!(spec_of(&bn, norm_spec("affine")).momentum, 0.3);
         assert_eq!((bnc.nd, bnc.running_var.data_ptr()), (bn.nd, bn.running_var.data_ptr()));
+        let _ = bn.forward_t(&x, true); // running statistics that are not the defaults
+        assert!(bn.forward_t(&x, false).equal(&bnc.forward_t(&x, false)));
 
         let gn = nn::group_norm(&root / "gn", 2, 4, nn::GroupNormConfig { eps: 1e-2, ..Default::default() });
         assert_eq!(spec_of(&gn, norm_spec("affine")), spec_of(&gn.alias().unwrap(), norm_spec("affine")));
+        let gnc = gn.alias().unwrap();
+        assert_eq!((gnc.num_groups, gnc.num_channels), (2, 4));
+        assert!(gn.forward(&x).equal(&gnc.forward(&x)));
+    }
+
+    /// A CPU weight of `shape` that holds one real element (expanded): far more than any
+    /// host could allocate, so a rebuild that allocated anything proportional to the
+    /// weights would fail.
+    fn enormous(shape: &[i64]) -> Tensor {
+        Tensor::zeros([1], (Kind::Float, Device::Cpu)).expand(shape, false)
+    }
+
+    /// Receiving (decode) and local cache hits (alias) rebuild modules through these
+    /// functions: none may allocate memory proportional to the weights.
+    #[test]
+    fn rebuilding_a_module_allocates_nothing_proportional_to_its_weights() {
+        // 2^52 f32 = 16 PiB, beyond any host's address space (2^47 bytes for a process).
+        let rows = 1i64 << 50;
+        let es = EmbeddingSpec { sparse: false, scale_grad_by_freq: true, padding_idx: 7 };
+        let emb = rebuild_embedding(enormous(&[rows, 4]), &es).unwrap().alias().unwrap();
+        assert_eq!((emb.ws.size(), spec_of(&emb, embedding_spec)), (vec![rows, 4], es));
+        let ids = Tensor::from_slice(&[0i64, rows - 1]);
+        assert_eq!(emb.forward(&ids).size(), vec![2, 4]);
+
+        let cs = ConvSpec {
+            stride: vec![2, 1],
+            padding: vec![1, 0],
+            dilation: vec![1, 2],
+            groups: 4,
+            padding_mode: "Circular".into(),
+        };
+        let big = [1i64 << 24, 1 << 22, 3, 5]; // 2^48 × 15 elements
+        let conv = rebuild_conv::<2>(enormous(&big), Some(enormous(&[big[0]])), &cs).unwrap().alias().unwrap();
+        assert_eq!((conv.ws.size(), spec_of(&conv, conv_spec)), (big.to_vec(), cs.clone()));
+        let c3 = rebuild_conv::<3>(
+            enormous(&[1 << 24, 1 << 24, 3, 3, 3]),
+            None,
+            &ConvSpec {
+                stride: vec![1; 3],
+                padding: vec![0; 3],
+                dilation: vec![1; 3],
+                groups: 1,
+                padding_mode: "Zeros".into(),
+            },
+        );
+        assert!(c3.unwrap().alias().unwrap().bs.is_none());
+
+        let ts = ConvTransposeSpec { stride: 2, padding: 1, output_padding: 1, dilation: 1, groups: 2 };
+        let t2 = nn::ConvTranspose2D::rebuild(enormous(&big), Some(enormous(&[big[1] * 2])), &ts).unwrap();
+        assert_eq!((t2.alias().unwrap().ws.size(), spec_of(&t2, conv_transpose_spec)), (big.to_vec(), ts));
+
+        let norm = NormSpec { cudnn_enabled: true, eps: 1e-3, momentum: 0.2, affine: true };
+        let wide = || Some(enormous(&[rows]));
+        let ln = rebuild_layer_norm(wide(), wide(), vec![rows], &norm).alias().unwrap();
+        assert_eq!(
+            (ln.normalized_shape.clone(), spec_of(&ln, norm_spec("elementwise_affine")).eps),
+            (vec![rows], 1e-3)
+        );
+        let parts = BatchNormParts {
+            running_mean: enormous(&[rows]),
+            running_var: enormous(&[rows]),
+            ws: wide(),
+            bs: wide(),
+            nd: 2,
+        };
+        let bn = rebuild_batch_norm(parts, &norm).unwrap().alias().unwrap();
+        assert_eq!((bn.running_var.size(), spec_of(&bn, norm_spec("affine"))), (vec![rows], norm.clone()));
+        let gn = rebuild_group_norm(wide(), wide(), 1 << 20, rows, &norm).alias().unwrap();
+        assert_eq!((gn.num_groups, gn.num_channels), (1 << 20, rows));
     }
 
     #[test]
