@@ -201,8 +201,12 @@ impl PackedPayload {
     /// let err = PackedPayload::from_bytes(vec![1, 0, 0, 0]).unpack().unwrap_err();
     /// assert!(err.to_string().contains("malformed payload"), "{err}");
     /// ```
+    /// Every storage descriptor and tensor view is checked too ([`WirePayload::check`]):
+    /// a descriptor pointing outside its storage is an error here, before anything is mapped.
     pub fn unpack(&self) -> Result<WirePayload> {
-        packed::unpack(&self.0).map_err(|e| Error::Protocol(format!("malformed payload: {e}")))
+        let payload = packed::unpack(&self.0).map_err(|e| Error::Protocol(format!("malformed payload: {e}")))?;
+        payload.check().map_err(|e| Error::Protocol(format!("malformed payload: {e}")))?;
+        Ok(payload)
     }
 
     /// The packed bytes.
@@ -285,6 +289,45 @@ impl WirePayload {
     /// ```
     pub fn plain(root: Node) -> WirePayload {
         WirePayload { storages: Vec::new(), tensors: Vec::new(), ready: Vec::new(), root }
+    }
+
+    /// Checks every descriptor before anything is mapped: each shared storage
+    /// ([`StorageDescriptor::check`]), and each tensor's storage index and view
+    /// ([`TensorView::check`], against its storage's size when the storage is shared; a
+    /// returned storage is this process's own, whose size is checked when the view is
+    /// built). The error names the storage or tensor by its index and the field.
+    ///
+    /// ```
+    /// use shared_tensor_runtime::ipc::{DType, TensorView};
+    /// use shared_tensor_runtime::payload::{Node, WirePayload, WireStorage, WireTensor};
+    /// let mut msg = WirePayload::plain(Node::Tensor(0));
+    /// msg.storages.push(WireStorage::Returned { lease: 1 });
+    /// let view = TensorView { dtype: DType::F32, sizes: vec![4], strides: vec![-1], storage_offset: 3, requires_grad: false };
+    /// msg.tensors.push(WireTensor { storage: 0, view });
+    /// let err = msg.check().unwrap_err();
+    /// assert!(err.starts_with("tensor 0: stride -1 of dimension 0 is negative"), "{err}");
+    /// ```
+    pub fn check(&self) -> std::result::Result<(), String> {
+        for (i, s) in self.storages.iter().enumerate() {
+            if let WireStorage::Shared { storage, .. } = s {
+                storage.check().map_err(|e| format!("storage {i}: {e}"))?;
+            }
+        }
+        for (i, t) in self.tensors.iter().enumerate() {
+            let nbytes = match self.storages.get(t.storage as usize) {
+                Some(WireStorage::Shared { storage, .. }) => Some(storage.nbytes),
+                Some(WireStorage::Returned { .. }) => None,
+                None => {
+                    return Err(format!(
+                        "tensor {i}: storage {} is not in the message ({} storages)",
+                        t.storage,
+                        self.storages.len()
+                    ))
+                }
+            };
+            t.view.check(nbytes).map_err(|e| format!("tensor {i}: {e}"))?;
+        }
+        Ok(())
     }
 }
 
@@ -828,12 +871,13 @@ impl Drop for Received {
 pub struct Decoder {
     received: Received,
     waited: bool,
+    opened_remote: bool,
     path: Path,
 }
 
 impl Decoder {
     pub(crate) fn new(received: Received, root: &str) -> Decoder {
-        Decoder { received, waited: false, path: Path::rooted(root) }
+        Decoder { received, waited: false, opened_remote: false, path: Path::rooted(root) }
     }
 
     /// Takes the root node out (leaving `()`).
@@ -930,6 +974,7 @@ impl Decoder {
             return Err(Error::Protocol(format!("{}: tensor #{index} is not in the message", self.path)));
         };
         self.wait_ready()?;
+        self.open_remote()?;
         self.open(storage)?;
         let Slot::Open(opened) = &self.received.slots[storage as usize] else { unreachable!("just opened") };
         ipc::view_tensor(opened, &self.received.tensors[index as usize].view).map_err(|e| match e {
@@ -951,32 +996,57 @@ impl Decoder {
         Ok(())
     }
 
-    /// Opens storage `index` of the message (once): its slot is `Slot::Open` after this.
+    /// Opens every storage the peer lent in this message, in one call (once): storages of
+    /// one allocator block share one mapping. On error nothing is opened, and the leases
+    /// go back to the peer when the message is dropped.
+    fn open_remote(&mut self) -> Result<()> {
+        if self.opened_remote {
+            return Ok(());
+        }
+        let remote: Vec<(usize, &StorageDescriptor, u64)> = self
+            .received
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, slot)| match slot {
+                Slot::Remote { descriptor, lease } => Some((i, descriptor, *lease)),
+                _ => None,
+            })
+            .collect();
+        if remote.is_empty() {
+            self.opened_remote = true;
+            return Ok(());
+        }
+        let first = lease::new_cookies(remote.len());
+        let descs: Vec<(&StorageDescriptor, u64)> =
+            remote.iter().enumerate().map(|(k, (_, d, _))| (*d, first + k as u64)).collect();
+        let opened = ipc::open_storages(&descs, &|k| format!("{}: storage {}", self.path, remote[k].0))?;
+        let indices: Vec<usize> = remote.iter().map(|(i, _, _)| *i).collect();
+        let mut records = Vec::with_capacity(indices.len());
+        for ((k, index), storage) in indices.into_iter().enumerate().zip(opened) {
+            let Slot::Remote { descriptor, lease } =
+                std::mem::replace(&mut self.received.slots[index], Slot::Open(storage))
+            else {
+                unreachable!("collected as remote above")
+            };
+            records.push((first + k as u64, lease, descriptor));
+        }
+        lease::register_imports(&self.received.link, records);
+        self.opened_remote = true;
+        Ok(())
+    }
+
+    /// Makes storage `index` of the message usable (once): its slot is `Slot::Open` after
+    /// this. Remote storages were opened by [`Decoder::open_remote`].
     fn open(&mut self, index: u32) -> Result<()> {
-        let link = &self.received.link;
         let slot = self
             .received
             .slots
             .get_mut(index as usize)
             .ok_or_else(|| Error::Protocol(format!("storage #{index} is not in the message")))?;
         let opened = match slot {
-            Slot::Remote { .. } => {
-                let Slot::Remote { descriptor, lease } = std::mem::replace(slot, Slot::Missing(0)) else {
-                    unreachable!("matched above")
-                };
-                let cookie = lease::new_cookie();
-                match ipc::open_storage(&descriptor, cookie) {
-                    Ok((storage, _)) => {
-                        lease::register_import(cookie, link, lease, descriptor);
-                        storage
-                    }
-                    Err(e) => {
-                        link.release_unopened(lease);
-                        return Err(e);
-                    }
-                }
-            }
             Slot::Local(storage) => storage.clone_ref(),
+            Slot::Remote { .. } => unreachable!("remote storages are opened first"),
             Slot::Missing(lease) => {
                 return Err(Error::Protocol(format!(
                     "{}: the peer returned storage lease {lease}, which this process no longer holds",
@@ -1242,6 +1312,167 @@ mod tests {
         assert_eq!(node, Node::Data(rmp_serde::to_vec(&42i64).unwrap()));
         let node = "abc".to_string().encode_arg(&mut enc).unwrap();
         assert!(matches!(node, Node::Data(_)));
+    }
+
+    mod hostile_descriptors {
+        //! The decoder refuses every descriptor that points outside its storage, naming
+        //! the storage or tensor and the field; and accepts exactly the views that fit.
+        use super::super::*;
+        use crate::ipc::{DType, ProcessId, DTYPES};
+        use proptest::prelude::*;
+
+        fn shared(offset: i64, nbytes: u64) -> WireStorage {
+            WireStorage::Shared {
+                storage: StorageDescriptor {
+                    handle: vec![7; 66],
+                    offset,
+                    nbytes,
+                    device: GpuId { index: 0, uuid: [1; 16] },
+                    producer: ProcessId { pid: 2, instance: 3 },
+                },
+                lease: 1,
+            }
+        }
+
+        fn view(dtype: DType, sizes: Vec<i64>, strides: Vec<i64>, storage_offset: i64) -> TensorView {
+            TensorView { dtype, sizes, strides, storage_offset, requires_grad: false }
+        }
+
+        /// `storages` and one tensor over storage 0, packed and decoded as a peer's would be.
+        fn decode(storages: Vec<WireStorage>, view: TensorView) -> Result<WirePayload> {
+            let mut msg = WirePayload::plain(Node::Tensor(0));
+            msg.storages = storages;
+            msg.tensors.push(WireTensor { storage: 0, view });
+            PackedPayload::pack(&msg)?.unpack()
+        }
+
+        fn refusal(storages: Vec<WireStorage>, view: TensorView) -> String {
+            match decode(storages, view) {
+                Err(Error::Protocol(message)) => message,
+                other => panic!("expected a protocol error, got {other:?}"),
+            }
+        }
+
+        /// Bytes a non-empty view needs, computed wide: `None` when past 64 bits.
+        fn needed(v: &TensorView) -> Option<u64> {
+            let end: i128 = i128::from(v.storage_offset)
+                + 1
+                + v.sizes.iter().zip(&v.strides).map(|(s, t)| i128::from(s - 1) * i128::from(*t)).sum::<i128>();
+            if end > i128::from(i64::MAX) {
+                return None;
+            }
+            u64::try_from(end * i128::from(v.dtype.itemsize())).ok()
+        }
+
+        #[test]
+        fn each_field_is_named() {
+            let ok = view(DType::F32, vec![4], vec![1], 0);
+            assert!(decode(vec![shared(0, 16)], ok.clone()).is_ok());
+            let err = refusal(vec![shared(-4096, 16)], ok.clone());
+            assert_eq!(err, "malformed payload: storage 0: offset -4096 is negative");
+            let err = refusal(vec![shared(i64::MAX, 16)], ok.clone());
+            assert!(err.contains("storage 0: offset 9223372036854775807 + nbytes 16 overflows"), "{err}");
+            let err = refusal(vec![shared(0, 15)], ok.clone());
+            assert!(err.contains("tensor 0: the view (sizes [4], strides [1], 4-byte elements)"), "{err}");
+            assert!(err.ends_with("needs 16 bytes but the storage has 15"), "{err}");
+            let err = refusal(vec![shared(0, 16)], view(DType::F32, vec![2, -1], vec![1, 1], 0));
+            assert!(err.contains("tensor 0: size -1 of dimension 1 is negative"), "{err}");
+            let err = refusal(vec![shared(0, 16)], view(DType::F32, vec![2], vec![-1], 1));
+            assert!(err.contains("tensor 0: stride -1 of dimension 0 is negative"), "{err}");
+            let err = refusal(vec![shared(0, 16)], view(DType::F32, vec![1], vec![1], -1));
+            assert!(err.contains("tensor 0: storage_offset -1 is negative"), "{err}");
+            let err = refusal(vec![shared(0, 16)], view(DType::F32, vec![2, 2], vec![i64::MAX, 1], 0));
+            assert!(
+                err.contains("tensor 0: the view") && err.ends_with("more bytes than a 64-bit count holds"),
+                "{err}"
+            );
+            let err = refusal(vec![], ok.clone());
+            assert!(err.contains("tensor 0: storage 0 is not in the message (0 storages)"), "{err}");
+            let mut no_handle = shared(0, 16);
+            if let WireStorage::Shared { storage, .. } = &mut no_handle {
+                storage.handle.clear();
+            }
+            let err = refusal(vec![no_handle], ok);
+            assert!(err.contains("storage 0: nbytes 16 with no IPC handle"), "{err}");
+            // A returned storage's size is this process's to know: only the shape is checked.
+            let back = vec![WireStorage::Returned { lease: 3 }];
+            assert!(decode(back.clone(), view(DType::F32, vec![1 << 40], vec![1], 0)).is_ok());
+            let err = refusal(back, view(DType::F32, vec![1], vec![-2], 0));
+            assert!(err.contains("tensor 0: stride -2"), "{err}");
+        }
+
+        proptest! {
+            #[test]
+            fn storages_are_accepted_exactly_when_inside_64_bits(offset in any::<i64>(), nbytes in any::<u64>()) {
+                let ok = view(DType::U8, vec![0], vec![1], 0);
+                let fits = offset >= 0 && (offset as u128) + (nbytes as u128) <= i64::MAX as u128;
+                match decode(vec![shared(offset, nbytes)], ok) {
+                    Ok(_) => prop_assert!(fits),
+                    Err(Error::Protocol(m)) => {
+                        prop_assert!(!fits, "{}", m);
+                        prop_assert!(m.starts_with(&format!("malformed payload: storage 0: offset {offset}")), "{}", m);
+                    }
+                    Err(other) => prop_assert!(false, "{}", other),
+                }
+            }
+
+            #[test]
+            fn views_are_accepted_exactly_when_inside_their_storage(
+                d in 0..17usize,
+                dims in proptest::collection::vec((0..i64::MAX, 0..i64::MAX), 0..4),
+                small in proptest::collection::vec((0..6i64, 0..40i64), 0..4),
+                storage_offset in prop_oneof![0..64i64, 0..i64::MAX],
+                nbytes in prop_oneof![0..4096u64, 0..(i64::MAX as u64)],
+                use_small in any::<bool>(),
+            ) {
+                let dims = if use_small { small } else { dims };
+                let (sizes, strides): (Vec<i64>, Vec<i64>) = dims.into_iter().unzip();
+                let v = view(DTYPES[d].0, sizes, strides, storage_offset);
+                let fits = v.sizes.contains(&0) || needed(&v).is_some_and(|need| need <= nbytes);
+                match decode(vec![shared(0, nbytes)], v.clone()) {
+                    Ok(_) => prop_assert!(fits, "{:?} accepted over {} bytes", v, nbytes),
+                    Err(Error::Protocol(m)) => {
+                        prop_assert!(!fits, "{}", m);
+                        prop_assert!(m.starts_with("malformed payload: tensor 0: the view"), "{}", m);
+                        match needed(&v) {
+                            Some(need) => {
+                                let tail = format!("needs {need} bytes but the storage has {nbytes}");
+                                prop_assert!(m.ends_with(&tail), "{}", m);
+                            }
+                            None => prop_assert!(m.ends_with("more bytes than a 64-bit count holds"), "{}", m),
+                        }
+                    }
+                    Err(other) => prop_assert!(false, "{}", other),
+                }
+            }
+
+            #[test]
+            fn negative_sizes_strides_and_offsets_are_refused_by_name(
+                dims in proptest::collection::vec((0..1000i64, 0..1000i64), 1..5),
+                which in 0..3usize,
+                at in any::<prop::sample::Index>(),
+                negative in i64::MIN..0,
+            ) {
+                let (mut sizes, mut strides): (Vec<i64>, Vec<i64>) = dims.into_iter().unzip();
+                let dim = at.index(sizes.len());
+                let mut storage_offset = 0;
+                let field = match which {
+                    0 => { sizes[dim] = negative; format!("size {negative} of dimension {dim} is negative") }
+                    1 => { strides[dim] = negative; format!("stride {negative} of dimension {dim} is negative") }
+                    _ => { storage_offset = negative; format!("storage_offset {negative} is negative") }
+                };
+                let m = refusal(vec![shared(0, u32::MAX as u64)], view(DType::F64, sizes, strides, storage_offset));
+                prop_assert!(m.starts_with(&format!("malformed payload: tensor 0: {field}")), "{}", m);
+            }
+
+            #[test]
+            fn mismatched_dimension_counts_are_refused(sizes in proptest::collection::vec(0..8i64, 0..5), extra in 1..3usize) {
+                let strides = vec![1; sizes.len() + extra];
+                let m = refusal(vec![shared(0, 1 << 20)], view(DType::F32, sizes.clone(), strides, 0));
+                let expected = format!("tensor 0: {} sizes but {} strides", sizes.len(), sizes.len() + extra);
+                prop_assert!(m.ends_with(&expected), "{}", m);
+            }
+        }
     }
 
     #[test]
