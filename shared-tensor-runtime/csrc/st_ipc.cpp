@@ -503,6 +503,42 @@ st_storage* st_storage_clone(const st_storage* s) {
   }
 }
 
+// Context of a storage spanning several storages of one allocator block: it keeps them
+// all alive.
+void group_deleter(void* raw) {
+  auto* parts = static_cast<std::vector<c10::Storage>*>(raw);
+  if (g_exiting.load()) {
+    return;  // as st_storage_free: no frees into CUDA's teardown
+  }
+  delete parts;
+}
+
+// A storage over [base, base + nbytes) that keeps the `n` storages `parts` alive: the
+// region of one allocator block that several storages of a payload occupy, lent as one
+// storage (one handle, one mapping, one lease). The caller computed the region from the
+// parts' own addresses; every part must be on `parts[0]`'s device.
+const char* st_storage_group(const st_storage* const* parts, uint64_t n, uint64_t base, uint64_t nbytes,
+                             st_storage** out) {
+  ST_TRY
+  if (n == 0) {
+    return dup_error("no storages to group");
+  }
+  auto kept = std::make_unique<std::vector<c10::Storage>>();
+  kept->reserve(n);
+  c10::Device dev = parts[0]->storage.device();
+  for (uint64_t i = 0; i < n; ++i) {
+    if (parts[i]->storage.device() != dev) {
+      return dup_error("storages of one group are on different devices");
+    }
+    kept->push_back(parts[i]->storage);
+  }
+  c10::DataPtr data_ptr(reinterpret_cast<void*>(base), kept.release(), &group_deleter, dev);
+  auto impl = c10::make_intrusive<c10::StorageImpl>(c10::StorageImpl::use_byte_size_t(), static_cast<size_t>(nbytes),
+                                                    std::move(data_ptr), nullptr, false);
+  *out = new st_storage{c10::Storage(std::move(impl))};
+  ST_CATCH
+}
+
 // The IPC handle of the caching-allocator block holding the storage, and the byte
 // offset of the storage in that block. `buf` has room for `cap` bytes; `*len` is the
 // handle's length (the caller retries with a larger buffer if it exceeds `cap`).

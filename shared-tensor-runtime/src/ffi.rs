@@ -112,6 +112,13 @@ extern "C" {
     ) -> *mut c_char;
     fn st_storage_free(s: *mut RawStorage);
     fn st_storage_clone(s: *const RawStorage) -> *mut RawStorage;
+    fn st_storage_group(
+        parts: *const *const RawStorage,
+        n: u64,
+        base: u64,
+        nbytes: u64,
+        out: *mut *mut RawStorage,
+    ) -> *mut c_char;
     fn st_storage_export(s: *const RawStorage, buf: *mut u8, cap: u64, len: *mut u64, offset: *mut i64) -> *mut c_char;
     fn st_storages_import(
         specs: *const ImportSpec,
@@ -188,6 +195,20 @@ impl OwnedStorage {
     fn from_raw(ptr: *mut RawStorage) -> Result<Self, String> {
         NonNull::new(ptr).map(OwnedStorage).ok_or_else(|| "st_ipc returned no storage".to_string())
     }
+}
+
+/// One storage over `[base, base + nbytes)` that keeps every storage of `parts` alive: the
+/// region of one allocator block that they occupy, computed by the caller from their
+/// addresses (all on one device; `base` and `nbytes` cover each of them).
+pub(crate) fn group_storages(parts: &[&OwnedStorage], base: u64, nbytes: u64) -> Result<OwnedStorage, String> {
+    let raw_parts: Vec<*const RawStorage> = parts.iter().map(|p| p.0.as_ptr() as *const RawStorage).collect();
+    let mut out: *mut RawStorage = std::ptr::null_mut();
+    // SAFETY: `raw_parts` holds `parts.len()` live st_storage pointers borrowed for the
+    // call (the C++ side copies the c10::Storage references it keeps); `out` is a valid
+    // out-pointer. The memory of the region belongs to one allocator block that the parts
+    // keep allocated; the new storage never frees it, it only drops the parts.
+    check(unsafe { st_storage_group(raw_parts.as_ptr(), raw_parts.len() as u64, base, nbytes, &mut out) })?;
+    OwnedStorage::from_raw(out)
 }
 
 /// This process's effective user id.

@@ -413,6 +413,11 @@ enum Source {
 struct EncodedStorage {
     source: Source,
     hold: ffi::OwnedStorage,
+    /// Address of the storage's first byte in this process.
+    base: u64,
+    /// Bytes of the tensors' storages it stands for (a block region counts its parts, not
+    /// the gaps between them).
+    bytes: u64,
 }
 
 impl EncodedStorage {
@@ -560,8 +565,108 @@ impl Encoded {
     /// # Ok(()) }
     /// ```
     pub fn storage_bytes(&self) -> u64 {
-        self.storages.iter().map(|s| s.descriptor().nbytes).sum()
+        self.storages.iter().map(|s| s.bytes).sum()
     }
+}
+
+/// Lends the storages of one caching-allocator block as one: storages of this process
+/// whose descriptors name the same IPC handle (one `cudaMalloc` segment) become one storage
+/// over the region they span, with the tensors' storage offsets moved to count from the
+/// region's start. The receiver then opens one storage per block and builds every tensor as
+/// a view of it; one lease covers the region and keeps every part alive here until the
+/// receiver drops its last tensor of the block. A block whose offsets do not divide by some
+/// tensor's element size (never the case for the caching allocator's 512-byte blocks),
+/// whose handle is an expandable segment's, or that holds one storage stays as it is.
+fn group_blocks(storages: Vec<EncodedStorage>, tensors: &mut [WireTensor]) -> Vec<EncodedStorage> {
+    let mut by_block: HashMap<(&[u8], [u8; 16]), Vec<usize>> = HashMap::new();
+    for (i, s) in storages.iter().enumerate() {
+        if let Source::Own(d) = &s.source {
+            // c10's handles are [version, type, ...]; type 'e' is an expandable segment.
+            if !d.handle.is_empty() && d.handle.get(1) != Some(&b'e') {
+                by_block.entry((&d.handle, d.device.uuid)).or_default().push(i);
+            }
+        }
+    }
+    let mut groups: Vec<Vec<usize>> = by_block.into_values().filter(|members| members.len() > 1).collect();
+    if groups.is_empty() {
+        return storages;
+    }
+    groups.sort_unstable();
+    let descriptor = |i: usize| storages[i].descriptor();
+    // Per group: its region (offset, end) in the block, if every tensor's shift divides.
+    let regions: Vec<Option<(i64, i64)>> = groups
+        .iter()
+        .map(|members| {
+            let start = members.iter().map(|&i| descriptor(i).offset).min()?;
+            let end =
+                members.iter().map(|&i| descriptor(i).offset.checked_add(descriptor(i).nbytes as i64)).max()??;
+            let fits = tensors.iter().all(|t| {
+                !members.contains(&(t.storage as usize))
+                    || (descriptor(t.storage as usize).offset - start) % t.view.dtype.itemsize() as i64 == 0
+            });
+            fits.then_some((start, end))
+        })
+        .collect();
+    // Where each old storage goes: its group's new storage, or itself.
+    let mut group_of: Vec<Option<usize>> = vec![None; storages.len()];
+    for (g, members) in groups.iter().enumerate() {
+        if regions[g].is_some() {
+            members.iter().for_each(|&i| group_of[i] = Some(g));
+        }
+    }
+    let mut region_holds: Vec<Option<ffi::OwnedStorage>> = groups
+        .iter()
+        .zip(&regions)
+        .map(|(members, region)| {
+            let (start, end) = (*region)?;
+            let first = &storages[members[0]];
+            let base = first.base - (first.descriptor().offset - start) as u64;
+            let parts: Vec<&ffi::OwnedStorage> = members.iter().map(|&i| &storages[i].hold).collect();
+            // Grouping is an optimisation: if C++ cannot build the region, lend the parts.
+            ffi::group_storages(&parts, base, (end - start) as u64).ok()
+        })
+        .collect();
+    for (g, hold) in region_holds.iter().enumerate() {
+        if hold.is_none() {
+            groups[g].iter().for_each(|&i| group_of[i] = None);
+        }
+    }
+    for t in tensors.iter_mut() {
+        if let Some(g) = group_of[t.storage as usize] {
+            let (start, _) = regions[g].expect("grouped storages have a region");
+            let shift = (descriptor(t.storage as usize).offset - start) / t.view.dtype.itemsize() as i64;
+            t.view.storage_offset += shift;
+        }
+    }
+    let mut new_index: Vec<u32> = vec![0; storages.len()];
+    let mut group_index: Vec<Option<u32>> = vec![None; groups.len()];
+    let mut out: Vec<EncodedStorage> = Vec::with_capacity(storages.len());
+    let bytes: Vec<u64> = groups.iter().map(|members| members.iter().map(|&i| storages[i].bytes).sum()).collect();
+    for (i, s) in storages.into_iter().enumerate() {
+        match group_of[i] {
+            None => {
+                new_index[i] = out.len() as u32;
+                out.push(s);
+            }
+            Some(g) => match group_index[g] {
+                Some(index) => new_index[i] = index,
+                None => {
+                    let (start, end) = regions[g].expect("grouped storages have a region");
+                    let Source::Own(d) = s.source else { unreachable!("only own storages are grouped") };
+                    let base = s.base - (d.offset - start) as u64;
+                    let descriptor = StorageDescriptor { offset: start, nbytes: (end - start) as u64, ..d };
+                    let hold = region_holds[g].take().expect("grouped storages have a hold");
+                    group_index[g] = Some(out.len() as u32);
+                    new_index[i] = out.len() as u32;
+                    out.push(EncodedStorage { source: Source::Own(descriptor), hold, base, bytes: bytes[g] });
+                }
+            },
+        }
+    }
+    for t in tensors.iter_mut() {
+        t.storage = new_index[t.storage as usize];
+    }
+    out
 }
 
 /// Turns a value into an [`Encoded`]: used by [`Payload::encode`] implementations.
@@ -639,7 +744,9 @@ impl Encoder {
     /// # Ok(()) }
     /// ```
     pub fn finish(self, root: Node) -> Encoded {
-        Encoded { storages: self.storages, tensors: self.tensors, devices: self.devices, root }
+        let mut tensors = self.tensors;
+        let storages = group_blocks(self.storages, &mut tensors);
+        Encoded { storages, tensors, devices: self.devices, root }
     }
 
     /// Where the encoder is, for error messages (`encoder.layers[3].weight`).
@@ -737,7 +844,8 @@ impl Encoder {
                     self.devices.push(GpuId::of_device(ins.meta.device_index.max(0) as u32)?);
                 }
                 let index = self.storages.len() as u32;
-                self.storages.push(EncodedStorage { source, hold: ins.storage });
+                let (base, bytes) = (ins.meta.storage_base, ins.meta.storage_nbytes);
+                self.storages.push(EncodedStorage { source, hold: ins.storage, base, bytes });
                 self.storage_index.insert(key, index);
                 index
             }
@@ -1312,6 +1420,74 @@ mod tests {
         assert_eq!(node, Node::Data(rmp_serde::to_vec(&42i64).unwrap()));
         let node = "abc".to_string().encode_arg(&mut enc).unwrap();
         assert!(matches!(node, Node::Data(_)));
+    }
+
+    /// Storages of one block (one handle) become one storage over the region they span;
+    /// every tensor, rebuilt over it, sees the very same bytes as before. CPU storages
+    /// stand in for a CUDA block here: the grouping is arithmetic on addresses.
+    #[test]
+    fn storages_of_one_block_are_lent_as_one_region() {
+        use crate::ipc::{DType, ProcessId};
+        let block = Tensor::arange(256, (tch::Kind::Float, tch::Device::Cpu)); // 1024 bytes
+        let ins = ffi::inspect(&block, true).unwrap();
+        let whole = ins.storage.unwrap();
+        let block_base = ins.meta.storage_base;
+        let gpu = GpuId { index: 0, uuid: [4; 16] };
+        let producer = ProcessId { pid: 1, instance: 1 };
+        // (handle, byte offset in the block, nbytes): two blocks, one of them with three parts.
+        let parts: [(&[u8], i64, u64); 4] = [(b"AA", 512, 64), (b"BB", 0, 16), (b"AA", 128, 32), (b"AA", 800, 8)];
+        let mut storages = Vec::new();
+        for (handle, offset, nbytes) in parts {
+            let base = block_base + offset as u64;
+            let hold = ffi::group_storages(&[&whole], base, nbytes).unwrap();
+            let descriptor = StorageDescriptor { handle: handle.to_vec(), offset, nbytes, device: gpu, producer };
+            storages.push(EncodedStorage { source: Source::Own(descriptor), hold, base, bytes: nbytes });
+        }
+        let view = |dtype: DType, sizes: Vec<i64>, storage_offset: i64| TensorView {
+            dtype,
+            strides: vec![1; sizes.len()],
+            sizes,
+            storage_offset,
+            requires_grad: false,
+        };
+        let mut tensors = vec![
+            WireTensor { storage: 0, view: view(DType::F32, vec![4], 2) },
+            WireTensor { storage: 1, view: view(DType::F32, vec![4], 0) },
+            WireTensor { storage: 2, view: view(DType::F64, vec![3], 1) },
+            WireTensor { storage: 3, view: view(DType::U8, vec![8], 0) },
+            WireTensor { storage: 0, view: view(DType::F32, vec![], 15) },
+        ];
+        let before: Vec<Tensor> =
+            tensors.iter().map(|t| ipc::view_tensor(&storages[t.storage as usize].hold, &t.view).unwrap()).collect();
+        let grouped = group_blocks(storages, &mut tensors);
+        assert_eq!(grouped.len(), 2, "block AA's three storages are one");
+        let region = grouped[tensors[0].storage as usize].descriptor();
+        assert_eq!((region.offset, region.nbytes), (128, 808 - 128));
+        assert_eq!(grouped[tensors[0].storage as usize].bytes, 64 + 32 + 8);
+        assert_eq!(tensors.iter().map(|t| t.storage).collect::<Vec<_>>(), vec![0, 1, 0, 0, 0]);
+        assert_eq!(tensors[0].view.storage_offset, 2 + (512 - 128) / 4);
+        assert_eq!(tensors[2].view.storage_offset, 1);
+        assert_eq!(tensors[3].view.storage_offset, 800 - 128);
+        for (t, want) in tensors.iter().zip(&before) {
+            let got = ipc::view_tensor(&grouped[t.storage as usize].hold, &t.view).unwrap();
+            assert_eq!(got.data_ptr(), want.data_ptr());
+            assert!(got.equal(want));
+        }
+        // A storage whose shift from the region start does not divide an element stays apart.
+        let odd = [(b"CC" as &[u8], 0i64, 8u64), (b"CC", 6, 8)];
+        let mut storages = Vec::new();
+        for (handle, offset, nbytes) in odd {
+            let base = block_base + offset as u64;
+            let hold = ffi::group_storages(&[&whole], base, nbytes).unwrap();
+            let descriptor = StorageDescriptor { handle: handle.to_vec(), offset, nbytes, device: gpu, producer };
+            storages.push(EncodedStorage { source: Source::Own(descriptor), hold, base, bytes: nbytes });
+        }
+        let mut tensors = vec![
+            WireTensor { storage: 0, view: view(DType::F32, vec![2], 0) },
+            WireTensor { storage: 1, view: view(DType::F32, vec![2], 0) },
+        ];
+        assert_eq!(group_blocks(storages, &mut tensors).len(), 2);
+        assert_eq!(tensors[1].storage, 1);
     }
 
     mod hostile_descriptors {
