@@ -303,21 +303,27 @@ MemGetAddressRangeFn mem_get_address_range() {
   return fn;
 }
 
-// Bytes of the allocation holding `ptr` from `ptr` to its end, as the driver knows it:
-// what a descriptor's offset + nbytes must fit in. Throws when the driver cannot say.
-uint64_t allocation_bytes_from(void* ptr) {
+// The driver's allocation (base address and size) holding `ptr`. Throws when the driver
+// cannot say.
+std::pair<CUdeviceptr, size_t> allocation_of(const void* ptr) {
   MemGetAddressRangeFn fn = mem_get_address_range();
   if (fn == nullptr) {
-    throw std::runtime_error(
-        "the CUDA driver offers no cuMemGetAddressRange, so the size of a mapped block cannot be checked");
+    throw std::runtime_error("the CUDA driver offers no cuMemGetAddressRange, so the size of a block cannot be known");
   }
   CUdeviceptr base = 0;
   size_t size = 0;
   CUresult r = fn(&base, &size, reinterpret_cast<CUdeviceptr>(ptr));
   if (r != CUDA_SUCCESS) {
-    throw std::runtime_error(c10::str("cuMemGetAddressRange of a mapped block failed (CUresult ", static_cast<int>(r),
-                                      "), so its size cannot be checked"));
+    throw std::runtime_error(
+        c10::str("cuMemGetAddressRange failed (CUresult ", static_cast<int>(r), "), so the size of a block is unknown"));
   }
+  return {base, size};
+}
+
+// Bytes of the allocation holding `ptr` from `ptr` to its end, as the driver knows it:
+// what a descriptor's offset + nbytes must fit in.
+uint64_t allocation_bytes_from(void* ptr) {
+  auto [base, size] = allocation_of(ptr);
   return static_cast<uint64_t>(base + size - reinterpret_cast<CUdeviceptr>(ptr));
 }
 
@@ -536,6 +542,21 @@ const char* st_storage_group(const st_storage* const* parts, uint64_t n, uint64_
   auto impl = c10::make_intrusive<c10::StorageImpl>(c10::StorageImpl::use_byte_size_t(), static_cast<size_t>(nbytes),
                                                     std::move(data_ptr), nullptr, false);
   *out = new st_storage{c10::Storage(std::move(impl))};
+  ST_CATCH
+}
+
+// The start address of the driver allocation (the cudaMalloc segment) holding the
+// storage's first byte; 0 for an empty storage. Storages of one allocation share its IPC
+// handle, so a sender asks this first and exports each allocation's handle once.
+const char* st_storage_allocation(const st_storage* s, uint64_t* base) {
+  ST_TRY
+  *base = 0;
+  const c10::Storage& storage = s->storage;
+  if (storage.device().type() != c10::DeviceType::CUDA || storage.data() == nullptr) {
+    return nullptr;
+  }
+  c10::cuda::CUDAGuard guard(storage.device().index());
+  *base = static_cast<uint64_t>(allocation_of(storage.data()).first);
   ST_CATCH
 }
 

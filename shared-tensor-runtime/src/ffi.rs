@@ -119,6 +119,7 @@ extern "C" {
         nbytes: u64,
         out: *mut *mut RawStorage,
     ) -> *mut c_char;
+    fn st_storage_allocation(s: *const RawStorage, base: *mut u64) -> *mut c_char;
     fn st_storage_export(s: *const RawStorage, buf: *mut u8, cap: u64, len: *mut u64, offset: *mut i64) -> *mut c_char;
     fn st_storages_import(
         specs: *const ImportSpec,
@@ -294,6 +295,15 @@ pub(crate) fn inspect(t: &Tensor, want_storage: bool) -> Result<Inspected, Strin
         strides.truncate(ndim);
         return Ok(Inspected { meta, sizes, strides, storage });
     }
+}
+
+/// The start address of the driver allocation (`cudaMalloc` segment) holding `storage`'s
+/// first byte; 0 for an empty or non-CUDA storage.
+pub(crate) fn storage_allocation(storage: &OwnedStorage) -> Result<u64, String> {
+    let mut base = 0u64;
+    // SAFETY: `storage` is a live st_storage; `base` is a valid out-pointer.
+    check(unsafe { st_storage_allocation(storage.0.as_ptr(), &mut base) })?;
+    Ok(base)
 }
 
 /// The IPC handle of the allocator block holding `storage` and the storage's byte

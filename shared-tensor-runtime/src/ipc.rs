@@ -571,6 +571,41 @@ pub(crate) fn describe_storage(ins: &Inspected) -> Result<StorageDescriptor> {
     })
 }
 
+/// The IPC handles a sender has exported while encoding one value, by allocation: storages
+/// of one `cudaMalloc` segment share its handle, so each segment's handle is fetched once
+/// (`cudaIpcGetMemHandle` costs about a microsecond; asking the driver which allocation
+/// holds a pointer costs a fraction of that). Valid while the storages it saw are held
+/// (a freed segment's address could be reused by another).
+#[derive(Default)]
+pub(crate) struct BlockHandles(rustc_hash::FxHashMap<(i32, u64), Vec<u8>>);
+
+impl BlockHandles {
+    /// The descriptor of an inspected tensor's storage, reusing its allocation's handle.
+    pub(crate) fn describe(&mut self, ins: &Inspected) -> Result<StorageDescriptor> {
+        let device = ins.meta.device_index;
+        let Ok(allocation) = ffi::storage_allocation(&ins.storage) else { return describe_storage(ins) };
+        if allocation == 0 {
+            return describe_storage(ins);
+        }
+        if let Some(handle) = self.0.get(&(device, allocation)) {
+            return Ok(StorageDescriptor {
+                handle: handle.clone(),
+                offset: (ins.meta.storage_base - allocation) as i64,
+                nbytes: ins.meta.storage_nbytes,
+                device: GpuId::of_device(device.max(0) as u32)?,
+                producer: ProcessId::current(),
+            });
+        }
+        let described = describe_storage(ins)?;
+        // Only where c10's offset counts from the allocation's start (a cudaMalloc segment,
+        // not an expandable one).
+        if described.offset >= 0 && ins.meta.storage_base.checked_sub(described.offset as u64) == Some(allocation) {
+            self.0.insert((device, allocation), described.handle.clone());
+        }
+        Ok(described)
+    }
+}
+
 /// Exports a CUDA tensor for another process on this host.
 ///
 /// Fails with [`Error::NotCuda`] for a tensor that is not on a CUDA device (nothing is

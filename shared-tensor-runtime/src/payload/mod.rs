@@ -688,6 +688,7 @@ fn group_blocks(storages: Vec<EncodedStorage>, tensors: &mut [WireTensor]) -> Ve
 pub struct Encoder {
     storages: Vec<EncodedStorage>,
     storage_index: HashMap<(u64, u64, i32), u32>,
+    blocks: ipc::BlockHandles,
     tensors: Vec<WireTensor>,
     devices: Vec<GpuId>,
     path: Path,
@@ -708,6 +709,7 @@ impl Encoder {
         Encoder {
             storages: Vec::new(),
             storage_index: HashMap::new(),
+            blocks: ipc::BlockHandles::default(),
             tensors: Vec::new(),
             devices: Vec::new(),
             path: Path::rooted(root),
@@ -832,10 +834,10 @@ impl Encoder {
                 let source = if ins.meta.import_cookie != 0 {
                     match lease::imported_descriptor(ins.meta.import_cookie) {
                         Some(d) => Source::Imported(ins.meta.import_cookie, d),
-                        None => Source::Own(ipc::describe_storage(&ins)?),
+                        None => Source::Own(self.blocks.describe(&ins)?),
                     }
                 } else {
-                    Source::Own(ipc::describe_storage(&ins)?)
+                    Source::Own(self.blocks.describe(&ins)?)
                 };
                 let gpu = match &source {
                     Source::Own(d) | Source::Imported(_, d) => d.device,
