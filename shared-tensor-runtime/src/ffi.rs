@@ -361,7 +361,7 @@ pub(crate) fn import_storages(imports: &[Import<'_>]) -> Result<Vec<OwnedStorage
             message,
         });
     }
-    out.into_iter().map(|raw| OwnedStorage::from_raw(raw)).collect::<Result<_, _>>().map_err(|message| ImportError {
+    out.into_iter().map(OwnedStorage::from_raw).collect::<Result<_, _>>().map_err(|message| ImportError {
         index: None,
         allocation: None,
         message,

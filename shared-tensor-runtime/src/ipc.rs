@@ -571,6 +571,12 @@ pub(crate) fn describe_storage(ins: &Inspected) -> Result<StorageDescriptor> {
     })
 }
 
+/// Whether c10 made `handle` for a `cudaMalloc` segment: `[version, b'c', cudaIpcMemHandle_t]`,
+/// one handle for the whole segment, with storage offsets counted from its start.
+pub(crate) fn is_cuda_malloc_handle(handle: &[u8]) -> bool {
+    handle.get(1) == Some(&b'c')
+}
+
 /// The IPC handles a sender has exported while encoding one value, by allocation: storages
 /// of one `cudaMalloc` segment share its handle, so each segment's handle is fetched once
 /// (`cudaIpcGetMemHandle` costs about a microsecond; asking the driver which allocation
@@ -597,9 +603,12 @@ impl BlockHandles {
             });
         }
         let described = describe_storage(ins)?;
-        // Only where c10's offset counts from the allocation's start (a cudaMalloc segment,
-        // not an expandable one).
-        if described.offset >= 0 && ins.meta.storage_base.checked_sub(described.offset as u64) == Some(allocation) {
+        // Only a cudaMalloc segment's handle names the whole allocation, with offsets from
+        // its start (an expandable segment's names the pages of one block).
+        if is_cuda_malloc_handle(&described.handle)
+            && described.offset >= 0
+            && ins.meta.storage_base.checked_sub(described.offset as u64) == Some(allocation)
+        {
             self.0.insert((device, allocation), described.handle.clone());
         }
         Ok(described)

@@ -576,13 +576,13 @@ impl Encoded {
 /// a view of it; one lease covers the region and keeps every part alive here until the
 /// receiver drops its last tensor of the block. A block whose offsets do not divide by some
 /// tensor's element size (never the case for the caching allocator's 512-byte blocks),
-/// whose handle is an expandable segment's, or that holds one storage stays as it is.
+/// whose handle is not a `cudaMalloc` segment's (an expandable segment's names the pages
+/// of one block only), or that holds one storage stays as it is.
 fn group_blocks(storages: Vec<EncodedStorage>, tensors: &mut [WireTensor]) -> Vec<EncodedStorage> {
     let mut by_block: HashMap<(&[u8], [u8; 16]), Vec<usize>> = HashMap::new();
     for (i, s) in storages.iter().enumerate() {
         if let Source::Own(d) = &s.source {
-            // c10's handles are [version, type, ...]; type 'e' is an expandable segment.
-            if !d.handle.is_empty() && d.handle.get(1) != Some(&b'e') {
+            if ipc::is_cuda_malloc_handle(&d.handle) {
                 by_block.entry((&d.handle, d.device.uuid)).or_default().push(i);
             }
         }
@@ -1437,7 +1437,8 @@ mod tests {
         let gpu = GpuId { index: 0, uuid: [4; 16] };
         let producer = ProcessId { pid: 1, instance: 1 };
         // (handle, byte offset in the block, nbytes): two blocks, one of them with three parts.
-        let parts: [(&[u8], i64, u64); 4] = [(b"AA", 512, 64), (b"BB", 0, 16), (b"AA", 128, 32), (b"AA", 800, 8)];
+        let parts: [(&[u8], i64, u64); 4] =
+            [(b"\x02cA", 512, 64), (b"\x02cB", 0, 16), (b"\x02cA", 128, 32), (b"\x02cA", 800, 8)];
         let mut storages = Vec::new();
         for (handle, offset, nbytes) in parts {
             let base = block_base + offset as u64;
@@ -1475,8 +1476,9 @@ mod tests {
             assert_eq!(got.data_ptr(), want.data_ptr());
             assert!(got.equal(want));
         }
-        // A storage whose shift from the region start does not divide an element stays apart.
-        let odd = [(b"CC" as &[u8], 0i64, 8u64), (b"CC", 6, 8)];
+        // A storage whose shift from the region start does not divide an element stays
+        // apart, and so do an expandable segment's storages (type 'e').
+        let odd = [(b"\x02cC" as &[u8], 0i64, 8u64), (b"\x02cC", 6, 8), (b"\x02eE", 0, 8), (b"\x02eE", 8, 8)];
         let mut storages = Vec::new();
         for (handle, offset, nbytes) in odd {
             let base = block_base + offset as u64;
@@ -1487,9 +1489,11 @@ mod tests {
         let mut tensors = vec![
             WireTensor { storage: 0, view: view(DType::F32, vec![2], 0) },
             WireTensor { storage: 1, view: view(DType::F32, vec![2], 0) },
+            WireTensor { storage: 2, view: view(DType::F32, vec![2], 0) },
+            WireTensor { storage: 3, view: view(DType::F32, vec![2], 0) },
         ];
-        assert_eq!(group_blocks(storages, &mut tensors).len(), 2);
-        assert_eq!(tensors[1].storage, 1);
+        assert_eq!(group_blocks(storages, &mut tensors).len(), 4);
+        assert_eq!(tensors.iter().map(|t| t.storage).collect::<Vec<_>>(), vec![0, 1, 2, 3]);
     }
 
     mod hostile_descriptors {
