@@ -285,37 +285,52 @@ MappingCache& mapping_cache() {
 std::atomic<uint64_t> g_mappings_opened{0};
 
 using MemGetAddressRangeFn = CUresult (*)(CUdeviceptr*, size_t*, CUdeviceptr);
+using PointerGetAttributeFn = CUresult (*)(void*, CUpointer_attribute, CUdeviceptr);
 
-// cuMemGetAddressRange through the runtime's entry-point lookup (no link dependency on
+// A driver function through the runtime's entry-point lookup (no link dependency on
 // libcuda); null when the driver does not offer it.
-MemGetAddressRangeFn mem_get_address_range() {
-  static MemGetAddressRangeFn fn = []() -> MemGetAddressRangeFn {
-    void* p = nullptr;
-    cudaDriverEntryPointQueryResult status = cudaDriverEntryPointSymbolNotFound;
-    if (cudaGetDriverEntryPointByVersion("cuMemGetAddressRange", &p, 12000, cudaEnableDefault, &status) !=
-            cudaSuccess ||
-        status != cudaDriverEntryPointSuccess) {
-      (void)cudaGetLastError();
-      return nullptr;
-    }
-    return reinterpret_cast<MemGetAddressRangeFn>(p);
-  }();
-  return fn;
+void* driver_function(const char* name) {
+  void* p = nullptr;
+  cudaDriverEntryPointQueryResult status = cudaDriverEntryPointSymbolNotFound;
+  if (cudaGetDriverEntryPointByVersion(name, &p, 12000, cudaEnableDefault, &status) != cudaSuccess ||
+      status != cudaDriverEntryPointSuccess) {
+    (void)cudaGetLastError();
+    return nullptr;
+  }
+  return p;
 }
 
-// The driver's allocation (base address and size) holding `ptr`. Throws when the driver
-// cannot say.
+// The driver's allocation (base address and size) holding `ptr`: cuMemGetAddressRange, or
+// the pointer's range attributes if that fails. Throws when the driver cannot say.
 std::pair<CUdeviceptr, size_t> allocation_of(const void* ptr) {
-  MemGetAddressRangeFn fn = mem_get_address_range();
-  if (fn == nullptr) {
-    throw std::runtime_error("the CUDA driver offers no cuMemGetAddressRange, so the size of a block cannot be known");
-  }
+  static auto range = reinterpret_cast<MemGetAddressRangeFn>(driver_function("cuMemGetAddressRange"));
+  static auto attribute = reinterpret_cast<PointerGetAttributeFn>(driver_function("cuPointerGetAttribute"));
+  const auto dptr = reinterpret_cast<CUdeviceptr>(ptr);
   CUdeviceptr base = 0;
   size_t size = 0;
-  CUresult r = fn(&base, &size, reinterpret_cast<CUdeviceptr>(ptr));
+  CUresult r = CUDA_ERROR_NOT_SUPPORTED;
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    if (range != nullptr) {
+      r = range(&base, &size, dptr);
+    }
+    if (r != CUDA_SUCCESS && attribute != nullptr) {
+      CUresult a = attribute(&base, CU_POINTER_ATTRIBUTE_RANGE_START_ADDR, dptr);
+      CUresult b = attribute(&size, CU_POINTER_ATTRIBUTE_RANGE_SIZE, dptr);
+      if (a == CUDA_SUCCESS && b == CUDA_SUCCESS) {
+        r = CUDA_SUCCESS;
+      }
+    }
+    if (r != CUDA_ERROR_INVALID_CONTEXT) {
+      break;
+    }
+    // A thread that has made no runtime call yet has no current context: bind the
+    // device's primary context (what any runtime call does), then ask again.
+    (void)cudaFree(nullptr);
+  }
   if (r != CUDA_SUCCESS) {
-    throw std::runtime_error(
-        c10::str("cuMemGetAddressRange failed (CUresult ", static_cast<int>(r), "), so the size of a block is unknown"));
+    throw std::runtime_error(c10::str("the CUDA driver cannot size the allocation at ", ptr,
+                                      " (cuMemGetAddressRange / cuPointerGetAttribute: CUresult ",
+                                      static_cast<int>(r), "), so a descriptor cannot be checked against it"));
   }
   return {base, size};
 }
