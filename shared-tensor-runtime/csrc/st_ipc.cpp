@@ -560,18 +560,21 @@ const char* st_storage_group(const st_storage* const* parts, uint64_t n, uint64_
   ST_CATCH
 }
 
-// The start address of the driver allocation (the cudaMalloc segment) holding the
-// storage's first byte; 0 for an empty storage. Storages of one allocation share its IPC
+// The start address and size of the driver allocation (the cudaMalloc segment) holding
+// the storage's first byte; 0 and 0 for an empty storage. Storages of one allocation share its IPC
 // handle, so a sender asks this first and exports each allocation's handle once.
-const char* st_storage_allocation(const st_storage* s, uint64_t* base) {
+const char* st_storage_allocation(const st_storage* s, uint64_t* base, uint64_t* size) {
   ST_TRY
   *base = 0;
+  *size = 0;
   const c10::Storage& storage = s->storage;
   if (storage.device().type() != c10::DeviceType::CUDA || storage.data() == nullptr) {
     return nullptr;
   }
   c10::cuda::CUDAGuard guard(storage.device().index());
-  *base = static_cast<uint64_t>(allocation_of(storage.data()).first);
+  auto range = allocation_of(storage.data());
+  *base = static_cast<uint64_t>(range.first);
+  *size = static_cast<uint64_t>(range.second);
   ST_CATCH
 }
 

@@ -119,7 +119,7 @@ extern "C" {
         nbytes: u64,
         out: *mut *mut RawStorage,
     ) -> *mut c_char;
-    fn st_storage_allocation(s: *const RawStorage, base: *mut u64) -> *mut c_char;
+    fn st_storage_allocation(s: *const RawStorage, base: *mut u64, size: *mut u64) -> *mut c_char;
     fn st_storage_export(s: *const RawStorage, buf: *mut u8, cap: u64, len: *mut u64, offset: *mut i64) -> *mut c_char;
     fn st_storages_import(
         specs: *const ImportSpec,
@@ -297,13 +297,13 @@ pub(crate) fn inspect(t: &Tensor, want_storage: bool) -> Result<Inspected, Strin
     }
 }
 
-/// The start address of the driver allocation (`cudaMalloc` segment) holding `storage`'s
-/// first byte; 0 for an empty or non-CUDA storage.
-pub(crate) fn storage_allocation(storage: &OwnedStorage) -> Result<u64, String> {
-    let mut base = 0u64;
-    // SAFETY: `storage` is a live st_storage; `base` is a valid out-pointer.
-    check(unsafe { st_storage_allocation(storage.0.as_ptr(), &mut base) })?;
-    Ok(base)
+/// The start address and size of the driver allocation (`cudaMalloc` segment) holding
+/// `storage`'s first byte; `(0, 0)` for an empty or non-CUDA storage.
+pub(crate) fn storage_allocation(storage: &OwnedStorage) -> Result<(u64, u64), String> {
+    let (mut base, mut size) = (0u64, 0u64);
+    // SAFETY: `storage` is a live st_storage; `base` and `size` are valid out-pointers.
+    check(unsafe { st_storage_allocation(storage.0.as_ptr(), &mut base, &mut size) })?;
+    Ok((base, size))
 }
 
 /// The IPC handle of the allocator block holding `storage` and the storage's byte

@@ -579,37 +579,57 @@ pub(crate) fn is_cuda_malloc_handle(handle: &[u8]) -> bool {
 
 /// The IPC handles a sender has exported while encoding one value, by allocation: storages
 /// of one `cudaMalloc` segment share its handle, so each segment's handle is fetched once
-/// (`cudaIpcGetMemHandle` costs about a microsecond; asking the driver which allocation
-/// holds a pointer costs a fraction of that). Valid while the storages it saw are held
-/// (a freed segment's address could be reused by another).
+/// (`cudaIpcGetMemHandle` costs about a microsecond), and the driver is asked which
+/// allocation holds a storage only when no known one does. Valid while the storages it saw
+/// are held: a segment with an allocated block is never freed, so its range cannot be
+/// reused by another.
 #[derive(Default)]
-pub(crate) struct BlockHandles(rustc_hash::FxHashMap<(i32, u64), Vec<u8>>);
+pub(crate) struct BlockHandles {
+    /// By device, then by start address: the segment's size and handle.
+    known: Vec<(i32, std::collections::BTreeMap<u64, (u64, Vec<u8>)>)>,
+}
 
 impl BlockHandles {
+    /// The known segment of `device` holding `address`: its start and handle.
+    fn find(&self, device: i32, address: u64) -> Option<(u64, &[u8])> {
+        let (_, segments) = self.known.iter().find(|(d, _)| *d == device)?;
+        let (start, (size, handle)) = segments.range(..=address).next_back()?;
+        (address - start < *size).then_some((*start, handle.as_slice()))
+    }
+
     /// The descriptor of an inspected tensor's storage, reusing its allocation's handle.
     pub(crate) fn describe(&mut self, ins: &Inspected) -> Result<StorageDescriptor> {
         let device = ins.meta.device_index;
-        let Ok(allocation) = ffi::storage_allocation(&ins.storage) else { return describe_storage(ins) };
-        if allocation == 0 {
+        let address = ins.meta.storage_base;
+        if address == 0 {
             return describe_storage(ins);
         }
-        if let Some(handle) = self.0.get(&(device, allocation)) {
+        if let Some((start, handle)) = self.find(device, address) {
             return Ok(StorageDescriptor {
-                handle: handle.clone(),
-                offset: (ins.meta.storage_base - allocation) as i64,
+                handle: handle.to_vec(),
+                offset: (address - start) as i64,
                 nbytes: ins.meta.storage_nbytes,
                 device: GpuId::of_device(device.max(0) as u32)?,
                 producer: ProcessId::current(),
             });
         }
         let described = describe_storage(ins)?;
+        let Ok((start, size)) = ffi::storage_allocation(&ins.storage) else { return Ok(described) };
         // Only a cudaMalloc segment's handle names the whole allocation, with offsets from
         // its start (an expandable segment's names the pages of one block).
         if is_cuda_malloc_handle(&described.handle)
+            && size > 0
             && described.offset >= 0
-            && ins.meta.storage_base.checked_sub(described.offset as u64) == Some(allocation)
+            && address.checked_sub(described.offset as u64) == Some(start)
         {
-            self.0.insert((device, allocation), described.handle.clone());
+            let segments = match self.known.iter().position(|(d, _)| *d == device) {
+                Some(i) => &mut self.known[i].1,
+                None => {
+                    self.known.push((device, Default::default()));
+                    &mut self.known.last_mut().expect("just pushed").1
+                }
+            };
+            segments.insert(start, (size, described.handle.clone()));
         }
         Ok(described)
     }

@@ -1537,9 +1537,10 @@ mod tests {
 
         /// Bytes a non-empty view needs, computed wide: `None` when past 64 bits.
         fn needed(v: &TensorView) -> Option<u64> {
-            let end: i128 = i128::from(v.storage_offset)
-                + 1
-                + v.sizes.iter().zip(&v.strides).map(|(s, t)| i128::from(s - 1) * i128::from(*t)).sum::<i128>();
+            // Each product fits 127 bits; their sum may not.
+            let end = v.sizes.iter().zip(&v.strides).try_fold(i128::from(v.storage_offset) + 1, |end, (s, t)| {
+                end.checked_add(i128::from(s - 1) * i128::from(*t))
+            })?;
             if end > i128::from(i64::MAX) {
                 return None;
             }
