@@ -141,6 +141,20 @@ pub fn identity_many(tensors: Vec<Tensor>) -> Vec<Tensor> {
     tensors
 }
 
+/// New tensors equal to the arguments (the server's own small allocations, which its
+/// caching allocator carves from few blocks).
+#[share(execution = "direct", cache = false)]
+pub fn copy_many(tensors: Vec<Tensor>) -> Vec<Tensor> {
+    tensors.iter().map(Tensor::copy).collect()
+}
+
+/// `n` views of `len` elements each, carved from one `arange(n * len)` f32 tensor.
+#[share(execution = "direct", cache = false)]
+pub fn carved(n: i64, len: i64) -> Vec<Tensor> {
+    let whole = Tensor::arange(n * len, (tch::Kind::Float, tch::Device::Cuda(0)));
+    (0..n).map(|i| whole.narrow(0, i * len, len)).collect()
+}
+
 /// A cached 4 MiB result.
 #[share(execution = "direct")]
 pub fn cached_tensor() -> Tensor {

@@ -20,6 +20,7 @@
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda.h>  // driver types only: driver functions are reached through cudaGetDriverEntryPointByVersion
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
@@ -32,6 +33,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <string_view>
 #include <unordered_map>
 #include <vector>
 
@@ -74,6 +76,17 @@ struct st_alloc_stats {
   uint64_t reserved_bytes;
   uint64_t free_bytes;   // cudaMemGetInfo
   uint64_t total_bytes;  // cudaMemGetInfo
+};
+
+// One storage to import: [offset, offset + nbytes) of the block behind `handle`.
+struct st_import_spec {
+  const uint8_t* handle;
+  uint64_t handle_len;
+  int64_t offset;
+  uint64_t nbytes;
+  int32_t device;
+  uint64_t producer;
+  uint64_t cookie;
 };
 
 // Called when the last reference to an imported storage goes, with the stream the
@@ -252,6 +265,7 @@ struct MappingCache {
     std::shared_ptr<void> strong;  // null once evicted
     uint64_t producer;
     uint64_t last_use;
+    uint64_t bytes;  // of the producer's allocation from the mapped address on (the driver's figure)
   };
   std::mutex mu;
   std::condition_variable cv;
@@ -267,19 +281,85 @@ MappingCache& mapping_cache() {
   return *cache;
 }
 
-std::shared_ptr<void> open_mapping(const std::string& handle, uint64_t producer, c10::DeviceIndex device) {
+// Mappings opened by this process since it started (not those found in the cache).
+std::atomic<uint64_t> g_mappings_opened{0};
+
+using MemGetAddressRangeFn = CUresult (*)(CUdeviceptr*, size_t*, CUdeviceptr);
+using PointerGetAttributeFn = CUresult (*)(void*, CUpointer_attribute, CUdeviceptr);
+
+// A driver function through the runtime's entry-point lookup (no link dependency on
+// libcuda); null when the driver does not offer it.
+void* driver_function(const char* name) {
+  void* p = nullptr;
+  cudaDriverEntryPointQueryResult status = cudaDriverEntryPointSymbolNotFound;
+  if (cudaGetDriverEntryPointByVersion(name, &p, 12000, cudaEnableDefault, &status) != cudaSuccess ||
+      status != cudaDriverEntryPointSuccess) {
+    (void)cudaGetLastError();
+    return nullptr;
+  }
+  return p;
+}
+
+// The driver's allocation (base address and size) holding `ptr`: cuMemGetAddressRange, or
+// the pointer's range attributes if that fails. Throws when the driver cannot say.
+std::pair<CUdeviceptr, size_t> allocation_of(const void* ptr) {
+  static auto range = reinterpret_cast<MemGetAddressRangeFn>(driver_function("cuMemGetAddressRange"));
+  static auto attribute = reinterpret_cast<PointerGetAttributeFn>(driver_function("cuPointerGetAttribute"));
+  const auto dptr = reinterpret_cast<CUdeviceptr>(ptr);
+  CUdeviceptr base = 0;
+  size_t size = 0;
+  CUresult r = CUDA_ERROR_NOT_SUPPORTED;
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    if (range != nullptr) {
+      r = range(&base, &size, dptr);
+    }
+    if (r != CUDA_SUCCESS && attribute != nullptr) {
+      CUresult a = attribute(&base, CU_POINTER_ATTRIBUTE_RANGE_START_ADDR, dptr);
+      CUresult b = attribute(&size, CU_POINTER_ATTRIBUTE_RANGE_SIZE, dptr);
+      if (a == CUDA_SUCCESS && b == CUDA_SUCCESS) {
+        r = CUDA_SUCCESS;
+      }
+    }
+    if (r != CUDA_ERROR_INVALID_CONTEXT) {
+      break;
+    }
+    // A thread that has made no runtime call yet has no current context: bind the
+    // device's primary context (what any runtime call does), then ask again.
+    (void)cudaFree(nullptr);
+  }
+  if (r != CUDA_SUCCESS) {
+    throw std::runtime_error(c10::str("the CUDA driver cannot size the allocation at ", ptr,
+                                      " (cuMemGetAddressRange / cuPointerGetAttribute: CUresult ",
+                                      static_cast<int>(r), "), so a descriptor cannot be checked against it"));
+  }
+  return {base, size};
+}
+
+// Bytes of the allocation holding `ptr` from `ptr` to its end, as the driver knows it:
+// what a descriptor's offset + nbytes must fit in.
+uint64_t allocation_bytes_from(void* ptr) {
+  auto [base, size] = allocation_of(ptr);
+  return static_cast<uint64_t>(base + size - reinterpret_cast<CUdeviceptr>(ptr));
+}
+
+// The mapping of `handle` and the bytes of the producer's allocation from its start.
+std::pair<std::shared_ptr<void>, uint64_t> open_mapping(std::string_view handle, uint64_t producer,
+                                                        c10::DeviceIndex device) {
   MappingCache& c = mapping_cache();
   std::vector<std::shared_ptr<void>> evicted;  // dropped after unlocking
   std::shared_ptr<void> result;
+  uint64_t bytes = 0;
   {
     std::unique_lock<std::mutex> lock(c.mu);
+    const std::string key(handle);
     for (;;) {
-      auto it = c.entries.find(handle);
+      auto it = c.entries.find(key);
       if (it == c.entries.end()) {
         break;
       }
       result = it->second.weak.lock();
       if (result) {
+        bytes = it->second.bytes;
         it->second.last_use = ++c.clock;
         if (!it->second.strong) {
           it->second.strong = result;
@@ -294,9 +374,11 @@ std::shared_ptr<void> open_mapping(const std::string& handle, uint64_t producer,
       // Opening maps into the current device's context; a cached mapping needs no guard.
       c10::cuda::CUDAGuard guard(device);
       auto c10_mapping = std::make_unique<std::shared_ptr<void>>(
-          c10::cuda::CUDACachingAllocator::getIpcDevPtr(handle));
+          c10::cuda::CUDACachingAllocator::getIpcDevPtr(key));
+      g_mappings_opened.fetch_add(1);
       void* ptr = c10_mapping->get();
-      std::string key = handle;
+      // Asked once per mapping; a failure drops the mapping (c10 closes it).
+      bytes = allocation_bytes_from(ptr);
       result = std::shared_ptr<void>(ptr, [mapping = c10_mapping.release(), key](void*) {
         MappingCache& cache = mapping_cache();
         std::unique_lock<std::mutex> l(cache.mu);
@@ -311,7 +393,7 @@ std::shared_ptr<void> open_mapping(const std::string& handle, uint64_t producer,
         l.unlock();
         cache.cv.notify_all();
       });
-      c.entries[handle] = MappingCache::Entry{result, result, producer, ++c.clock};
+      c.entries[key] = MappingCache::Entry{result, result, producer, ++c.clock, bytes};
       ++c.strong_count;
     }
     while (c.strong_count > MappingCache::kMaxStrong) {
@@ -328,7 +410,7 @@ std::shared_ptr<void> open_mapping(const std::string& handle, uint64_t producer,
       --c.strong_count;
     }
   }
-  return result;
+  return {std::move(result), bytes};
 }
 
 // One interprocess event per CUDA stream that has exported: re-recording the event of
@@ -442,6 +524,60 @@ st_storage* st_storage_clone(const st_storage* s) {
   }
 }
 
+// Context of a storage spanning several storages of one allocator block: it keeps them
+// all alive.
+void group_deleter(void* raw) {
+  auto* parts = static_cast<std::vector<c10::Storage>*>(raw);
+  if (g_exiting.load()) {
+    return;  // as st_storage_free: no frees into CUDA's teardown
+  }
+  delete parts;
+}
+
+// A storage over [base, base + nbytes) that keeps the `n` storages `parts` alive: the
+// region of one allocator block that several storages of a payload occupy, lent as one
+// storage (one handle, one mapping, one lease). The caller computed the region from the
+// parts' own addresses; every part must be on `parts[0]`'s device.
+const char* st_storage_group(const st_storage* const* parts, uint64_t n, uint64_t base, uint64_t nbytes,
+                             st_storage** out) {
+  ST_TRY
+  if (n == 0) {
+    return dup_error("no storages to group");
+  }
+  auto kept = std::make_unique<std::vector<c10::Storage>>();
+  kept->reserve(n);
+  c10::Device dev = parts[0]->storage.device();
+  for (uint64_t i = 0; i < n; ++i) {
+    if (parts[i]->storage.device() != dev) {
+      return dup_error("storages of one group are on different devices");
+    }
+    kept->push_back(parts[i]->storage);
+  }
+  c10::DataPtr data_ptr(reinterpret_cast<void*>(base), kept.release(), &group_deleter, dev);
+  auto impl = c10::make_intrusive<c10::StorageImpl>(c10::StorageImpl::use_byte_size_t(), static_cast<size_t>(nbytes),
+                                                    std::move(data_ptr), nullptr, false);
+  *out = new st_storage{c10::Storage(std::move(impl))};
+  ST_CATCH
+}
+
+// The start address and size of the driver allocation (the cudaMalloc segment) holding
+// the storage's first byte; 0 and 0 for an empty storage. Storages of one allocation share its IPC
+// handle, so a sender asks this first and exports each allocation's handle once.
+const char* st_storage_allocation(const st_storage* s, uint64_t* base, uint64_t* size) {
+  ST_TRY
+  *base = 0;
+  *size = 0;
+  const c10::Storage& storage = s->storage;
+  if (storage.device().type() != c10::DeviceType::CUDA || storage.data() == nullptr) {
+    return nullptr;
+  }
+  c10::cuda::CUDAGuard guard(storage.device().index());
+  auto range = allocation_of(storage.data());
+  *base = static_cast<uint64_t>(range.first);
+  *size = static_cast<uint64_t>(range.second);
+  ST_CATCH
+}
+
 // The IPC handle of the caching-allocator block holding the storage, and the byte
 // offset of the storage in that block. `buf` has room for `cap` bytes; `*len` is the
 // handle's length (the caller retries with a larger buffer if it exceeds `cap`).
@@ -468,31 +604,86 @@ const char* st_storage_export(const st_storage* s, uint8_t* buf, uint64_t cap, u
   ST_CATCH
 }
 
-// Maps another process's block and builds a storage over [offset, offset + nbytes) of
-// it. The storage's deleter syncs the current stream, drops the mapping and calls the
-// release function with `cookie`.
-const char* st_storage_import(const uint8_t* handle, uint64_t len, int64_t offset, uint64_t nbytes,
-                              int32_t device, uint64_t producer, uint64_t cookie, st_storage** out) {
-  ST_TRY
-  c10::Device dev(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(device));
-  if (len == 0) {
-    // An empty storage has no memory to map.
-    auto impl = c10::make_intrusive<c10::StorageImpl>(
-        c10::StorageImpl::use_byte_size_t(), 0, c10::DataPtr(nullptr, dev), nullptr, false);
-    *out = new st_storage{c10::Storage(std::move(impl))};
+// Maps other processes' blocks and builds a storage over [offset, offset + nbytes) of
+// each, for `n` specs at once: a block named by several specs (storages carved from one
+// allocator block) is looked up and mapped once. Each storage's deleter syncs the current
+// stream (or hands it to the release function with its `cookie`) and drops its reference
+// to the mapping.
+//
+// Before any storage is built, every spec is checked against the real allocation: offset
+// not negative and offset + nbytes within the producer's allocation as the driver sizes
+// the mapped block. On a misfit, `*failed` is the spec's index and `*alloc_bytes` the
+// allocation's size (so the caller can name both); on any other error `*failed` is the
+// spec's index and `*alloc_bytes` is UINT64_MAX. Nothing is returned in `out` on error.
+const char* st_storages_import(const st_import_spec* specs, uint64_t n, st_storage** out, uint64_t* failed,
+                               uint64_t* alloc_bytes) {
+  std::vector<st_storage*> built;
+  uint64_t at = 0;
+  *failed = UINT64_MAX;
+  *alloc_bytes = UINT64_MAX;
+  try {
+    struct Opened {
+      std::shared_ptr<void> base;
+      uint64_t bytes;
+    };
+    std::vector<Opened> opened(n);
+    std::unordered_map<std::string_view, uint64_t> by_handle;
+    for (at = 0; at < n; ++at) {
+      const st_import_spec& sp = specs[at];
+      if (sp.handle_len == 0) {
+        continue;  // an empty storage: no memory to map
+      }
+      std::string_view h(reinterpret_cast<const char*>(sp.handle), sp.handle_len);
+      auto found = by_handle.find(h);
+      if (found != by_handle.end()) {
+        opened[at] = opened[found->second];
+      } else {
+        auto mapped = open_mapping(h, sp.producer, static_cast<c10::DeviceIndex>(sp.device));
+        opened[at] = Opened{std::move(mapped.first), mapped.second};
+        by_handle.emplace(h, at);
+      }
+      uint64_t end = 0;
+      if (sp.offset < 0 || c10::add_overflows(static_cast<uint64_t>(sp.offset), sp.nbytes, &end) ||
+          end > opened[at].bytes) {
+        *failed = at;
+        *alloc_bytes = opened[at].bytes;
+        return dup_error("the storage lies outside the producer's allocation");
+      }
+    }
+    built.reserve(n);
+    for (at = 0; at < n; ++at) {
+      const st_import_spec& sp = specs[at];
+      c10::Device dev(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(sp.device));
+      if (sp.handle_len == 0) {
+        auto impl = c10::make_intrusive<c10::StorageImpl>(c10::StorageImpl::use_byte_size_t(), 0,
+                                                          c10::DataPtr(nullptr, dev), nullptr, false);
+        built.push_back(new st_storage{c10::Storage(std::move(impl))});
+        continue;
+      }
+      void* ptr = static_cast<char*>(opened[at].base.get()) + sp.offset;
+      auto* ctx = new ImportContext{opened[at].base, sp.cookie, sp.device};
+      c10::DataPtr data_ptr(ptr, ctx, &import_deleter, dev);
+      auto impl = c10::make_intrusive<c10::StorageImpl>(c10::StorageImpl::use_byte_size_t(),
+                                                        static_cast<size_t>(sp.nbytes), std::move(data_ptr),
+                                                        nullptr, false);
+      impl->set_received_cuda(true);
+      built.push_back(new st_storage{c10::Storage(std::move(impl))});
+    }
+    std::copy(built.begin(), built.end(), out);
     return nullptr;
+  } catch (const c10::Error& e) {
+    *failed = at;
+    for (st_storage* s : built) delete s;
+    return dup_error(e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    *failed = at;
+    for (st_storage* s : built) delete s;
+    return dup_error(e.what());
+  } catch (...) {
+    *failed = at;
+    for (st_storage* s : built) delete s;
+    return dup_error("unknown C++ exception in st_ipc");
   }
-  std::string h(reinterpret_cast<const char*>(handle), len);
-  std::shared_ptr<void> base = open_mapping(h, producer, dev.index());
-  void* ptr = static_cast<char*>(base.get()) + offset;
-  auto* ctx = new ImportContext{std::move(base), cookie, device};
-  c10::DataPtr data_ptr(ptr, ctx, &import_deleter, dev);
-  auto impl = c10::make_intrusive<c10::StorageImpl>(c10::StorageImpl::use_byte_size_t(),
-                                                    static_cast<size_t>(nbytes),
-                                                    std::move(data_ptr), nullptr, false);
-  impl->set_received_cuda(true);
-  *out = new st_storage{c10::Storage(std::move(impl))};
-  ST_CATCH
 }
 
 // A new tensor over a storage, built directly the way ATen's own from_blob (TensorMaker)
@@ -576,6 +767,9 @@ void st_ipc_forget_producer(uint64_t producer) {
     }
   }
 }
+
+// Mappings this process has opened since it started (cache hits not counted).
+uint64_t st_ipc_mappings_opened() { return g_mappings_opened.load(); }
 
 // Mappings open in this process (held by the cache or by tensors).
 uint64_t st_ipc_mapping_count() {

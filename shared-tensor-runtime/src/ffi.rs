@@ -51,6 +51,39 @@ pub(crate) struct AllocStats {
     pub total_bytes: u64,
 }
 
+/// `st_import_spec`: one storage to import. `handle` points at `handle_len` bytes that
+/// live for the whole `st_storages_import` call.
+#[repr(C)]
+struct ImportSpec {
+    handle: *const u8,
+    handle_len: u64,
+    offset: i64,
+    nbytes: u64,
+    device: i32,
+    producer: u64,
+    cookie: u64,
+}
+
+/// One storage of another process to import (see [`import_storages`]).
+pub(crate) struct Import<'a> {
+    pub handle: &'a [u8],
+    pub offset: i64,
+    pub nbytes: u64,
+    pub device: i32,
+    pub producer: u64,
+    pub cookie: u64,
+}
+
+/// Why [`import_storages`] failed, and for which of its storages.
+#[derive(Debug)]
+pub(crate) struct ImportError {
+    /// Index of the storage in the call (`None`: not tied to one).
+    pub index: Option<usize>,
+    /// The size of the producer's allocation when the storage does not fit in it.
+    pub allocation: Option<u64>,
+    pub message: String,
+}
+
 /// Opaque `st_storage` (a heap `c10::Storage`).
 #[repr(C)]
 pub(crate) struct RawStorage {
@@ -79,19 +112,25 @@ extern "C" {
     ) -> *mut c_char;
     fn st_storage_free(s: *mut RawStorage);
     fn st_storage_clone(s: *const RawStorage) -> *mut RawStorage;
-    fn st_storage_export(s: *const RawStorage, buf: *mut u8, cap: u64, len: *mut u64, offset: *mut i64) -> *mut c_char;
-    fn st_storage_import(
-        handle: *const u8,
-        len: u64,
-        offset: i64,
+    fn st_storage_group(
+        parts: *const *const RawStorage,
+        n: u64,
+        base: u64,
         nbytes: u64,
-        device: i32,
-        producer: u64,
-        cookie: u64,
         out: *mut *mut RawStorage,
+    ) -> *mut c_char;
+    fn st_storage_allocation(s: *const RawStorage, base: *mut u64, size: *mut u64) -> *mut c_char;
+    fn st_storage_export(s: *const RawStorage, buf: *mut u8, cap: u64, len: *mut u64, offset: *mut i64) -> *mut c_char;
+    fn st_storages_import(
+        specs: *const ImportSpec,
+        n: u64,
+        out: *mut *mut RawStorage,
+        failed: *mut u64,
+        alloc_bytes: *mut u64,
     ) -> *mut c_char;
     fn st_ipc_forget_producer(producer: u64);
     fn st_ipc_mapping_count() -> u64;
+    fn st_ipc_mappings_opened() -> u64;
     fn st_tensor_from_storage(
         s: *const RawStorage,
         scalar_type: i32,
@@ -157,6 +196,20 @@ impl OwnedStorage {
     fn from_raw(ptr: *mut RawStorage) -> Result<Self, String> {
         NonNull::new(ptr).map(OwnedStorage).ok_or_else(|| "st_ipc returned no storage".to_string())
     }
+}
+
+/// One storage over `[base, base + nbytes)` that keeps every storage of `parts` alive: the
+/// region of one allocator block that they occupy, computed by the caller from their
+/// addresses (all on one device; `base` and `nbytes` cover each of them).
+pub(crate) fn group_storages(parts: &[&OwnedStorage], base: u64, nbytes: u64) -> Result<OwnedStorage, String> {
+    let raw_parts: Vec<*const RawStorage> = parts.iter().map(|p| p.0.as_ptr() as *const RawStorage).collect();
+    let mut out: *mut RawStorage = std::ptr::null_mut();
+    // SAFETY: `raw_parts` holds `parts.len()` live st_storage pointers borrowed for the
+    // call (the C++ side copies the c10::Storage references it keeps); `out` is a valid
+    // out-pointer. The memory of the region belongs to one allocator block that the parts
+    // keep allocated; the new storage never frees it, it only drops the parts.
+    check(unsafe { st_storage_group(raw_parts.as_ptr(), raw_parts.len() as u64, base, nbytes, &mut out) })?;
+    OwnedStorage::from_raw(out)
 }
 
 /// This process's effective user id.
@@ -244,6 +297,15 @@ pub(crate) fn inspect(t: &Tensor, want_storage: bool) -> Result<Inspected, Strin
     }
 }
 
+/// The start address and size of the driver allocation (`cudaMalloc` segment) holding
+/// `storage`'s first byte; `(0, 0)` for an empty or non-CUDA storage.
+pub(crate) fn storage_allocation(storage: &OwnedStorage) -> Result<(u64, u64), String> {
+    let (mut base, mut size) = (0u64, 0u64);
+    // SAFETY: `storage` is a live st_storage; `base` and `size` are valid out-pointers.
+    check(unsafe { st_storage_allocation(storage.0.as_ptr(), &mut base, &mut size) })?;
+    Ok((base, size))
+}
+
 /// The IPC handle of the allocator block holding `storage` and the storage's byte
 /// offset in it. An empty storage gives an empty handle.
 pub(crate) fn export_storage(storage: &OwnedStorage) -> Result<(Vec<u8>, i64), String> {
@@ -265,29 +327,57 @@ pub(crate) fn export_storage(storage: &OwnedStorage) -> Result<(Vec<u8>, i64), S
     }
 }
 
-/// Maps another process's block and builds a storage of `nbytes` at `offset` in it. When
-/// the last reference to that storage goes, the release function gets `cookie` (if non-zero).
-pub(crate) fn import_storage(
-    handle: &[u8],
-    offset: i64,
-    nbytes: u64,
-    device: i32,
-    producer: u64,
-    cookie: u64,
-) -> Result<OwnedStorage, String> {
-    let mut raw: *mut RawStorage = std::ptr::null_mut();
-    // SAFETY: `handle` is readable for its length; `raw` is a valid out-pointer. CUDA was
-    // initialised by the caller (crate::cuda::require), which getIpcDevPtr needs.
-    check(unsafe {
-        st_storage_import(handle.as_ptr(), handle.len() as u64, offset, nbytes, device, producer, cookie, &mut raw)
-    })?;
-    OwnedStorage::from_raw(raw)
+/// Maps other processes' blocks and builds a storage over each import's bytes, in one
+/// call: imports naming one block share one mapping (opened once, or found in the cache).
+/// Each `offset + nbytes` is checked against the size of the producer's allocation (the
+/// driver's) before any storage is built. When the last reference to a storage goes, the
+/// release function gets its `cookie` (if non-zero).
+pub(crate) fn import_storages(imports: &[Import<'_>]) -> Result<Vec<OwnedStorage>, ImportError> {
+    let specs: Vec<ImportSpec> = imports
+        .iter()
+        .map(|i| ImportSpec {
+            handle: i.handle.as_ptr(),
+            handle_len: i.handle.len() as u64,
+            offset: i.offset,
+            nbytes: i.nbytes,
+            device: i.device,
+            producer: i.producer,
+            cookie: i.cookie,
+        })
+        .collect();
+    let mut out: Vec<*mut RawStorage> = vec![std::ptr::null_mut(); specs.len()];
+    let (mut failed, mut alloc_bytes) = (u64::MAX, u64::MAX);
+    // SAFETY: `specs` holds `specs.len()` entries whose handle pointers borrow `imports`
+    // for the call; `out` has room for one storage per spec; `failed`/`alloc_bytes` are
+    // valid out-pointers. CUDA was initialised by the caller (crate::cuda::require), which
+    // getIpcDevPtr needs. On error the C++ side frees whatever it built and leaves `out`.
+    let res = check(unsafe {
+        st_storages_import(specs.as_ptr(), specs.len() as u64, out.as_mut_ptr(), &mut failed, &mut alloc_bytes)
+    });
+    if let Err(message) = res {
+        return Err(ImportError {
+            index: usize::try_from(failed).ok().filter(|i| *i < imports.len()),
+            allocation: (alloc_bytes != u64::MAX).then_some(alloc_bytes),
+            message,
+        });
+    }
+    out.into_iter().map(OwnedStorage::from_raw).collect::<Result<_, _>>().map_err(|message| ImportError {
+        index: None,
+        allocation: None,
+        message,
+    })
 }
 
 /// Drops the mapping cache's references to one producer's blocks.
 pub(crate) fn forget_producer(producer: u64) {
     // SAFETY: no pointers are passed; the C++ side never throws here.
     unsafe { st_ipc_forget_producer(producer) }
+}
+
+/// Mappings of other processes' blocks this process has opened since it started.
+pub(crate) fn mappings_opened() -> u64 {
+    // SAFETY: no pointers are passed.
+    unsafe { st_ipc_mappings_opened() }
 }
 
 /// Mappings of other processes' blocks open in this process.

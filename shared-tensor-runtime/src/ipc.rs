@@ -119,6 +119,23 @@ impl DType {
     pub(crate) fn from_scalar_type(st: i32) -> Option<DType> {
         DTYPES.iter().find(|(_, _, s)| *s == st).map(|(d, _, _)| *d)
     }
+
+    /// Bytes of one element.
+    ///
+    /// ```
+    /// use shared_tensor_runtime::ipc::DType;
+    /// assert_eq!((DType::BF16.itemsize(), DType::ComplexF64.itemsize(), DType::Bool.itemsize()), (2, 16, 1));
+    /// ```
+    pub fn itemsize(self) -> u64 {
+        match self {
+            DType::U8 | DType::I8 | DType::Bool => 1,
+            DType::F8E5M2 | DType::F8E4M3Fn | DType::F8E5M2Fnuz | DType::F8E4M3Fnuz => 1,
+            DType::I16 | DType::F16 | DType::BF16 => 2,
+            DType::I32 | DType::F32 | DType::ComplexF16 => 4,
+            DType::I64 | DType::F64 | DType::ComplexF32 => 8,
+            DType::ComplexF64 => 16,
+        }
+    }
 }
 
 /// A process, told apart from a later process that reuses its pid.
@@ -253,6 +270,100 @@ pub struct TensorView {
     pub storage_offset: i64,
     /// Whether the tensor requires grad.
     pub requires_grad: bool,
+}
+
+impl StorageDescriptor {
+    /// Checks what can be checked without the GPU: the offset is not negative, `offset +
+    /// nbytes` is a 64-bit count, and a storage with bytes has a handle. The error names
+    /// the field and the numbers. Whether `offset + nbytes` lies inside the producer's
+    /// allocation is checked when the handle is mapped (the driver knows its size).
+    ///
+    /// ```
+    /// use shared_tensor_runtime::ipc::{GpuId, ProcessId, StorageDescriptor};
+    /// let mut storage = StorageDescriptor {
+    ///     handle: vec![1; 66],
+    ///     offset: 512,
+    ///     nbytes: 4096,
+    ///     device: GpuId { index: 0, uuid: [0; 16] },
+    ///     producer: ProcessId { pid: 1, instance: 2 },
+    /// };
+    /// assert!(storage.check().is_ok());
+    /// storage.offset = -8;
+    /// assert_eq!(storage.check().unwrap_err(), "offset -8 is negative");
+    /// ```
+    pub fn check(&self) -> std::result::Result<(), String> {
+        if self.offset < 0 {
+            return Err(format!("offset {} is negative", self.offset));
+        }
+        if (self.offset as u64).checked_add(self.nbytes).is_none_or(|end| end > i64::MAX as u64) {
+            return Err(format!("offset {} + nbytes {} overflows a 64-bit address", self.offset, self.nbytes));
+        }
+        if self.handle.is_empty() && self.nbytes > 0 {
+            return Err(format!("nbytes {} with no IPC handle (only an empty storage has none)", self.nbytes));
+        }
+        Ok(())
+    }
+}
+
+impl TensorView {
+    /// Checks the view against a storage of `storage_nbytes` bytes (`None`: not known
+    /// yet, only the shape is checked): sizes, strides and the storage offset are not
+    /// negative, there are as many strides as sizes, and a view with elements ends inside
+    /// the storage, computed without overflow. The rule is ATen's: a view without
+    /// elements fits any storage; otherwise its last element, at `storage_offset +
+    /// sum((size_i - 1) * stride_i)`, must end within the storage.
+    ///
+    /// ```
+    /// use shared_tensor_runtime::ipc::{DType, TensorView};
+    /// let view = TensorView { dtype: DType::F32, sizes: vec![4, 4], strides: vec![4, 1], storage_offset: 0, requires_grad: false };
+    /// assert!(view.check(Some(64)).is_ok());
+    /// let past_the_end = TensorView { storage_offset: 1, ..view };
+    /// let err = past_the_end.check(Some(64)).unwrap_err();
+    /// assert!(err.contains("needs 68 bytes but the storage has 64"), "{err}");
+    /// ```
+    pub fn check(&self, storage_nbytes: Option<u64>) -> std::result::Result<(), String> {
+        if self.sizes.len() != self.strides.len() {
+            return Err(format!("{} sizes but {} strides", self.sizes.len(), self.strides.len()));
+        }
+        if let Some((dim, size)) = self.sizes.iter().enumerate().find(|(_, s)| **s < 0) {
+            return Err(format!("size {size} of dimension {dim} is negative (sizes {:?})", self.sizes));
+        }
+        if let Some((dim, stride)) = self.strides.iter().enumerate().find(|(_, s)| **s < 0) {
+            return Err(format!(
+                "stride {stride} of dimension {dim} is negative (strides {:?}); negative strides are not supported",
+                self.strides
+            ));
+        }
+        if self.storage_offset < 0 {
+            return Err(format!("storage_offset {} is negative", self.storage_offset));
+        }
+        let Some(nbytes) = storage_nbytes else { return Ok(()) };
+        if self.sizes.contains(&0) {
+            return Ok(());
+        }
+        let describe = || {
+            format!(
+                "the view (sizes {:?}, strides {:?}, {}-byte elements) from storage_offset {}",
+                self.sizes,
+                self.strides,
+                self.dtype.itemsize(),
+                self.storage_offset
+            )
+        };
+        // One past the last element, in elements, then in bytes.
+        let mut end = self.storage_offset.checked_add(1);
+        for (size, stride) in self.sizes.iter().zip(&self.strides) {
+            end = end.and_then(|e| (size - 1).checked_mul(*stride)?.checked_add(e));
+        }
+        let need = end.and_then(|end| (end as u64).checked_mul(self.dtype.itemsize()));
+        match need {
+            None => Err(format!("{} needs more bytes than a 64-bit count holds", describe())),
+            Some(need) if need > nbytes => {
+                Err(format!("{} needs {need} bytes but the storage has {nbytes}", describe()))
+            }
+            Some(_) => Ok(()),
+        }
+    }
 }
 
 /// An interprocess CUDA event handle (`cudaIpcEventHandle_t`).
@@ -460,6 +571,70 @@ pub(crate) fn describe_storage(ins: &Inspected) -> Result<StorageDescriptor> {
     })
 }
 
+/// Whether c10 made `handle` for a `cudaMalloc` segment: `[version, b'c', cudaIpcMemHandle_t]`,
+/// one handle for the whole segment, with storage offsets counted from its start.
+pub(crate) fn is_cuda_malloc_handle(handle: &[u8]) -> bool {
+    handle.get(1) == Some(&b'c')
+}
+
+/// The IPC handles a sender has exported while encoding one value, by allocation: storages
+/// of one `cudaMalloc` segment share its handle, so each segment's handle is fetched once
+/// (`cudaIpcGetMemHandle` costs about a microsecond), and the driver is asked which
+/// allocation holds a storage only when no known one does. Valid while the storages it saw
+/// are held: a segment with an allocated block is never freed, so its range cannot be
+/// reused by another.
+#[derive(Default)]
+pub(crate) struct BlockHandles {
+    /// By device, then by start address: the segment's size and handle.
+    known: Vec<(i32, std::collections::BTreeMap<u64, (u64, Vec<u8>)>)>,
+}
+
+impl BlockHandles {
+    /// The known segment of `device` holding `address`: its start and handle.
+    fn find(&self, device: i32, address: u64) -> Option<(u64, &[u8])> {
+        let (_, segments) = self.known.iter().find(|(d, _)| *d == device)?;
+        let (start, (size, handle)) = segments.range(..=address).next_back()?;
+        (address - start < *size).then_some((*start, handle.as_slice()))
+    }
+
+    /// The descriptor of an inspected tensor's storage, reusing its allocation's handle.
+    pub(crate) fn describe(&mut self, ins: &Inspected) -> Result<StorageDescriptor> {
+        let device = ins.meta.device_index;
+        let address = ins.meta.storage_base;
+        if address == 0 {
+            return describe_storage(ins);
+        }
+        if let Some((start, handle)) = self.find(device, address) {
+            return Ok(StorageDescriptor {
+                handle: handle.to_vec(),
+                offset: (address - start) as i64,
+                nbytes: ins.meta.storage_nbytes,
+                device: GpuId::of_device(device.max(0) as u32)?,
+                producer: ProcessId::current(),
+            });
+        }
+        let described = describe_storage(ins)?;
+        let Ok((start, size)) = ffi::storage_allocation(&ins.storage) else { return Ok(described) };
+        // Only a cudaMalloc segment's handle names the whole allocation, with offsets from
+        // its start (an expandable segment's names the pages of one block).
+        if is_cuda_malloc_handle(&described.handle)
+            && size > 0
+            && described.offset >= 0
+            && address.checked_sub(described.offset as u64) == Some(start)
+        {
+            let segments = match self.known.iter().position(|(d, _)| *d == device) {
+                Some(i) => &mut self.known[i].1,
+                None => {
+                    self.known.push((device, Default::default()));
+                    &mut self.known.last_mut().expect("just pushed").1
+                }
+            };
+            segments.insert(start, (size, described.handle.clone()));
+        }
+        Ok(described)
+    }
+}
+
 /// Exports a CUDA tensor for another process on this host.
 ///
 /// Fails with [`Error::NotCuda`] for a tensor that is not on a CUDA device (nothing is
@@ -486,29 +661,73 @@ pub fn export(t: &Tensor) -> Result<ExportedTensor> {
 /// Opens a storage exported by another process. `cookie`, when non-zero, is passed to
 /// the release hook when the storage's last reference goes.
 pub(crate) fn open_storage(desc: &StorageDescriptor, cookie: u64) -> Result<(ffi::OwnedStorage, u32)> {
-    cuda::require()?;
-    if desc.producer == ProcessId::current() {
-        return Err(Error::SelfImport { pid: desc.producer.pid });
-    }
     let device = desc.device.local_index()?;
-    let storage =
-        ffi::import_storage(&desc.handle, desc.offset, desc.nbytes, device as i32, desc.producer.instance, cookie)
-            .map_err(|m| {
-                // c10's handles are [version, type, ...]; type 'e' is an expandable segment.
-                if desc.handle.get(1) == Some(&b'e') {
-                    Error::cuda(
-                        "opening an IPC handle",
-                        format!(
-                    "{m}; the producer runs with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, whose memory \
-                             is shared through file descriptors (pidfd_getfd), which this host refused: run the \
-                             producer without expandable_segments"
+    let mut opened = open_storages(&[(desc, cookie)], &|_| "descriptor.storage".to_string())?;
+    Ok((opened.pop().expect("one storage per descriptor"), device))
+}
+
+/// Opens storages exported by other processes, in one call into C++: storages carved from
+/// one allocator block (one handle) share one mapping, looked up once. Each `(descriptor,
+/// cookie)` is checked first ([`StorageDescriptor::check`], the producer is another
+/// process), then against the real size of the producer's allocation once mapped.
+/// `label(i)` names descriptor `i` in errors (`storage 3`).
+pub(crate) fn open_storages(
+    descs: &[(&StorageDescriptor, u64)],
+    label: &dyn Fn(usize) -> String,
+) -> Result<Vec<ffi::OwnedStorage>> {
+    cuda::require()?;
+    let me = ProcessId::current();
+    let mut devices: Vec<(GpuId, u32)> = Vec::new();
+    let mut imports = Vec::with_capacity(descs.len());
+    for (i, (desc, cookie)) in descs.iter().enumerate() {
+        desc.check().map_err(|e| Error::Protocol(format!("{}: {e}", label(i))))?;
+        if desc.producer == me {
+            return Err(Error::SelfImport { pid: desc.producer.pid });
+        }
+        let device = match devices.iter().find(|(gpu, _)| *gpu == desc.device) {
+            Some((_, local)) => *local,
+            None => {
+                let local = desc.device.local_index()?;
+                devices.push((desc.device, local));
+                local
+            }
+        };
+        imports.push(ffi::Import {
+            handle: &desc.handle,
+            offset: desc.offset,
+            nbytes: desc.nbytes,
+            device: device as i32,
+            producer: desc.producer.instance,
+            cookie: *cookie,
+        });
+    }
+    ffi::import_storages(&imports).map_err(|e| {
+        let Some(index) = e.index else { return Error::cuda("opening IPC handles", e.message) };
+        let desc = descs[index].0;
+        if let Some(allocation) = e.allocation {
+            return Error::Protocol(format!(
+                "{}: offset {} + nbytes {} exceeds the allocation ({allocation} bytes)",
+                label(index),
+                desc.offset,
+                desc.nbytes
+            ));
+        }
+        // c10's handles are [version, type, ...]; type 'e' is an expandable segment.
+        if desc.handle.get(1) == Some(&b'e') {
+            Error::cuda(
+                "opening an IPC handle",
+                format!(
+                    "{}: {}; the producer runs with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, whose memory \
+                     is shared through file descriptors (pidfd_getfd), which this host refused: run the producer \
+                     without expandable_segments",
+                    label(index),
+                    e.message
                 ),
-                    )
-                } else {
-                    Error::cuda("opening an IPC handle", m)
-                }
-            })?;
-    Ok((storage, device))
+            )
+        } else {
+            Error::cuda("opening an IPC handle", format!("{}: {}", label(index), e.message))
+        }
+    })
 }
 
 /// Drops this process's cached mappings of a producer's memory (its connection closed);
@@ -533,6 +752,24 @@ pub fn open_mappings() -> u64 {
     }
 }
 
+/// Mappings of other processes' memory this process has opened since it started; finding
+/// one in the mapping cache does not count. Storages carved from one allocator block share
+/// one mapping, so this grows by the number of blocks, not of tensors.
+///
+/// ```
+/// let before = shared_tensor_runtime::ipc::mappings_opened();
+/// // ... receive a state dict of 290 tensors cut from one allocation ...
+/// let opened = shared_tensor_runtime::ipc::mappings_opened() - before;
+/// assert!(opened <= 290);
+/// ```
+pub fn mappings_opened() -> u64 {
+    if cuda::device_count() > 0 {
+        ffi::mappings_opened()
+    } else {
+        0
+    }
+}
+
 /// A tensor over an opened storage.
 pub(crate) fn view_tensor(storage: &ffi::OwnedStorage, view: &TensorView) -> Result<Tensor> {
     ffi::tensor_from_storage(
@@ -550,8 +787,12 @@ pub(crate) fn view_tensor(storage: &ffi::OwnedStorage, view: &TensorView) -> Res
 /// which stays mapped until the last tensor over it is dropped. The calling thread's
 /// current stream waits for the producer's ready event first.
 ///
-/// Fails with [`Error::SelfImport`] in the exporting process (CUDA forbids it) and with
-/// [`Error::DeviceNotVisible`] if this process cannot see the producer's GPU.
+/// Fails with [`Error::SelfImport`] in the exporting process (CUDA forbids it), with
+/// [`Error::DeviceNotVisible`] if this process cannot see the producer's GPU, and with
+/// [`Error::Protocol`] naming the field for a descriptor that does not describe memory
+/// inside the producer's allocation: a negative offset, `offset + nbytes` past the end of
+/// the allocation (the driver's size of the mapped block), or a view past its storage.
+/// Nothing is mapped for a descriptor that fails the checks that need no GPU.
 ///
 /// ```no_run
 /// # fn main() -> shared_tensor_runtime::Result<()> {
@@ -562,6 +803,7 @@ pub(crate) fn view_tensor(storage: &ffi::OwnedStorage, view: &TensorView) -> Res
 /// # Ok(()) }
 /// ```
 pub fn import(desc: &TensorDescriptor) -> Result<Tensor> {
+    desc.view.check(Some(desc.storage.nbytes)).map_err(|e| Error::Protocol(format!("descriptor.view: {e}")))?;
     let (storage, device) = open_storage(&desc.storage, 0)?;
     if let Some(ready) = &desc.ready {
         ready.wait(device)?;

@@ -171,23 +171,30 @@ static IMPORTS: Lazy<Mutex<HashMap<u64, ImportRecord>>> = Lazy::new(|| {
 });
 static NEXT_COOKIE: AtomicU64 = AtomicU64::new(1);
 
-/// A cookie to build an imported storage with (the release hook is installed by now).
-pub(crate) fn new_cookie() -> u64 {
+/// The first of `n` consecutive cookies to build imported storages with (the release
+/// hook is installed by now).
+pub(crate) fn new_cookies(n: usize) -> u64 {
     Lazy::force(&IMPORTS);
-    NEXT_COOKIE.fetch_add(1, Ordering::Relaxed)
+    NEXT_COOKIE.fetch_add(n as u64, Ordering::Relaxed)
 }
 
-/// Registers a storage just imported with `cookie` from `link`'s peer under `lease`. The
-/// caller still holds the storage, so its release cannot come before this.
-pub(crate) fn register_import(cookie: u64, link: &Arc<Link>, lease: u64, descriptor: StorageDescriptor) {
-    IMPORTS.lock().insert(cookie, ImportRecord { link: Arc::downgrade(link), lease, descriptor });
+/// Registers storages just imported from `link`'s peer, each as `(cookie, lease,
+/// descriptor)`, under one lock. The caller still holds the storages, so their releases
+/// cannot come before this.
+pub(crate) fn register_imports(link: &Arc<Link>, records: Vec<(u64, u64, StorageDescriptor)>) {
+    let weak = Arc::downgrade(link);
+    let mut imports = IMPORTS.lock();
+    imports.reserve(records.len());
+    for (cookie, lease, descriptor) in records {
+        imports.insert(cookie, ImportRecord { link: weak.clone(), lease, descriptor });
+    }
 }
 
 /// Registers an import and returns its new cookie (tests).
 #[cfg(test)]
 fn register_new(link: &Arc<Link>, lease: u64, descriptor: StorageDescriptor) -> u64 {
-    let cookie = new_cookie();
-    register_import(cookie, link, lease, descriptor);
+    let cookie = new_cookies(1);
+    register_imports(link, vec![(cookie, lease, descriptor)]);
     cookie
 }
 

@@ -202,8 +202,12 @@ impl PackedPayload {
     /// let err = PackedPayload::from_bytes(vec![1, 0, 0, 0]).unpack().unwrap_err();
     /// assert!(err.to_string().contains("malformed payload"), "{err}");
     /// ```
+    /// Every storage descriptor and tensor view is checked too ([`WirePayload::check`]):
+    /// a descriptor pointing outside its storage is an error here, before anything is mapped.
     pub fn unpack(&self) -> Result<WirePayload> {
-        packed::unpack(&self.0).map_err(|e| Error::Protocol(format!("malformed payload: {e}")))
+        let payload = packed::unpack(&self.0).map_err(|e| Error::Protocol(format!("malformed payload: {e}")))?;
+        payload.check().map_err(|e| Error::Protocol(format!("malformed payload: {e}")))?;
+        Ok(payload)
     }
 
     /// The packed bytes.
@@ -286,6 +290,45 @@ impl WirePayload {
     /// ```
     pub fn plain(root: Node) -> WirePayload {
         WirePayload { storages: Vec::new(), tensors: Vec::new(), ready: Vec::new(), root }
+    }
+
+    /// Checks every descriptor before anything is mapped: each shared storage
+    /// ([`StorageDescriptor::check`]), and each tensor's storage index and view
+    /// ([`TensorView::check`], against its storage's size when the storage is shared; a
+    /// returned storage is this process's own, whose size is checked when the view is
+    /// built). The error names the storage or tensor by its index and the field.
+    ///
+    /// ```
+    /// use shared_tensor_runtime::ipc::{DType, TensorView};
+    /// use shared_tensor_runtime::payload::{Node, WirePayload, WireStorage, WireTensor};
+    /// let mut msg = WirePayload::plain(Node::Tensor(0));
+    /// msg.storages.push(WireStorage::Returned { lease: 1 });
+    /// let view = TensorView { dtype: DType::F32, sizes: vec![4], strides: vec![-1], storage_offset: 3, requires_grad: false };
+    /// msg.tensors.push(WireTensor { storage: 0, view });
+    /// let err = msg.check().unwrap_err();
+    /// assert!(err.starts_with("tensor 0: stride -1 of dimension 0 is negative"), "{err}");
+    /// ```
+    pub fn check(&self) -> std::result::Result<(), String> {
+        for (i, s) in self.storages.iter().enumerate() {
+            if let WireStorage::Shared { storage, .. } = s {
+                storage.check().map_err(|e| format!("storage {i}: {e}"))?;
+            }
+        }
+        for (i, t) in self.tensors.iter().enumerate() {
+            let nbytes = match self.storages.get(t.storage as usize) {
+                Some(WireStorage::Shared { storage, .. }) => Some(storage.nbytes),
+                Some(WireStorage::Returned { .. }) => None,
+                None => {
+                    return Err(format!(
+                        "tensor {i}: storage {} is not in the message ({} storages)",
+                        t.storage,
+                        self.storages.len()
+                    ))
+                }
+            };
+            t.view.check(nbytes).map_err(|e| format!("tensor {i}: {e}"))?;
+        }
+        Ok(())
     }
 }
 
@@ -371,6 +414,11 @@ enum Source {
 struct EncodedStorage {
     source: Source,
     hold: ffi::OwnedStorage,
+    /// Address of the storage's first byte in this process.
+    base: u64,
+    /// Bytes of the tensors' storages it stands for (a block region counts its parts, not
+    /// the gaps between them).
+    bytes: u64,
 }
 
 impl EncodedStorage {
@@ -518,8 +566,108 @@ impl Encoded {
     /// # Ok(()) }
     /// ```
     pub fn storage_bytes(&self) -> u64 {
-        self.storages.iter().map(|s| s.descriptor().nbytes).sum()
+        self.storages.iter().map(|s| s.bytes).sum()
     }
+}
+
+/// Lends the storages of one caching-allocator block as one: storages of this process
+/// whose descriptors name the same IPC handle (one `cudaMalloc` segment) become one storage
+/// over the region they span, with the tensors' storage offsets moved to count from the
+/// region's start. The receiver then opens one storage per block and builds every tensor as
+/// a view of it; one lease covers the region and keeps every part alive here until the
+/// receiver drops its last tensor of the block. A block whose offsets do not divide by some
+/// tensor's element size (never the case for the caching allocator's 512-byte blocks),
+/// whose handle is not a `cudaMalloc` segment's (an expandable segment's names the pages
+/// of one block only), or that holds one storage stays as it is.
+fn group_blocks(storages: Vec<EncodedStorage>, tensors: &mut [WireTensor]) -> Vec<EncodedStorage> {
+    let mut by_block: HashMap<(&[u8], [u8; 16]), Vec<usize>> = HashMap::new();
+    for (i, s) in storages.iter().enumerate() {
+        if let Source::Own(d) = &s.source {
+            if ipc::is_cuda_malloc_handle(&d.handle) {
+                by_block.entry((&d.handle, d.device.uuid)).or_default().push(i);
+            }
+        }
+    }
+    let mut groups: Vec<Vec<usize>> = by_block.into_values().filter(|members| members.len() > 1).collect();
+    if groups.is_empty() {
+        return storages;
+    }
+    groups.sort_unstable();
+    let descriptor = |i: usize| storages[i].descriptor();
+    // Per group: its region (offset, end) in the block, if every tensor's shift divides.
+    let regions: Vec<Option<(i64, i64)>> = groups
+        .iter()
+        .map(|members| {
+            let start = members.iter().map(|&i| descriptor(i).offset).min()?;
+            let end =
+                members.iter().map(|&i| descriptor(i).offset.checked_add(descriptor(i).nbytes as i64)).max()??;
+            let fits = tensors.iter().all(|t| {
+                !members.contains(&(t.storage as usize))
+                    || (descriptor(t.storage as usize).offset - start) % t.view.dtype.itemsize() as i64 == 0
+            });
+            fits.then_some((start, end))
+        })
+        .collect();
+    // Where each old storage goes: its group's new storage, or itself.
+    let mut group_of: Vec<Option<usize>> = vec![None; storages.len()];
+    for (g, members) in groups.iter().enumerate() {
+        if regions[g].is_some() {
+            members.iter().for_each(|&i| group_of[i] = Some(g));
+        }
+    }
+    let mut region_holds: Vec<Option<ffi::OwnedStorage>> = groups
+        .iter()
+        .zip(&regions)
+        .map(|(members, region)| {
+            let (start, end) = (*region)?;
+            let first = &storages[members[0]];
+            let base = first.base - (first.descriptor().offset - start) as u64;
+            let parts: Vec<&ffi::OwnedStorage> = members.iter().map(|&i| &storages[i].hold).collect();
+            // Grouping is an optimisation: if C++ cannot build the region, lend the parts.
+            ffi::group_storages(&parts, base, (end - start) as u64).ok()
+        })
+        .collect();
+    for (g, hold) in region_holds.iter().enumerate() {
+        if hold.is_none() {
+            groups[g].iter().for_each(|&i| group_of[i] = None);
+        }
+    }
+    for t in tensors.iter_mut() {
+        if let Some(g) = group_of[t.storage as usize] {
+            let (start, _) = regions[g].expect("grouped storages have a region");
+            let shift = (descriptor(t.storage as usize).offset - start) / t.view.dtype.itemsize() as i64;
+            t.view.storage_offset += shift;
+        }
+    }
+    let mut new_index: Vec<u32> = vec![0; storages.len()];
+    let mut group_index: Vec<Option<u32>> = vec![None; groups.len()];
+    let mut out: Vec<EncodedStorage> = Vec::with_capacity(storages.len());
+    let bytes: Vec<u64> = groups.iter().map(|members| members.iter().map(|&i| storages[i].bytes).sum()).collect();
+    for (i, s) in storages.into_iter().enumerate() {
+        match group_of[i] {
+            None => {
+                new_index[i] = out.len() as u32;
+                out.push(s);
+            }
+            Some(g) => match group_index[g] {
+                Some(index) => new_index[i] = index,
+                None => {
+                    let (start, end) = regions[g].expect("grouped storages have a region");
+                    let Source::Own(d) = s.source else { unreachable!("only own storages are grouped") };
+                    let base = s.base - (d.offset - start) as u64;
+                    let descriptor = StorageDescriptor { offset: start, nbytes: (end - start) as u64, ..d };
+                    let hold = region_holds[g].take().expect("grouped storages have a hold");
+                    group_index[g] = Some(out.len() as u32);
+                    new_index[i] = out.len() as u32;
+                    out.push(EncodedStorage { source: Source::Own(descriptor), hold, base, bytes: bytes[g] });
+                }
+            },
+        }
+    }
+    for t in tensors.iter_mut() {
+        t.storage = new_index[t.storage as usize];
+    }
+    out
 }
 
 /// Turns a value into an [`Encoded`]: used by [`Payload::encode`] implementations.
@@ -541,6 +689,7 @@ impl Encoded {
 pub struct Encoder {
     storages: Vec<EncodedStorage>,
     storage_index: HashMap<(u64, u64, i32), u32>,
+    blocks: ipc::BlockHandles,
     tensors: Vec<WireTensor>,
     devices: Vec<GpuId>,
     path: Path,
@@ -561,6 +710,7 @@ impl Encoder {
         Encoder {
             storages: Vec::new(),
             storage_index: HashMap::new(),
+            blocks: ipc::BlockHandles::default(),
             tensors: Vec::new(),
             devices: Vec::new(),
             path: Path::rooted(root),
@@ -597,7 +747,9 @@ impl Encoder {
     /// # Ok(()) }
     /// ```
     pub fn finish(self, root: Node) -> Encoded {
-        Encoded { storages: self.storages, tensors: self.tensors, devices: self.devices, root }
+        let mut tensors = self.tensors;
+        let storages = group_blocks(self.storages, &mut tensors);
+        Encoded { storages, tensors, devices: self.devices, root }
     }
 
     /// Where the encoder is, for error messages (`encoder.layers[3].weight`).
@@ -683,10 +835,10 @@ impl Encoder {
                 let source = if ins.meta.import_cookie != 0 {
                     match lease::imported_descriptor(ins.meta.import_cookie) {
                         Some(d) => Source::Imported(ins.meta.import_cookie, d),
-                        None => Source::Own(ipc::describe_storage(&ins)?),
+                        None => Source::Own(self.blocks.describe(&ins)?),
                     }
                 } else {
-                    Source::Own(ipc::describe_storage(&ins)?)
+                    Source::Own(self.blocks.describe(&ins)?)
                 };
                 let gpu = match &source {
                     Source::Own(d) | Source::Imported(_, d) => d.device,
@@ -695,7 +847,8 @@ impl Encoder {
                     self.devices.push(GpuId::of_device(ins.meta.device_index.max(0) as u32)?);
                 }
                 let index = self.storages.len() as u32;
-                self.storages.push(EncodedStorage { source, hold: ins.storage });
+                let (base, bytes) = (ins.meta.storage_base, ins.meta.storage_nbytes);
+                self.storages.push(EncodedStorage { source, hold: ins.storage, base, bytes });
                 self.storage_index.insert(key, index);
                 index
             }
@@ -829,12 +982,13 @@ impl Drop for Received {
 pub struct Decoder {
     received: Received,
     waited: bool,
+    opened_remote: bool,
     path: Path,
 }
 
 impl Decoder {
     pub(crate) fn new(received: Received, root: &str) -> Decoder {
-        Decoder { received, waited: false, path: Path::rooted(root) }
+        Decoder { received, waited: false, opened_remote: false, path: Path::rooted(root) }
     }
 
     /// Takes the root node out (leaving `()`).
@@ -931,6 +1085,7 @@ impl Decoder {
             return Err(Error::Protocol(format!("{}: tensor #{index} is not in the message", self.path)));
         };
         self.wait_ready()?;
+        self.open_remote()?;
         self.open(storage)?;
         let Slot::Open(opened) = &self.received.slots[storage as usize] else { unreachable!("just opened") };
         ipc::view_tensor(opened, &self.received.tensors[index as usize].view).map_err(|e| match e {
@@ -952,32 +1107,57 @@ impl Decoder {
         Ok(())
     }
 
-    /// Opens storage `index` of the message (once): its slot is `Slot::Open` after this.
+    /// Opens every storage the peer lent in this message, in one call (once): storages of
+    /// one allocator block share one mapping. On error nothing is opened, and the leases
+    /// go back to the peer when the message is dropped.
+    fn open_remote(&mut self) -> Result<()> {
+        if self.opened_remote {
+            return Ok(());
+        }
+        let remote: Vec<(usize, &StorageDescriptor, u64)> = self
+            .received
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, slot)| match slot {
+                Slot::Remote { descriptor, lease } => Some((i, descriptor, *lease)),
+                _ => None,
+            })
+            .collect();
+        if remote.is_empty() {
+            self.opened_remote = true;
+            return Ok(());
+        }
+        let first = lease::new_cookies(remote.len());
+        let descs: Vec<(&StorageDescriptor, u64)> =
+            remote.iter().enumerate().map(|(k, (_, d, _))| (*d, first + k as u64)).collect();
+        let opened = ipc::open_storages(&descs, &|k| format!("{}: storage {}", self.path, remote[k].0))?;
+        let indices: Vec<usize> = remote.iter().map(|(i, _, _)| *i).collect();
+        let mut records = Vec::with_capacity(indices.len());
+        for ((k, index), storage) in indices.into_iter().enumerate().zip(opened) {
+            let Slot::Remote { descriptor, lease } =
+                std::mem::replace(&mut self.received.slots[index], Slot::Open(storage))
+            else {
+                unreachable!("collected as remote above")
+            };
+            records.push((first + k as u64, lease, descriptor));
+        }
+        lease::register_imports(&self.received.link, records);
+        self.opened_remote = true;
+        Ok(())
+    }
+
+    /// Makes storage `index` of the message usable (once): its slot is `Slot::Open` after
+    /// this. Remote storages were opened by [`Decoder::open_remote`].
     fn open(&mut self, index: u32) -> Result<()> {
-        let link = &self.received.link;
         let slot = self
             .received
             .slots
             .get_mut(index as usize)
             .ok_or_else(|| Error::Protocol(format!("storage #{index} is not in the message")))?;
         let opened = match slot {
-            Slot::Remote { .. } => {
-                let Slot::Remote { descriptor, lease } = std::mem::replace(slot, Slot::Missing(0)) else {
-                    unreachable!("matched above")
-                };
-                let cookie = lease::new_cookie();
-                match ipc::open_storage(&descriptor, cookie) {
-                    Ok((storage, _)) => {
-                        lease::register_import(cookie, link, lease, descriptor);
-                        storage
-                    }
-                    Err(e) => {
-                        link.release_unopened(lease);
-                        return Err(e);
-                    }
-                }
-            }
             Slot::Local(storage) => storage.clone_ref(),
+            Slot::Remote { .. } => unreachable!("remote storages are opened first"),
             Slot::Missing(lease) => {
                 return Err(Error::Protocol(format!(
                     "{}: the peer returned storage lease {lease}, which this process no longer holds",
@@ -1243,6 +1423,240 @@ mod tests {
         assert_eq!(node, Node::Data(rmp_serde::to_vec(&42i64).unwrap()));
         let node = "abc".to_string().encode_arg(&mut enc).unwrap();
         assert!(matches!(node, Node::Data(_)));
+    }
+
+    /// Storages of one block (one handle) become one storage over the region they span;
+    /// every tensor, rebuilt over it, sees the very same bytes as before. CPU storages
+    /// stand in for a CUDA block here: the grouping is arithmetic on addresses.
+    #[test]
+    fn storages_of_one_block_are_lent_as_one_region() {
+        use crate::ipc::{DType, ProcessId};
+        let block = Tensor::arange(256, (tch::Kind::Float, tch::Device::Cpu)); // 1024 bytes
+        let ins = ffi::inspect(&block, true).unwrap();
+        let whole = ins.storage.unwrap();
+        let block_base = ins.meta.storage_base;
+        let gpu = GpuId { index: 0, uuid: [4; 16] };
+        let producer = ProcessId { pid: 1, instance: 1 };
+        // (handle, byte offset in the block, nbytes): two blocks, one of them with three parts.
+        let parts: [(&[u8], i64, u64); 4] =
+            [(b"\x02cA", 512, 64), (b"\x02cB", 0, 16), (b"\x02cA", 128, 32), (b"\x02cA", 800, 8)];
+        let mut storages = Vec::new();
+        for (handle, offset, nbytes) in parts {
+            let base = block_base + offset as u64;
+            let hold = ffi::group_storages(&[&whole], base, nbytes).unwrap();
+            let descriptor = StorageDescriptor { handle: handle.to_vec(), offset, nbytes, device: gpu, producer };
+            storages.push(EncodedStorage { source: Source::Own(descriptor), hold, base, bytes: nbytes });
+        }
+        let view = |dtype: DType, sizes: Vec<i64>, storage_offset: i64| TensorView {
+            dtype,
+            strides: vec![1; sizes.len()],
+            sizes,
+            storage_offset,
+            requires_grad: false,
+        };
+        let mut tensors = vec![
+            WireTensor { storage: 0, view: view(DType::F32, vec![4], 2) },
+            WireTensor { storage: 1, view: view(DType::F32, vec![4], 0) },
+            WireTensor { storage: 2, view: view(DType::F64, vec![3], 1) },
+            WireTensor { storage: 3, view: view(DType::U8, vec![8], 0) },
+            WireTensor { storage: 0, view: view(DType::F32, vec![], 15) },
+        ];
+        let before: Vec<Tensor> =
+            tensors.iter().map(|t| ipc::view_tensor(&storages[t.storage as usize].hold, &t.view).unwrap()).collect();
+        let grouped = group_blocks(storages, &mut tensors);
+        assert_eq!(grouped.len(), 2, "block AA's three storages are one");
+        let region = grouped[tensors[0].storage as usize].descriptor();
+        assert_eq!((region.offset, region.nbytes), (128, 808 - 128));
+        assert_eq!(grouped[tensors[0].storage as usize].bytes, 64 + 32 + 8);
+        assert_eq!(tensors.iter().map(|t| t.storage).collect::<Vec<_>>(), vec![0, 1, 0, 0, 0]);
+        assert_eq!(tensors[0].view.storage_offset, 2 + (512 - 128) / 4);
+        assert_eq!(tensors[2].view.storage_offset, 1);
+        assert_eq!(tensors[3].view.storage_offset, 800 - 128);
+        for (t, want) in tensors.iter().zip(&before) {
+            let got = ipc::view_tensor(&grouped[t.storage as usize].hold, &t.view).unwrap();
+            assert_eq!(got.data_ptr(), want.data_ptr());
+            assert!(got.equal(want));
+        }
+        // A storage whose shift from the region start does not divide an element stays
+        // apart, and so do an expandable segment's storages (type 'e').
+        let odd = [(b"\x02cC" as &[u8], 0i64, 8u64), (b"\x02cC", 6, 8), (b"\x02eE", 0, 8), (b"\x02eE", 8, 8)];
+        let mut storages = Vec::new();
+        for (handle, offset, nbytes) in odd {
+            let base = block_base + offset as u64;
+            let hold = ffi::group_storages(&[&whole], base, nbytes).unwrap();
+            let descriptor = StorageDescriptor { handle: handle.to_vec(), offset, nbytes, device: gpu, producer };
+            storages.push(EncodedStorage { source: Source::Own(descriptor), hold, base, bytes: nbytes });
+        }
+        let mut tensors = vec![
+            WireTensor { storage: 0, view: view(DType::F32, vec![2], 0) },
+            WireTensor { storage: 1, view: view(DType::F32, vec![2], 0) },
+            WireTensor { storage: 2, view: view(DType::F32, vec![2], 0) },
+            WireTensor { storage: 3, view: view(DType::F32, vec![2], 0) },
+        ];
+        assert_eq!(group_blocks(storages, &mut tensors).len(), 4);
+        assert_eq!(tensors.iter().map(|t| t.storage).collect::<Vec<_>>(), vec![0, 1, 2, 3]);
+    }
+
+    mod hostile_descriptors {
+        //! The decoder refuses every descriptor that points outside its storage, naming
+        //! the storage or tensor and the field; and accepts exactly the views that fit.
+        use super::super::*;
+        use crate::ipc::{DType, ProcessId, DTYPES};
+        use proptest::prelude::*;
+
+        fn shared(offset: i64, nbytes: u64) -> WireStorage {
+            WireStorage::Shared {
+                storage: StorageDescriptor {
+                    handle: vec![7; 66],
+                    offset,
+                    nbytes,
+                    device: GpuId { index: 0, uuid: [1; 16] },
+                    producer: ProcessId { pid: 2, instance: 3 },
+                },
+                lease: 1,
+            }
+        }
+
+        fn view(dtype: DType, sizes: Vec<i64>, strides: Vec<i64>, storage_offset: i64) -> TensorView {
+            TensorView { dtype, sizes, strides, storage_offset, requires_grad: false }
+        }
+
+        /// `storages` and one tensor over storage 0, packed and decoded as a peer's would be.
+        fn decode(storages: Vec<WireStorage>, view: TensorView) -> Result<WirePayload> {
+            let mut msg = WirePayload::plain(Node::Tensor(0));
+            msg.storages = storages;
+            msg.tensors.push(WireTensor { storage: 0, view });
+            PackedPayload::pack(&msg)?.unpack()
+        }
+
+        fn refusal(storages: Vec<WireStorage>, view: TensorView) -> String {
+            match decode(storages, view) {
+                Err(Error::Protocol(message)) => message,
+                other => panic!("expected a protocol error, got {other:?}"),
+            }
+        }
+
+        /// Bytes a non-empty view needs, computed wide: `None` when past 64 bits.
+        fn needed(v: &TensorView) -> Option<u64> {
+            // Each product fits 127 bits; their sum may not.
+            let end = v.sizes.iter().zip(&v.strides).try_fold(i128::from(v.storage_offset) + 1, |end, (s, t)| {
+                end.checked_add(i128::from(s - 1) * i128::from(*t))
+            })?;
+            if end > i128::from(i64::MAX) {
+                return None;
+            }
+            u64::try_from(end * i128::from(v.dtype.itemsize())).ok()
+        }
+
+        #[test]
+        fn each_field_is_named() {
+            let ok = view(DType::F32, vec![4], vec![1], 0);
+            assert!(decode(vec![shared(0, 16)], ok.clone()).is_ok());
+            let err = refusal(vec![shared(-4096, 16)], ok.clone());
+            assert_eq!(err, "malformed payload: storage 0: offset -4096 is negative");
+            let err = refusal(vec![shared(i64::MAX, 16)], ok.clone());
+            assert!(err.contains("storage 0: offset 9223372036854775807 + nbytes 16 overflows"), "{err}");
+            let err = refusal(vec![shared(0, 15)], ok.clone());
+            assert!(err.contains("tensor 0: the view (sizes [4], strides [1], 4-byte elements)"), "{err}");
+            assert!(err.ends_with("needs 16 bytes but the storage has 15"), "{err}");
+            let err = refusal(vec![shared(0, 16)], view(DType::F32, vec![2, -1], vec![1, 1], 0));
+            assert!(err.contains("tensor 0: size -1 of dimension 1 is negative"), "{err}");
+            let err = refusal(vec![shared(0, 16)], view(DType::F32, vec![2], vec![-1], 1));
+            assert!(err.contains("tensor 0: stride -1 of dimension 0 is negative"), "{err}");
+            let err = refusal(vec![shared(0, 16)], view(DType::F32, vec![1], vec![1], -1));
+            assert!(err.contains("tensor 0: storage_offset -1 is negative"), "{err}");
+            let err = refusal(vec![shared(0, 16)], view(DType::F32, vec![2, 2], vec![i64::MAX, 1], 0));
+            assert!(
+                err.contains("tensor 0: the view") && err.ends_with("more bytes than a 64-bit count holds"),
+                "{err}"
+            );
+            let err = refusal(vec![], ok.clone());
+            assert!(err.contains("tensor 0: storage 0 is not in the message (0 storages)"), "{err}");
+            let mut no_handle = shared(0, 16);
+            if let WireStorage::Shared { storage, .. } = &mut no_handle {
+                storage.handle.clear();
+            }
+            let err = refusal(vec![no_handle], ok);
+            assert!(err.contains("storage 0: nbytes 16 with no IPC handle"), "{err}");
+            // A returned storage's size is this process's to know: only the shape is checked.
+            let back = vec![WireStorage::Returned { lease: 3 }];
+            assert!(decode(back.clone(), view(DType::F32, vec![1 << 40], vec![1], 0)).is_ok());
+            let err = refusal(back, view(DType::F32, vec![1], vec![-2], 0));
+            assert!(err.contains("tensor 0: stride -2"), "{err}");
+        }
+
+        proptest! {
+            #[test]
+            fn storages_are_accepted_exactly_when_inside_64_bits(offset in any::<i64>(), nbytes in any::<u64>()) {
+                let ok = view(DType::U8, vec![0], vec![1], 0);
+                let fits = offset >= 0 && (offset as u128) + (nbytes as u128) <= i64::MAX as u128;
+                match decode(vec![shared(offset, nbytes)], ok) {
+                    Ok(_) => prop_assert!(fits),
+                    Err(Error::Protocol(m)) => {
+                        prop_assert!(!fits, "{}", m);
+                        prop_assert!(m.starts_with(&format!("malformed payload: storage 0: offset {offset}")), "{}", m);
+                    }
+                    Err(other) => prop_assert!(false, "{}", other),
+                }
+            }
+
+            #[test]
+            fn views_are_accepted_exactly_when_inside_their_storage(
+                d in 0..17usize,
+                dims in proptest::collection::vec((0..i64::MAX, 0..i64::MAX), 0..4),
+                small in proptest::collection::vec((0..6i64, 0..40i64), 0..4),
+                storage_offset in prop_oneof![0..64i64, 0..i64::MAX],
+                nbytes in prop_oneof![0..4096u64, 0..(i64::MAX as u64)],
+                use_small in any::<bool>(),
+            ) {
+                let dims = if use_small { small } else { dims };
+                let (sizes, strides): (Vec<i64>, Vec<i64>) = dims.into_iter().unzip();
+                let v = view(DTYPES[d].0, sizes, strides, storage_offset);
+                let fits = v.sizes.contains(&0) || needed(&v).is_some_and(|need| need <= nbytes);
+                match decode(vec![shared(0, nbytes)], v.clone()) {
+                    Ok(_) => prop_assert!(fits, "{:?} accepted over {} bytes", v, nbytes),
+                    Err(Error::Protocol(m)) => {
+                        prop_assert!(!fits, "{}", m);
+                        prop_assert!(m.starts_with("malformed payload: tensor 0: the view"), "{}", m);
+                        match needed(&v) {
+                            Some(need) => {
+                                let tail = format!("needs {need} bytes but the storage has {nbytes}");
+                                prop_assert!(m.ends_with(&tail), "{}", m);
+                            }
+                            None => prop_assert!(m.ends_with("more bytes than a 64-bit count holds"), "{}", m),
+                        }
+                    }
+                    Err(other) => prop_assert!(false, "{}", other),
+                }
+            }
+
+            #[test]
+            fn negative_sizes_strides_and_offsets_are_refused_by_name(
+                dims in proptest::collection::vec((0..1000i64, 0..1000i64), 1..5),
+                which in 0..3usize,
+                at in any::<prop::sample::Index>(),
+                negative in i64::MIN..0,
+            ) {
+                let (mut sizes, mut strides): (Vec<i64>, Vec<i64>) = dims.into_iter().unzip();
+                let dim = at.index(sizes.len());
+                let mut storage_offset = 0;
+                let field = match which {
+                    0 => { sizes[dim] = negative; format!("size {negative} of dimension {dim} is negative") }
+                    1 => { strides[dim] = negative; format!("stride {negative} of dimension {dim} is negative") }
+                    _ => { storage_offset = negative; format!("storage_offset {negative} is negative") }
+                };
+                let m = refusal(vec![shared(0, u32::MAX as u64)], view(DType::F64, sizes, strides, storage_offset));
+                prop_assert!(m.starts_with(&format!("malformed payload: tensor 0: {field}")), "{}", m);
+            }
+
+            #[test]
+            fn mismatched_dimension_counts_are_refused(sizes in proptest::collection::vec(0..8i64, 0..5), extra in 1..3usize) {
+                let strides = vec![1; sizes.len() + extra];
+                let m = refusal(vec![shared(0, 1 << 20)], view(DType::F32, sizes.clone(), strides, 0));
+                let expected = format!("tensor 0: {} sizes but {} strides", sizes.len(), sizes.len() + extra);
+                prop_assert!(m.ends_with(&expected), "{}", m);
+            }
+        }
     }
 
     #[test]
