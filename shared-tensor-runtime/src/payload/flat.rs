@@ -45,6 +45,15 @@ use crate::ffi;
 
 /// Each buffer starts every storage at a multiple of this many bytes (what CUDA's
 /// allocator and vectorised kernels expect of a tensor's start).
+///
+/// ```
+/// use shared_tensor_runtime::payload::flat::{flatten_tensors, ALIGNMENT};
+/// # use tch::{Device, Kind, Tensor};
+/// let (a, b) = (Tensor::ones([1], (Kind::Float, Device::Cpu)), Tensor::ones([1], (Kind::Float, Device::Cpu)));
+/// flatten_tensors(&[&a, &b])?;
+/// assert_eq!(b.data_ptr() as usize - a.data_ptr() as usize, ALIGNMENT);
+/// # Ok::<(), shared_tensor_runtime::Error>(())
+/// ```
 pub const ALIGNMENT: usize = 256;
 
 /// What [`flatten_var_store`] or [`flatten_tensors`] did.

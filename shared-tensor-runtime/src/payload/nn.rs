@@ -1113,7 +1113,10 @@ mod tests {
         let config = nn::RNNConfig { num_layers: 2, bidirectional: true, ..Default::default() };
         let a = nn::VarStore::new(Device::Cpu);
         let mut b = nn::VarStore::new(Device::Cpu);
-        let ours = Lstm::new(a.root(), 3, 5, config);
+        let mut ours = Lstm::new(a.root(), 3, 5, config);
+        let ptrs: Vec<usize> = ours.weights.iter().map(|w| w.data_ptr() as usize).collect();
+        ours.flatten_parameters().unwrap();
+        assert!(ours.weights.iter().map(|w| w.data_ptr() as usize).eq(ptrs), "on the CPU: nothing moves");
         let theirs = nn::lstm(b.root(), 3, 5, config);
         // Same variables, names and shapes as tch's: copy ours into theirs and compare.
         let mut names: Vec<String> = a.variables().keys().cloned().collect();
