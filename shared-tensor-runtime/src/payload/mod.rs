@@ -516,8 +516,9 @@ impl Encoded {
     /// bytes of GPU memory it lends.
     pub(crate) fn lend(&self, link: &Arc<Link>) -> Result<(PackedPayload, u64)> {
         let (ready, lent) = self.lend_parts(link)?;
+        // The tensors' bytes, not a block region's gaps.
         let shared =
-            self.storage_refs(&lent).map(|s| if let packed::StorageRef::Shared(d, _) = s { d.nbytes } else { 0 }).sum();
+            self.storages.iter().zip(&lent).map(|(s, l)| if let Lent::Shared(_) = l { s.bytes } else { 0 }).sum();
         let payload = PackedPayload::packed_by(|out| {
             packed::pack_parts(self.storage_refs(&lent), &self.tensors, &ready, &self.root, out)
         })?;
