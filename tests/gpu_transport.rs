@@ -12,6 +12,7 @@ use std::collections::HashSet;
 use std::time::Instant;
 
 use gpu_server::setup;
+use shared_tensor::config::{Config, Role};
 use shared_tensor::ipc::{self, TensorDescriptor};
 use shared_tensor::payload::Encoder;
 use shared_tensor_tests::ipc_proof::{Check, Expected, Item, Request};
@@ -197,5 +198,15 @@ fn many_tensors_travel_as_one_storage_and_one_mapping_per_block() {
             drop(endpoints::identity_many(xs.iter().map(Tensor::shallow_clone).collect()).unwrap());
         });
         println!("identity with {n} tensors: p50 {p50:.1} µs");
+    }
+    // And the phases of the 256-tensor call, through a second client of this process.
+    let config = Config::default().role(Role::Client).base_port(gpu_server::server_port());
+    let client = shared_tensor::client::Client::new(&config).unwrap();
+    let xs: Vec<Tensor> = (0..256).map(|_| Tensor::ones([4], (Kind::Float, dev))).collect();
+    let args = || (xs.iter().map(Tensor::shallow_clone).collect::<Vec<Tensor>>(),);
+    let steps =
+        shared_tensor::diagnostics::call_steps::<Vec<Tensor>, _, _>(&client, "identity_many", args, 200).unwrap();
+    for (phase, us) in steps {
+        println!("identity with 256 tensors, {phase}: p50 {us:.1} µs");
     }
 }

@@ -68,7 +68,7 @@ struct st_tensor_meta {
   int64_t storage_offset;  // in elements
   uint64_t storage_base;   // address of the storage's first byte (0 when empty)
   uint64_t storage_nbytes;
-  uint64_t import_cookie;  // non-zero when the storage was created by st_storage_import
+  uint64_t import_cookie;  // non-zero when the storage was created by st_storages_import
 };
 
 struct st_alloc_stats {

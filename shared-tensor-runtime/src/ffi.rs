@@ -175,8 +175,9 @@ unsafe impl Sync for OwnedStorage {}
 
 impl Drop for OwnedStorage {
     fn drop(&mut self) {
-        // SAFETY: the pointer came from st_tensor_inspect/st_storage_import, is owned by
-        // this value alone and is freed only here.
+        // SAFETY: the pointer came from st_tensor_inspect, st_storages_import,
+        // st_storage_group or st_storage_clone, is owned by this value alone and is freed
+        // only here.
         unsafe { st_storage_free(self.0.as_ptr()) }
     }
 }

@@ -585,9 +585,12 @@ pub(crate) fn is_cuda_malloc_handle(handle: &[u8]) -> bool {
 /// reused by another.
 #[derive(Default)]
 pub(crate) struct BlockHandles {
-    /// By device, then by start address: the segment's size and handle.
-    known: Vec<(i32, std::collections::BTreeMap<u64, (u64, Vec<u8>)>)>,
+    /// By device: its known segments.
+    known: Vec<(i32, Segments)>,
 }
+
+/// Segments by start address: each one's size and IPC handle.
+type Segments = std::collections::BTreeMap<u64, (u64, Vec<u8>)>;
 
 impl BlockHandles {
     /// The known segment of `device` holding `address`: its start and handle.

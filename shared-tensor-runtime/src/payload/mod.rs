@@ -517,8 +517,9 @@ impl Encoded {
     /// bytes of GPU memory it lends.
     pub(crate) fn lend(&self, link: &Arc<Link>) -> Result<(PackedPayload, u64)> {
         let (ready, lent) = self.lend_parts(link)?;
+        // The tensors' bytes, not a block region's gaps.
         let shared =
-            self.storage_refs(&lent).map(|s| if let packed::StorageRef::Shared(d, _) = s { d.nbytes } else { 0 }).sum();
+            self.storages.iter().zip(&lent).map(|(s, l)| if let Lent::Shared(_) = l { s.bytes } else { 0 }).sum();
         let payload = PackedPayload::packed_by(|out| {
             packed::pack_parts(self.storage_refs(&lent), &self.tensors, &ready, &self.root, out)
         })?;
@@ -1495,6 +1496,44 @@ mod tests {
         ];
         assert_eq!(group_blocks(storages, &mut tensors).len(), 4);
         assert_eq!(tensors.iter().map(|t| t.storage).collect::<Vec<_>>(), vec![0, 1, 2, 3]);
+    }
+
+    /// A message whose storages cannot be opened (here: no GPU, or a GPU that is not the
+    /// descriptor's) builds no tensor, and every lease goes back to the peer exactly once,
+    /// whether the decoder tries again or not.
+    #[test]
+    fn a_message_that_cannot_be_opened_gives_every_lease_back_once() {
+        use crate::ipc::{DType, ProcessId};
+        let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let sink = seen.clone();
+        let link = Link::new(Box::new(move |lease, _| sink.lock().push(lease)));
+        let storage = |lease| WireStorage::Shared {
+            storage: StorageDescriptor {
+                handle: vec![2, b'c', 9, 9],
+                offset: 0,
+                nbytes: 64,
+                device: GpuId { index: 0, uuid: [0xee; 16] },
+                producer: ProcessId { pid: 1, instance: 42 },
+            },
+            lease,
+        };
+        let view = TensorView {
+            dtype: DType::F32,
+            sizes: vec![16],
+            strides: vec![1],
+            storage_offset: 0,
+            requires_grad: false,
+        };
+        let mut msg = WirePayload::plain(Node::Seq(vec![Node::Tensor(0), Node::Tensor(1)]));
+        msg.storages = vec![storage(7), storage(8)];
+        msg.tensors = vec![WireTensor { storage: 0, view: view.clone() }, WireTensor { storage: 1, view }];
+        let msg = PackedPayload::pack(&msg).unwrap().unpack().unwrap();
+        let mut dec = Decoder::new(msg.receive(&link), "result");
+        assert!(dec.tensor(Node::Tensor(0)).is_err());
+        assert!(dec.tensor(Node::Tensor(1)).is_err(), "a second try fails the same way, without a panic");
+        assert!(seen.lock().is_empty(), "nothing is released while the message lives");
+        drop(dec);
+        assert_eq!(*seen.lock(), vec![7, 8]);
     }
 
     mod hostile_descriptors {
