@@ -345,3 +345,47 @@ pub fn on_device(index: usize) -> Tensor {
 pub fn cuda_oom() -> Tensor {
     Tensor::zeros([1 << 42], (tch::Kind::Float, tch::Device::Cuda(0)))
 }
+
+// ---- keys from the arguments (tests/cache_keys.rs) ----
+
+/// A gate the test opens: bodies that wait on it overlap for sure, without sleeps.
+pub struct Gate {
+    open: Mutex<bool>,
+    cv: std::sync::Condvar,
+}
+
+impl Gate {
+    pub const fn new() -> Gate {
+        Gate { open: Mutex::new(false), cv: std::sync::Condvar::new() }
+    }
+
+    pub fn wait(&self) {
+        let mut open = self.open.lock().unwrap();
+        while !*open {
+            open = self.cv.wait(open).unwrap();
+        }
+    }
+
+    pub fn open(&self) {
+        *self.open.lock().unwrap() = true;
+        self.cv.notify_all();
+    }
+}
+
+pub static ECHO_GATE: Gate = Gate::new();
+
+/// Singleflight without a cache: calls join only when their arguments are equal. The
+/// error carries the argument, so each caller can tell whose result it got.
+#[share(cache = false, singleflight = true)]
+pub fn echo_sf(n: i64) -> Result<(), String> {
+    record("echo_sf", n, Duration::ZERO);
+    ECHO_GATE.wait();
+    Err(format!("echo {n}"))
+}
+
+/// Cached by the default key (all arguments), two parameters.
+#[share(execution = "direct")]
+pub fn pair_key(n: i64, name: String) {
+    record("pair_key", n, Duration::ZERO);
+    let _ = name;
+}
