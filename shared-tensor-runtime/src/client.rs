@@ -328,8 +328,11 @@ struct Connection {
 impl Connection {
     fn open(addr: SocketAddr, window: Duration, shared_token: Option<&str>) -> Result<Arc<Connection>> {
         let started = Instant::now();
+        let mut said = false;
         let stream = loop {
-            match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+            let left =
+                window.saturating_sub(started.elapsed()).clamp(Duration::from_millis(50), Duration::from_secs(1));
+            match TcpStream::connect_timeout(&addr, left) {
                 Ok(s) => break s,
                 Err(e) if started.elapsed() >= window => {
                     return Err(Error::ServerUnreachable {
@@ -338,7 +341,17 @@ impl Connection {
                         waited_ms: started.elapsed().as_millis() as u64,
                     })
                 }
-                Err(_) => std::thread::sleep(Duration::from_millis(25)),
+                Err(e) => {
+                    // Said once, so that a long orchestrated wait does not look like a hang.
+                    if !said && started.elapsed() >= Duration::from_secs(1) {
+                        said = true;
+                        tracing::info!(
+                            "waiting for the shared-tensor server at {addr} ({e}); trying for up to {} ms",
+                            window.as_millis()
+                        );
+                    }
+                    std::thread::sleep(Duration::from_millis(25));
+                }
             }
         };
         let _ = stream.set_nodelay(true);
@@ -777,6 +790,12 @@ impl Client {
     }
 
     fn connection(&self) -> Result<Arc<Connection>> {
+        self.connection_within(None)
+    }
+
+    /// The live connection, or a new one tried for `window` (default: the connect
+    /// timeout before the first connection, one attempt after a loss).
+    fn connection_within(&self, window: Option<Duration>) -> Result<Arc<Connection>> {
         let mut current = self.inner.conn.lock();
         if let Some(conn) = current.as_ref() {
             if !conn.dead.load(Ordering::Acquire) {
@@ -785,11 +804,11 @@ impl Client {
         }
         // The retry window covers the start-up race; after a loss, one attempt: a call
         // to a server that is gone fails at once, and a restarted one is reconnected to.
-        let window = if self.inner.connected_once.load(Ordering::Acquire) {
+        let window = window.unwrap_or(if self.inner.connected_once.load(Ordering::Acquire) {
             Duration::ZERO
         } else {
             self.inner.config.connect_timeout
-        };
+        });
         let conn = Connection::open(self.inner.addr, window, self.inner.config.shared_token.as_deref())?;
         self.inner.connected_once.store(true, Ordering::Release);
         *current = Some(conn.clone());
@@ -806,6 +825,21 @@ impl Client {
     /// ```
     pub fn connect(&self) -> Result<()> {
         self.connection().map(|_| ())
+    }
+
+    /// Waits up to `timeout` for the server to accept a connection (a longer wait than
+    /// the default connect timeout, for a server that starts alongside this process). Past
+    /// one second it logs once, at info level, what it waits for. Fails with
+    /// [`Error::ServerUnreachable`] when the time is up.
+    ///
+    /// ```no_run
+    /// # fn demo(client: &shared_tensor_runtime::client::Client) -> shared_tensor_runtime::Result<()> {
+    /// // The server is started by the orchestrator at the same time as this process.
+    /// client.wait_for_server(std::time::Duration::from_secs(120))?;
+    /// # Ok(()) }
+    /// ```
+    pub fn wait_for_server(&self, timeout: Duration) -> Result<()> {
+        self.connection_within(Some(timeout)).map(|_| ())
     }
 
     /// The id of the server currently connected to.

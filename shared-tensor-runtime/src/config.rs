@@ -19,7 +19,7 @@
 //! | `SHARED_TENSOR_ROLE` | `server`, `client` or `local` | `client` |
 //! | `SHARED_TENSOR_BASE_PORT` | base port, 1-65535 | 2537 |
 //! | `SHARED_TENSOR_DEVICE` | CUDA device index that picks the port | the current CUDA device |
-//! | `SHARED_TENSOR_CONNECT_TIMEOUT_MS` | how long a client retries connecting | 60000 |
+//! | `SHARED_TENSOR_CONNECT_TIMEOUT_MS` | how long a client retries connecting (a longer wait for orchestrated start-up is a choice: set this, or call `Client::wait_for_server`) | 2000 |
 //! | `SHARED_TENSOR_CALL_TIMEOUT_MS` | how long a client waits for one call | 600000 |
 //! | `SHARED_TENSOR_TASK_TTL_S` | how long finished tasks are kept | 3600 |
 //! | `SHARED_TENSOR_TASK_CAPACITY` | how many tasks are kept | 1000 |
@@ -39,6 +39,17 @@ use crate::error::{Error, Result};
 /// assert_eq!(config.port().unwrap(), DEFAULT_BASE_PORT + 1);
 /// ```
 pub const DEFAULT_BASE_PORT: u16 = 2537;
+
+/// How long a client tries to connect before [`Error::ServerUnreachable`]: short, so that
+/// a missing server is reported at once rather than looking like a hang. Waiting longer
+/// (a server that starts alongside) is explicit: `SHARED_TENSOR_CONNECT_TIMEOUT_MS`,
+/// [`Config::connect_timeout`] or [`Client::wait_for_server`](crate::client::Client::wait_for_server).
+///
+/// ```
+/// use shared_tensor_runtime::config::DEFAULT_CONNECT_TIMEOUT;
+/// assert_eq!(DEFAULT_CONNECT_TIMEOUT.as_millis(), 2000);
+/// ```
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What this process does with calls to `#[share]` functions.
 ///
@@ -105,7 +116,7 @@ impl Default for Config {
             role: Role::Client,
             base_port: DEFAULT_BASE_PORT,
             device_index: None,
-            connect_timeout: Duration::from_secs(60),
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             call_timeout: Duration::from_secs(600),
             task_ttl: crate::task::DEFAULT_TASK_TTL,
             task_capacity: crate::task::DEFAULT_TASK_CAPACITY,
@@ -244,7 +255,8 @@ impl Config {
         self
     }
 
-    /// How long a client keeps retrying to connect while the server starts (default 60 s).
+    /// How long a client keeps retrying to connect while the server starts (default 2 s,
+    /// [`DEFAULT_CONNECT_TIMEOUT`]).
     ///
     /// ```
     /// use shared_tensor_runtime::config::Config;

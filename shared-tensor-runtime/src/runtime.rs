@@ -307,6 +307,23 @@ pub fn client() -> Result<Client> {
     }
 }
 
+/// Waits up to `timeout` for this device's server to accept a connection (client role;
+/// at once in the server and local roles): the explicit longer wait for a server that
+/// starts alongside this process, instead of the short default connect timeout. Logs once
+/// at info level past one second.
+///
+/// ```no_run
+/// shared_tensor_runtime::runtime::wait_for_server(std::time::Duration::from_secs(120))?;
+/// # Ok::<(), shared_tensor_runtime::Error>(())
+/// ```
+pub fn wait_for_server(timeout: Duration) -> Result<()> {
+    let rt = global()?;
+    match rt.role() {
+        Role::Client => rt.client()?.wait_for_server(timeout),
+        Role::Server | Role::Local => Ok(()),
+    }
+}
+
 /// The server's identity, counters and endpoints (this process's own server in the
 /// server role).
 ///
