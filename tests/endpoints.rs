@@ -389,3 +389,15 @@ pub fn pair_key(n: i64, name: String) {
     record("pair_key", n, Duration::ZERO);
     let _ = name;
 }
+
+// ---- async on any executor, late replies (tests/executors.rs) ----
+
+pub static OBJECT_GATE: Gate = Gate::new();
+
+/// A managed object built only once the test opens the gate: its reply comes after the
+/// caller stopped waiting.
+#[share(managed, cache = false)]
+pub fn gated_object(n: i64) {
+    record("gated_object", n, Duration::ZERO);
+    OBJECT_GATE.wait();
+}

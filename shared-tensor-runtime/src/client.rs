@@ -14,14 +14,14 @@
 //! client role. Use it directly for manual mode: calling a server by endpoint name from a
 //! process that does not link the endpoint definitions.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use futures::task::AtomicWaker;
@@ -117,37 +117,134 @@ impl Slot {
     }
 }
 
-/// An async caller's wait: the idle reader reads for it.
-struct SlotFuture {
+/// Wakes async callers at their deadlines, so that a call's timeout needs no async
+/// runtime in the caller: one thread per process, started on first use, sleeping until
+/// the earliest deadline. Entries are removed when their future completes or is dropped.
+struct Timer {
+    entries: Mutex<BTreeMap<(Instant, u64), Waker>>,
+    cv: Condvar,
+    next: AtomicU64,
+}
+
+impl Timer {
+    fn get() -> &'static Timer {
+        static TIMER: std::sync::OnceLock<&'static Timer> = std::sync::OnceLock::new();
+        TIMER.get_or_init(|| {
+            let timer: &'static Timer =
+                Box::leak(Box::new(Timer { entries: Mutex::default(), cv: Condvar::new(), next: AtomicU64::new(0) }));
+            std::thread::Builder::new()
+                .name("shared-tensor-timer".into())
+                .spawn(move || timer.run())
+                .expect("starting the shared-tensor timer thread");
+            timer
+        })
+    }
+
+    /// Wakes `waker` at `at` (replacing the waker of an earlier `set` with this key).
+    fn set(&self, key: (Instant, u64), waker: &Waker) {
+        let mut entries = self.entries.lock();
+        let earliest = entries.keys().next().is_none_or(|first| key < *first);
+        entries.insert(key, waker.clone());
+        if earliest {
+            self.cv.notify_one();
+        }
+    }
+
+    fn cancel(&self, key: (Instant, u64)) {
+        self.entries.lock().remove(&key);
+    }
+
+    fn run(&self) {
+        let mut entries = self.entries.lock();
+        loop {
+            let now = Instant::now();
+            let mut due = Vec::new();
+            while let Some(entry) = entries.first_entry() {
+                if entry.key().0 > now {
+                    break;
+                }
+                due.push(entry.remove());
+            }
+            if !due.is_empty() {
+                drop(entries);
+                due.into_iter().for_each(Waker::wake);
+                entries = self.entries.lock();
+                continue;
+            }
+            match entries.keys().next() {
+                Some(&(at, _)) => {
+                    self.cv.wait_until(&mut entries, at);
+                }
+                None => self.cv.wait(&mut entries),
+            }
+        }
+    }
+}
+
+/// An async caller's wait: the idle reader reads for it, the timer wakes it at its
+/// deadline. A plain future: it needs no Tokio (or any) reactor. Dropped before its
+/// answer, it forgets the request, and whatever the reply lends (its storages, a managed
+/// reference) is released when the reply comes, or now if it came already.
+pub(crate) struct SlotFuture {
     slot: Arc<Slot>,
     conn: Arc<Connection>,
+    id: u64,
+    name: String,
+    /// The deadline and its timer key, and the timeout for the error.
+    deadline: Option<((Instant, u64), Duration)>,
+    done: bool,
 }
 
 impl SlotFuture {
-    fn new(slot: Arc<Slot>, conn: Arc<Connection>) -> SlotFuture {
+    fn new(slot: Arc<Slot>, conn: Arc<Connection>, id: u64, name: String, timeout: Option<Duration>) -> SlotFuture {
         conn.async_waiting.fetch_add(1, Ordering::AcqRel);
         conn.wake_idle_reader();
-        SlotFuture { slot, conn }
+        let deadline = timeout.map(|t| ((Instant::now() + t, Timer::get().next.fetch_add(1, Ordering::Relaxed)), t));
+        SlotFuture { slot, conn, id, name, deadline, done: false }
     }
 }
 
 impl Drop for SlotFuture {
     fn drop(&mut self) {
         self.conn.async_waiting.fetch_sub(1, Ordering::AcqRel);
+        if let Some((key, _)) = self.deadline {
+            Timer::get().cancel(key);
+        }
+        if !self.done {
+            // A reply still to come is released by `dispatch` (no slot); one already here
+            // is released now.
+            self.conn.pending.lock().remove(&self.id);
+            if let Some(answer) = self.slot.take() {
+                self.conn.release_unwanted(answer);
+            }
+        }
     }
 }
 
 impl Future for SlotFuture {
     type Output = Result<Answer>;
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         if let Some(a) = self.slot.take() {
+            self.done = true;
             return Poll::Ready(a);
         }
         self.slot.waker.register(cx.waker());
-        match self.slot.take() {
-            Some(a) => Poll::Ready(a),
-            None => Poll::Pending,
+        if let Some(a) = self.slot.take() {
+            self.done = true;
+            return Poll::Ready(a);
         }
+        if let Some((key, timeout)) = self.deadline {
+            if Instant::now() >= key.0 {
+                self.conn.pending.lock().remove(&self.id);
+                self.done = true;
+                // The reply may have landed between the check above and the removal.
+                return Poll::Ready(self.slot.take().unwrap_or_else(|| {
+                    Err(Error::Timeout { endpoint: self.name.clone(), timeout_ms: timeout.as_millis() as u64 })
+                }));
+            }
+            Timer::get().set(key, cx.waker());
+        }
+        Poll::Pending
     }
 }
 
@@ -407,9 +504,10 @@ impl Connection {
                     Err(e) => Err(e),
                 };
                 let slot = self.pending.lock().remove(&id);
-                // No slot: the call timed out; dropping the answer releases its leases.
-                if let Some(slot) = slot {
-                    slot.fill(answer);
+                match slot {
+                    Some(slot) => slot.fill(answer),
+                    // No slot: the call timed out or its future was dropped.
+                    None => self.release_unwanted(answer),
                 }
                 Ok(())
             }
@@ -615,6 +713,14 @@ impl Connection {
             if !buf.is_empty() {
                 let _ = writer.write_all(&buf);
             }
+        }
+    }
+
+    /// Releases what a reply nobody waits for any more holds: its storages' leases (by
+    /// dropping it) and its managed reference, at once rather than at connection close.
+    fn release_unwanted(&self, answer: Result<Answer>) {
+        if let Ok(Answer::Value { object: Some(id), .. }) = &answer {
+            self.release_object(*id);
         }
     }
 
@@ -877,22 +983,13 @@ impl Client {
         }
     }
 
-    /// Sends a request and awaits its answer.
-    pub(crate) async fn request_async(&self, request: Request, timeout: Option<Duration>) -> Result<Answer> {
+    /// Sends a request now and returns a future of its answer (a plain future: any
+    /// executor, no reactor).
+    pub(crate) fn request_async(&self, request: Request, timeout: Option<Duration>) -> Result<SlotFuture> {
         let name = Self::name_of(&request);
         let conn = self.connection()?;
         let (id, slot) = conn.send(request, true)?;
-        let fut = SlotFuture::new(slot, conn.clone());
-        match timeout {
-            None => fut.await,
-            Some(t) => match tokio::time::timeout(t, fut).await {
-                Ok(answer) => answer,
-                Err(_) => {
-                    conn.pending.lock().remove(&id);
-                    Err(Error::Timeout { endpoint: name, timeout_ms: t.as_millis() as u64 })
-                }
-            },
-        }
+        Ok(SlotFuture::new(slot, conn, id, name, timeout))
     }
 
     /// Releases one reference to a managed object without waiting: the release goes to

@@ -118,8 +118,8 @@ pub fn call<O: Output, A>(
     }
 }
 
-/// The async counterpart of [`call`]. In the client role the arguments are encoded now
-/// and the reply is awaited; in the server and local roles the call runs now, on the
+/// The async counterpart of [`call`]. In the client role the arguments are encoded and
+/// the request sent now, and the future awaits the reply (a plain future: any executor); in the server and local roles the call runs now, on the
 /// calling thread, and the future is ready.
 pub fn call_async<O: Output, A>(
     def: &'static EndpointDef,
@@ -139,14 +139,16 @@ pub fn call_async<O: Output, A>(
         }
         Err(e) => return Box::pin(std::future::ready(Err(e))),
     };
-    let prepared = encode_args(&args, encode).and_then(|encoded| {
+    // Sent now, as the sync call would; the future only waits for the reply (on any
+    // executor) and, dropped early, releases what the reply lends.
+    let sent = encode_args(&args, encode).and_then(|encoded| {
         let request = client.call_request(def.name, &encoded, false)?;
-        Ok((encoded, request))
+        Ok((encoded, client.request_async(request, Some(client.call_timeout()))?))
     });
     drop(args);
     Box::pin(async move {
-        let (encoded, request) = prepared?;
-        let answer = client.request_async(request, Some(client.call_timeout())).await?;
+        let (encoded, reply) = sent?;
+        let answer = reply.await?;
         drop(encoded);
         from_answer(answer, &Backend::remote(client.clone()), def.name)
     })

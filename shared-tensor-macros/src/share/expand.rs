@@ -290,7 +290,9 @@ impl Generator<'_> {
                     ::shared_tensor::__private::submit::<#out, _>(&super::#static_ident, (#(#names,)*), #key, #encode, #detach)
                 }
 
-                /// The call, as a future for async code.
+                /// The call, as a future for async code: the request is sent now; the future
+                /// waits for the reply on any executor (no Tokio needed) and, dropped early,
+                /// releases what the reply lends.
                 pub fn call_async(#inputs) -> ::shared_tensor::BoxFuture<::shared_tensor::Result<#out>> {
                     ::shared_tensor::__private::call_async::<#out, _>(&super::#static_ident, (#(#names,)*), #key, #encode, #local)
                 }
