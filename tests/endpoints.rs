@@ -401,3 +401,24 @@ pub fn gated_object(n: i64) {
     record("gated_object", n, Duration::ZERO);
     OBJECT_GATE.wait();
 }
+
+// ---- bounded cache, keep (tests/cache_keep.rs, tests/gpu_cache.rs) ----
+
+/// A cached managed object that stays alive with no handles (`keep`).
+#[share(managed, keep, cache_key = "kept:{n}")]
+pub fn kept_object(n: i64) {
+    record("kept_object", n, Duration::ZERO);
+}
+
+/// A cached 4 MiB CUDA tensor filled with `n` (eviction by bytes).
+#[share(execution = "direct")]
+pub fn cached_block(n: i64) -> Tensor {
+    Tensor::full([1 << 20], n as f64, (tch::Kind::Float, tch::Device::Cuda(0)))
+}
+
+/// A small kept model: `width` × `width` Linear layers on CUDA.
+#[share(managed, keep, cache_key = "kept_model:{width}")]
+pub fn kept_model(width: i64) -> Vec<tch::nn::Linear> {
+    let vs = tch::nn::VarStore::new(tch::Device::Cuda(0));
+    (0..2).map(|i| tch::nn::linear(vs.root() / i, width, width, Default::default())).collect()
+}

@@ -21,6 +21,7 @@
 //! | `SHARED_TENSOR_DEVICE` | CUDA device index that picks the port | the current CUDA device |
 //! | `SHARED_TENSOR_CONNECT_TIMEOUT_MS` | how long a client retries connecting (a longer wait for orchestrated start-up is a choice: set this, or call `Client::wait_for_server`) | 2000 |
 //! | `SHARED_TENSOR_CALL_TIMEOUT_MS` | how long a client waits for one call | 600000 |
+//! | `SHARED_TENSOR_CACHE_BYTES` | GPU memory cached results may hold; past it the least recently used unmanaged entries are evicted | unset: unlimited |
 //! | `SHARED_TENSOR_TASK_TTL_S` | how long finished tasks are kept | 3600 |
 //! | `SHARED_TENSOR_TASK_CAPACITY` | how many tasks are kept | 1000 |
 //! | `SHARED_TENSOR_TOKEN` | a secret shared on purpose with other users (see [`auth`](crate::auth)) | unset: same user only |
@@ -107,6 +108,7 @@ pub struct Config {
     pub(crate) call_timeout: Duration,
     pub(crate) task_ttl: Duration,
     pub(crate) task_capacity: usize,
+    pub(crate) cache_bytes: Option<u64>,
     pub(crate) shared_token: Option<String>,
 }
 
@@ -120,6 +122,7 @@ impl Default for Config {
             call_timeout: Duration::from_secs(600),
             task_ttl: crate::task::DEFAULT_TASK_TTL,
             task_capacity: crate::task::DEFAULT_TASK_CAPACITY,
+            cache_bytes: None,
             shared_token: None,
         }
     }
@@ -162,6 +165,7 @@ impl Config {
         if let Some(ms) = parse_env::<u64>("SHARED_TENSOR_CONNECT_TIMEOUT_MS", "milliseconds")? {
             config.connect_timeout = Duration::from_millis(ms);
         }
+        config.cache_bytes = parse_env::<u64>("SHARED_TENSOR_CACHE_BYTES", "a number of bytes")?;
         if let Some(ms) = parse_env::<u64>("SHARED_TENSOR_CALL_TIMEOUT_MS", "milliseconds (at least 1)")? {
             if ms == 0 {
                 return Err(Error::config("SHARED_TENSOR_CALL_TIMEOUT_MS", "0", "milliseconds (at least 1)"));
@@ -252,6 +256,20 @@ impl Config {
     /// ```
     pub fn device_index(mut self, index: u32) -> Self {
         self.device_index = Some(index);
+        self
+    }
+
+    /// The GPU memory cached results may hold (`None`: unlimited, the default). Past it,
+    /// storing a result evicts the least recently used unmanaged entries; managed entries
+    /// are never evicted (their handles, or `keep`, hold the memory anyway).
+    ///
+    /// ```
+    /// use shared_tensor_runtime::config::Config;
+    /// let config = Config::default().cache_bytes(Some(8 << 30)); // 8 GiB of cached results
+    /// assert_ne!(config, Config::default());
+    /// ```
+    pub fn cache_bytes(mut self, bytes: Option<u64>) -> Self {
+        self.cache_bytes = bytes;
         self
     }
 

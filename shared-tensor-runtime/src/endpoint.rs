@@ -68,6 +68,9 @@ pub struct EndpointOptions {
     pub singleflight: bool,
     /// `managed`: results come back as managed handles with explicit release.
     pub managed: bool,
+    /// `keep` (managed and cached): a cached object stays alive with no handles, until
+    /// `NAME::invalidate(..)` drops its entry.
+    pub keep: bool,
 }
 
 impl EndpointOptions {
@@ -86,6 +89,7 @@ impl EndpointOptions {
         cache_key: None,
         singleflight: true,
         managed: false,
+        keep: false,
     };
 
     /// Whether calls need a key (for the cache or for singleflight).
@@ -276,7 +280,7 @@ impl CallKey {
 /// let info = EndpointInfo {
 ///     name: "identity".into(), path: "demo::identity".into(), params: vec!["tensor".into()],
 ///     execution: Execution::Direct, concurrency: Default::default(), cache: false,
-///     cache_key: None, singleflight: false, managed: false,
+///     cache_key: None, singleflight: false, managed: false, keep: false,
 /// };
 /// assert_eq!(info.name, "identity");
 /// ```
@@ -300,6 +304,8 @@ pub struct EndpointInfo {
     pub singleflight: bool,
     /// Whether results are managed handles.
     pub managed: bool,
+    /// Whether cached managed results stay alive with no handles (`keep`).
+    pub keep: bool,
 }
 
 impl From<&EndpointDef> for EndpointInfo {
@@ -315,6 +321,7 @@ impl From<&EndpointDef> for EndpointInfo {
             cache_key: o.cache_key.map(str::to_string),
             singleflight: o.singleflight,
             managed: o.managed,
+            keep: o.keep,
         }
     }
 }

@@ -104,6 +104,7 @@ impl Runtime {
             Tasks::new(config.task_ttl, config.task_capacity),
             spawn,
         ));
+        core.set_cache_budget(config.cache_bytes);
         let runtime = Arc::new(Runtime { config, core, server: Mutex::new(None), client: OnceCell::new() });
         if runtime.config.role == Role::Server {
             // A server shares CUDA memory: without a GPU there is nothing to serve.

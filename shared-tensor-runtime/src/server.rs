@@ -10,6 +10,7 @@
 //! Start one with the server role (`SHARED_TENSOR_ROLE=server`), or in code with
 //! [`serve_in_background`](crate::runtime::serve_in_background) (manual mode).
 
+pub use crate::exec::CacheEntryInfo;
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener as StdListener};
@@ -79,6 +80,10 @@ pub struct ServerInfo {
     pub connections: u64,
     /// Cache entries.
     pub cache_entries: u64,
+    /// Each cache entry (key, bytes, hits, last use), most recently used first.
+    pub cache: Vec<CacheEntryInfo>,
+    /// The cache's byte budget (`SHARED_TENSOR_CACHE_BYTES`; `None`: unlimited).
+    pub cache_budget_bytes: Option<u64>,
     /// GPU memory of the server process on its device (`None` without CUDA).
     pub gpu_memory: Option<crate::cuda::MemoryStats>,
     /// Resident host memory of the server process, in bytes.
@@ -115,6 +120,8 @@ impl ServerState {
             ipc_mappings: crate::ipc::open_mappings(),
             connections: links.len() as u64,
             cache_entries: self.core.cache_len() as u64,
+            cache: self.core.cache_entries(),
+            cache_budget_bytes: self.core.cache_budget(),
             gpu_memory: (crate::cuda::device_count() > 0)
                 .then(|| crate::cuda::memory_stats(self.device_index).ok())
                 .flatten(),

@@ -34,10 +34,10 @@ use crate::task::{TaskInfo, TaskStatus};
 ///
 /// ```
 /// use shared_tensor_runtime::wire::PROTOCOL_VERSION;
-/// let peer_protocol = 3; // from the peer's `Challenge` or `Welcome`
+/// let peer_protocol = 4; // from the peer's `Challenge` or `Welcome`
 /// assert_eq!(peer_protocol, PROTOCOL_VERSION, "both sides must speak the same protocol");
 /// ```
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Largest frame accepted, in bytes (64 MiB). Descriptors are small: a frame near this
 /// limit is a bug or an attack, not a tensor.

@@ -350,6 +350,7 @@ impl Generator<'_> {
         let cache = o.cache;
         let singleflight = o.singleflight();
         let managed = o.managed;
+        let keep = o.keep;
         let cache_key = match &o.cache_key {
             Some(t) => quote!(::core::option::Option::Some(#t)),
             None => quote!(::core::option::Option::None),
@@ -389,6 +390,7 @@ impl Generator<'_> {
                     cache_key: #cache_key,
                     singleflight: #singleflight,
                     managed: #managed,
+                    keep: #keep,
                 },
                 params: &[#(#param_strs),*],
                 dispatch: #dispatch_ident,
