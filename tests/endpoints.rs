@@ -422,3 +422,30 @@ pub fn kept_model(width: i64) -> Vec<tch::nn::Linear> {
     let vs = tch::nn::VarStore::new(tch::Device::Cuda(0));
     (0..2).map(|i| tch::nn::linear(vs.root() / i, width, width, Default::default())).collect()
 }
+
+// ---- deadlines (tests/deadlines.rs) ----
+
+pub static SERIAL_GATE: Gate = Gate::new();
+
+/// One at a time; the first call holds the endpoint until the test opens the gate.
+#[share(execution = "direct", concurrency = "serialized", cache = false)]
+pub fn gated_serial(tag: i64) {
+    record("gated_serial", tag, Duration::ZERO);
+    SERIAL_GATE.wait();
+}
+
+/// Long work in steps that stops once its caller's deadline passes (recorded with its
+/// tag), or after 20 s (recorded with the negated tag).
+#[share(cache = false)]
+pub fn cooperative(tag: i64) -> Result<(), String> {
+    let start = Instant::now();
+    while !shared_tensor::task::is_cancelled() {
+        if start.elapsed() > Duration::from_secs(20) {
+            record("cooperative", -tag, Duration::ZERO);
+            return Err("never saw the deadline".into());
+        }
+        std::thread::sleep(Duration::from_millis(1)); // one step of work
+    }
+    record("cooperative", tag, Duration::ZERO);
+    Err("stopped early: the caller's deadline passed".into())
+}

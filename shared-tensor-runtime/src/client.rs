@@ -1007,7 +1007,13 @@ impl Client {
         let conn = self.connection()?;
         let (args, _) = args.lend(&conn.link)?;
         let endpoint = endpoint.to_string();
-        Ok(if submit { Request::Submit { endpoint, args } } else { Request::Call { endpoint, args } })
+        Ok(if submit {
+            Request::Submit { endpoint, args }
+        } else {
+            // The server gives up on the call when this caller does.
+            let deadline_ms = Some(self.call_timeout().as_millis().try_into().unwrap_or(u64::MAX));
+            Request::Call { endpoint, args, deadline_ms }
+        })
     }
 
     pub(crate) fn call_timeout(&self) -> Duration {

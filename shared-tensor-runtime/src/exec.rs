@@ -212,8 +212,9 @@ impl Drop for GateGuard<'_> {
 }
 
 impl Gate {
-    /// Waits for the gate. A submitted task that is cancelled while waiting gives up.
-    fn enter(&self) -> Result<GateGuard<'_>> {
+    /// Waits for the gate. A submitted task that is cancelled while waiting gives up, and
+    /// so does a client's call whose deadline passes.
+    fn enter(&self, endpoint: &str) -> Result<GateGuard<'_>> {
         let current = task::current();
         let mut busy = self.busy.lock();
         while *busy {
@@ -221,6 +222,9 @@ impl Gate {
                 if t.is_cancelled() {
                     return Err(Error::Cancelled { task: t.id() });
                 }
+            }
+            if task::past_deadline() {
+                return Err(Error::DeadlinePassed { endpoint: endpoint.into() });
             }
             self.cv.wait_for(&mut busy, Duration::from_millis(20));
         }
@@ -304,6 +308,7 @@ pub(crate) struct Stats {
     pub cache_misses: AtomicU64,
     pub singleflight_joins: AtomicU64,
     pub bytes_shared: AtomicU64,
+    pub deadline_cancellations: AtomicU64,
 }
 
 /// Counter values at one moment.
@@ -326,6 +331,8 @@ pub struct Counters {
     pub singleflight_joins: u64,
     /// Bytes of GPU storage handed to clients (counted per send).
     pub bytes_shared: u64,
+    /// Client calls cancelled on the server, still pending when their deadline passed.
+    pub deadline_cancellations: u64,
 }
 
 impl Stats {
@@ -338,6 +345,7 @@ impl Stats {
             cache_misses: get(&self.cache_misses),
             singleflight_joins: get(&self.singleflight_joins),
             bytes_shared: get(&self.bytes_shared),
+            deadline_cancellations: get(&self.deadline_cancellations),
         }
     }
 }
@@ -396,8 +404,12 @@ impl Core {
     {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let result = self.call_inner(def, key, holder, body);
-        if result.is_err() {
+        if let Err(e) = &result {
             self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            if matches!(e, Error::DeadlinePassed { .. }) {
+                self.stats.deadline_cancellations.fetch_add(1, Ordering::Relaxed);
+                tracing::info!("{e}");
+            }
         }
         result
     }
@@ -473,7 +485,7 @@ impl Core {
         let gate = (def.options.concurrency == Concurrency::Serialized)
             .then(|| self.gates.lock().entry(def.name).or_default().clone());
         let _guard = match &gate {
-            Some(gate) => Some(gate.enter()?),
+            Some(gate) => Some(gate.enter(def.name)?),
             None => None,
         };
         if let (Some(key), true, true) = (key, def.options.cache, gate.is_some()) {
@@ -488,6 +500,9 @@ impl Core {
     where
         F: FnOnce() -> Result<Box<dyn AnyPayload>>,
     {
+        if task::past_deadline() {
+            return Err(Error::DeadlinePassed { endpoint: def.name.into() });
+        }
         if let Some(current) = task::current() {
             // Already inside a submitted task: it is the task.
             if current.is_cancelled() {
