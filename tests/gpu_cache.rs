@@ -16,8 +16,12 @@ use tch::Tensor;
 const BUDGET: u64 = 10 << 20;
 const BLOCK: u64 = 4 << 20;
 
-fn setup() {
+/// Starts the server once; the returned guard keeps this binary's tests one at a time
+/// (they read the server's global counters).
+fn setup() -> std::sync::MutexGuard<'static, ()> {
     static SERVER: OnceLock<Mutex<Peer>> = OnceLock::new();
+    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+    let guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     require_gpu();
     SERVER.get_or_init(|| {
         let port = free_port().to_string();
@@ -36,6 +40,7 @@ fn setup() {
         shared_tensor::configure(Config::default().role(Role::Client).base_port(port.parse().unwrap())).unwrap();
         Mutex::new(peer)
     });
+    guard
 }
 
 fn entries(endpoint: &str) -> Vec<CacheEntryInfo> {
@@ -56,7 +61,7 @@ fn print_cache() {
 #[test]
 #[ignore = "GPU: runs in the GPU bundle (cargo xtask gpu-bundle)"]
 fn gpu_results_are_evicted_by_bytes_least_recently_used_first() {
-    setup();
+    let _one = setup();
     let info = shared_tensor::server_info().unwrap();
     assert_eq!(info.cache_budget_bytes, Some(BUDGET));
     for n in 0..4i64 {
@@ -93,7 +98,7 @@ fn gpu_results_are_evicted_by_bytes_least_recently_used_first() {
 #[test]
 #[ignore = "GPU: runs in the GPU bundle (cargo xtask gpu-bundle)"]
 fn a_kept_model_survives_every_handle_and_is_not_rebuilt() {
-    setup();
+    let _one = setup();
     let width = 256i64;
     let first: Managed<Vec<tch::nn::Linear>> = endpoints::kept_model(width).unwrap();
     let id = first.object_id();
@@ -113,7 +118,8 @@ fn a_kept_model_survives_every_handle_and_is_not_rebuilt() {
     assert!(entry.kept && entry.managed && entry.hits >= 10, "{entry:?}");
     assert!(entry.bytes >= (2 * width * width * 4) as u64, "{entry:?}");
     let objects = shared_tensor::list_objects().unwrap();
-    assert_eq!(objects.iter().filter(|o| o.object_id == id).count(), 1, "alive with no handles");
+    let kept = objects.iter().find(|o| o.object_id == id).expect("alive with no handles");
+    assert_eq!(kept.refcount, 1, "only the cache's keep reference is left");
     assert!(endpoints::kept_model::invalidate(width).unwrap());
     assert!(shared_tensor::object_info(id).unwrap().is_none(), "invalidate lets it go");
     println!(
