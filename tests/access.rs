@@ -82,7 +82,13 @@ fn a_request_before_the_proof_never_reaches_an_endpoint() {
         shared_tensor::payload::Node::Data(rmp_serde::to_vec(&4242i64).unwrap()),
     ]));
     let args = shared_tensor::payload::PackedPayload::pack(&args).unwrap();
-    frame(&mut s, &ClientMessage::Request { id: 1, request: Request::Call { endpoint: "parallel_work".into(), args } });
+    frame(
+        &mut s,
+        &ClientMessage::Request {
+            id: 1,
+            request: Request::Call { endpoint: "parallel_work".into(), args, deadline_ms: None },
+        },
+    );
     assert!(matches!(refused_and_closed(&mut s), Error::Unauthorized { .. }));
     std::thread::sleep(Duration::from_millis(200));
     assert!(endpoints::runs("parallel_work", Some(4242)).is_empty(), "the endpoint never ran");

@@ -708,3 +708,107 @@ pub fn layout(weights: &[Tensor]) -> Layout {
         weights.iter().zip(&views).map(|(w, v)| (v.storage_offset as u64 + w.numel() as u64) * 4).max().unwrap_or(0);
     Layout { offsets: views.iter().map(|v| v.storage_offset).collect(), storage_bytes }
 }
+
+// ---- keys from the arguments (tests/cache_keys.rs) ----
+
+/// A gate the test opens: bodies that wait on it overlap for sure, without sleeps.
+pub struct Gate {
+    open: Mutex<bool>,
+    cv: std::sync::Condvar,
+}
+
+impl Gate {
+    pub const fn new() -> Gate {
+        Gate { open: Mutex::new(false), cv: std::sync::Condvar::new() }
+    }
+
+    pub fn wait(&self) {
+        let mut open = self.open.lock().unwrap();
+        while !*open {
+            open = self.cv.wait(open).unwrap();
+        }
+    }
+
+    pub fn open(&self) {
+        *self.open.lock().unwrap() = true;
+        self.cv.notify_all();
+    }
+}
+
+pub static ECHO_GATE: Gate = Gate::new();
+
+/// Singleflight without a cache: calls join only when their arguments are equal. The
+/// error carries the argument, so each caller can tell whose result it got.
+#[share(cache = false, singleflight = true)]
+pub fn echo_sf(n: i64) -> Result<(), String> {
+    record("echo_sf", n, Duration::ZERO);
+    ECHO_GATE.wait();
+    Err(format!("echo {n}"))
+}
+
+/// Cached by the default key (all arguments), two parameters.
+#[share(execution = "direct")]
+pub fn pair_key(n: i64, name: String) {
+    record("pair_key", n, Duration::ZERO);
+    let _ = name;
+}
+
+// ---- async on any executor, late replies (tests/executors.rs) ----
+
+pub static OBJECT_GATE: Gate = Gate::new();
+
+/// A managed object built only once the test opens the gate: its reply comes after the
+/// caller stopped waiting.
+#[share(managed, cache = false)]
+pub fn gated_object(n: i64) {
+    record("gated_object", n, Duration::ZERO);
+    OBJECT_GATE.wait();
+}
+
+// ---- bounded cache, keep (tests/cache_keep.rs, tests/gpu_cache.rs) ----
+
+/// A cached managed object that stays alive with no handles (`keep`).
+#[share(managed, keep, cache_key = "kept:{n}")]
+pub fn kept_object(n: i64) {
+    record("kept_object", n, Duration::ZERO);
+}
+
+/// A cached 4 MiB CUDA tensor filled with `n` (eviction by bytes).
+#[share(execution = "direct")]
+pub fn cached_block(n: i64) -> Tensor {
+    Tensor::full([1 << 20], n as f64, (tch::Kind::Float, tch::Device::Cuda(0)))
+}
+
+/// A small kept model: `width` × `width` Linear layers on CUDA.
+#[share(managed, keep, cache_key = "kept_model:{width}")]
+pub fn kept_model(width: i64) -> Vec<tch::nn::Linear> {
+    let vs = tch::nn::VarStore::new(tch::Device::Cuda(0));
+    (0..2).map(|i| tch::nn::linear(vs.root() / i, width, width, Default::default())).collect()
+}
+
+// ---- deadlines (tests/deadlines.rs) ----
+
+pub static SERIAL_GATE: Gate = Gate::new();
+
+/// One at a time; the first call holds the endpoint until the test opens the gate.
+#[share(execution = "direct", concurrency = "serialized", cache = false)]
+pub fn gated_serial(tag: i64) {
+    record("gated_serial", tag, Duration::ZERO);
+    SERIAL_GATE.wait();
+}
+
+/// Long work in steps that stops once its caller's deadline passes (recorded with its
+/// tag), or after 20 s (recorded with the negated tag).
+#[share(cache = false)]
+pub fn cooperative(tag: i64) -> Result<(), String> {
+    let start = Instant::now();
+    while !shared_tensor::task::is_cancelled() {
+        if start.elapsed() > Duration::from_secs(20) {
+            record("cooperative", -tag, Duration::ZERO);
+            return Err("never saw the deadline".into());
+        }
+        std::thread::sleep(Duration::from_millis(1)); // one step of work
+    }
+    record("cooperative", tag, Duration::ZERO);
+    Err("stopped early: the caller's deadline passed".into())
+}

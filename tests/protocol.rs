@@ -158,7 +158,10 @@ fn call_packed(
     args: PackedPayload,
     released: &mut Vec<u64>,
 ) -> Result<Response, Error> {
-    send(s, &ClientMessage::Request { id, request: Request::Call { endpoint: endpoint.into(), args } });
+    send(
+        s,
+        &ClientMessage::Request { id, request: Request::Call { endpoint: endpoint.into(), args, deadline_ms: None } },
+    );
     loop {
         match recv(s) {
             Some(ServerMessage::Reply { id: got, result }) => {

@@ -14,14 +14,14 @@
 //! client role. Use it directly for manual mode: calling a server by endpoint name from a
 //! process that does not link the endpoint definitions.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use futures::task::AtomicWaker;
@@ -117,37 +117,134 @@ impl Slot {
     }
 }
 
-/// An async caller's wait: the idle reader reads for it.
-struct SlotFuture {
+/// Wakes async callers at their deadlines, so that a call's timeout needs no async
+/// runtime in the caller: one thread per process, started on first use, sleeping until
+/// the earliest deadline. Entries are removed when their future completes or is dropped.
+struct Timer {
+    entries: Mutex<BTreeMap<(Instant, u64), Waker>>,
+    cv: Condvar,
+    next: AtomicU64,
+}
+
+impl Timer {
+    fn get() -> &'static Timer {
+        static TIMER: std::sync::OnceLock<&'static Timer> = std::sync::OnceLock::new();
+        TIMER.get_or_init(|| {
+            let timer: &'static Timer =
+                Box::leak(Box::new(Timer { entries: Mutex::default(), cv: Condvar::new(), next: AtomicU64::new(0) }));
+            std::thread::Builder::new()
+                .name("shared-tensor-timer".into())
+                .spawn(move || timer.run())
+                .expect("starting the shared-tensor timer thread");
+            timer
+        })
+    }
+
+    /// Wakes `waker` at `at` (replacing the waker of an earlier `set` with this key).
+    fn set(&self, key: (Instant, u64), waker: &Waker) {
+        let mut entries = self.entries.lock();
+        let earliest = entries.keys().next().is_none_or(|first| key < *first);
+        entries.insert(key, waker.clone());
+        if earliest {
+            self.cv.notify_one();
+        }
+    }
+
+    fn cancel(&self, key: (Instant, u64)) {
+        self.entries.lock().remove(&key);
+    }
+
+    fn run(&self) {
+        let mut entries = self.entries.lock();
+        loop {
+            let now = Instant::now();
+            let mut due = Vec::new();
+            while let Some(entry) = entries.first_entry() {
+                if entry.key().0 > now {
+                    break;
+                }
+                due.push(entry.remove());
+            }
+            if !due.is_empty() {
+                drop(entries);
+                due.into_iter().for_each(Waker::wake);
+                entries = self.entries.lock();
+                continue;
+            }
+            match entries.keys().next() {
+                Some(&(at, _)) => {
+                    self.cv.wait_until(&mut entries, at);
+                }
+                None => self.cv.wait(&mut entries),
+            }
+        }
+    }
+}
+
+/// An async caller's wait: the idle reader reads for it, the timer wakes it at its
+/// deadline. A plain future: it needs no Tokio (or any) reactor. Dropped before its
+/// answer, it forgets the request, and whatever the reply lends (its storages, a managed
+/// reference) is released when the reply comes, or now if it came already.
+pub(crate) struct SlotFuture {
     slot: Arc<Slot>,
     conn: Arc<Connection>,
+    id: u64,
+    name: String,
+    /// The deadline and its timer key, and the timeout for the error.
+    deadline: Option<((Instant, u64), Duration)>,
+    done: bool,
 }
 
 impl SlotFuture {
-    fn new(slot: Arc<Slot>, conn: Arc<Connection>) -> SlotFuture {
+    fn new(slot: Arc<Slot>, conn: Arc<Connection>, id: u64, name: String, timeout: Option<Duration>) -> SlotFuture {
         conn.async_waiting.fetch_add(1, Ordering::AcqRel);
         conn.wake_idle_reader();
-        SlotFuture { slot, conn }
+        let deadline = timeout.map(|t| ((Instant::now() + t, Timer::get().next.fetch_add(1, Ordering::Relaxed)), t));
+        SlotFuture { slot, conn, id, name, deadline, done: false }
     }
 }
 
 impl Drop for SlotFuture {
     fn drop(&mut self) {
         self.conn.async_waiting.fetch_sub(1, Ordering::AcqRel);
+        if let Some((key, _)) = self.deadline {
+            Timer::get().cancel(key);
+        }
+        if !self.done {
+            // A reply still to come is released by `dispatch` (no slot); one already here
+            // is released now.
+            self.conn.pending.lock().remove(&self.id);
+            if let Some(answer) = self.slot.take() {
+                self.conn.release_unwanted(answer);
+            }
+        }
     }
 }
 
 impl Future for SlotFuture {
     type Output = Result<Answer>;
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         if let Some(a) = self.slot.take() {
+            self.done = true;
             return Poll::Ready(a);
         }
         self.slot.waker.register(cx.waker());
-        match self.slot.take() {
-            Some(a) => Poll::Ready(a),
-            None => Poll::Pending,
+        if let Some(a) = self.slot.take() {
+            self.done = true;
+            return Poll::Ready(a);
         }
+        if let Some((key, timeout)) = self.deadline {
+            if Instant::now() >= key.0 {
+                self.conn.pending.lock().remove(&self.id);
+                self.done = true;
+                // The reply may have landed between the check above and the removal.
+                return Poll::Ready(self.slot.take().unwrap_or_else(|| {
+                    Err(Error::Timeout { endpoint: self.name.clone(), timeout_ms: timeout.as_millis() as u64 })
+                }));
+            }
+            Timer::get().set(key, cx.waker());
+        }
+        Poll::Pending
     }
 }
 
@@ -328,8 +425,11 @@ struct Connection {
 impl Connection {
     fn open(addr: SocketAddr, window: Duration, shared_token: Option<&str>) -> Result<Arc<Connection>> {
         let started = Instant::now();
+        let mut said = false;
         let stream = loop {
-            match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+            let left =
+                window.saturating_sub(started.elapsed()).clamp(Duration::from_millis(50), Duration::from_secs(1));
+            match TcpStream::connect_timeout(&addr, left) {
                 Ok(s) => break s,
                 Err(e) if started.elapsed() >= window => {
                     return Err(Error::ServerUnreachable {
@@ -338,7 +438,17 @@ impl Connection {
                         waited_ms: started.elapsed().as_millis() as u64,
                     })
                 }
-                Err(_) => std::thread::sleep(Duration::from_millis(25)),
+                Err(e) => {
+                    // Said once, so that a long orchestrated wait does not look like a hang.
+                    if !said && started.elapsed() >= Duration::from_secs(1) {
+                        said = true;
+                        tracing::info!(
+                            "waiting for the shared-tensor server at {addr} ({e}); trying for up to {} ms",
+                            window.as_millis()
+                        );
+                    }
+                    std::thread::sleep(Duration::from_millis(25));
+                }
             }
         };
         let _ = stream.set_nodelay(true);
@@ -394,9 +504,10 @@ impl Connection {
                     Err(e) => Err(e),
                 };
                 let slot = self.pending.lock().remove(&id);
-                // No slot: the call timed out; dropping the answer releases its leases.
-                if let Some(slot) = slot {
-                    slot.fill(answer);
+                match slot {
+                    Some(slot) => slot.fill(answer),
+                    // No slot: the call timed out or its future was dropped.
+                    None => self.release_unwanted(answer),
                 }
                 Ok(())
             }
@@ -605,6 +716,14 @@ impl Connection {
         }
     }
 
+    /// Releases what a reply nobody waits for any more holds: its storages' leases (by
+    /// dropping it) and its managed reference, at once rather than at connection close.
+    fn release_unwanted(&self, answer: Result<Answer>) {
+        if let Ok(Answer::Value { object: Some(id), .. }) = &answer {
+            self.release_object(*id);
+        }
+    }
+
     /// Queues the release of one reference to a managed object.
     fn release_object(&self, id: u64) {
         if !self.dead.load(Ordering::Acquire) {
@@ -777,6 +896,12 @@ impl Client {
     }
 
     fn connection(&self) -> Result<Arc<Connection>> {
+        self.connection_within(None)
+    }
+
+    /// The live connection, or a new one tried for `window` (default: the connect
+    /// timeout before the first connection, one attempt after a loss).
+    fn connection_within(&self, window: Option<Duration>) -> Result<Arc<Connection>> {
         let mut current = self.inner.conn.lock();
         if let Some(conn) = current.as_ref() {
             if !conn.dead.load(Ordering::Acquire) {
@@ -785,11 +910,11 @@ impl Client {
         }
         // The retry window covers the start-up race; after a loss, one attempt: a call
         // to a server that is gone fails at once, and a restarted one is reconnected to.
-        let window = if self.inner.connected_once.load(Ordering::Acquire) {
+        let window = window.unwrap_or(if self.inner.connected_once.load(Ordering::Acquire) {
             Duration::ZERO
         } else {
             self.inner.config.connect_timeout
-        };
+        });
         let conn = Connection::open(self.inner.addr, window, self.inner.config.shared_token.as_deref())?;
         self.inner.connected_once.store(true, Ordering::Release);
         *current = Some(conn.clone());
@@ -806,6 +931,21 @@ impl Client {
     /// ```
     pub fn connect(&self) -> Result<()> {
         self.connection().map(|_| ())
+    }
+
+    /// Waits up to `timeout` for the server to accept a connection (a longer wait than
+    /// the default connect timeout, for a server that starts alongside this process). Past
+    /// one second it logs once, at info level, what it waits for. Fails with
+    /// [`Error::ServerUnreachable`] when the time is up.
+    ///
+    /// ```no_run
+    /// # fn demo(client: &shared_tensor_runtime::client::Client) -> shared_tensor_runtime::Result<()> {
+    /// // The server is started by the orchestrator at the same time as this process.
+    /// client.wait_for_server(std::time::Duration::from_secs(120))?;
+    /// # Ok(()) }
+    /// ```
+    pub fn wait_for_server(&self, timeout: Duration) -> Result<()> {
+        self.connection_within(Some(timeout)).map(|_| ())
     }
 
     /// The id of the server currently connected to.
@@ -843,22 +983,13 @@ impl Client {
         }
     }
 
-    /// Sends a request and awaits its answer.
-    pub(crate) async fn request_async(&self, request: Request, timeout: Option<Duration>) -> Result<Answer> {
+    /// Sends a request now and returns a future of its answer (a plain future: any
+    /// executor, no reactor).
+    pub(crate) fn request_async(&self, request: Request, timeout: Option<Duration>) -> Result<SlotFuture> {
         let name = Self::name_of(&request);
         let conn = self.connection()?;
         let (id, slot) = conn.send(request, true)?;
-        let fut = SlotFuture::new(slot, conn.clone());
-        match timeout {
-            None => fut.await,
-            Some(t) => match tokio::time::timeout(t, fut).await {
-                Ok(answer) => answer,
-                Err(_) => {
-                    conn.pending.lock().remove(&id);
-                    Err(Error::Timeout { endpoint: name, timeout_ms: t.as_millis() as u64 })
-                }
-            },
-        }
+        Ok(SlotFuture::new(slot, conn, id, name, timeout))
     }
 
     /// Releases one reference to a managed object without waiting: the release goes to
@@ -876,7 +1007,13 @@ impl Client {
         let conn = self.connection()?;
         let (args, _) = args.lend(&conn.link)?;
         let endpoint = endpoint.to_string();
-        Ok(if submit { Request::Submit { endpoint, args } } else { Request::Call { endpoint, args } })
+        Ok(if submit {
+            Request::Submit { endpoint, args }
+        } else {
+            // The server gives up on the call when this caller does.
+            let deadline_ms = Some(self.call_timeout().as_millis().try_into().unwrap_or(u64::MAX));
+            Request::Call { endpoint, args, deadline_ms }
+        })
     }
 
     pub(crate) fn call_timeout(&self) -> Duration {

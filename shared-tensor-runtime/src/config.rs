@@ -19,8 +19,9 @@
 //! | `SHARED_TENSOR_ROLE` | `server`, `client` or `local` | `client` |
 //! | `SHARED_TENSOR_BASE_PORT` | base port, 1-65535 | 2537 |
 //! | `SHARED_TENSOR_DEVICE` | CUDA device index that picks the port | the current CUDA device |
-//! | `SHARED_TENSOR_CONNECT_TIMEOUT_MS` | how long a client retries connecting | 60000 |
+//! | `SHARED_TENSOR_CONNECT_TIMEOUT_MS` | how long a client retries connecting (a longer wait for orchestrated start-up is a choice: set this, or call `Client::wait_for_server`) | 2000 |
 //! | `SHARED_TENSOR_CALL_TIMEOUT_MS` | how long a client waits for one call | 600000 |
+//! | `SHARED_TENSOR_CACHE_BYTES` | GPU memory cached results may hold; past it the least recently used unmanaged entries are evicted | unset: unlimited |
 //! | `SHARED_TENSOR_TASK_TTL_S` | how long finished tasks are kept | 3600 |
 //! | `SHARED_TENSOR_TASK_CAPACITY` | how many tasks are kept | 1000 |
 //! | `SHARED_TENSOR_TOKEN` | a secret shared on purpose with other users (see [`auth`](crate::auth)) | unset: same user only |
@@ -39,6 +40,17 @@ use crate::error::{Error, Result};
 /// assert_eq!(config.port().unwrap(), DEFAULT_BASE_PORT + 1);
 /// ```
 pub const DEFAULT_BASE_PORT: u16 = 2537;
+
+/// How long a client tries to connect before [`Error::ServerUnreachable`]: short, so that
+/// a missing server is reported at once rather than looking like a hang. Waiting longer
+/// (a server that starts alongside) is explicit: `SHARED_TENSOR_CONNECT_TIMEOUT_MS`,
+/// [`Config::connect_timeout`] or [`Client::wait_for_server`](crate::client::Client::wait_for_server).
+///
+/// ```
+/// use shared_tensor_runtime::config::DEFAULT_CONNECT_TIMEOUT;
+/// assert_eq!(DEFAULT_CONNECT_TIMEOUT.as_millis(), 2000);
+/// ```
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What this process does with calls to `#[share]` functions.
 ///
@@ -96,6 +108,7 @@ pub struct Config {
     pub(crate) call_timeout: Duration,
     pub(crate) task_ttl: Duration,
     pub(crate) task_capacity: usize,
+    pub(crate) cache_bytes: Option<u64>,
     pub(crate) shared_token: Option<String>,
 }
 
@@ -105,10 +118,11 @@ impl Default for Config {
             role: Role::Client,
             base_port: DEFAULT_BASE_PORT,
             device_index: None,
-            connect_timeout: Duration::from_secs(60),
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             call_timeout: Duration::from_secs(600),
             task_ttl: crate::task::DEFAULT_TASK_TTL,
             task_capacity: crate::task::DEFAULT_TASK_CAPACITY,
+            cache_bytes: None,
             shared_token: None,
         }
     }
@@ -151,6 +165,7 @@ impl Config {
         if let Some(ms) = parse_env::<u64>("SHARED_TENSOR_CONNECT_TIMEOUT_MS", "milliseconds")? {
             config.connect_timeout = Duration::from_millis(ms);
         }
+        config.cache_bytes = parse_env::<u64>("SHARED_TENSOR_CACHE_BYTES", "a number of bytes")?;
         if let Some(ms) = parse_env::<u64>("SHARED_TENSOR_CALL_TIMEOUT_MS", "milliseconds (at least 1)")? {
             if ms == 0 {
                 return Err(Error::config("SHARED_TENSOR_CALL_TIMEOUT_MS", "0", "milliseconds (at least 1)"));
@@ -244,7 +259,22 @@ impl Config {
         self
     }
 
-    /// How long a client keeps retrying to connect while the server starts (default 60 s).
+    /// The GPU memory cached results may hold (`None`: unlimited, the default). Past it,
+    /// storing a result evicts the least recently used unmanaged entries; managed entries
+    /// are never evicted (their handles, or `keep`, hold the memory anyway).
+    ///
+    /// ```
+    /// use shared_tensor_runtime::config::Config;
+    /// let config = Config::default().cache_bytes(Some(8 << 30)); // 8 GiB of cached results
+    /// assert_ne!(config, Config::default());
+    /// ```
+    pub fn cache_bytes(mut self, bytes: Option<u64>) -> Self {
+        self.cache_bytes = bytes;
+        self
+    }
+
+    /// How long a client keeps retrying to connect while the server starts (default 2 s,
+    /// [`DEFAULT_CONNECT_TIMEOUT`]).
     ///
     /// ```
     /// use shared_tensor_runtime::config::Config;

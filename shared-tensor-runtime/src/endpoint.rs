@@ -61,12 +61,16 @@ pub struct EndpointOptions {
     pub concurrency: Concurrency,
     /// `cache = bool`: reuse results by cache key.
     pub cache: bool,
-    /// `cache_key = "..."`: the key template (default: the endpoint's name).
+    /// `cache_key = "..."`: the key template (default: the endpoint's name and every
+    /// argument's value, see [`KeyPart`]).
     pub cache_key: Option<&'static str>,
     /// `singleflight = bool`: concurrent calls with one key run the body once.
     pub singleflight: bool,
     /// `managed`: results come back as managed handles with explicit release.
     pub managed: bool,
+    /// `keep` (managed and cached): a cached object stays alive with no handles, until
+    /// `NAME::invalidate(..)` drops its entry.
+    pub keep: bool,
 }
 
 impl EndpointOptions {
@@ -85,6 +89,7 @@ impl EndpointOptions {
         cache_key: None,
         singleflight: true,
         managed: false,
+        keep: false,
     };
 
     /// Whether calls need a key (for the cache or for singleflight).
@@ -137,6 +142,137 @@ pub struct Registration(pub &'static EndpointDef);
 
 inventory::collect!(Registration);
 
+/// A value that can be part of a cache key: every plain serde value (numbers, strings,
+/// `Vec`s, your `#[derive(Serialize)]` types), never a tensor or a module.
+///
+/// With no `cache_key`, a cached (or singleflight) endpoint keys each call by its name and
+/// **every argument's value**, encoded as MessagePack (rmp-serde, the encoding arguments
+/// travel in) and written as hex, or as the SHA-256 of that encoding when it is longer than
+/// [`CallKey::MAX_PLAIN_BYTES`] bytes: `add(1)` and `add(2)` are two entries, `add(1)` twice is
+/// one. A `cache_key = "..."` template may name only parameters that are `KeyPart`s too.
+/// Tensors and modules are not: their contents live on the GPU, and keying by them would
+/// either copy them or join different calls. (Maps are encoded in their iteration order: key
+/// by a `BTreeMap`, not a `HashMap`, or equal maps may miss each other's entries.)
+///
+/// ```
+/// use shared_tensor_runtime::endpoint::{CallKey, KeyPart};
+/// fn is_key_part<K: KeyPart + ?Sized>() {}
+/// is_key_part::<i64>();
+/// is_key_part::<str>();
+/// is_key_part::<Vec<(String, f32)>>();
+/// let mut a = CallKey::new("add");
+/// a.part(&1i64);
+/// let mut b = CallKey::new("add");
+/// b.part(&2i64);
+/// assert_ne!(a.finish().unwrap(), b.finish().unwrap());
+/// ```
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be part of a cache key",
+    label = "a tensor or module argument has no value to key a cached result by",
+    note = "an endpoint that caches (the default) or uses singleflight keys every call by its arguments' \
+            values; tensors and modules cannot be keys (their contents live on the GPU)",
+    note = "name the key over the endpoint's non-tensor parameters, e.g. \
+            #[share(cache_key = \"model:{{hidden_size}}\")], or set `cache = false` (and leave \
+            `singleflight` off)"
+)]
+pub trait KeyPart {
+    /// Appends this value's stable encoding to `key`.
+    fn write_key(&self, key: &mut CallKey);
+}
+
+impl<T: Serialize + ?Sized> KeyPart for T {
+    fn write_key(&self, key: &mut CallKey) {
+        if let Err(e) = rmp_serde::encode::write(&mut key.bytes, self) {
+            key.error.get_or_insert_with(|| e.to_string());
+        }
+    }
+}
+
+/// The cache key of one call, built from its endpoint's name and its arguments' values
+/// (see [`KeyPart`] for the encoding).
+///
+/// ```
+/// use shared_tensor_runtime::endpoint::CallKey;
+/// let mut key = CallKey::new("load_model");
+/// key.part(&4096i64);
+/// key.part("fp16");
+/// assert_eq!(key.finish().unwrap(), "load_model:cd1000a466703136");
+/// ```
+#[derive(Debug)]
+pub struct CallKey {
+    endpoint: &'static str,
+    bytes: Vec<u8>,
+    error: Option<String>,
+}
+
+impl CallKey {
+    /// Encodings up to this many bytes are written out; longer ones are hashed (SHA-256).
+    ///
+    /// ```
+    /// use shared_tensor_runtime::endpoint::CallKey;
+    /// let mut key = CallKey::new("sum");
+    /// key.part(&vec![1u32; 1000]);
+    /// assert!(key.finish().unwrap().starts_with("sum:sha256:"));
+    /// # assert!(CallKey::MAX_PLAIN_BYTES >= 32);
+    /// ```
+    pub const MAX_PLAIN_BYTES: usize = 64;
+
+    /// An empty key of `endpoint`.
+    ///
+    /// ```
+    /// use shared_tensor_runtime::endpoint::CallKey;
+    /// assert_eq!(CallKey::new("ping").finish().unwrap(), "ping:");
+    /// ```
+    pub fn new(endpoint: &'static str) -> CallKey {
+        CallKey { endpoint, bytes: Vec::new(), error: None }
+    }
+
+    /// Appends one argument's value.
+    ///
+    /// ```
+    /// use shared_tensor_runtime::endpoint::CallKey;
+    /// let mut key = CallKey::new("scale");
+    /// key.part(&2.5f64).part(&true);
+    /// assert!(key.finish().unwrap().starts_with("scale:"));
+    /// ```
+    pub fn part<K: KeyPart + ?Sized>(&mut self, value: &K) -> &mut CallKey {
+        value.write_key(self);
+        self
+    }
+
+    /// The key, or [`Error::BadArguments`] if a value could not be encoded.
+    ///
+    /// ```
+    /// use shared_tensor_runtime::endpoint::CallKey;
+    /// let mut key = CallKey::new("echo");
+    /// key.part(&1i64);
+    /// assert_eq!(key.finish().unwrap(), "echo:01");
+    /// ```
+    pub fn finish(self) -> Result<String> {
+        use sha2::Digest;
+        use std::fmt::Write;
+        if let Some(reason) = self.error {
+            return Err(Error::BadArguments {
+                endpoint: self.endpoint.into(),
+                reason: format!("an argument cannot be encoded as a cache key: {reason}"),
+            });
+        }
+        let (prefix, bytes) = if self.bytes.len() > Self::MAX_PLAIN_BYTES {
+            ("sha256:", sha2::Sha256::digest(&self.bytes).to_vec())
+        } else {
+            ("", self.bytes)
+        };
+        let mut key = String::with_capacity(self.endpoint.len() + 8 + 2 * bytes.len());
+        key.push_str(self.endpoint);
+        key.push(':');
+        key.push_str(prefix);
+        for b in bytes {
+            let _ = write!(key, "{b:02x}");
+        }
+        Ok(key)
+    }
+}
+
 /// What a server says about one of its endpoints.
 ///
 /// ```
@@ -144,7 +280,7 @@ inventory::collect!(Registration);
 /// let info = EndpointInfo {
 ///     name: "identity".into(), path: "demo::identity".into(), params: vec!["tensor".into()],
 ///     execution: Execution::Direct, concurrency: Default::default(), cache: false,
-///     cache_key: None, singleflight: false, managed: false,
+///     cache_key: None, singleflight: false, managed: false, keep: false,
 /// };
 /// assert_eq!(info.name, "identity");
 /// ```
@@ -168,6 +304,8 @@ pub struct EndpointInfo {
     pub singleflight: bool,
     /// Whether results are managed handles.
     pub managed: bool,
+    /// Whether cached managed results stay alive with no handles (`keep`).
+    pub keep: bool,
 }
 
 impl From<&EndpointDef> for EndpointInfo {
@@ -183,6 +321,7 @@ impl From<&EndpointDef> for EndpointInfo {
             cache_key: o.cache_key.map(str::to_string),
             singleflight: o.singleflight,
             managed: o.managed,
+            keep: o.keep,
         }
     }
 }

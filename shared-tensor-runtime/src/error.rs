@@ -176,6 +176,15 @@ pub enum Error {
         message: String,
     },
 
+    /// A client's call was still pending on the server (queued, or waiting for a
+    /// serialized endpoint) when its caller's deadline passed: the server cancelled it
+    /// without running it. Nobody waits for this error; it is counted and logged.
+    #[error("call to {endpoint:?} was cancelled on the server: its caller's deadline passed before it ran")]
+    DeadlinePassed {
+        /// The endpoint.
+        endpoint: String,
+    },
+
     /// The call did not complete in time. Only this call fails; the connection stays up.
     #[error("call to {endpoint:?} timed out after {timeout_ms} ms (set SHARED_TENSOR_CALL_TIMEOUT_MS or Config::call_timeout)")]
     Timeout {

@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use once_cell::sync::OnceCell;
 use parking_lot::{Condvar, Mutex};
@@ -54,6 +54,10 @@ pub trait AnyPayload: Send + 'static {
     fn into_any(self: Box<Self>) -> Box<dyn Any + Send>;
     /// The concrete type's name, for error messages.
     fn type_name(&self) -> &'static str;
+    /// Bytes of GPU memory, when known without encoding (`None`: from the encoding).
+    fn gpu_bytes_hint(&self) -> Option<u64> {
+        None
+    }
 }
 
 impl<P: Payload> AnyPayload for P {
@@ -93,6 +97,14 @@ impl Value {
 
     pub(crate) fn encoded(&self) -> Result<&Encoded> {
         self.encoded.get_or_try_init(|| self.typed.lock().encode_dyn("result"))
+    }
+
+    /// Bytes of GPU memory the value holds (0 if it cannot be encoded: the send will say why).
+    pub(crate) fn bytes(&self) -> u64 {
+        if let Some(bytes) = self.typed.lock().gpu_bytes_hint() {
+            return bytes;
+        }
+        self.encoded().map(Encoded::storage_bytes).unwrap_or(0)
     }
 
     fn alias_as<R: Payload>(&self, endpoint: &str) -> Result<R> {
@@ -200,8 +212,9 @@ impl Drop for GateGuard<'_> {
 }
 
 impl Gate {
-    /// Waits for the gate. A submitted task that is cancelled while waiting gives up.
-    fn enter(&self) -> Result<GateGuard<'_>> {
+    /// Waits for the gate. A submitted task that is cancelled while waiting gives up, and
+    /// so does a client's call whose deadline passes.
+    fn enter(&self, endpoint: &str) -> Result<GateGuard<'_>> {
         let current = task::current();
         let mut busy = self.busy.lock();
         while *busy {
@@ -209,6 +222,9 @@ impl Gate {
                 if t.is_cancelled() {
                     return Err(Error::Cancelled { task: t.id() });
                 }
+            }
+            if task::past_deadline() {
+                return Err(Error::DeadlinePassed { endpoint: endpoint.into() });
             }
             self.cv.wait_for(&mut busy, Duration::from_millis(20));
         }
@@ -221,6 +237,48 @@ enum Slot {
     Value(Arc<Value>),
     Object(u64),
 }
+
+/// One cache entry: its result and what introspection and eviction need.
+struct Entry {
+    slot: Slot,
+    bytes: u64,
+    hits: u64,
+    kept: bool,
+    last_used: SystemTime,
+    /// Recency for eviction (larger: used later).
+    tick: u64,
+}
+
+/// What a server says about one cache entry.
+///
+/// ```
+/// use shared_tensor_runtime::exec::CacheEntryInfo;
+/// let e = CacheEntryInfo {
+///     endpoint: "load_model".into(), key: "model:4096".into(), bytes: 64 << 20, hits: 3,
+///     last_used: std::time::SystemTime::now(), managed: true, kept: true,
+/// };
+/// assert!(e.kept && e.bytes > 0);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheEntryInfo {
+    /// The endpoint.
+    pub endpoint: String,
+    /// The key (see [`KeyPart`](crate::endpoint::KeyPart) for the default one).
+    pub key: String,
+    /// Bytes of GPU memory the result holds.
+    pub bytes: u64,
+    /// Calls answered from this entry.
+    pub hits: u64,
+    /// When it was last stored or hit.
+    pub last_used: SystemTime,
+    /// Whether the result is a managed object.
+    pub managed: bool,
+    /// Whether a `keep` endpoint keeps the object alive with no handles.
+    pub kept: bool,
+}
+
+/// The cache's byte budget from `SHARED_TENSOR_CACHE_BYTES` (unset: unlimited).
+const UNLIMITED: u64 = u64::MAX;
 
 /// What a singleflight leader shares with its joiners.
 #[derive(Clone)]
@@ -250,6 +308,7 @@ pub(crate) struct Stats {
     pub cache_misses: AtomicU64,
     pub singleflight_joins: AtomicU64,
     pub bytes_shared: AtomicU64,
+    pub deadline_cancellations: AtomicU64,
 }
 
 /// Counter values at one moment.
@@ -272,6 +331,8 @@ pub struct Counters {
     pub singleflight_joins: u64,
     /// Bytes of GPU storage handed to clients (counted per send).
     pub bytes_shared: u64,
+    /// Client calls cancelled on the server, still pending when their deadline passed.
+    pub deadline_cancellations: u64,
 }
 
 impl Stats {
@@ -284,6 +345,7 @@ impl Stats {
             cache_misses: get(&self.cache_misses),
             singleflight_joins: get(&self.singleflight_joins),
             bytes_shared: get(&self.bytes_shared),
+            deadline_cancellations: get(&self.deadline_cancellations),
         }
     }
 }
@@ -295,7 +357,11 @@ pub(crate) struct Core {
     pub(crate) server_id: u64,
     pub(crate) started: Instant,
     gates: Mutex<HashMap<&'static str, Arc<Gate>>>,
-    cache: Mutex<HashMap<(String, String), Slot>>,
+    cache: Mutex<HashMap<(String, String), Entry>>,
+    /// Bytes of GPU memory cached results may hold before the least recently used
+    /// unmanaged ones are evicted.
+    cache_budget: AtomicU64,
+    cache_tick: AtomicU64,
     flights: Mutex<HashMap<(String, String), Arc<Flight>>>,
     pub(crate) objects: Objects,
     pub(crate) tasks: Tasks,
@@ -315,6 +381,8 @@ impl Core {
             started: Instant::now(),
             gates: Mutex::new(HashMap::new()),
             cache: Mutex::new(HashMap::new()),
+            cache_budget: AtomicU64::new(UNLIMITED),
+            cache_tick: AtomicU64::new(0),
             flights: Mutex::new(HashMap::new()),
             objects: Objects::new(server_id),
             tasks,
@@ -336,8 +404,12 @@ impl Core {
     {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let result = self.call_inner(def, key, holder, body);
-        if result.is_err() {
+        if let Err(e) = &result {
             self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            if matches!(e, Error::DeadlinePassed { .. }) {
+                self.stats.deadline_cancellations.fetch_add(1, Ordering::Relaxed);
+                tracing::info!("{e}");
+            }
         }
         result
     }
@@ -413,7 +485,7 @@ impl Core {
         let gate = (def.options.concurrency == Concurrency::Serialized)
             .then(|| self.gates.lock().entry(def.name).or_default().clone());
         let _guard = match &gate {
-            Some(gate) => Some(gate.enter()?),
+            Some(gate) => Some(gate.enter(def.name)?),
             None => None,
         };
         if let (Some(key), true, true) = (key, def.options.cache, gate.is_some()) {
@@ -428,6 +500,9 @@ impl Core {
     where
         F: FnOnce() -> Result<Box<dyn AnyPayload>>,
     {
+        if task::past_deadline() {
+            return Err(Error::DeadlinePassed { endpoint: def.name.into() });
+        }
         if let Some(current) = task::current() {
             // Already inside a submitted task: it is the task.
             if current.is_cancelled() {
@@ -464,13 +539,16 @@ impl Core {
             let value = Arc::new(Value::new(value));
             let id = self.objects.create(def.name, cache_key.clone(), value.clone(), holder);
             if let Some(key) = cache_key {
-                self.cache.lock().insert((def.name.to_string(), key), Slot::Object(id));
+                if opts.keep {
+                    self.objects.acquire(id, Holder::Kept);
+                }
+                self.store(def.name, key, Slot::Object(id), value.bytes(), opts.keep);
             }
             return Outcome::Object { id, value };
         }
         if let Some(key) = cache_key {
             let value = Arc::new(Value::new(value));
-            self.cache.lock().insert((def.name.to_string(), key), Slot::Value(value.clone()));
+            self.store(def.name, key, Slot::Value(value.clone()), value.bytes(), false);
             return Outcome::Shared(value);
         }
         if shared {
@@ -504,18 +582,95 @@ impl Core {
     fn find(&self, endpoint: &str, key: &str, holder: Holder) -> Option<Outcome> {
         let mut cache = self.cache.lock();
         let cache_key = (endpoint.to_string(), key.to_string());
-        let hit = match cache.get(&cache_key) {
-            None => None,
-            Some(Slot::Value(v)) => Some(Outcome::Shared(v.clone())),
-            Some(Slot::Object(id)) => match self.objects.acquire(*id, holder) {
-                Some(value) => Some(Outcome::Object { id: *id, value }),
+        let entry = cache.get_mut(&cache_key)?;
+        let hit = match &entry.slot {
+            Slot::Value(v) => Outcome::Shared(v.clone()),
+            Slot::Object(id) => match self.objects.acquire(*id, holder) {
+                Some(value) => Outcome::Object { id: *id, value },
                 None => {
                     cache.remove(&cache_key);
-                    None
+                    return None;
                 }
             },
         };
-        hit
+        entry.hits += 1;
+        entry.last_used = SystemTime::now();
+        entry.tick = self.cache_tick.fetch_add(1, Ordering::Relaxed);
+        Some(hit)
+    }
+
+    /// Stores a cache entry, then evicts least recently used unmanaged entries while the
+    /// cache holds more than its byte budget. Managed entries are never evicted: their
+    /// handles (or `keep`) hold the memory anyway, and dropping the entry frees nothing.
+    fn store(&self, endpoint: &str, key: String, slot: Slot, bytes: u64, kept: bool) {
+        let tick = self.cache_tick.fetch_add(1, Ordering::Relaxed);
+        let entry = Entry { slot, bytes, hits: 0, kept, last_used: SystemTime::now(), tick };
+        let mut cache = self.cache.lock();
+        let replaced = cache.insert((endpoint.to_string(), key), entry);
+        let budget = self.cache_budget.load(Ordering::Relaxed);
+        let mut total: u64 = cache.values().map(|e| e.bytes).sum();
+        let mut evicted = Vec::new();
+        while total > budget {
+            let Some(victim) = cache
+                .iter()
+                .filter(|(_, e)| matches!(e.slot, Slot::Value(_)) && e.tick != tick)
+                .min_by_key(|(_, e)| e.tick)
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            let e = cache.remove(&victim).expect("just found");
+            total -= e.bytes;
+            tracing::debug!(endpoint = %victim.0, key = %victim.1, bytes = e.bytes, "cache entry evicted (over the byte budget)");
+            evicted.push(e);
+        }
+        drop(cache);
+        self.unkeep(replaced.into_iter().chain(evicted));
+    }
+
+    /// Gives back the `keep` references of entries that left the cache.
+    fn unkeep(&self, removed: impl IntoIterator<Item = Entry>) {
+        let destroyed: Vec<Destroyed> = removed
+            .into_iter()
+            .filter_map(|e| match e.slot {
+                Slot::Object(id) if e.kept => self.objects.release(id, Holder::Kept).ok().flatten(),
+                _ => None,
+            })
+            .collect();
+        // Their cache entries are gone already; nothing to uncache.
+        drop(destroyed);
+    }
+
+    /// Sets the cache's byte budget (`None`: unlimited); applies from the next store.
+    pub(crate) fn set_cache_budget(&self, bytes: Option<u64>) {
+        self.cache_budget.store(bytes.unwrap_or(UNLIMITED), Ordering::Relaxed);
+    }
+
+    /// The cache's byte budget (`None`: unlimited).
+    pub(crate) fn cache_budget(&self) -> Option<u64> {
+        Some(self.cache_budget.load(Ordering::Relaxed)).filter(|b| *b != UNLIMITED)
+    }
+
+    /// The cache entries, most recently used first.
+    pub(crate) fn cache_entries(&self) -> Vec<CacheEntryInfo> {
+        let cache = self.cache.lock();
+        let mut entries: Vec<(u64, CacheEntryInfo)> = cache
+            .iter()
+            .map(|((endpoint, key), e)| {
+                let info = CacheEntryInfo {
+                    endpoint: endpoint.clone(),
+                    key: key.clone(),
+                    bytes: e.bytes,
+                    hits: e.hits,
+                    last_used: e.last_used,
+                    managed: matches!(e.slot, Slot::Object(_)),
+                    kept: e.kept,
+                };
+                (e.tick, info)
+            })
+            .collect();
+        entries.sort_by_key(|e| std::cmp::Reverse(e.0));
+        entries.into_iter().map(|(_, e)| e).collect()
     }
 
     /// Submits a call as a task; returns its id at once.
@@ -638,7 +793,7 @@ impl Core {
         for d in destroyed {
             if let Some(key) = d.cache_key {
                 let k = (d.endpoint, key);
-                if matches!(cache.get(&k), Some(Slot::Object(id)) if *id == d.object_id) {
+                if matches!(cache.get(&k), Some(Entry { slot: Slot::Object(id), .. }) if *id == d.object_id) {
                     cache.remove(&k);
                 }
             }
@@ -647,16 +802,24 @@ impl Core {
 
     /// Drops every cache entry of an endpoint; returns how many there were. Handles
     /// already issued stay valid.
+    /// A kept object is released too (destroyed if no handle holds it).
     pub(crate) fn invalidate_endpoint(&self, endpoint: &str) -> usize {
-        let mut cache = self.cache.lock();
-        let before = cache.len();
-        cache.retain(|(e, _), _| e != endpoint);
-        before - cache.len()
+        let removed: Vec<Entry> = {
+            let mut cache = self.cache.lock();
+            let keys: Vec<(String, String)> = cache.keys().filter(|(e, _)| e == endpoint).cloned().collect();
+            keys.iter().filter_map(|k| cache.remove(k)).collect()
+        };
+        let n = removed.len();
+        self.unkeep(removed);
+        n
     }
 
-    /// Drops one cache entry; true if it existed.
+    /// Drops one cache entry (and releases a kept object); true if it existed.
     pub(crate) fn invalidate_key(&self, endpoint: &str, key: &str) -> bool {
-        self.cache.lock().remove(&(endpoint.to_string(), key.to_string())).is_some()
+        let removed = self.cache.lock().remove(&(endpoint.to_string(), key.to_string()));
+        let existed = removed.is_some();
+        self.unkeep(removed);
+        existed
     }
 
     pub(crate) fn cache_len(&self) -> usize {
@@ -703,5 +866,121 @@ impl Drop for Publish<'_> {
         if !self.done {
             self.publish(Err(Error::Protocol("the singleflight leader stopped without a result".into())));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::endpoint::EndpointOptions;
+    use crate::payload::Decoder;
+
+    /// A result that says how much GPU memory it holds, without a GPU.
+    struct Blob(u64);
+
+    impl AnyPayload for Blob {
+        fn encode_dyn(&self, _: &str) -> Result<Encoded> {
+            Err(Error::Protocol("a test blob is never sent".into()))
+        }
+        fn alias_dyn(&self) -> Result<Box<dyn AnyPayload>> {
+            Ok(Box::new(Blob(self.0)))
+        }
+        fn into_any(self: Box<Self>) -> Box<dyn Any + Send> {
+            self
+        }
+        fn type_name(&self) -> &'static str {
+            "Blob"
+        }
+        fn gpu_bytes_hint(&self) -> Option<u64> {
+            Some(self.0)
+        }
+    }
+
+    fn never(_: &mut Decoder) -> Result<Prepared> {
+        Err(Error::Protocol("not called".into()))
+    }
+
+    const DIRECT: EndpointOptions = EndpointOptions { execution: Execution::Direct, ..EndpointOptions::DEFAULT };
+    static VALUES: EndpointDef =
+        EndpointDef { name: "values", path: "t::values", options: DIRECT, params: &["k"], dispatch: never };
+    static MODELS: EndpointDef = EndpointDef {
+        name: "models",
+        path: "t::models",
+        options: EndpointOptions { managed: true, keep: true, ..DIRECT },
+        params: &["k"],
+        dispatch: never,
+    };
+    static OBJECTS: EndpointDef = EndpointDef {
+        name: "objects",
+        path: "t::objects",
+        options: EndpointOptions { managed: true, ..DIRECT },
+        params: &["k"],
+        dispatch: never,
+    };
+
+    fn core() -> Core {
+        Core::new(1, Tasks::new(Duration::from_secs(60), 100), Box::new(|f| drop(std::thread::spawn(f))))
+    }
+
+    /// Calls `def` with `key`; returns the outcome and whether the body ran.
+    fn call(core: &Core, def: &'static EndpointDef, key: &str, bytes: u64) -> (Outcome, bool) {
+        let ran = std::cell::Cell::new(false);
+        let outcome = core
+            .call(def, Some(key.into()), Holder::Local, || {
+                ran.set(true);
+                Ok(Box::new(Blob(bytes)) as Box<dyn AnyPayload>)
+            })
+            .unwrap();
+        (outcome, ran.get())
+    }
+
+    fn keys(core: &Core) -> Vec<String> {
+        core.cache_entries().into_iter().map(|e| e.key).collect()
+    }
+
+    #[test]
+    fn over_the_byte_budget_the_least_recently_used_values_go() {
+        let core = core();
+        core.set_cache_budget(Some(250));
+        assert!(call(&core, &VALUES, "a", 100).1);
+        assert!(call(&core, &VALUES, "b", 100).1);
+        assert!(!call(&core, &VALUES, "a", 100).1, "a hit; now a is more recent than b");
+        assert!(call(&core, &VALUES, "c", 100).1);
+        assert_eq!(keys(&core), ["c", "a"], "b, the least recently used, was evicted");
+        assert!(call(&core, &VALUES, "b", 100).1, "b is computed again");
+        assert_eq!(keys(&core), ["b", "c"]);
+        let a = core.cache_entries();
+        assert_eq!((a[1].bytes, a[1].hits, a[1].managed), (100, 0, false));
+        // A result larger than the whole budget is still stored (and evicts the rest).
+        assert!(call(&core, &VALUES, "huge", 1000).1);
+        assert_eq!(keys(&core), ["huge"]);
+        core.set_cache_budget(None);
+        assert!(call(&core, &VALUES, "a", 100).1);
+        assert_eq!(keys(&core).len(), 2, "unlimited again");
+    }
+
+    #[test]
+    fn managed_entries_are_never_evicted_and_kept_ones_outlive_their_handles() {
+        let core = core();
+        core.set_cache_budget(Some(10));
+        let (Outcome::Object { id: kept, .. }, true) = call(&core, &MODELS, "m", 100) else { panic!("built") };
+        let (Outcome::Object { id: plain, .. }, true) = call(&core, &OBJECTS, "o", 100) else { panic!("built") };
+        assert!(call(&core, &VALUES, "v", 5).1);
+        assert_eq!(keys(&core).len(), 3, "managed entries stay whatever the budget");
+        // Every handle released: the kept model stays (and is not rebuilt), the other goes.
+        assert_eq!(core.release_objects(&[kept, plain], Holder::Local), [true, true]);
+        assert_eq!(core.objects.count(), 1);
+        for _ in 0..3 {
+            let (Outcome::Object { id, .. }, ran) = call(&core, &MODELS, "m", 100) else { panic!("object") };
+            assert_eq!((id, ran), (kept, false), "the kept model is handed out again, not rebuilt");
+            core.release_objects(&[id], Holder::Local);
+        }
+        let entry = core.cache_entries().into_iter().find(|e| e.key == "m").unwrap();
+        assert!(entry.kept && entry.managed && entry.hits == 3);
+        assert!(!keys(&core).contains(&"o".to_string()), "the unkept object left with its last handle");
+        // Dropping the entry lets the model go.
+        assert!(core.invalidate_key("models", "m"));
+        assert_eq!(core.objects.count(), 0);
+        assert!(call(&core, &MODELS, "m", 100).1, "built again after invalidate");
     }
 }

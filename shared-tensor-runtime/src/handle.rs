@@ -104,7 +104,7 @@ impl Backend {
                 from_outcome(core.collect(&record, Holder::Local)?, self, endpoint)
             }
             Via::Remote(client) => {
-                from_answer(client.request_async(Request::WaitTask(id), None).await?, self, endpoint)
+                from_answer(client.request_async(Request::WaitTask(id), None)?.await?, self, endpoint)
             }
         }
     }

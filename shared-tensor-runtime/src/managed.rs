@@ -28,6 +28,8 @@ pub(crate) enum Holder {
     Connection(u64),
     /// A finished task whose result has not been collected.
     Task(u64),
+    /// The cache of a `keep` endpoint: one reference while its entry exists.
+    Kept,
 }
 
 /// What the registry says about a managed object.

@@ -6,7 +6,7 @@ use std::fmt::Display;
 pub use inventory;
 pub use serde;
 
-pub use crate::endpoint::{Concurrency, EndpointDef, EndpointOptions, Execution, Registration};
+pub use crate::endpoint::{CallKey, Concurrency, EndpointDef, EndpointOptions, Execution, KeyPart, Registration};
 pub use crate::exec::Prepared;
 pub use crate::handle::{Output, TaskHandle};
 pub use crate::payload::{Argument, Decoder, Encoder, Node};
@@ -81,6 +81,10 @@ pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + 
 /// Compile-time check that a result type is a payload (errors point at the return type).
 pub fn assert_payload<P: crate::payload::Payload>() {}
 
+/// Check that a parameter a `cache_key` template names can be part of a key (errors
+/// point at its type).
+pub fn assert_key_part<K: KeyPart + ?Sized>(_: &K) {}
+
 /// Compile-time check that a parameter type can be an argument.
 pub fn assert_argument<V, A: Argument<V>>() {}
 
@@ -89,7 +93,7 @@ pub fn assert_argument<V, A: Argument<V>>() {}
 pub fn call<O: Output, A>(
     def: &'static EndpointDef,
     args: A,
-    key: impl FnOnce(&A) -> Option<String>,
+    key: impl FnOnce(&A) -> Result<Option<String>>,
     encode: impl FnOnce(&mut Encoder, &A) -> Result<Vec<Node>>,
     local: impl FnOnce(A) -> Result<O::Value>,
 ) -> Result<O> {
@@ -106,7 +110,7 @@ pub fn call<O: Output, A>(
         }
         Role::Server | Role::Local => {
             let core = rt.core();
-            let key = key(&args);
+            let key = key(&args)?;
             let body = move || local(args).map(|v| Box::new(v) as Box<dyn AnyPayload>);
             let outcome = core.call(def, key, Holder::Local, body)?;
             from_outcome(outcome, &Backend::local(core.clone()), def.name)
@@ -114,13 +118,13 @@ pub fn call<O: Output, A>(
     }
 }
 
-/// The async counterpart of [`call`]. In the client role the arguments are encoded now
-/// and the reply is awaited; in the server and local roles the call runs now, on the
+/// The async counterpart of [`call`]. In the client role the arguments are encoded and
+/// the request sent now, and the future awaits the reply (a plain future: any executor); in the server and local roles the call runs now, on the
 /// calling thread, and the future is ready.
 pub fn call_async<O: Output, A>(
     def: &'static EndpointDef,
     args: A,
-    key: impl FnOnce(&A) -> Option<String>,
+    key: impl FnOnce(&A) -> Result<Option<String>>,
     encode: impl FnOnce(&mut Encoder, &A) -> Result<Vec<Node>>,
     local: impl FnOnce(A) -> Result<O::Value>,
 ) -> BoxFuture<Result<O>> {
@@ -135,14 +139,16 @@ pub fn call_async<O: Output, A>(
         }
         Err(e) => return Box::pin(std::future::ready(Err(e))),
     };
-    let prepared = encode_args(&args, encode).and_then(|encoded| {
+    // Sent now, as the sync call would; the future only waits for the reply (on any
+    // executor) and, dropped early, releases what the reply lends.
+    let sent = encode_args(&args, encode).and_then(|encoded| {
         let request = client.call_request(def.name, &encoded, false)?;
-        Ok((encoded, request))
+        Ok((encoded, client.request_async(request, Some(client.call_timeout()))?))
     });
     drop(args);
     Box::pin(async move {
-        let (encoded, request) = prepared?;
-        let answer = client.request_async(request, Some(client.call_timeout())).await?;
+        let (encoded, reply) = sent?;
+        let answer = reply.await?;
         drop(encoded);
         from_answer(answer, &Backend::remote(client.clone()), def.name)
     })
@@ -153,7 +159,7 @@ pub fn call_async<O: Output, A>(
 pub fn submit<O: Output, A>(
     def: &'static EndpointDef,
     args: A,
-    key: impl FnOnce(&A) -> Option<String>,
+    key: impl FnOnce(&A) -> Result<Option<String>>,
     encode: impl FnOnce(&mut Encoder, &A) -> Result<Vec<Node>>,
     detach: impl FnOnce(A) -> Result<Box<dyn FnOnce() -> Result<O::Value> + Send>>,
 ) -> Result<TaskHandle<O>> {
@@ -175,7 +181,7 @@ pub fn submit<O: Output, A>(
         }
         Role::Server | Role::Local => {
             let core = rt.core();
-            let key = key(&args);
+            let key = key(&args)?;
             let body = detach(args)?;
             let body = Box::new(move || body().map(|v| Box::new(v) as Box<dyn AnyPayload>));
             let id = core.submit(def, key, body)?;

@@ -104,6 +104,7 @@ impl Runtime {
             Tasks::new(config.task_ttl, config.task_capacity),
             spawn,
         ));
+        core.set_cache_budget(config.cache_bytes);
         let runtime = Arc::new(Runtime { config, core, server: Mutex::new(None), client: OnceCell::new() });
         if runtime.config.role == Role::Server {
             // A server shares CUDA memory: without a GPU there is nothing to serve.
@@ -304,6 +305,23 @@ pub fn client() -> Result<Client> {
             role.to_string(),
             "client (or unset): only a client-role process has a client",
         )),
+    }
+}
+
+/// Waits up to `timeout` for this device's server to accept a connection (client role;
+/// at once in the server and local roles): the explicit longer wait for a server that
+/// starts alongside this process, instead of the short default connect timeout. Logs once
+/// at info level past one second.
+///
+/// ```no_run
+/// shared_tensor_runtime::runtime::wait_for_server(std::time::Duration::from_secs(120))?;
+/// # Ok::<(), shared_tensor_runtime::Error>(())
+/// ```
+pub fn wait_for_server(timeout: Duration) -> Result<()> {
+    let rt = global()?;
+    match rt.role() {
+        Role::Client => rt.client()?.wait_for_server(timeout),
+        Role::Server | Role::Local => Ok(()),
     }
 }
 

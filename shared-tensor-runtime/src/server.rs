@@ -10,12 +10,13 @@
 //! Start one with the server role (`SHARED_TENSOR_ROLE=server`), or in code with
 //! [`serve_in_background`](crate::runtime::serve_in_background) (manual mode).
 
+pub use crate::exec::CacheEntryInfo;
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener as StdListener};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use parking_lot::{Mutex, MutexGuard};
@@ -79,6 +80,10 @@ pub struct ServerInfo {
     pub connections: u64,
     /// Cache entries.
     pub cache_entries: u64,
+    /// Each cache entry (key, bytes, hits, last use), most recently used first.
+    pub cache: Vec<CacheEntryInfo>,
+    /// The cache's byte budget (`SHARED_TENSOR_CACHE_BYTES`; `None`: unlimited).
+    pub cache_budget_bytes: Option<u64>,
     /// GPU memory of the server process on its device (`None` without CUDA).
     pub gpu_memory: Option<crate::cuda::MemoryStats>,
     /// Resident host memory of the server process, in bytes.
@@ -115,6 +120,8 @@ impl ServerState {
             ipc_mappings: crate::ipc::open_mappings(),
             connections: links.len() as u64,
             cache_entries: self.core.cache_len() as u64,
+            cache: self.core.cache_entries(),
+            cache_budget_bytes: self.core.cache_budget(),
             gpu_memory: (crate::cuda::device_count() > 0)
                 .then(|| crate::cuda::memory_stats(self.device_index).ok())
                 .flatten(),
@@ -635,6 +642,8 @@ async fn handshake(
 struct Call {
     id: u64,
     def: &'static EndpointDef,
+    /// When the caller stops waiting: past it, the call is cancelled if still pending.
+    deadline: Option<Instant>,
     prepare: Box<dyn FnOnce() -> Result<Prepared> + Send>,
 }
 
@@ -686,8 +695,11 @@ impl Conn {
     fn handle(&self, id: u64, request: Request) -> Option<Call> {
         let core = &self.state.core;
         let result = match request {
-            Request::Call { endpoint, args } => return self.call(id, endpoint, args, false),
-            Request::Submit { endpoint, args } => return self.call(id, endpoint, args, true),
+            Request::Call { endpoint, args, deadline_ms } => {
+                let deadline = deadline_ms.and_then(|ms| Instant::now().checked_add(Duration::from_millis(ms)));
+                return self.call(id, endpoint, args, false, deadline);
+            }
+            Request::Submit { endpoint, args } => return self.call(id, endpoint, args, true, None),
             Request::WaitTask(task) => {
                 self.spawn_wait(id, task);
                 return None;
@@ -713,7 +725,14 @@ impl Conn {
         None
     }
 
-    fn call(&self, id: u64, endpoint: String, args: PackedPayload, submit: bool) -> Option<Call> {
+    fn call(
+        &self,
+        id: u64,
+        endpoint: String,
+        args: PackedPayload,
+        submit: bool,
+        deadline: Option<Instant>,
+    ) -> Option<Call> {
         // Pin returned storages now, in message order, before a later Release can drop them.
         let received = match args.unpack() {
             Ok(args) => args.receive(&self.link),
@@ -737,7 +756,7 @@ impl Conn {
             return None;
         }
         if !def.options.cache {
-            return Some(Call { id, def, prepare: Box::new(move || decode(def, received)) });
+            return Some(Call { id, def, deadline, prepare: Box::new(move || decode(def, received)) });
         }
         // A cached endpoint's arguments are decoded here: a hit is answered at once (no
         // endpoint code runs for it).
@@ -753,18 +772,22 @@ impl Conn {
                 self.answer(id, || (self.respond(&hit), Some(hit)));
                 None
             }
-            None => Some(Call { id, def, prepare: Box::new(move || Ok(prepared)) }),
+            None => Some(Call { id, def, deadline, prepare: Box::new(move || Ok(prepared)) }),
         }
     }
 
     /// Runs a call on this thread (the body may take any time) and replies.
+    /// Past the call's deadline, a call still pending is cancelled; a running body can see
+    /// it through `task::is_cancelled()`.
     fn run_call(&self, call: Call) {
-        self.answer(call.id, || match (call.prepare)() {
-            Ok(prepared) => match self.state.core.call(call.def, prepared.key, self.holder(), prepared.body) {
-                Ok(outcome) => (self.respond(&outcome), Some(outcome)),
+        self.answer(call.id, || {
+            crate::task::with_deadline(call.deadline, || match (call.prepare)() {
+                Ok(prepared) => match self.state.core.call(call.def, prepared.key, self.holder(), prepared.body) {
+                    Ok(outcome) => (self.respond(&outcome), Some(outcome)),
+                    Err(e) => (Err(e), None),
+                },
                 Err(e) => (Err(e), None),
-            },
-            Err(e) => (Err(e), None),
+            })
         });
     }
 

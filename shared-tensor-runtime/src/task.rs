@@ -14,7 +14,7 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::{Condvar, Mutex};
 use serde::{Deserialize, Serialize};
@@ -354,6 +354,46 @@ impl Tasks {
 
 thread_local! {
     static CURRENT_TASK: RefCell<Option<Arc<TaskRecord>>> = const { RefCell::new(None) };
+    static CALL_DEADLINE: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with `deadline` as this thread's current call deadline (a client's call, on
+/// the server).
+pub(crate) fn with_deadline<T>(deadline: Option<Instant>, f: impl FnOnce() -> T) -> T {
+    struct Reset(Option<Instant>);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            CALL_DEADLINE.with(|d| d.set(self.0));
+        }
+    }
+    let _reset = Reset(CALL_DEADLINE.with(|d| d.replace(deadline)));
+    f()
+}
+
+/// Whether the current call's deadline has passed (its caller stopped waiting).
+pub(crate) fn past_deadline() -> bool {
+    CALL_DEADLINE.with(|d| d.get()).is_some_and(|d| Instant::now() >= d)
+}
+
+/// Whether the endpoint body running on this thread should stop early: its caller's
+/// deadline passed (the client stopped waiting; deadlines travel with each call), or it
+/// runs as a task that was cancelled. A cheap check (a thread-local and a clock read):
+/// call it between steps of long work and return early when it says so; what the body
+/// returns then reaches nobody. False outside an endpoint body.
+///
+/// ```
+/// // Inside a #[share] function doing long work in steps:
+/// for step in 0..1000 {
+///     if shared_tensor_runtime::task::is_cancelled() {
+///         break; // nobody waits for the result any more
+///     }
+///     // ... one step ...
+/// #   let _ = step;
+/// }
+/// assert!(!shared_tensor_runtime::task::is_cancelled(), "false outside an endpoint body");
+/// ```
+pub fn is_cancelled() -> bool {
+    past_deadline() || current().is_some_and(|t| t.is_cancelled())
 }
 
 /// Runs `f` with `record` as this thread's current task (for [`report_progress`]).

@@ -34,10 +34,10 @@ use crate::task::{TaskInfo, TaskStatus};
 ///
 /// ```
 /// use shared_tensor_runtime::wire::PROTOCOL_VERSION;
-/// let peer_protocol = 3; // from the peer's `Challenge` or `Welcome`
+/// let peer_protocol = 4; // from the peer's `Challenge` or `Welcome`
 /// assert_eq!(peer_protocol, PROTOCOL_VERSION, "both sides must speak the same protocol");
 /// ```
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Largest frame accepted, in bytes (64 MiB). Descriptors are small: a frame near this
 /// limit is a bug or an attack, not a tensor.
@@ -119,7 +119,7 @@ pub struct Welcome {
 /// use shared_tensor_runtime::payload::{Node, PackedPayload, WirePayload};
 /// use shared_tensor_runtime::wire::{ClientMessage, Request};
 /// let args = PackedPayload::pack(&WirePayload::plain(Node::Seq(vec![]))).unwrap();
-/// let call = Request::Call { endpoint: "identity".into(), args };
+/// let call = Request::Call { endpoint: "identity".into(), args, deadline_ms: Some(30_000) };
 /// let msg = ClientMessage::Request { id: 1, request: call };
 /// # let _ = msg;
 /// ```
@@ -131,6 +131,12 @@ pub enum Request {
         endpoint: String,
         /// The arguments: a sequence node, one element per parameter.
         args: PackedPayload,
+        /// How long the caller waits, in milliseconds from when the server reads the
+        /// request: past it, a call still pending there (queued, or waiting for a
+        /// serialized endpoint) is cancelled, and a running body sees
+        /// [`task::is_cancelled`](crate::task::is_cancelled). `None`: no deadline.
+        #[serde(default)]
+        deadline_ms: Option<u64>,
     },
     /// Submit an endpoint call as a task; the reply is the task id.
     Submit {
@@ -411,6 +417,7 @@ mod tests {
             request: Request::Call {
                 endpoint: "identity".into(),
                 args: PackedPayload::pack(&WirePayload::plain(Node::Seq(vec![]))).unwrap(),
+                deadline_ms: Some(5),
             },
         };
         let mut out = Vec::new();
@@ -453,7 +460,10 @@ mod tests {
         let args = PackedPayload::pack(&args).unwrap();
         let mut out = Vec::new();
         write_frame(
-            &ClientMessage::Request { id: 1, request: Request::Call { endpoint: "identity".into(), args } },
+            &ClientMessage::Request {
+                id: 1,
+                request: Request::Call { endpoint: "identity".into(), args, deadline_ms: None },
+            },
             &mut out,
         )
         .unwrap();

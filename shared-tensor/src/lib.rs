@@ -22,7 +22,7 @@
 /// The function keeps its name and parameters and returns `shared_tensor::Result<R>`
 /// (`Result<Managed<R>>` for a `managed` endpoint). A module of the same name holds its
 /// companions: `NAME::submit(..)` (run as a task, returns a [`TaskHandle`]),
-/// `NAME::call_async(..)` (a `Send` future), `NAME::invalidate(..)` (cached endpoints) and
+/// `NAME::call_async(..)` (a `Send` future that any executor can poll), `NAME::invalidate(..)` (cached endpoints) and
 /// `NAME::endpoint()` (its definition, for manual serving).
 ///
 /// | option | values | default | meaning |
@@ -30,16 +30,18 @@
 /// | `execution` | `"direct"`, `"task"` | `"task"` | run on the request path, or through the task system |
 /// | `concurrency` | `"parallel"`, `"serialized"` | `"parallel"` | whether executions of this endpoint may overlap |
 /// | `cache` | `true`, `false` | `true` | reuse results by cache key |
-/// | `cache_key` | `"model:{hidden_size}"` | the endpoint's name | key template over the parameters (`<name>` works too) |
-/// | `singleflight` | `true`, `false` | follows `cache` | concurrent calls with one key run the body once |
+/// | `cache_key` | `"model:{hidden_size}"` | endpoint + every argument's value ([`endpoint::KeyPart`]) | key template over the non-tensor parameters (`<name>` works too) |
+/// | `singleflight` | `true`, `false` | follows `cache` | concurrent calls with one key (so equal arguments) run the body once |
 /// | `managed` | flag | off | results come back as [`Managed`] handles with counted release |
+/// | `keep` | flag (managed, cached) | off | the cached object stays alive with no handles until `NAME::invalidate(..)` |
 /// | `name` | `"..."` | the function's name | the endpoint's name on the wire |
 ///
 /// Parameters are payloads (CUDA tensors, modules, containers of them), taken by value or
 /// by `&`, or plain serde values. The result must be a payload, or `Result<payload, E>`
 /// with `E: Display` (the caller gets [`Error::Endpoint`]). Mistakes in the options, a
-/// `cache_key` naming no parameter, or a result that carries no GPU memory are compile
-/// errors.
+/// `cache_key` naming no parameter or a tensor or module parameter, a cached (or
+/// singleflight) endpoint with a tensor or module argument and no `cache_key`, or a
+/// result that carries no GPU memory are compile errors.
 ///
 /// ```no_run
 /// use shared_tensor::{share, Managed};
@@ -96,7 +98,7 @@ pub use shared_tensor_runtime::private::BoxFuture;
 pub use shared_tensor_runtime::runtime::{
     cancel_task, client, configure, invalidate_cache_key, invalidate_endpoint_cache, list_endpoints, list_objects,
     list_tasks, object_info, ping, release_many, role, serve_in_background, serve_until_signal, serve_while_server,
-    server_info, task, task_info, wait_for_task,
+    server_info, task, task_info, wait_for_server, wait_for_task,
 };
 pub use shared_tensor_runtime::task::report_progress;
 pub use shared_tensor_runtime::{auth, client, config, cuda, endpoint, ipc, managed, payload, server, task, wire};

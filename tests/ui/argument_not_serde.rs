@@ -2,7 +2,7 @@ use shared_tensor::share;
 
 struct NotSerde;
 
-#[share]
+#[share(cache = false)]
 fn takes(x: NotSerde) {}
 
 fn main() {}

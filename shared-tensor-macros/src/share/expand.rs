@@ -16,7 +16,7 @@ use syn::spanned::Spanned;
 use syn::{Attribute, Ident, ItemFn, LitStr};
 
 use super::options::{Concurrency, Execution, Options};
-use super::signature::Signature;
+use super::signature::{Param, Signature};
 
 pub struct Generator<'a> {
     pub item: &'a ItemFn,
@@ -58,28 +58,93 @@ impl Generator<'_> {
         }
     }
 
-    /// The cache key from bindings named like the parameters (values or references).
-    fn key_value(&self) -> TokenStream {
-        if !self.opts.keyed() {
-            return quote!(::core::option::Option::None);
+    fn key_fn_ident(&self) -> Ident {
+        format_ident!("__shared_tensor_key_{}", self.sig.name)
+    }
+
+    /// The parameters the key is made of: those the `cache_key` template names, else all.
+    fn key_params(&self) -> Vec<&Param> {
+        match &self.opts.cache_key {
+            Some(t) => {
+                let names = super::key::parse_template(&t.value()).map(|k| k.names).unwrap_or_default();
+                self.sig.params.iter().filter(|p| names.contains(&p.name.to_string())).collect()
+            }
+            None => self.sig.params.iter().collect(),
         }
-        match &self.key {
-            Some(expr) => quote!(::core::option::Option::Some(#expr)),
+    }
+
+    /// `fn __shared_tensor_key_NAME(key params by reference) -> Result<String>`: the one
+    /// place keys are computed. Every key parameter must be a `KeyPart` (errors point at
+    /// its type): tensors and modules cannot key a call.
+    fn key_fn(&self) -> TokenStream {
+        if !self.opts.keyed() {
+            return TokenStream::new();
+        }
+        let ident = self.key_fn_ident();
+        let params = self.key_params();
+        let decls = params.iter().map(|p| {
+            let (n, t) = (&p.name, &p.owned_ty);
+            quote!(#n: &#t)
+        });
+        let body = match &self.key {
+            Some(template) => {
+                let checks = params.iter().map(|p| {
+                    let n = &p.name;
+                    quote_spanned! {p.ty.span()=> ::shared_tensor::__private::assert_key_part(#n); }
+                });
+                quote! {
+                    #(#checks)*
+                    ::core::result::Result::Ok(#template)
+                }
+            }
             None => {
                 let name = self.endpoint_name();
-                quote!(::core::option::Option::Some(::std::string::String::from(#name)))
+                let parts = params.iter().map(|p| {
+                    let n = &p.name;
+                    quote_spanned! {p.ty.span()=> __key.part(#n); }
+                });
+                quote! {
+                    let mut __key = ::shared_tensor::__private::CallKey::new(#name);
+                    #(#parts)*
+                    __key.finish()
+                }
+            }
+        };
+        quote! {
+            #[doc(hidden)]
+            #[allow(clippy::ptr_arg, clippy::trivially_copy_pass_by_ref)]
+            fn #ident(#(#decls),*) -> ::shared_tensor::Result<::std::string::String> {
+                #body
             }
         }
     }
 
+    /// `Option<String>` (with `?` on failure): the key from bindings named like the
+    /// parameters, references to the arguments if `refs`, else the arguments themselves.
+    fn key_value(&self, refs: bool, path: TokenStream) -> TokenStream {
+        if !self.opts.keyed() {
+            return quote!(::core::option::Option::None);
+        }
+        let ident = self.key_fn_ident();
+        let args = self.key_params().into_iter().map(|p| {
+            let n = &p.name;
+            if refs {
+                quote!(#n)
+            } else {
+                quote!(&#n)
+            }
+        });
+        quote!(::core::option::Option::Some(#path #ident(#(#args),*)?))
+    }
+
     /// `|__args| key`: destructures `&(params)` and computes the key.
-    fn key_closure(&self) -> TokenStream {
+    fn key_closure(&self, path: TokenStream) -> TokenStream {
         let names = self.names();
-        let key = self.key_value();
+        let key = self.key_value(true, path);
         quote!(|__args| {
             #[allow(unused_variables)]
             let (#(#names,)*) = __args;
-            #key
+            ::core::result::Result::Ok(#key)
         })
     }
 
@@ -165,7 +230,7 @@ impl Generator<'_> {
         let out = self.out_ty();
         let static_ident = self.static_ident();
         let names = self.names();
-        let key = self.key_closure();
+        let key = self.key_closure(quote!());
         let encode = self.encode_closure();
         let body_ident = self.body_ident();
         let local = self.local_closure(quote!(#body_ident));
@@ -204,7 +269,7 @@ impl Generator<'_> {
         let static_ident = self.static_ident();
         let body_ident = self.body_ident();
         let names = self.names();
-        let key = self.key_closure();
+        let key = self.key_closure(quote!(super::));
         let encode = self.encode_closure();
         let detach = self.detach_closure(quote!(super::#body_ident));
         let local = self.local_closure(quote!(super::#body_ident));
@@ -225,7 +290,9 @@ impl Generator<'_> {
                     ::shared_tensor::__private::submit::<#out, _>(&super::#static_ident, (#(#names,)*), #key, #encode, #detach)
                 }
 
-                /// The call, as a future for async code.
+                /// The call, as a future for async code: the request is sent now; the future
+                /// waits for the reply on any executor (no Tokio needed) and, dropped early,
+                /// releases what the reply lends.
                 pub fn call_async(#inputs) -> ::shared_tensor::BoxFuture<::shared_tensor::Result<#out>> {
                     ::shared_tensor::__private::call_async::<#out, _>(&super::#static_ident, (#(#names,)*), #key, #encode, #local)
                 }
@@ -240,25 +307,24 @@ impl Generator<'_> {
         }
     }
 
-    /// `invalidate(params named in the key)`.
+    /// `invalidate(params the key is made of)`.
     fn invalidate(&self) -> TokenStream {
         let static_ident = self.static_ident();
-        let key = self.key_value();
-        let used: Vec<&super::signature::Param> = match &self.opts.cache_key {
-            Some(t) => {
-                let names = super::key::parse_template(&t.value()).map(|k| k.names).unwrap_or_default();
-                self.sig.params.iter().filter(|p| names.contains(&p.name.to_string())).collect()
-            }
-            None => Vec::new(),
-        };
-        let params = used.iter().map(|p| {
+        let params = self.key_params();
+        let decls = params.iter().map(|p| {
             let (n, t) = (&p.name, &p.ty);
             quote!(#n: #t)
         });
+        let refs = params.iter().map(|p| {
+            let n = &p.name;
+            (!p.by_ref).then(|| quote!(let #n = &#n;))
+        });
+        let key = self.key_value(true, quote!(super::));
         quote! {
             /// Drops the cache entry these arguments map to; true if it existed. Handles
             /// already issued stay valid.
-            pub fn invalidate(#(#params),*) -> ::shared_tensor::Result<bool> {
+            pub fn invalidate(#(#decls),*) -> ::shared_tensor::Result<bool> {
+                #(#refs)*
                 let __key: ::core::option::Option<::std::string::String> = #key;
                 ::shared_tensor::__private::invalidate(&super::#static_ident, __key.unwrap_or_default())
             }
@@ -284,6 +350,7 @@ impl Generator<'_> {
         let cache = o.cache;
         let singleflight = o.singleflight();
         let managed = o.managed;
+        let keep = o.keep;
         let cache_key = match &o.cache_key {
             Some(t) => quote!(::core::option::Option::Some(#t)),
             None => quote!(::core::option::Option::None),
@@ -308,7 +375,7 @@ impl Generator<'_> {
             })
             .collect();
         let call = self.call_body(&args, quote!(#body_ident));
-        let key = self.key_value();
+        let key = self.key_value(false, quote!());
         let value_ty = &self.sig.value_ty;
         quote! {
             #[doc(hidden)]
@@ -323,6 +390,7 @@ impl Generator<'_> {
                     cache_key: #cache_key,
                     singleflight: #singleflight,
                     managed: #managed,
+                    keep: #keep,
                 },
                 params: &[#(#param_strs),*],
                 dispatch: #dispatch_ident,
@@ -374,8 +442,10 @@ impl Generator<'_> {
         let companions = self.companions();
         let registration = self.registration();
         let assertions = self.assertions();
+        let key_fn = self.key_fn();
         quote! {
             #stub
+            #key_fn
             #body
             #companions
             #registration

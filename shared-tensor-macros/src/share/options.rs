@@ -25,6 +25,7 @@ pub struct Options {
     /// Explicit `singleflight = ...`; when absent it follows `cache`.
     pub singleflight: Option<bool>,
     pub managed: bool,
+    pub keep: bool,
     pub cache_key: Option<LitStr>,
     pub name: Option<LitStr>,
 }
@@ -40,7 +41,7 @@ impl Options {
     }
 }
 
-const KNOWN: &str = "execution, concurrency, cache, cache_key, singleflight, managed, name";
+const KNOWN: &str = "execution, concurrency, cache, cache_key, singleflight, managed, keep, name";
 
 fn string_value(expr: &Expr, option: &str, expected: &str, errors: &mut Errors) -> Option<LitStr> {
     match expr {
@@ -70,12 +71,17 @@ pub fn parse(args: Punctuated<Meta, Token![,]>, errors: &mut Errors) -> Options 
         cache: true,
         singleflight: None,
         managed: false,
+        keep: false,
         cache_key: None,
         name: None,
     };
     let mut seen: Vec<String> = Vec::new();
+    let mut keep_span = None;
     for meta in args {
         let path = meta.path();
+        if path.is_ident("keep") {
+            keep_span = Some(syn::spanned::Spanned::span(&meta));
+        }
         let Some(ident) = path.get_ident().map(|i| i.to_string()) else {
             errors.push(path, format!("unknown option; expected one of: {KNOWN}"));
             continue;
@@ -88,6 +94,8 @@ pub fn parse(args: Punctuated<Meta, Token![,]>, errors: &mut Errors) -> Options 
         match (&*ident, &meta) {
             ("managed", Meta::Path(_)) => o.managed = true,
             ("managed", Meta::NameValue(nv)) => o.managed = bool_value(&nv.value, "managed", errors).unwrap_or(false),
+            ("keep", Meta::Path(_)) => o.keep = true,
+            ("keep", Meta::NameValue(nv)) => o.keep = bool_value(&nv.value, "keep", errors).unwrap_or(false),
             ("cache", Meta::NameValue(nv)) => o.cache = bool_value(&nv.value, "cache", errors).unwrap_or(true),
             ("singleflight", Meta::NameValue(nv)) => o.singleflight = bool_value(&nv.value, "singleflight", errors),
             ("execution", Meta::NameValue(nv)) => {
@@ -129,12 +137,20 @@ pub fn parse(args: Punctuated<Meta, Token![,]>, errors: &mut Errors) -> Options 
                 path,
                 "`cache_format_key` is spelled `cache_key` here: #[share(cache_key = \"model:{hidden_size}\")]",
             ),
-            ("managed", _) => errors.push(&meta, "`managed` is a flag: write `managed` or `managed = true`"),
+            ("managed" | "keep", _) => {
+                errors.push(&meta, format!("`{ident}` is a flag: write `{ident}` or `{ident} = true`"))
+            }
             ("cache" | "singleflight" | "execution" | "concurrency" | "cache_key" | "name", _) => {
                 errors.push(&meta, format!("`{ident}` needs a value: `{ident} = ...`"))
             }
             (other, _) => errors.push(path, format!("unknown option `{other}`; expected one of: {KNOWN}")),
         }
+    }
+    if o.keep && !(o.managed && o.cache) {
+        errors.add(syn::Error::new(
+            keep_span.unwrap_or_else(proc_macro2::Span::call_site),
+            "`keep` keeps a cached managed object alive with no handles: it needs `managed` and `cache` (the default)",
+        ));
     }
     if let (Some(key), false) = (&o.cache_key, o.keyed()) {
         errors.push(key, "`cache_key` has no effect with `cache = false` and `singleflight = false`; remove it");

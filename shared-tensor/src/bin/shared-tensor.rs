@@ -1,7 +1,7 @@
 //! `shared-tensor`: look inside a running shared-tensor server.
 //!
 //! ```text
-//! shared-tensor ping | info | endpoints | tasks [--status S] | objects | release ID... | invalidate ENDPOINT [--key K]
+//! shared-tensor ping | info | endpoints | tasks [--status S] | objects | cache | release ID... | invalidate ENDPOINT [--key K]
 //!               [--base-port P] [--device D] [--json]
 //! ```
 //! The server is found like the library finds it: `127.0.0.1:(base port + device)`, with
@@ -47,6 +47,8 @@ enum Cmd {
     },
     /// Managed objects.
     Objects,
+    /// Cache entries: key, bytes, hits, last use (most recent first).
+    Cache,
     /// Remove managed objects from the server's registry (their handles become stale;
     /// tensors already received stay valid).
     Release {
@@ -246,6 +248,29 @@ fn run(cli: &Cli) -> shared_tensor::Result<()> {
                             ago(Some(o.created_at)),
                             ago(Some(o.last_accessed_at)),
                         ]
+                    })
+                    .collect(),
+            );
+        }
+        Cmd::Cache => {
+            let i = client.server_info()?;
+            if cli.json {
+                return print_json(&i.cache);
+            }
+            let budget = i.cache_budget_bytes.map_or("unlimited".into(), mib);
+            let held: u64 = i.cache.iter().map(|e| e.bytes).sum();
+            println!("{} entries, {} of a budget of {budget}", i.cache.len(), mib(held));
+            table(
+                &["endpoint", "key", "bytes", "hits", "last use", "kind"],
+                i.cache
+                    .into_iter()
+                    .map(|e| {
+                        let kind = match (e.managed, e.kept) {
+                            (true, true) => "managed, kept",
+                            (true, false) => "managed",
+                            _ => "value",
+                        };
+                        vec![e.endpoint, e.key, mib(e.bytes), e.hits.to_string(), ago(Some(e.last_used)), kind.into()]
                     })
                     .collect(),
             );
