@@ -64,7 +64,7 @@ impl std::str::FromStr for Role {
             "server" => Ok(Role::Server),
             "client" | "" => Ok(Role::Client),
             "local" => Ok(Role::Local),
-            _ => Err("expected `server`, `client` or `local`".into()),
+            _ => Err("`server`, `client` or `local`".into()),
         }
     }
 }
