@@ -486,7 +486,7 @@ pub fn list_objects() -> Result<Vec<ObjectInfo>> {
 }
 
 /// Drops every cache entry of an endpoint; returns how many there were. Handles already
-/// issued stay valid.
+/// issued stay valid. An endpoint the server does not have is an [`Error::UnknownEndpoint`].
 ///
 /// ```no_run
 /// let dropped = shared_tensor_runtime::runtime::invalidate_endpoint_cache("load_model")?;
@@ -497,7 +497,10 @@ pub fn invalidate_endpoint_cache(endpoint: &str) -> Result<u64> {
     let rt = global()?;
     match rt.role() {
         Role::Client => rt.client()?.invalidate_endpoint_cache(endpoint),
-        _ => Ok(rt.core.invalidate_endpoint(endpoint) as u64),
+        _ => {
+            Registry::linked()?.get(endpoint)?; // a typo is an error, not an empty cache
+            Ok(rt.core.invalidate_endpoint(endpoint) as u64)
+        }
     }
 }
 

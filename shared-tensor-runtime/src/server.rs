@@ -1110,12 +1110,17 @@ impl Conn {
             Request::DropObjects(ids) => Ok(Response::Released(core.drop_objects(&ids))),
             Request::ObjectInfo(object) => Ok(Response::ObjectInfo(core.objects.info(object))),
             Request::ListObjects => Ok(Response::Objects(core.objects.list())),
-            Request::InvalidateEndpoint(endpoint) => {
-                Ok(Response::Invalidated(core.invalidate_endpoint(&endpoint) as u64))
-            }
-            Request::InvalidateKey { endpoint, key } => {
-                Ok(Response::Invalidated(u64::from(core.invalidate_key(&endpoint, &key))))
-            }
+            // An unknown endpoint is an error (a typo must not look like an empty cache).
+            Request::InvalidateEndpoint(endpoint) => self
+                .state
+                .registry
+                .get(&endpoint)
+                .map(|_| Response::Invalidated(core.invalidate_endpoint(&endpoint) as u64)),
+            Request::InvalidateKey { endpoint, key } => self
+                .state
+                .registry
+                .get(&endpoint)
+                .map(|_| Response::Invalidated(u64::from(core.invalidate_key(&endpoint, &key)))),
         };
         self.reply(id, result);
         None
