@@ -27,7 +27,9 @@ enum Cmd {
     Bootstrap,
     /// Print `export` lines that set up a shell for plain `cargo` (eval "$(cargo xtask env)").
     Env,
-    /// Run the test suite (`cargo test --workspace`); extra arguments go to cargo test.
+    /// Run the test suite (`cargo test --workspace`; extra arguments go to cargo test),
+    /// then build the out-of-workspace fixture crate and run its binary in a clean
+    /// environment.
     Test {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
@@ -86,7 +88,14 @@ fn run(cmd: Cmd) -> Result<ExitCode, String> {
             let mut cmd = cargo(&lt);
             // `cli`: the inspector and its tests.
             cmd.args(["test", "--workspace", "--features", "shared-tensor/cli"]).args(args);
-            status_of(cmd)
+            eprintln!("xtask: step 1/2: cargo test --workspace");
+            if status_of(cmd)? != ExitCode::SUCCESS {
+                return Ok(ExitCode::FAILURE);
+            }
+            eprintln!(
+                "xtask: step 2/2: a user's own crate (tests/fixtures/own-crate) built by path, run with no environment"
+            );
+            own_crate(&lt)
         }
         Cmd::Cargo { args } => {
             let mut cmd = cargo(&lt);
@@ -110,6 +119,40 @@ pub fn cargo(lt: &Libtorch) -> Command {
 fn status_of(mut cmd: Command) -> Result<ExitCode, String> {
     let status = cmd.status().map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
     Ok(if status.success() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// Builds `tests/fixtures/own-crate` (a crate outside the workspace that depends on
+/// shared-tensor by path, as the README's "Use it in your crate" says) and runs its binary
+/// with an empty environment: no `LD_LIBRARY_PATH`, no `PATH`. It must start (its first
+/// line) and, without a GPU, end with its own sentence about the missing GPU (exit 1),
+/// never a loader error.
+fn own_crate(lt: &Libtorch) -> Result<ExitCode, String> {
+    let root = std::env::current_dir().map_err(|e| format!("cannot read the current folder: {e}"))?;
+    let manifest = root.join("tests/fixtures/own-crate/Cargo.toml");
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
+    let mut build = cargo(lt);
+    build.arg("build").arg("--manifest-path").arg(&manifest).arg("--target-dir").arg(&target);
+    if status_of(build)? != ExitCode::SUCCESS {
+        return Err("the fixture crate tests/fixtures/own-crate does not build (cargo's messages are above)".into());
+    }
+    let exe = target.join("debug/own-crate");
+    let out = Command::new(&exe).env_clear().output().map_err(|e| format!("cannot run {}: {e}", exe.display()))?;
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    eprint!("{stdout}{stderr}");
+    let started = stdout.contains("own-crate: started as client");
+    let own_words = stderr.starts_with("own-crate: cannot share tensors here: ");
+    let gpu_run = out.status.success() && stdout.contains("double([0, 1, 2, 3])");
+    if started && (own_words && out.status.code() == Some(1) || gpu_run) {
+        eprintln!("xtask: the fixture's binary started with no environment and spoke in its own words");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        Err(format!(
+            "the fixture's binary {} did not start cleanly with an empty environment ({}): a loader error means \
+             the run path to libtorch is missing",
+            exe.display(),
+            out.status
+        ))
+    }
 }
 
 fn shell_quote(s: &str) -> String {
