@@ -25,7 +25,6 @@
 //! | `SHARED_TENSOR_TASK_CAPACITY` | how many tasks are kept | 1000 |
 //! | `SHARED_TENSOR_TOKEN` | a secret shared on purpose with other users (see [`auth`](crate::auth)) | unset: same user only |
 //! | `SHARED_TENSOR_RUNTIME_DIR` | where servers write their token files | `$XDG_RUNTIME_DIR/shared-tensor` or `/tmp/shared-tensor-<uid>` |
-//! | `SHARED_TENSOR_LOG` | log filter (`info`, `shared_tensor_runtime=debug`); quiet when unset | unset |
 
 use std::time::Duration;
 
