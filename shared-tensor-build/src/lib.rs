@@ -6,10 +6,9 @@
 //! one line:
 //!
 //! ```no_run
-//! // build.rs of your binary package ([build-dependencies] shared-tensor-build = "...")
-//! fn main() {
-//!     shared_tensor_build::rpath();
-//! }
+//! // In `fn main` of build.rs of your binary package
+//! // ([build-dependencies] shared-tensor-build = "..."):
+//! shared_tensor_build::rpath();
 //! ```
 //!
 //! The binaries then carry the libtorch folders in their run path: they start without
@@ -32,9 +31,8 @@ use std::process::Command;
 /// the build.
 ///
 /// ```no_run
-/// fn main() {
-///     shared_tensor_build::rpath();
-/// }
+/// // build.rs: fn main() { ... }
+/// shared_tensor_build::rpath();
 /// ```
 pub fn rpath() {
     for var in ["LIBTORCH", "LIBTORCH_USE_PYTORCH", "VIRTUAL_ENV", "PATH", "SHARED_TENSOR_CUDA_HOME"] {
