@@ -14,6 +14,8 @@
 //!   `SHARED_TENSOR_ROLE=server`, else manual mode in the local role), and stops on
 //!   SIGTERM/SIGINT (`serve_until_signal`) or, with `ST_TEST_STOP=stdin`, when its stdin
 //!   closes (`ServerHandle::shutdown`); prints `STOPPED <clean>` and returns from `main`.
+//!   With `ST_TEST_RUNTIME=current_thread|multi_thread` it waits from inside a tokio
+//!   runtime of that flavour (`ST_TEST_STOP=async`: with `serve_until_signal_async`).
 //!
 //! Prints `READY <port>` once it accepts connections. Either way it exits when its stdin
 //! closes, so it never outlives the test that started it (even one that panicked or
@@ -70,7 +72,16 @@ fn stoppable() -> shared_tensor::Result<()> {
             println!("STOPPED {}", server.shutdown().is_clean());
         }
         Some(server) => {
-            shared_tensor::serve_until_signal()?;
+            // Inside a tokio runtime (what an async application does), or plain sync code.
+            let inside = |rt: tokio::runtime::Runtime| match std::env::var("ST_TEST_STOP").as_deref() {
+                Ok("async") => rt.block_on(shared_tensor::serve_until_signal_async()),
+                _ => rt.block_on(async { shared_tensor::serve_until_signal() }),
+            };
+            match std::env::var("ST_TEST_RUNTIME").as_deref() {
+                Ok("current_thread") => inside(tokio::runtime::Builder::new_current_thread().build().unwrap())?,
+                Ok("multi_thread") => inside(tokio::runtime::Builder::new_multi_thread().build().unwrap())?,
+                _ => shared_tensor::serve_until_signal()?,
+            }
             println!("STOPPED {}", server.join().is_clean());
         }
         None => {
