@@ -8,48 +8,18 @@
 #[path = "shutdown_cycles.rs"]
 mod shutdown_cycles;
 
-use shutdown_cycles::{cycle, Stop, Tally};
+use shutdown_cycles::{run, Stop};
 
 #[test]
 #[ignore = "GPU: runs in the GPU bundle (cargo xtask gpu-bundle)"]
 fn a_hundred_sigterms_under_load_exit_zero() {
     shared_tensor_tests::require_gpu();
-    let started = std::time::Instant::now();
-    let mut tally = Tally::default();
-    for _ in 0..100 {
-        cycle(true, Stop::Sigterm, &mut tally);
-    }
-    println!(
-        "{} SIGTERM cycles under load in {:?}: every server exited 0; clients ended with ServerGone {} times, \
-         found the server gone between calls {} times; {} calls made; slowest stop {:?}",
-        tally.cycles,
-        started.elapsed(),
-        tally.gone,
-        tally.unreachable,
-        tally.calls,
-        tally.slowest_stop
-    );
-    assert_eq!(tally.gone + tally.unreachable, 400);
+    run(true, Stop::Sigterm, 100);
 }
 
 #[test]
 #[ignore = "GPU: runs in the GPU bundle (cargo xtask gpu-bundle)"]
 fn manual_shutdown_under_load_exits_zero() {
     shared_tensor_tests::require_gpu();
-    let started = std::time::Instant::now();
-    let mut tally = Tally::default();
-    for _ in 0..10 {
-        cycle(true, Stop::Shutdown, &mut tally);
-    }
-    println!(
-        "{} shutdown() cycles under load (manual mode) in {:?}: every server exited 0; ServerGone {}, gone between \
-         calls {}; {} calls; slowest stop {:?}",
-        tally.cycles,
-        started.elapsed(),
-        tally.gone,
-        tally.unreachable,
-        tally.calls,
-        tally.slowest_stop
-    );
-    assert_eq!(tally.gone + tally.unreachable, 40);
+    run(true, Stop::Shutdown, 10);
 }

@@ -5,26 +5,16 @@
 #[path = "shutdown_cycles.rs"]
 mod shutdown_cycles;
 
-use shutdown_cycles::{cycle, Stop, Tally};
+use shutdown_cycles::{run, Stop};
 
 #[test]
 fn sigterm_under_load_exits_zero_and_every_client_sees_the_server_gone() {
-    let mut tally = Tally::default();
-    for _ in 0..5 {
-        cycle(false, Stop::Sigterm, &mut tally);
-    }
-    println!("{tally:?}");
-    assert_eq!(tally.gone + tally.unreachable, 20);
+    run(false, Stop::Sigterm, 5);
 }
 
 #[test]
 fn shutdown_under_load_exits_zero_and_every_client_sees_the_server_gone() {
-    let mut tally = Tally::default();
-    for _ in 0..5 {
-        cycle(false, Stop::Shutdown, &mut tally);
-    }
-    println!("{tally:?}");
-    assert_eq!(tally.gone + tally.unreachable, 20);
+    run(false, Stop::Shutdown, 5);
 }
 
 /// `serve_until_signal` (sync and async) from inside an application's tokio runtime, of

@@ -22,7 +22,8 @@ pub struct Tally {
     pub cycles: usize,
     /// Clients whose last call failed with `ServerGone` (the call was in flight).
     pub gone: usize,
-    /// Clients whose next call found no server (it had gone between two of their calls).
+    /// Clients whose next call found no server: it had gone between two of their calls
+    /// and the error did not say so (the client reports that as `ServerGone` too).
     pub unreachable: usize,
     pub calls: u64,
     pub slowest_stop: Duration,
@@ -82,4 +83,27 @@ pub fn cycle(gpu: bool, stop: Stop, tally: &mut Tally) {
         tally.calls += words.next().and_then(|c| c.parse::<u64>().ok()).unwrap_or(0);
     }
     tally.cycles += 1;
+}
+
+/// `n` cycles with the same stop; prints what they saw and checks that each of the 4
+/// clients of every cycle ended with the server gone.
+pub fn run(gpu: bool, stop: Stop, n: usize) -> Tally {
+    let started = Instant::now();
+    let mut tally = Tally::default();
+    for _ in 0..n {
+        cycle(gpu, stop, &mut tally);
+    }
+    println!(
+        "{} {stop:?} cycles under load in {:?} ({}): every server exited 0; clients ended with ServerGone {} \
+         times, found the server gone between two calls {} times; {} calls made; slowest stop {:?}",
+        tally.cycles,
+        started.elapsed(),
+        if gpu && stop == Stop::Sigterm { "server role" } else { "manual mode" },
+        tally.gone,
+        tally.unreachable,
+        tally.calls,
+        tally.slowest_stop
+    );
+    assert_eq!(tally.gone, 4 * n, "every client's calls end with the \"server is gone\" error");
+    tally
 }
