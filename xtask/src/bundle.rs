@@ -52,7 +52,22 @@ pub fn build(lt: &Libtorch) -> Result<ExitCode, String> {
     let mut exes = crate::build_executables(lt, &args)?;
     let fixture = crate::build_executables(
         lt,
-        &["--release", "--manifest-path", "tests/fixtures/own-crate/Cargo.toml", "--bin", OWN_CRATE],
+        &[
+            "--manifest-path",
+            "tests/fixtures/own-crate/Cargo.toml",
+            "--bin",
+            OWN_CRATE,
+            // The workspace's `gpu` profile, declared for the fixture too: the libtorch
+            // bindings built for the bundle are reused, and the binary is stripped.
+            "--profile",
+            "gpu",
+            "--config",
+            "profile.gpu.inherits=\"release\"",
+            "--config",
+            "profile.gpu.strip=\"symbols\"",
+            "--config",
+            "profile.gpu.lto=\"thin\"",
+        ],
     )?;
     exes.extend(fixture.into_iter().filter(|(name, _, _)| name == OWN_CRATE).map(|(n, _, p)| (n, "example".into(), p)));
     let root = Path::new(BUNDLE_DIR);
