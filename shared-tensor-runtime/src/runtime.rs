@@ -287,7 +287,10 @@ static STOP: Lazy<StopSignal> =
 /// [`serve_until_signal`] is reached (during the program's own start-up work) is kept:
 /// `serve_until_signal` then returns at once. Without this call, the library touches no
 /// signal until `serve_until_signal` (or `serve_while_server`) runs. After the first
-/// signal the default actions are restored: a second signal ends the process.
+/// signal the default actions are restored: a second signal ends the process. Call it
+/// only in a process that will reach `serve_until_signal`: until then the first signal
+/// does not end the process (in a client-role process, Ctrl-C would then need pressing
+/// twice).
 ///
 /// ```no_run
 /// fn main() -> shared_tensor_runtime::Result<()> {
