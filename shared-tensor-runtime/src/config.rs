@@ -337,6 +337,13 @@ mod tests {
     }
 
     #[test]
+    fn a_bad_role_says_what_is_expected_once() {
+        let expected = "sever".parse::<Role>().unwrap_err();
+        let message = Error::config("SHARED_TENSOR_ROLE", "sever", expected).to_string();
+        assert_eq!(message, "SHARED_TENSOR_ROLE=\"sever\" is not valid: expected `server`, `client` or `local`");
+    }
+
+    #[test]
     fn port_is_base_plus_device() {
         let c = Config::default().base_port(3000).device_index(3);
         assert_eq!(c.port().unwrap(), 3003);

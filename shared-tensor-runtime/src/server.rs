@@ -1231,6 +1231,28 @@ impl Conn {
 
 #[cfg(test)]
 mod tests {
+    use crate::error::Error;
+
+    #[test]
+    fn a_cpu_result_names_the_endpoint_and_the_broken_contract() {
+        let e = super::broken_contract("make", Error::NotCuda { path: "result".into(), device: "Cpu".into() });
+        let message = e.to_string();
+        assert!(matches!(&e, Error::Endpoint { endpoint, .. } if endpoint == "make"), "{message}");
+        assert!(message.contains("the server's result broke the endpoint's contract"), "{message}");
+        assert!(message.contains("its result is on Cpu"), "{message}");
+        let other = super::broken_contract("make", Error::Protocol("x".into()));
+        assert_eq!(other, Error::Protocol("x".into()), "other errors pass through");
+    }
+
+    #[test]
+    fn no_server_says_how_long_only_when_it_waited() {
+        let unreachable = |waited_ms| {
+            Error::ServerUnreachable { addr: "127.0.0.1:1".into(), reason: "refused".into(), waited_ms }.to_string()
+        };
+        assert!(!unreachable(0).contains("after trying"), "{}", unreachable(0));
+        assert!(unreachable(1500).contains("(refused, after trying for 1500 ms)"), "{}", unreachable(1500));
+    }
+
     #[test]
     fn resident_memory_is_read_in_bytes() {
         let before = super::resident_bytes();
