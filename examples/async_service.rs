@@ -36,6 +36,7 @@ fn compact_memory(tensor: Tensor) -> Tensor {
 }
 
 fn main() -> shared_tensor::Result<()> {
+    shared_tensor_examples::log_to_stderr();
     let device = shared_tensor::cuda::device()?;
     let role = shared_tensor::role()?;
 

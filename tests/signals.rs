@@ -1,6 +1,8 @@
-//! Stop signals in a serving process: SIGTERM during the program's own work lets that work
-//! finish and the process exit 0 once it reaches `serve_until_signal`; a second signal exits
-//! at once with 128 + its number. No GPU needed (manual mode in the local role).
+//! Stop signals in a serving process that opted in (`catch_stop_signals` at the start,
+//! `serve_until_signal` at the end): SIGTERM during the program's own work lets that work
+//! finish and the process exit 0 once it reaches `serve_until_signal`; a second signal
+//! ends the process the ordinary way (the library never exits the process itself). No GPU
+//! needed (manual mode in the local role).
 
 use shared_tensor_tests::{free_port, helper_bin, Peer};
 
@@ -40,12 +42,12 @@ fn sigterm_while_serving_stops_serving_and_exits_zero() {
 }
 
 #[test]
-fn a_second_signal_exits_at_once_with_128_plus_its_number() {
+fn a_second_signal_ends_the_process_by_that_signal() {
     let started = std::time::Instant::now();
     let server = busy_server(60_000);
     server.signal("TERM");
     std::thread::sleep(std::time::Duration::from_millis(200));
     server.signal("INT");
-    assert_eq!(server.wait_code(), Some(130), "exit code after SIGTERM then SIGINT");
+    assert_eq!(server.wait_code(), None, "after SIGTERM then SIGINT the process is ended by SIGINT");
     assert!(started.elapsed().as_secs() < 30, "the second signal did not end the 60 s of work");
 }

@@ -12,6 +12,7 @@ use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
 fn main() -> shared_tensor::Result<()> {
+    shared_tensor_examples::log_to_stderr();
     let device = shared_tensor::cuda::device()?;
     let client = Client::new(&Config::from_env()?)?;
     let (name, dtype) = ("small".to_string(), "f32".to_string());

@@ -915,7 +915,18 @@ impl Client {
         } else {
             self.inner.config.connect_timeout
         });
-        let conn = Connection::open(self.inner.addr, window, self.inner.config.shared_token.as_deref())?;
+        let conn = match Connection::open(self.inner.addr, window, self.inner.config.shared_token.as_deref()) {
+            Ok(conn) => conn,
+            // The server this client talked to went away between two calls: for the
+            // caller that is the same event as losing it during one.
+            Err(Error::ServerUnreachable { reason, .. }) if current.is_some() => {
+                return Err(Error::ServerGone {
+                    addr: self.inner.addr.to_string(),
+                    reason: format!("the connection closed, and reconnecting failed: {reason}"),
+                })
+            }
+            Err(e) => return Err(e),
+        };
         self.inner.connected_once.store(true, Ordering::Release);
         *current = Some(conn.clone());
         Ok(conn)

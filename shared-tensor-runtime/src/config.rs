@@ -26,7 +26,6 @@
 //! | `SHARED_TENSOR_TASK_CAPACITY` | how many tasks are kept | 1000 |
 //! | `SHARED_TENSOR_TOKEN` | a secret shared on purpose with other users (see [`auth`](crate::auth)) | unset: same user only |
 //! | `SHARED_TENSOR_RUNTIME_DIR` | where servers write their token files | `$XDG_RUNTIME_DIR/shared-tensor` or `/tmp/shared-tensor-<uid>` |
-//! | `SHARED_TENSOR_LOG` | log filter (`info`, `shared_tensor_runtime=debug`); quiet when unset | unset |
 
 use std::time::Duration;
 
@@ -76,7 +75,7 @@ impl std::str::FromStr for Role {
             "server" => Ok(Role::Server),
             "client" | "" => Ok(Role::Client),
             "local" => Ok(Role::Local),
-            _ => Err("expected `server`, `client` or `local`".into()),
+            _ => Err("`server`, `client` or `local`".into()),
         }
     }
 }
@@ -365,6 +364,13 @@ mod tests {
         assert_eq!(" local ".parse::<Role>(), Ok(Role::Local));
         assert_eq!("client".parse::<Role>(), Ok(Role::Client));
         assert!("sever".parse::<Role>().is_err());
+    }
+
+    #[test]
+    fn a_bad_role_says_what_is_expected_once() {
+        let expected = "sever".parse::<Role>().unwrap_err();
+        let message = Error::config("SHARED_TENSOR_ROLE", "sever", expected).to_string();
+        assert_eq!(message, "SHARED_TENSOR_ROLE=\"sever\" is not valid: expected `server`, `client` or `local`");
     }
 
     #[test]

@@ -100,8 +100,9 @@ pub enum Error {
 
     /// No server accepts connections at the address of this device.
     #[error(
-        "no shared-tensor server at {addr} ({reason}) after trying for {waited_ms} ms; start one with \
-         SHARED_TENSOR_ROLE=server (same binary, same device, same SHARED_TENSOR_BASE_PORT)"
+        "no shared-tensor server at {addr} ({reason}{}); start one with \
+         SHARED_TENSOR_ROLE=server (same binary, same device, same SHARED_TENSOR_BASE_PORT)",
+        tried_for(*waited_ms)
     )]
     ServerUnreachable {
         /// The address tried.
@@ -272,6 +273,15 @@ pub enum Error {
         /// What failed.
         reason: String,
     },
+}
+
+/// ", after trying for N ms" when connecting was retried at all.
+fn tried_for(waited_ms: u64) -> String {
+    if waited_ms == 0 {
+        String::new()
+    } else {
+        format!(", after trying for {waited_ms} ms")
+    }
 }
 
 impl fmt::Debug for Error {

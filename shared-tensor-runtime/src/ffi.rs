@@ -237,6 +237,17 @@ pub(crate) fn raise_open_files_limit() -> std::io::Result<u64> {
     Ok(lim.rlim_cur)
 }
 
+/// Gives SIGINT and SIGTERM back their default action (end the process), after the first
+/// stop signal was caught: a second one then ends the process the ordinary way.
+pub(crate) fn restore_default_stop_signals() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: installs the default disposition for a standard signal; no handler
+        // function of ours is involved, and the previous (tokio's) handler is not needed
+        // any more once the one stop it was for has been received.
+        unsafe { libc::signal(sig, libc::SIG_DFL) };
+    }
+}
+
 pub(crate) fn set_release_fn(f: ReleaseFn) {
     // SAFETY: stores a plain function pointer; `f` is a Rust `extern "C"` fn that never unwinds.
     unsafe { st_set_release_fn(f) }

@@ -1,8 +1,18 @@
 //! The process runtime: one per process, built from [`Config`] on first use.
 //!
-//! It owns the execution core (cache, tasks, managed objects), the server in the server
-//! role, and the client in the client role. `#[share]` functions and the functions below
-//! go through it, so the same line of code works in every role.
+//! It owns the execution core (cache, tasks, managed objects), the servers it started
+//! (the server role's, and manual ones), and the client in the client role. `#[share]`
+//! functions and the functions below go through it, so the same line of code works in
+//! every role.
+//!
+//! ## A guest in your program
+//! The library emits [`tracing`] events and installs no subscriber: install one in your
+//! binary (for example `tracing_subscriber::fmt().with_env_filter(EnvFilter::from_default_env()).init()`,
+//! which honours `RUST_LOG`). It installs no signal handler and never exits the process:
+//! stopping on SIGINT/SIGTERM is the opt-in [`serve_until_signal`] (or
+//! [`serve_while_server`], its server-role form), which stops the servers gracefully and
+//! returns, so `main` returns and the process exits 0. No function here calls `block_on`:
+//! each may be called from synchronous code or from inside any async runtime.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +28,7 @@ use crate::exec::Core;
 use crate::handle::{Backend, Output, TaskHandle};
 use crate::ipc::ProcessId;
 use crate::managed::ObjectInfo;
-use crate::server::{self, ServerHandle, ServerInfo};
+use crate::server::{Server, ServerHandle, ServerInfo};
 use crate::task::{TaskInfo, TaskStatus, Tasks};
 
 /// The tokio runtime behind servers and background tasks (created on first need).
@@ -32,17 +42,6 @@ pub(crate) static TOKIO: Lazy<tokio::runtime::Runtime> = Lazy::new(|| {
         .expect("cannot start the shared-tensor tokio runtime (out of threads or file descriptors)")
 });
 
-/// Logging: quiet unless `SHARED_TENSOR_LOG` is set (an `EnvFilter` directive such as
-/// `info` or `shared_tensor_runtime=debug`). An application's own subscriber wins.
-fn init_logging() {
-    if let Ok(filter) = std::env::var("SHARED_TENSOR_LOG") {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-            .with_writer(std::io::stderr)
-            .try_init();
-    }
-}
-
 /// A process's runtime.
 ///
 /// ```no_run
@@ -53,7 +52,8 @@ fn init_logging() {
 pub struct Runtime {
     config: Config,
     core: Arc<Core>,
-    server: Mutex<Option<ServerHandle>>,
+    /// The servers this runtime started (the role's first), for `serve_until_signal`.
+    servers: Mutex<Vec<ServerHandle>>,
     client: OnceCell<Client>,
 }
 
@@ -96,7 +96,6 @@ pub fn global() -> Result<Arc<Runtime>> {
 
 impl Runtime {
     fn start(config: Config) -> Result<Arc<Runtime>> {
-        init_logging();
         crate::lease::init();
         let spawn = Box::new(crate::pool::spawn);
         let core = Arc::new(Core::new(
@@ -105,12 +104,13 @@ impl Runtime {
             spawn,
         ));
         core.set_cache_budget(config.cache_bytes);
-        let runtime = Arc::new(Runtime { config, core, server: Mutex::new(None), client: OnceCell::new() });
+        let runtime = Arc::new(Runtime { config, core, servers: Mutex::new(Vec::new()), client: OnceCell::new() });
         if runtime.config.role == Role::Server {
             // A server shares CUDA memory: without a GPU there is nothing to serve.
             crate::cuda::require()?;
-            let device = runtime.config.resolved_device_index()?;
-            runtime.serve(Registry::linked()?, runtime.config.port()?, device)?;
+            // The same server object as manual mode, with the configuration's choices.
+            let handle = Server::builder().start_on(&runtime.config, runtime.core.clone())?;
+            runtime.adopt(handle);
         }
         Ok(runtime)
     }
@@ -144,21 +144,17 @@ impl Runtime {
         &self.core
     }
 
-    /// Serves `registry` on `127.0.0.1:port` through this process's core. Several servers
-    /// may run in one process (manual mode); they share the core.
-    pub(crate) fn serve(&self, registry: Registry, port: u16, device: u32) -> Result<std::net::SocketAddr> {
-        let shared = self.config.shared_token.as_deref();
-        let handle = server::start(TOKIO.handle(), self.core.clone(), registry, port, device, shared)?;
-        let addr = handle.addr();
-        watch_signals();
-        let mut slot = self.server.lock();
-        if slot.is_none() {
-            *slot = Some(handle);
-        } else {
-            // Keep extra servers running for the life of the process.
-            std::mem::forget(handle);
+    /// Keeps a server this runtime started, so that [`serve_until_signal`] stops it.
+    pub(crate) fn adopt(&self, handle: ServerHandle) {
+        self.servers.lock().push(handle);
+    }
+
+    /// Stops every server this runtime started, each within its grace period.
+    fn stop_servers(&self) {
+        let servers = std::mem::take(&mut *self.servers.lock());
+        for server in servers {
+            server.shutdown();
         }
-        Ok(addr)
     }
 
     /// The client of the client role.
@@ -178,10 +174,12 @@ impl Runtime {
     fn server_info(&self) -> Result<ServerInfo> {
         match self.config.role {
             Role::Client => self.client()?.server_info(),
-            _ => self.server.lock().as_ref().map(ServerHandle::info).ok_or_else(|| Error::Config {
+            _ => self.servers.lock().first().map(ServerHandle::info).ok_or_else(|| Error::Config {
                 variable: "SHARED_TENSOR_ROLE".into(),
                 value: self.config.role.to_string(),
-                expected: "server or client: a local-role process has no server to describe".into(),
+                expected: "server or client (a local-role process has no server to describe unless it started one \
+                           with Server::builder or serve_in_background)"
+                    .into(),
             }),
         }
     }
@@ -197,8 +195,10 @@ pub fn role() -> Result<Role> {
     Ok(global()?.role())
 }
 
-/// In the server role, serves until SIGINT or SIGTERM, then returns `Ok(())`. In other
-/// roles returns at once. Put it at the end of `main`.
+/// In the server role, serves until SIGINT or SIGTERM, then stops the server gracefully
+/// and returns `Ok(())` (so `main` returns and the process exits 0). In other roles
+/// returns at once. Put it at the end of `main`: it is the server role's opt-in to
+/// [`serve_until_signal`].
 ///
 /// ```no_run
 /// fn main() -> shared_tensor_runtime::Result<()> {
@@ -207,19 +207,21 @@ pub fn role() -> Result<Role> {
 /// }
 /// ```
 pub fn serve_while_server() -> Result<()> {
-    let rt = global()?;
-    if rt.role() != Role::Server {
+    if global()?.role() != Role::Server {
         return Ok(());
     }
-    wait_for_signal()?;
-    if let Some(server) = rt.server.lock().take() {
-        server.shutdown();
-    }
-    Ok(())
+    serve_until_signal()
 }
 
-/// Blocks until SIGINT or SIGTERM, in any role: for a manual-mode server started with
-/// [`serve_in_background`], this makes it a blocking one.
+/// Waits for SIGINT or SIGTERM, then stops every server this process started (the server
+/// role's, [`serve_in_background`]'s, [`Server::builder`]'s), each within its grace
+/// period, and returns. This is an opt-in: the library handles no signal unless asked
+/// (see [`catch_stop_signals`]). After the first signal, a second one ends the process
+/// the ordinary way (the signal's default action).
+///
+/// It blocks the calling thread without `block_on`, so it works in synchronous `main` and
+/// does not panic inside an async runtime; in async code prefer
+/// [`serve_until_signal_async`], which does not block a worker.
 ///
 /// ```no_run
 /// shared_tensor_runtime::runtime::serve_in_background(None)?;
@@ -227,66 +229,95 @@ pub fn serve_while_server() -> Result<()> {
 /// # ;Ok::<(), shared_tensor_runtime::Error>(())
 /// ```
 pub fn serve_until_signal() -> Result<()> {
-    global()?;
-    wait_for_signal()
+    let rt = global()?;
+    catch_stop_signals()?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    TOKIO.spawn(async move {
+        STOP.notified().await;
+        let _ = tx.send(());
+    });
+    let _ = rx.recv();
+    rt.stop_servers();
+    Ok(())
 }
 
-/// How long a serving process's own work may run on after the first SIGINT or SIGTERM
-/// before the process exits anyway (a second signal exits at once).
-const STOP_GRACE: Duration = Duration::from_secs(10);
+/// [`serve_until_signal`] for async code, on any executor: waits without blocking a
+/// thread, and stops the servers on the library's own threads.
+///
+/// ```no_run
+/// # async fn demo() -> shared_tensor_runtime::Result<()> {
+/// shared_tensor_runtime::runtime::serve_in_background(None)?;
+/// shared_tensor_runtime::runtime::serve_until_signal_async().await
+/// # }
+/// ```
+pub async fn serve_until_signal_async() -> Result<()> {
+    let rt = global()?;
+    catch_stop_signals()?;
+    // Awaiting tokio's JoinHandle needs no tokio context: any executor can poll it.
+    let stopped = TOKIO.spawn(async move {
+        STOP.notified().await;
+        let _ = tokio::task::spawn_blocking(move || rt.stop_servers()).await;
+    });
+    stopped.await.map_err(|e| Error::Io { op: "stopping the servers".into(), message: e.to_string() })
+}
 
-/// Woken by the first SIGINT or SIGTERM (a permit is kept if nobody waits yet).
-static STOP: Lazy<tokio::sync::Notify> = Lazy::new(tokio::sync::Notify::new);
-/// Whether the program has reached [`serve_while_server`] or [`serve_until_signal`].
-static WAITING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// The first SIGINT or SIGTERM, once caught.
+struct StopSignal {
+    caught: std::sync::atomic::AtomicBool,
+    notify: tokio::sync::Notify,
+}
 
-/// Takes over SIGINT and SIGTERM in a process that serves, once. The first signal makes
-/// [`serve_while_server`] / [`serve_until_signal`] return; a program still busy with its
-/// own calls when it arrives gets [`STOP_GRACE`] to reach them (so a server killed during
-/// its own start-up work finishes it and exits 0 instead of dying mid-call); after that,
-/// or on a second signal, the process exits at once with 128 + the signal's number.
-fn watch_signals() {
-    use std::sync::atomic::Ordering;
-    use tokio::signal::unix::{signal, SignalKind};
-    static WATCHING: std::sync::Once = std::sync::Once::new();
-    WATCHING.call_once(|| {
-        let _context = TOKIO.enter();
-        let (mut int, mut term) = match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
-            (Ok(int), Ok(term)) => (int, term),
-            (Err(e), _) | (_, Err(e)) => {
-                tracing::warn!(error = %e, "cannot take over SIGINT/SIGTERM; they will end the process abruptly");
+impl StopSignal {
+    /// Resolves once the signal has come (at once if it already has).
+    async fn notified(&self) {
+        use std::sync::atomic::Ordering;
+        loop {
+            let wait = self.notify.notified();
+            if self.caught.load(Ordering::SeqCst) {
                 return;
             }
-        };
-        TOKIO.spawn(async move {
-            let first = tokio::select! { _ = int.recv() => 130, _ = term.recv() => 143 };
-            STOP.notify_one();
-            if !WAITING.load(Ordering::SeqCst) {
-                tracing::warn!(
-                    "stop signal received while the program's own work runs: it has {STOP_GRACE:?} to finish \
-                     and reach serve_while_server; a second signal exits now"
-                );
-            }
-            let code = tokio::select! {
-                _ = int.recv() => 130,
-                _ = term.recv() => 143,
-                _ = tokio::time::sleep(STOP_GRACE) => {
-                    if WAITING.load(Ordering::SeqCst) {
-                        return; // the program stopped serving itself and is finishing
-                    }
-                    first
-                }
-            };
-            std::process::exit(code);
-        });
-    });
+            wait.await;
+        }
+    }
 }
 
-fn wait_for_signal() -> Result<()> {
-    watch_signals();
-    WAITING.store(true, std::sync::atomic::Ordering::SeqCst);
-    TOKIO.block_on(STOP.notified());
-    Ok(())
+static STOP: Lazy<StopSignal> =
+    Lazy::new(|| StopSignal { caught: std::sync::atomic::AtomicBool::new(false), notify: tokio::sync::Notify::new() });
+
+/// Starts listening for SIGINT and SIGTERM now (idempotent), so that one arriving before
+/// [`serve_until_signal`] is reached (during the program's own start-up work) is kept:
+/// `serve_until_signal` then returns at once. Without this call, the library touches no
+/// signal until `serve_until_signal` (or `serve_while_server`) runs. After the first
+/// signal the default actions are restored: a second signal ends the process. Call it
+/// only in a process that will reach `serve_until_signal`: until then the first signal
+/// does not end the process (in a client-role process, Ctrl-C would then need pressing
+/// twice).
+///
+/// ```no_run
+/// fn main() -> shared_tensor_runtime::Result<()> {
+///     shared_tensor_runtime::runtime::catch_stop_signals()?; // a SIGTERM during start-up is kept
+///     // ... start-up work, calls ...
+///     shared_tensor_runtime::runtime::serve_while_server()
+/// }
+/// ```
+pub fn catch_stop_signals() -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    static LISTENING: OnceCell<std::result::Result<(), Error>> = OnceCell::new();
+    LISTENING
+        .get_or_init(|| {
+            let _context = TOKIO.enter();
+            let listen = |kind| signal(kind).map_err(|e| Error::io("listening for SIGINT/SIGTERM", &e));
+            let (mut int, mut term) = (listen(SignalKind::interrupt())?, listen(SignalKind::terminate())?);
+            TOKIO.spawn(async move {
+                tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
+                crate::ffi::restore_default_stop_signals();
+                tracing::info!("stop signal received: stopping the servers (a second signal ends the process)");
+                STOP.caught.store(true, std::sync::atomic::Ordering::SeqCst);
+                STOP.notify.notify_waiters();
+            });
+            Ok(())
+        })
+        .clone()
 }
 
 /// The process's client (client role): for manual requests to the server.
@@ -476,7 +507,7 @@ pub fn list_objects() -> Result<Vec<ObjectInfo>> {
 }
 
 /// Drops every cache entry of an endpoint; returns how many there were. Handles already
-/// issued stay valid.
+/// issued stay valid. An endpoint the server does not have is an [`Error::UnknownEndpoint`].
 ///
 /// ```no_run
 /// let dropped = shared_tensor_runtime::runtime::invalidate_endpoint_cache("load_model")?;
@@ -487,7 +518,10 @@ pub fn invalidate_endpoint_cache(endpoint: &str) -> Result<u64> {
     let rt = global()?;
     match rt.role() {
         Role::Client => rt.client()?.invalidate_endpoint_cache(endpoint),
-        _ => Ok(rt.core.invalidate_endpoint(endpoint) as u64),
+        _ => {
+            Registry::linked()?.get(endpoint)?; // a typo is an error, not an empty cache
+            Ok(rt.core.invalidate_endpoint(endpoint) as u64)
+        }
     }
 }
 
@@ -518,11 +552,9 @@ pub fn invalidate_cache_key(endpoint: &str, key: &str) -> Result<bool> {
 /// # Ok::<(), shared_tensor_runtime::Error>(())
 /// ```
 pub fn serve_in_background(endpoints: Option<&[&'static EndpointDef]>) -> Result<std::net::SocketAddr> {
-    let rt = global()?;
-    let registry = match endpoints {
-        None => Registry::linked()?,
-        Some(defs) => Registry::from_defs(defs.iter().copied())?,
+    let builder = match endpoints {
+        None => Server::builder(),
+        Some(defs) => Server::builder().endpoints(defs.iter().copied()),
     };
-    let device = rt.config.resolved_device_index()?;
-    rt.serve(registry, rt.config.port()?, device)
+    Ok(builder.start()?.addr())
 }

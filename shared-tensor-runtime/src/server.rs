@@ -8,18 +8,30 @@
 //! everything lent to it is released: its leases, and its references to managed objects.
 //!
 //! Start one with the server role (`SHARED_TENSOR_ROLE=server`), or in code with
-//! [`serve_in_background`](crate::runtime::serve_in_background) (manual mode).
+//! [`Server::builder`] (manual mode; [`serve_in_background`](crate::runtime::serve_in_background)
+//! is its shortest form). Both give a [`ServerHandle`].
+//!
+//! ## Stopping
+//! [`ServerHandle::shutdown`] stops a server gracefully: it stops accepting connections,
+//! stops reading requests, answers calls that arrive meanwhile with
+//! [`Error::ServerGone`] before they reach endpoint code (so nothing new enters CUDA),
+//! cancels pending tasks, and waits up to the grace period
+//! ([`ServerBuilder::grace`], 10 s by default) for the calls and tasks already running
+//! and for every connection's clean-up (leases returned, mappings closed). Clients then
+//! see their connection close: their calls fail with [`Error::ServerGone`]. The library
+//! never installs a signal handler by itself: [`serve_until_signal`](crate::runtime::serve_until_signal)
+//! is the opt-in that stops the process's servers on SIGINT or SIGTERM.
 
 pub use crate::exec::CacheEntryInfo;
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener as StdListener};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use parking_lot::{Mutex, MutexGuard};
+use parking_lot::{Condvar, Mutex, MutexGuard};
 use serde::{Deserialize, Serialize};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
@@ -38,6 +50,9 @@ use crate::wire::{self, Challenge, ClientMessage, Request, Response, ServerMessa
 
 /// How long a new connection may take to say `Hello`.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long [`ServerHandle::shutdown`] waits for running calls by default.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(10);
 
 /// A server's identity, counters and endpoints, as `server_info` reports them.
 ///
@@ -98,9 +113,69 @@ pub(crate) struct ServerState {
     device_index: u32,
     next_connection: AtomicU64,
     links: Mutex<HashMap<u64, Arc<Link>>>,
+    /// Set once stopping: no call that arrives after it runs endpoint code.
+    stopping: AtomicBool,
+    /// Tells the accept loop, the readers and the task waiters to stop.
+    stop: watch::Sender<bool>,
+    /// Connections and calls alive, and whether the stop has finished.
+    active: Mutex<Active>,
+    /// Signalled whenever `active` drops to idle or the stop finishes.
+    idle: Condvar,
+}
+
+/// What a stop waits for.
+#[derive(Default)]
+struct Active {
+    /// Connection tasks that have not finished their clean-up.
+    connections: usize,
+    /// Calls (and task collections) between being read and being answered.
+    calls: usize,
+    /// The stop has finished (what `join` waits for).
+    stopped: Option<Stopped>,
+}
+
+/// Counts one unit of `Active` work for as long as it lives.
+struct Busy {
+    state: Arc<ServerState>,
+    call: bool,
+}
+
+impl Busy {
+    fn new(state: &Arc<ServerState>, call: bool) -> Busy {
+        let mut active = state.active.lock();
+        if call {
+            active.calls += 1;
+        } else {
+            active.connections += 1;
+        }
+        Busy { state: state.clone(), call }
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let mut active = self.state.active.lock();
+        if self.call {
+            active.calls -= 1;
+        } else {
+            active.connections -= 1;
+        }
+        if active.calls == 0 && active.connections == 0 {
+            self.state.idle.notify_all();
+        }
+    }
 }
 
 impl ServerState {
+    fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// The answer to a call that arrives once stopping.
+    fn gone(&self) -> Error {
+        Error::ServerGone { addr: self.addr.to_string(), reason: "the server is shutting down".into() }
+    }
+
     fn info(&self) -> ServerInfo {
         let links: Vec<Arc<Link>> = self.links.lock().values().cloned().collect();
         ServerInfo {
@@ -138,8 +213,221 @@ fn resident_bytes() -> u64 {
     kib.unwrap_or(0u64) * 1024
 }
 
-/// A running server. Dropping it stops accepting connections; [`ServerHandle::shutdown`]
-/// does so explicitly.
+/// Who may connect to a server.
+///
+/// ```
+/// use shared_tensor_runtime::server::TokenPolicy;
+/// let team = TokenPolicy::Shared("team-token".into());
+/// assert_ne!(team, TokenPolicy::SameUser);
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum TokenPolicy {
+    /// Processes of the server's own user (they read the server's private token file).
+    #[default]
+    SameUser,
+    /// Those, and any process that knows this shared token (`SHARED_TENSOR_TOKEN`).
+    Shared(String),
+}
+
+/// Where a server listens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PortChoice {
+    /// `base + device index` (the roles' rule).
+    Base(u16),
+    /// Exactly this port (0: any free port).
+    Exact(u16),
+}
+
+/// A server in manual mode: start one with [`Server::builder`].
+///
+/// ```no_run
+/// use shared_tensor_runtime::server::Server;
+/// let server = Server::builder().port(0).start()?;
+/// println!("serving on {}", server.addr());
+/// server.shutdown();
+/// # Ok::<(), shared_tensor_runtime::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct Server(());
+
+impl Server {
+    /// A builder with the process configuration's defaults: every endpoint linked into
+    /// the binary, the configured device and base port, the configured token policy.
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use shared_tensor_runtime::server::{Server, TokenPolicy};
+    /// let server = Server::builder()
+    ///     .device(0)
+    ///     .base_port(7000) // listens on 7000 + device
+    ///     .token(TokenPolicy::SameUser)
+    ///     .grace(Duration::from_secs(5))
+    ///     .start()?;
+    /// server.join(); // until someone calls shutdown() (or serve_until_signal gets a signal)
+    /// # Ok::<(), shared_tensor_runtime::Error>(())
+    /// ```
+    pub fn builder() -> ServerBuilder {
+        ServerBuilder::default()
+    }
+}
+
+/// Options of a server: endpoints, device, port, token policy, grace period.
+///
+/// ```no_run
+/// use shared_tensor_runtime::server::Server;
+/// let builder = Server::builder().port(0); // any free port
+/// let server = builder.start()?;
+/// assert_ne!(server.addr().port(), 0);
+/// # Ok::<(), shared_tensor_runtime::Error>(())
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct ServerBuilder {
+    endpoints: Option<Vec<&'static EndpointDef>>,
+    device: Option<u32>,
+    port: Option<PortChoice>,
+    token: Option<TokenPolicy>,
+    grace: Option<Duration>,
+}
+
+impl ServerBuilder {
+    /// Serves only these endpoints (default: every endpoint linked into the binary).
+    ///
+    /// ```no_run
+    /// # fn demo(load_model: &'static shared_tensor_runtime::endpoint::EndpointDef) -> shared_tensor_runtime::Result<()> {
+    /// // With #[share] fn load_model: `load_model::endpoint()`.
+    /// let server = shared_tensor_runtime::server::Server::builder().endpoints([load_model]).start()?;
+    /// # Ok(()) }
+    /// ```
+    pub fn endpoints(mut self, endpoints: impl IntoIterator<Item = &'static EndpointDef>) -> Self {
+        self.endpoints = Some(endpoints.into_iter().collect());
+        self
+    }
+
+    /// The CUDA device the server reports and derives its port from (default: the
+    /// configured one, else the current device).
+    ///
+    /// ```
+    /// let builder = shared_tensor_runtime::server::Server::builder().device(1);
+    /// # let _ = builder;
+    /// ```
+    pub fn device(mut self, index: u32) -> Self {
+        self.device = Some(index);
+        self
+    }
+
+    /// Listens on `base + device` (as the roles do; default: the configured base port).
+    ///
+    /// ```
+    /// let builder = shared_tensor_runtime::server::Server::builder().base_port(7000);
+    /// # let _ = builder;
+    /// ```
+    pub fn base_port(mut self, base: u16) -> Self {
+        self.port = Some(PortChoice::Base(base));
+        self
+    }
+
+    /// Listens on exactly this port; 0 picks a free one ([`ServerHandle::addr`] says which).
+    ///
+    /// ```
+    /// let builder = shared_tensor_runtime::server::Server::builder().port(0);
+    /// # let _ = builder;
+    /// ```
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = Some(PortChoice::Exact(port));
+        self
+    }
+
+    /// Who may connect (default: the configured shared token if any, else the same user).
+    ///
+    /// ```
+    /// use shared_tensor_runtime::server::{Server, TokenPolicy};
+    /// let builder = Server::builder().token(TokenPolicy::Shared("team-token".into()));
+    /// # let _ = builder;
+    /// ```
+    pub fn token(mut self, policy: TokenPolicy) -> Self {
+        self.token = Some(policy);
+        self
+    }
+
+    /// How long [`ServerHandle::shutdown`] waits for running calls (default [`DEFAULT_GRACE`]).
+    ///
+    /// ```
+    /// let builder = shared_tensor_runtime::server::Server::builder().grace(std::time::Duration::from_secs(2));
+    /// # let _ = builder;
+    /// ```
+    pub fn grace(mut self, grace: Duration) -> Self {
+        self.grace = Some(grace);
+        self
+    }
+
+    /// Starts serving in the background through this process's runtime (created from
+    /// the environment if it is not yet). Any role may serve this way.
+    ///
+    /// ```no_run
+    /// let server = shared_tensor_runtime::server::Server::builder().start()?;
+    /// println!("{}", server.info().endpoints.len());
+    /// # Ok::<(), shared_tensor_runtime::Error>(())
+    /// ```
+    pub fn start(self) -> Result<ServerHandle> {
+        let rt = crate::runtime::global()?;
+        let handle = self.start_on(rt.config(), rt.core().clone())?;
+        rt.adopt(handle.clone());
+        Ok(handle)
+    }
+
+    /// Starts on `core`, taking what was not set from `config`.
+    pub(crate) fn start_on(self, config: &crate::config::Config, core: Arc<Core>) -> Result<ServerHandle> {
+        let device = match self.device {
+            Some(device) => device,
+            None => config.resolved_device_index()?,
+        };
+        let port = match self.port {
+            Some(PortChoice::Exact(port)) => port,
+            Some(PortChoice::Base(base)) => config.clone().base_port(base).device_index(device).port()?,
+            None => config.clone().device_index(device).port()?,
+        };
+        let registry = match self.endpoints {
+            Some(defs) => Registry::from_defs(defs)?,
+            None => Registry::linked()?,
+        };
+        let shared = match self.token {
+            Some(TokenPolicy::SameUser) => None,
+            Some(TokenPolicy::Shared(token)) => Some(token),
+            None => config.shared_token.clone(),
+        };
+        start(crate::runtime::TOKIO.handle(), core, registry, port, device, shared.as_deref(), self.grace)
+    }
+}
+
+/// How a stop ended.
+///
+/// ```
+/// use shared_tensor_runtime::server::Stopped;
+/// let clean = Stopped { calls_left: 0, tasks_left: 0 };
+/// assert!(clean.is_clean());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stopped {
+    /// Calls still running when the grace period ran out (0 for a clean stop).
+    pub calls_left: usize,
+    /// Tasks still running when the grace period ran out.
+    pub tasks_left: usize,
+}
+
+impl Stopped {
+    /// Whether everything finished within the grace period.
+    ///
+    /// ```
+    /// # use shared_tensor_runtime::server::Stopped;
+    /// assert!(!Stopped { calls_left: 1, tasks_left: 0 }.is_clean());
+    /// ```
+    pub fn is_clean(&self) -> bool {
+        self.calls_left == 0 && self.tasks_left == 0
+    }
+}
+
+/// A running server. Clones refer to the same server; dropping a handle does not stop
+/// it (it serves until [`ServerHandle::shutdown`] or the end of the process).
 ///
 /// ```no_run
 /// # fn demo(server: &shared_tensor_runtime::server::ServerHandle) {
@@ -148,9 +436,10 @@ fn resident_bytes() -> u64 {
 /// server.shutdown();
 /// # }
 /// ```
+#[derive(Clone)]
 pub struct ServerHandle {
     state: Arc<ServerState>,
-    stop: watch::Sender<bool>,
+    grace: Duration,
 }
 
 impl std::fmt::Debug for ServerHandle {
@@ -184,21 +473,112 @@ impl ServerHandle {
         self.state.info()
     }
 
-    /// Stops accepting connections and closes open ones.
+    /// Stops gracefully (see the [module docs](self#stopping)) and returns once the calls
+    /// and tasks that were running have finished, or the grace period has run out. A
+    /// second call (or a call after another clone stopped it) waits for the same stop.
+    /// It blocks the calling thread; from async code, run it with `spawn_blocking`.
     ///
     /// ```no_run
     /// # fn demo(server: &shared_tensor_runtime::server::ServerHandle) {
-    /// server.shutdown(); // clients' next calls fail with Error::ServerGone
+    /// let stopped = server.shutdown(); // clients' calls now fail with Error::ServerGone
+    /// assert!(stopped.is_clean(), "{} calls still running", stopped.calls_left);
     /// # }
     /// ```
-    pub fn shutdown(&self) {
-        self.stop.send_replace(true);
+    pub fn shutdown(&self) -> Stopped {
+        let first = !self.state.stopping.swap(true, Ordering::SeqCst);
+        if !first {
+            return self.join();
+        }
+        self.state.stop.send_replace(true);
+        let deadline = Instant::now() + self.grace;
+        // Pending tasks never start (no new endpoint code once stopping).
+        let core = &self.state.core;
+        for task in core.tasks.list(Some(crate::task::TaskStatus::Pending)) {
+            if let Ok(record) = core.tasks.get(task.id) {
+                record.cancel();
+            }
+        }
+        let mut active = self.state.active.lock();
+        while active.calls + active.connections > 0 {
+            if self.state.idle.wait_until(&mut active, deadline).timed_out() {
+                break;
+            }
+        }
+        let calls_left = active.calls;
+        drop(active);
+        // Running tasks have no waiter to notify: look again until they end or time is up.
+        let running = || core.tasks.list(Some(crate::task::TaskStatus::Running)).len();
+        let mut tasks_left = running();
+        while tasks_left > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+            tasks_left = running();
+        }
+        let stopped = Stopped { calls_left, tasks_left };
+        if stopped.is_clean() {
+            tracing::info!(addr = %self.state.addr, "shared-tensor server stopped");
+        } else {
+            tracing::warn!(
+                addr = %self.state.addr, calls_left, tasks_left, grace = ?self.grace,
+                "shared-tensor server stopped with work still running after the grace period"
+            );
+        }
+        let mut active = self.state.active.lock();
+        active.stopped = Some(stopped);
+        self.state.idle.notify_all();
+        stopped
+    }
+
+    /// Blocks until the server has stopped (through [`shutdown`](Self::shutdown) on any
+    /// clone, or [`serve_until_signal`](crate::runtime::serve_until_signal)).
+    ///
+    /// ```no_run
+    /// # fn demo(server: shared_tensor_runtime::server::ServerHandle) {
+    /// let stopper = server.clone();
+    /// std::thread::spawn(move || stopper.shutdown());
+    /// let stopped = server.join();
+    /// println!("stopped cleanly: {}", stopped.is_clean());
+    /// # }
+    /// ```
+    pub fn join(&self) -> Stopped {
+        let mut active = self.state.active.lock();
+        loop {
+            if let Some(stopped) = active.stopped {
+                return stopped;
+            }
+            self.state.idle.wait(&mut active);
+        }
+    }
+
+    /// Whether a stop has begun.
+    ///
+    /// ```no_run
+    /// # fn demo(server: &shared_tensor_runtime::server::ServerHandle) {
+    /// if !server.is_stopping() {
+    ///     server.shutdown();
+    /// }
+    /// # }
+    /// ```
+    pub fn is_stopping(&self) -> bool {
+        self.state.is_stopping()
     }
 }
 
-impl Drop for ServerHandle {
-    fn drop(&mut self) {
-        self.shutdown();
+/// A result the server cannot lend: the endpoint broke its contract (its body must return
+/// CUDA tensors of a shareable kind), which the caller cannot fix by moving its own data.
+fn broken_contract(endpoint: &str, e: Error) -> Error {
+    match e {
+        Error::NotCuda { path, device } => Error::Endpoint {
+            endpoint: endpoint.into(),
+            message: format!(
+                "the server's result broke the endpoint's contract: its {path} is on {device}, but results must be \
+                 CUDA tensors; fix the endpoint's body to return them on the server's GPU (`.to_device(Device::Cuda(i))`)"
+            ),
+        },
+        Error::Unsupported { path, reason } => Error::Endpoint {
+            endpoint: endpoint.into(),
+            message: format!("the server's result broke the endpoint's contract: its {path} cannot be shared: {reason}"),
+        },
+        other => other,
     }
 }
 
@@ -215,6 +595,7 @@ pub(crate) fn start(
     port: u16,
     device_index: u32,
     shared_token: Option<&str>,
+    grace: Option<Duration>,
 ) -> Result<ServerHandle> {
     if let Err(e) = crate::ffi::raise_open_files_limit() {
         tracing::warn!(error = %e, "cannot raise the open-files limit; many clients may exhaust it");
@@ -239,11 +620,22 @@ pub(crate) fn start(
         device_index,
         next_connection: AtomicU64::new(1),
         links: Mutex::new(HashMap::new()),
+        stopping: AtomicBool::new(false),
+        stop: watch::channel(false).0,
+        active: Mutex::new(Active::default()),
+        idle: Condvar::new(),
     });
-    let (stop, stopped) = watch::channel(false);
-    rt.spawn(accept_loop(listener, state.clone(), stopped));
-    tracing::info!(%addr, "shared-tensor server listening");
-    Ok(ServerHandle { state, stop })
+    rt.spawn(accept_loop(listener, state.clone(), state.stop.subscribe()));
+    let endpoints = state.registry.names().len();
+    if endpoints == 0 {
+        tracing::warn!(
+            %addr,
+            "shared-tensor server has no endpoints: no #[share] function is linked into this binary; if they live \
+             in a library crate, link it from the binary with `extern crate that_crate;` (or use one of its items)"
+        );
+    }
+    tracing::info!(%addr, endpoints, "shared-tensor server listening");
+    Ok(ServerHandle { state, grace: grace.unwrap_or(DEFAULT_GRACE) })
 }
 
 async fn accept_loop(listener: TcpListener, state: Arc<ServerState>, stopped: watch::Receiver<bool>) {
@@ -252,7 +644,8 @@ async fn accept_loop(listener: TcpListener, state: Arc<ServerState>, stopped: wa
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    tokio::spawn(connection(state.clone(), stream, stopped.clone()));
+                    let busy = Busy::new(&state, false);
+                    tokio::spawn(connection(state.clone(), stream, stopped.clone(), busy));
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off, keep serving.
@@ -495,14 +888,20 @@ impl Drop for Capture<'_> {
     }
 }
 
-async fn connection(state: Arc<ServerState>, stream: TcpStream, stopped: watch::Receiver<bool>) {
+/// Serves one connection; `_busy` counts it until its clean-up is done.
+async fn connection(state: Arc<ServerState>, stream: TcpStream, stopped: watch::Receiver<bool>, _busy: Busy) {
     let _ = stream.set_nodelay(true);
     let id = state.next_connection.fetch_add(1, Ordering::Relaxed);
     let (rd, wr) = stream.into_split();
     let mut frames = FramedRead::new(rd, codec());
     let writer = Writer::new(wr);
 
-    let peer = match handshake(&state, &mut frames, &writer).await {
+    let mut stop = stopped.clone();
+    let shaken = tokio::select! {
+        shaken = handshake(&state, &mut frames, &writer) => shaken,
+        _ = until_stopped(&mut stop) => Err(None),
+    };
+    let peer = match shaken {
         Ok(peer) => peer,
         Err(refusal) => {
             if let Some(error) = refusal {
@@ -569,7 +968,11 @@ async fn read_frames(mut r: Reader) {
             Ok(ClientMessage::Request { id, request }) => {
                 if let Some(call) = r.conn.handle(id, request) {
                     let conn = r.conn.clone();
-                    crate::pool::spawn(Box::new(move || conn.run_call(call)));
+                    let busy = Busy::new(&conn.state, true);
+                    crate::pool::spawn(Box::new(move || {
+                        conn.run_call(call);
+                        drop(busy);
+                    }));
                 }
             }
             Ok(ClientMessage::Hello(_) | ClientMessage::Auth(_)) => {
@@ -694,6 +1097,11 @@ impl Conn {
     /// here; a call that must run endpoint code is returned for the caller to run.
     fn handle(&self, id: u64, request: Request) -> Option<Call> {
         let core = &self.state.core;
+        if self.state.is_stopping() {
+            // Nothing read once stopping reaches endpoint code, decoding or CUDA.
+            self.reply(id, Err(self.state.gone()));
+            return None;
+        }
         let result = match request {
             Request::Call { endpoint, args, deadline_ms } => {
                 let deadline = deadline_ms.and_then(|ms| Instant::now().checked_add(Duration::from_millis(ms)));
@@ -714,12 +1122,17 @@ impl Conn {
             Request::DropObjects(ids) => Ok(Response::Released(core.drop_objects(&ids))),
             Request::ObjectInfo(object) => Ok(Response::ObjectInfo(core.objects.info(object))),
             Request::ListObjects => Ok(Response::Objects(core.objects.list())),
-            Request::InvalidateEndpoint(endpoint) => {
-                Ok(Response::Invalidated(core.invalidate_endpoint(&endpoint) as u64))
-            }
-            Request::InvalidateKey { endpoint, key } => {
-                Ok(Response::Invalidated(u64::from(core.invalidate_key(&endpoint, &key))))
-            }
+            // An unknown endpoint is an error (a typo must not look like an empty cache).
+            Request::InvalidateEndpoint(endpoint) => self
+                .state
+                .registry
+                .get(&endpoint)
+                .map(|_| Response::Invalidated(core.invalidate_endpoint(&endpoint) as u64)),
+            Request::InvalidateKey { endpoint, key } => self
+                .state
+                .registry
+                .get(&endpoint)
+                .map(|_| Response::Invalidated(u64::from(core.invalidate_key(&endpoint, &key)))),
         };
         self.reply(id, result);
         None
@@ -769,21 +1182,25 @@ impl Conn {
         };
         match prepared.key.as_deref().and_then(|k| self.state.core.try_hit(def, k, self.holder())) {
             Some(hit) => {
-                self.answer(id, || (self.respond(&hit), Some(hit)));
+                self.answer(id, || (self.respond(def.name, &hit), Some(hit)));
                 None
             }
             None => Some(Call { id, def, deadline, prepare: Box::new(move || Ok(prepared)) }),
         }
     }
 
-    /// Runs a call on this thread (the body may take any time) and replies.
-    /// Past the call's deadline, a call still pending is cancelled; a running body can see
-    /// it through `task::is_cancelled()`.
+    /// Runs a call on this thread (the body may take any time) and replies. A call that
+    /// was still queued when the server began stopping is answered without running. Past
+    /// the call's deadline, a call still pending is cancelled; a running body can see it
+    /// through `task::is_cancelled()`.
     fn run_call(&self, call: Call) {
+        if self.state.is_stopping() {
+            return self.reply(call.id, Err(self.state.gone()));
+        }
         self.answer(call.id, || {
             crate::task::with_deadline(call.deadline, || match (call.prepare)() {
                 Ok(prepared) => match self.state.core.call(call.def, prepared.key, self.holder(), prepared.body) {
-                    Ok(outcome) => (self.respond(&outcome), Some(outcome)),
+                    Ok(outcome) => (self.respond(call.def.name, &outcome), Some(outcome)),
                     Err(e) => (Err(e), None),
                 },
                 Err(e) => (Err(e), None),
@@ -792,7 +1209,9 @@ impl Conn {
     }
 
     /// The reply for an outcome. A managed reference that cannot be delivered is released.
-    fn respond(&self, outcome: &Outcome) -> Result<Response> {
+    /// A result that cannot be shared (a CPU tensor, say) broke the endpoint's contract:
+    /// the caller is told which endpoint, and that the server produced it.
+    fn respond(&self, endpoint: &str, outcome: &Outcome) -> Result<Response> {
         match outcome.lend(&self.link) {
             Ok((object, payload, bytes)) => {
                 self.state.core.stats.bytes_shared.fetch_add(bytes, Ordering::Relaxed);
@@ -802,22 +1221,31 @@ impl Conn {
                 if let Outcome::Object { id, .. } = outcome {
                     self.state.core.release_objects(&[*id], self.holder());
                 }
-                Err(e)
+                Err(broken_contract(endpoint, e))
             }
         }
     }
 
     fn spawn_wait(&self, id: u64, task: u64) {
         let conn = self.clone();
+        let mut stopped = conn.state.stop.subscribe();
+        let busy = Busy::new(&conn.state, true);
         tokio::spawn(async move {
+            let _busy = busy;
             let record = match conn.state.core.tasks.get(task) {
                 Ok(r) => r,
                 Err(e) => return conn.reply(id, Err(e)),
             };
-            record.wait_async().await;
+            tokio::select! {
+                _ = record.wait_async() => {}
+                _ = until_stopped(&mut stopped) => return conn.reply(id, Err(conn.state.gone())),
+            }
+            if conn.state.is_stopping() {
+                return conn.reply(id, Err(conn.state.gone()));
+            }
             // Collecting a finished task never waits and runs no endpoint code: answer here.
             conn.answer(id, || match conn.state.core.collect(&record, conn.holder()) {
-                Ok(o) => (conn.respond(&o), Some(o)),
+                Ok(o) => (conn.respond(&record.info().endpoint, &o), Some(o)),
                 Err(e) => (Err(e), None),
             });
         });
@@ -826,6 +1254,28 @@ impl Conn {
 
 #[cfg(test)]
 mod tests {
+    use crate::error::Error;
+
+    #[test]
+    fn a_cpu_result_names_the_endpoint_and_the_broken_contract() {
+        let e = super::broken_contract("make", Error::NotCuda { path: "result".into(), device: "Cpu".into() });
+        let message = e.to_string();
+        assert!(matches!(&e, Error::Endpoint { endpoint, .. } if endpoint == "make"), "{message}");
+        assert!(message.contains("the server's result broke the endpoint's contract"), "{message}");
+        assert!(message.contains("its result is on Cpu"), "{message}");
+        let other = super::broken_contract("make", Error::Protocol("x".into()));
+        assert_eq!(other, Error::Protocol("x".into()), "other errors pass through");
+    }
+
+    #[test]
+    fn no_server_says_how_long_only_when_it_waited() {
+        let unreachable = |waited_ms| {
+            Error::ServerUnreachable { addr: "127.0.0.1:1".into(), reason: "refused".into(), waited_ms }.to_string()
+        };
+        assert!(!unreachable(0).contains("after trying"), "{}", unreachable(0));
+        assert!(unreachable(1500).contains("(refused, after trying for 1500 ms)"), "{}", unreachable(1500));
+    }
+
     #[test]
     fn resident_memory_is_read_in_bytes() {
         let before = super::resident_bytes();

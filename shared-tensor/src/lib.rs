@@ -9,7 +9,9 @@
 //!   [`release_many`], [`invalidate_endpoint_cache`], [`invalidate_cache_key`],
 //!   [`server_info`], [`ping`], [`role`].
 //! - Process set-up: [`configure`], [`serve_while_server`], [`serve_in_background`],
-//!   [`serve_until_signal`].
+//!   [`server::Server::builder`] (a server object with `shutdown()` and `join()`), and the
+//!   opt-ins to stop signals [`serve_until_signal`], [`serve_until_signal_async`],
+//!   [`catch_stop_signals`]. The library installs no signal handler and no log subscriber.
 //! - Modules: [`config`] (roles, ports, variables), [`cuda`], [`ipc`] (the raw codec),
 //!   [`payload`] (what may cross), [`client`](mod@client) and [`server`] (manual mode),
 //!   [`task`](mod@task), [`managed`], [`auth`], [`wire`], [`endpoint`].
@@ -96,9 +98,9 @@ pub use shared_tensor_runtime::handle::{Managed, Output, TaskHandle};
 pub use shared_tensor_runtime::payload::{Argument, Payload};
 pub use shared_tensor_runtime::private::BoxFuture;
 pub use shared_tensor_runtime::runtime::{
-    cancel_task, client, configure, invalidate_cache_key, invalidate_endpoint_cache, list_endpoints, list_objects,
-    list_tasks, object_info, ping, release_many, role, serve_in_background, serve_until_signal, serve_while_server,
-    server_info, task, task_info, wait_for_server, wait_for_task,
+    cancel_task, catch_stop_signals, client, configure, invalidate_cache_key, invalidate_endpoint_cache,
+    list_endpoints, list_objects, list_tasks, object_info, ping, release_many, role, serve_in_background,
+    serve_until_signal, serve_until_signal_async, serve_while_server, server_info, task, task_info, wait_for_server, wait_for_task,
 };
 pub use shared_tensor_runtime::task::report_progress;
 pub use shared_tensor_runtime::{auth, client, config, cuda, endpoint, ipc, managed, payload, server, task, wire};

@@ -76,7 +76,7 @@ fn the_inspector_reads_a_live_server() {
         .iter()
         .any(|t| t["endpoint"] == "quick" && t["progress"]["message"] == "done soon"));
     let (_, table, _) = inspect(&["tasks"]);
-    assert!(table.contains("100% done soon"), "{table}");
+    assert!(table.contains("finished (last report: 100% done soon)"), "{table}");
 
     let objects = json(&["objects"]);
     assert_eq!(objects[0]["object_id"], thing.object_id());
@@ -90,8 +90,17 @@ fn the_inspector_reads_a_live_server() {
     assert!(!thing.is_live(), "a released object's handle is stale");
 
     let (code, _, err) = inspect(&["tasks", "--status", "done"]);
-    assert_ne!(code, 0);
+    assert_eq!(code, 2, "a bad argument is a usage error");
     assert!(err.contains("not a task status"), "{err}");
+
+    let (code, _, err) = inspect(&["invalidate", "nosuch"]);
+    assert_eq!(code, 1, "an unknown endpoint is the server's error");
+    assert!(err.contains("no endpoint named \"nosuch\"") && err.contains("make_thing"), "{err}");
+    let (code, out, _) = inspect(&["invalidate", "nosuch", "--json"]);
+    assert_eq!(code, 1);
+    let error: serde_json::Value = serde_json::from_str(&out).expect("--json errors are JSON");
+    assert_eq!(error["error"]["kind"], "UnknownEndpoint");
+    assert_eq!(error["error"]["exit_code"], 1);
 }
 
 #[test]
@@ -102,7 +111,7 @@ fn no_server_is_one_clear_message() {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(3), "no server is exit code 3");
     assert!(err.starts_with(&format!("shared-tensor: no shared-tensor server at 127.0.0.1:{nowhere}")), "{err}");
     assert!(err.contains("SHARED_TENSOR_ROLE=server"), "{err}");
 }

@@ -9,6 +9,14 @@
 //!   own work" for `ST_TEST_BUSY_MS` (prints `WORK DONE`), then serves until SIGINT or
 //!   SIGTERM (prints `STOPPED`): for the stop-signal tests.
 //!
+//! - `ST_TEST_SERVER=stoppable`: listens for stop signals from the start
+//!   (`catch_stop_signals`), serves through a server object (in the server role with
+//!   `SHARED_TENSOR_ROLE=server`, else manual mode in the local role), and stops on
+//!   SIGTERM/SIGINT (`serve_until_signal`) or, with `ST_TEST_STOP=stdin`, when its stdin
+//!   closes (`ServerHandle::shutdown`); prints `STOPPED <clean>` and returns from `main`.
+//!   With `ST_TEST_RUNTIME=current_thread|multi_thread` it waits from inside a tokio
+//!   runtime of that flavour (`ST_TEST_STOP=async`: with `serve_until_signal_async`).
+//!
 //! Prints `READY <port>` once it accepts connections. Either way it exits when its stdin
 //! closes, so it never outlives the test that started it (even one that panicked or
 //! kept it in a static).
@@ -45,9 +53,52 @@ fn profile_for_a_while() {
     });
 }
 
+/// The `stoppable` mode (see the module docs).
+fn stoppable() -> shared_tensor::Result<()> {
+    shared_tensor::catch_stop_signals()?;
+    let config = Config::from_env()?;
+    let server = if config.get_role() == Role::Server {
+        shared_tensor::configure(config)?; // the role starts its server
+        None
+    } else {
+        shared_tensor::configure(config.role(Role::Local))?;
+        Some(shared_tensor::server::Server::builder().start()?)
+    };
+    let port = shared_tensor::server_info()?.address.rsplit(':').next().unwrap_or_default().to_string();
+    println!("READY {port}");
+    match server {
+        Some(server) if std::env::var("ST_TEST_STOP").is_ok_and(|v| v == "stdin") => {
+            let _ = std::io::stdin().read_to_end(&mut Vec::new());
+            println!("STOPPED {}", server.shutdown().is_clean());
+        }
+        Some(server) => {
+            // Inside a tokio runtime (what an async application does), or plain sync code.
+            let inside = |rt: tokio::runtime::Runtime| match std::env::var("ST_TEST_STOP").as_deref() {
+                Ok("async") => rt.block_on(shared_tensor::serve_until_signal_async()),
+                _ => rt.block_on(async { shared_tensor::serve_until_signal() }),
+            };
+            match std::env::var("ST_TEST_RUNTIME").as_deref() {
+                Ok("current_thread") => inside(tokio::runtime::Builder::new_current_thread().build().unwrap())?,
+                Ok("multi_thread") => inside(tokio::runtime::Builder::new_multi_thread().build().unwrap())?,
+                _ => shared_tensor::serve_until_signal()?,
+            }
+            println!("STOPPED {}", server.join().is_clean());
+        }
+        None => {
+            shared_tensor::serve_while_server()?;
+            println!("STOPPED role");
+        }
+    }
+    Ok(())
+}
+
 fn main() -> shared_tensor::Result<()> {
     let mode = std::env::var("ST_TEST_SERVER").unwrap_or_else(|_| "role".into());
+    if mode == "stoppable" {
+        return stoppable();
+    }
     if mode == "busy" {
+        shared_tensor::catch_stop_signals()?; // a signal during the work is kept
         shared_tensor::configure(Config::from_env()?.role(Role::Local))?;
         let addr = shared_tensor::serve_in_background(None)?;
         println!("READY {}", addr.port());

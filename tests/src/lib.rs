@@ -108,6 +108,23 @@ impl Peer {
         self.child.wait().ok().and_then(|s| s.code())
     }
 
+    /// Waits up to `limit` for the peer to exit and returns its exit code (`None`: killed
+    /// by a signal). Panics, after killing it, if it is still running by then (a hang).
+    pub fn wait_code_within(&mut self, limit: std::time::Duration) -> Option<i32> {
+        let started = std::time::Instant::now();
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => return status.code(),
+                Ok(None) if started.elapsed() < limit => std::thread::sleep(std::time::Duration::from_millis(5)),
+                Ok(None) => {
+                    self.kill();
+                    panic!("process {} still running after {limit:?}: it hangs", self.child.id());
+                }
+                Err(e) => panic!("waiting for process {}: {e}", self.child.id()),
+            }
+        }
+    }
+
     /// Sends `signal` (a name `kill` understands: TERM, INT, KILL, ...) to the peer.
     pub fn signal(&self, signal: &str) {
         let status = Command::new("kill").arg(format!("-{signal}")).arg(self.child.id().to_string()).status();

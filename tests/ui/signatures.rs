@@ -13,6 +13,12 @@ fn mutable(t: &mut Tensor) {}
 #[share]
 fn pattern((a, b): (i64, i64)) {}
 
+#[share]
+fn greet(name: &str) {}
+
+#[share]
+fn batch(tensors: &[Tensor]) {}
+
 struct S;
 impl S {
     #[share]

@@ -24,7 +24,12 @@ const EXAMPLES: &[(&str, &str, &str)] = &[
     ("basic_service", "basic_service", "basic_service"),
     ("async_service", "async_service", "async_service"),
     ("model_service", "model_service_server", "model_service_client"),
+    // A user's crate outside the workspace (tests/fixtures/own-crate), built by path.
+    ("own_crate", "own-crate", "own-crate"),
 ];
+
+/// The fixture crate's binary (not an example of the workspace).
+const OWN_CRATE: &str = "own-crate";
 
 pub fn build(lt: &Libtorch) -> Result<ExitCode, String> {
     let mut args = vec![
@@ -37,13 +42,34 @@ pub fn build(lt: &Libtorch) -> Result<ExitCode, String> {
         "--package",
         "shared-tensor-examples",
     ];
-    let mut binaries: Vec<&str> = EXAMPLES.iter().flat_map(|(_, s, c)| [*s, *c]).collect();
+    let mut binaries: Vec<&str> =
+        EXAMPLES.iter().flat_map(|(_, s, c)| [*s, *c]).filter(|name| *name != OWN_CRATE).collect();
     binaries.dedup();
     for name in binaries {
         args.push("--example");
         args.push(name);
     }
-    let exes = crate::build_executables(lt, &args)?;
+    let mut exes = crate::build_executables(lt, &args)?;
+    let fixture = crate::build_executables(
+        lt,
+        &[
+            "--manifest-path",
+            "tests/fixtures/own-crate/Cargo.toml",
+            "--bin",
+            OWN_CRATE,
+            // The workspace's `gpu` profile, declared for the fixture too: the libtorch
+            // bindings built for the bundle are reused, and the binary is stripped.
+            "--profile",
+            "gpu",
+            "--config",
+            "profile.gpu.inherits=\"release\"",
+            "--config",
+            "profile.gpu.strip=\"symbols\"",
+            "--config",
+            "profile.gpu.lto=\"thin\"",
+        ],
+    )?;
+    exes.extend(fixture.into_iter().filter(|(name, _, _)| name == OWN_CRATE).map(|(n, _, p)| (n, "example".into(), p)));
     let root = Path::new(BUNDLE_DIR);
     if root.exists() {
         fs::remove_dir_all(root).map_err(|e| format!("cannot clear {BUNDLE_DIR}: {e}"))?;
@@ -160,7 +186,7 @@ for t in "$here"/tests/*; do
   say "=== test binary $name"
   # Straight to the log: a stray child holding a pipe open cannot stall the run.
   # gpu_load makes 6.4 million mixed calls (about 6 minutes on an H100); the rest take seconds.
-  limit=300; [[ "$name" == gpu_load ]] && limit=570
+  limit=300; [[ "$name" == gpu_load || "$name" == gpu_shutdown ]] && limit=570
   timeout $limit "$t" --include-ignored --test-threads=1 --show-output >>"$log" 2>&1
   rc=$?
   section=$(sed -n "/^=== test binary $name\$/,\$p" "$log")

@@ -6,7 +6,6 @@ mod bundle;
 mod libtorch;
 
 use std::ffi::OsString;
-use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
@@ -28,7 +27,9 @@ enum Cmd {
     Bootstrap,
     /// Print `export` lines that set up a shell for plain `cargo` (eval "$(cargo xtask env)").
     Env,
-    /// Run the test suite (`cargo test --workspace`); extra arguments go to cargo test.
+    /// Run the test suite (`cargo test --workspace`; extra arguments go to cargo test),
+    /// then build the out-of-workspace fixture crate and run its binary in a clean
+    /// environment.
     Test {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
@@ -85,8 +86,16 @@ fn run(cmd: Cmd) -> Result<ExitCode, String> {
         }
         Cmd::Test { args } => {
             let mut cmd = cargo(&lt);
-            cmd.args(["test", "--workspace"]).args(args);
-            status_of(cmd)
+            // `cli`: the inspector and its tests.
+            cmd.args(["test", "--workspace", "--features", "shared-tensor/cli"]).args(args);
+            eprintln!("xtask: step 1/2: cargo test --workspace");
+            if status_of(cmd)? != ExitCode::SUCCESS {
+                return Ok(ExitCode::FAILURE);
+            }
+            eprintln!(
+                "xtask: step 2/2: a user's own crate (tests/fixtures/own-crate) built by path, run with no environment"
+            );
+            own_crate(&lt)
         }
         Cmd::Cargo { args } => {
             let mut cmd = cargo(&lt);
@@ -112,19 +121,55 @@ fn status_of(mut cmd: Command) -> Result<ExitCode, String> {
     Ok(if status.success() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
+/// Builds `tests/fixtures/own-crate` (a crate outside the workspace that depends on
+/// shared-tensor by path, as the README's "Use it in your crate" says) and runs its binary
+/// with an empty environment: no `LD_LIBRARY_PATH`, no `PATH`. It must start (its first
+/// line) and, without a GPU, end with its own sentence about the missing GPU (exit 1),
+/// never a loader error.
+fn own_crate(lt: &Libtorch) -> Result<ExitCode, String> {
+    let root = std::env::current_dir().map_err(|e| format!("cannot read the current folder: {e}"))?;
+    let manifest = root.join("tests/fixtures/own-crate/Cargo.toml");
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
+    let mut build = cargo(lt);
+    build.arg("build").arg("--manifest-path").arg(&manifest).arg("--target-dir").arg(&target);
+    if status_of(build)? != ExitCode::SUCCESS {
+        return Err("the fixture crate tests/fixtures/own-crate does not build (cargo's messages are above)".into());
+    }
+    let exe = target.join("debug/own-crate");
+    let out = Command::new(&exe).env_clear().output().map_err(|e| format!("cannot run {}: {e}", exe.display()))?;
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    eprint!("{stdout}{stderr}");
+    let started = stdout.contains("own-crate: started as client");
+    let own_words = stderr.starts_with("own-crate: cannot share tensors here: ");
+    let gpu_run = out.status.success() && stdout.contains("double([0, 1, 2, 3])");
+    if started && (own_words && out.status.code() == Some(1) || gpu_run) {
+        eprintln!("xtask: the fixture's binary started with no environment and spoke in its own words");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        Err(format!(
+            "the fixture's binary {} did not start cleanly with an empty environment ({}): a loader error means \
+             the run path to libtorch is missing",
+            exe.display(),
+            out.status
+        ))
+    }
+}
+
 fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
 /// Builds with `--message-format=json` and returns the executables cargo produced, as
-/// (target name, target kind, path).
+/// (target name, target kind, path). Cargo's own output (progress, the compiler's messages)
+/// streams through on stderr; only the JSON on stdout is read here.
 pub fn build_executables(lt: &Libtorch, args: &[&str]) -> Result<Vec<(String, String, PathBuf)>, String> {
     let mut cmd = cargo(lt);
     cmd.arg("build").args(args).arg("--message-format=json-render-diagnostics");
-    cmd.stdout(Stdio::piped());
+    cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
+    eprintln!("xtask: cargo build {} (the first build compiles libtorch bindings: minutes)", args.join(" "));
     let out = cmd.output().map_err(|e| format!("cannot run cargo build: {e}"))?;
     if !out.status.success() {
-        return Err(format!("cargo build {} failed (the compiler's messages are above)", args.join(" ")));
+        return Err(format!("cargo build {} failed (cargo's messages are above)", args.join(" ")));
     }
     let mut found = Vec::new();
     for line in String::from_utf8_lossy(&out.stdout).lines() {
@@ -196,13 +241,20 @@ fn demo(lt: &Libtorch, example: &str) -> Result<ExitCode, String> {
         .find(|(name, kind, _)| name == example && kind == "example")
         .map(|(_, _, path)| path)
         .ok_or_else(|| format!("cargo built no example named {example}"))?;
+    // The inspector checks that a shared-tensor server (not just anything) answers.
+    let inspector =
+        build_executables(lt, &["--package", "shared-tensor", "--features", "cli", "--bin", "shared-tensor"])?
+            .into_iter()
+            .find(|(name, kind, _)| name == "shared-tensor" && kind == "bin")
+            .map(|(_, _, path)| path)
+            .ok_or("cargo built no shared-tensor inspector")?;
     let port = demo_port()?;
     let mut server = Command::new(&exe)
         .envs(lt.envs())
         .env("SHARED_TENSOR_ROLE", "server")
         .spawn()
         .map_err(|e| format!("cannot start {}: {e}", exe.display()))?;
-    let result = demo_client(lt, &exe, &mut server, port);
+    let result = demo_client(lt, &exe, &inspector, &mut server, port);
     stop(&mut server);
     match result {
         // The server already said why on stderr (for example: a CUDA GPU is required).
@@ -223,21 +275,50 @@ impl From<String> for DemoError {
     }
 }
 
-fn demo_client(lt: &Libtorch, exe: &PathBuf, server: &mut Child, port: u16) -> Result<ExitCode, DemoError> {
-    let deadline = Instant::now() + Duration::from_secs(120);
+/// Waits until a shared-tensor server answers a handshake on `port` (the inspector's
+/// `ping`: exit 0 answered, 3 nobody there yet, anything else something that is not our
+/// server), then runs the client role.
+fn demo_client(
+    lt: &Libtorch,
+    exe: &PathBuf,
+    inspector: &PathBuf,
+    server: &mut Child,
+    port: u16,
+) -> Result<ExitCode, DemoError> {
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(120);
+    let mut said = Instant::now();
     loop {
         if server.try_wait().map_err(|e| e.to_string())?.is_some() {
             return Err(DemoError::ServerExited);
         }
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            break;
+        let ping = Command::new(inspector)
+            .envs(lt.envs())
+            .args(["--base-port", &port.to_string(), "--device", "0", "ping"])
+            .output()
+            .map_err(|e| format!("cannot run the inspector {}: {e}", inspector.display()))?;
+        match ping.status.code() {
+            Some(0) => break,
+            Some(3) => {}
+            _ => {
+                return Err(format!(
+                    "something that is not a shared-tensor server answers on 127.0.0.1:{port}: {}; stop it or set \
+                     SHARED_TENSOR_BASE_PORT",
+                    String::from_utf8_lossy(&ping.stderr).trim()
+                )
+                .into())
+            }
         }
         if Instant::now() > deadline {
-            return Err(format!("the server role did not listen on 127.0.0.1:{port} within 120 s").into());
+            return Err(format!("the server role did not answer on 127.0.0.1:{port} within 120 s").into());
         }
-        std::thread::sleep(Duration::from_millis(50));
+        if said.elapsed() > Duration::from_secs(5) {
+            eprintln!("xtask: waiting for the server role to start ({} s)", started.elapsed().as_secs());
+            said = Instant::now();
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
-    eprintln!("xtask: server is up; running the same binary as the client");
+    eprintln!("xtask: server answered a shared-tensor handshake; running the same binary as the client");
     let status = Command::new(exe)
         .envs(lt.envs())
         .env_remove("SHARED_TENSOR_ROLE")

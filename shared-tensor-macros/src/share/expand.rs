@@ -220,10 +220,35 @@ impl Generator<'_> {
             .collect()
     }
 
+    /// What every generated item carries from the user's function: its `cfg`s (a
+    /// configured-out endpoint generates and registers nothing) and its lint levels, with
+    /// `#[expect(..)]` as `#[allow(..)]` (an item the lint does not fire on must not
+    /// report an unfulfilled expectation; the body keeps the `expect`).
+    fn inherited(&self) -> TokenStream {
+        let attrs = &self.item.attrs;
+        let cfgs = attrs.iter().filter(|a| a.path().is_ident("cfg"));
+        let lints = Self::lint_attrs(attrs).into_iter().map(|a| match &a.meta {
+            syn::Meta::List(list) if a.path().is_ident("expect") => {
+                let tokens = &list.tokens;
+                quote!(#[allow(#tokens)])
+            }
+            _ => quote!(#a),
+        });
+        quote!(#(#cfgs)* #(#lints)*)
+    }
+
+    /// The user's doc comments, for the companions module.
+    fn docs(&self) -> Vec<&Attribute> {
+        self.item.attrs.iter().filter(|a| a.path().is_ident("doc")).collect()
+    }
+
     /// The stub that replaces the function.
     fn stub(&self) -> TokenStream {
         let item = self.item;
-        let attrs = &item.attrs;
+        // Everything but the lint levels as written; those as every generated item has them.
+        let lints = Self::lint_attrs(&item.attrs);
+        let attrs = item.attrs.iter().filter(|a| !a.path().is_ident("cfg") && !lints.contains(a));
+        let inherited = self.inherited();
         let vis = &item.vis;
         let name = &self.sig.name;
         let inputs = &item.sig.inputs;
@@ -236,6 +261,7 @@ impl Generator<'_> {
         let local = self.local_closure(quote!(#body_ident));
         quote! {
             #(#attrs)*
+            #inherited
             #[allow(dead_code)]
             #vis fn #name(#inputs) -> ::shared_tensor::Result<#out> {
                 ::shared_tensor::__private::call::<#out, _>(&#static_ident, (#(#names,)*), #key, #encode, #local)
@@ -247,12 +273,14 @@ impl Generator<'_> {
     fn body(&self) -> TokenStream {
         let item = self.item;
         let lints = Self::lint_attrs(&item.attrs);
+        let cfgs = item.attrs.iter().filter(|a| a.path().is_ident("cfg"));
         let ident = self.body_ident();
         let inputs = &item.sig.inputs;
         let output = &item.sig.output;
         let block = &item.block;
         quote! {
             #[doc(hidden)]
+            #(#cfgs)*
             #(#lints)*
             #[allow(clippy::needless_pass_by_value)]
             fn #ident(#inputs) #output #block
@@ -279,8 +307,14 @@ impl Generator<'_> {
             if self.opts.cache { ", `invalidate` (drop a cache entry)" } else { "" }
         );
         let invalidate = self.opts.cache.then(|| self.invalidate());
+        let inherited = self.inherited();
+        let docs = self.docs();
+        let blank = (!docs.is_empty()).then(|| quote!(#[doc = ""]));
         quote! {
             #[doc = #doc]
+            #blank
+            #(#docs)*
+            #inherited
             #[allow(dead_code, non_snake_case, unused_imports, clippy::needless_pass_by_value)]
             #vis mod #name {
                 use super::*;
@@ -377,8 +411,10 @@ impl Generator<'_> {
         let call = self.call_body(&args, quote!(#body_ident));
         let key = self.key_value(false, quote!());
         let value_ty = &self.sig.value_ty;
+        let inherited = self.inherited();
         quote! {
             #[doc(hidden)]
+            #inherited
             #[allow(non_upper_case_globals)]
             static #static_ident: ::shared_tensor::__private::EndpointDef = ::shared_tensor::__private::EndpointDef {
                 name: #endpoint,
@@ -397,6 +433,7 @@ impl Generator<'_> {
             };
 
             #[doc(hidden)]
+            #inherited
             fn #dispatch_ident(
                 __dec: &mut ::shared_tensor::__private::Decoder,
             ) -> ::shared_tensor::Result<::shared_tensor::__private::Prepared> {
@@ -407,9 +444,12 @@ impl Generator<'_> {
                 ::core::result::Result::Ok(::shared_tensor::__private::Prepared::new::<#value_ty>(__key, move || #call))
             }
 
-            ::shared_tensor::__private::inventory::submit! {
-                ::shared_tensor::__private::Registration(&#static_ident)
-            }
+            #inherited
+            const _: () = {
+                ::shared_tensor::__private::inventory::submit! {
+                    ::shared_tensor::__private::Registration(&#static_ident)
+                }
+            };
         }
     }
 
@@ -428,7 +468,9 @@ impl Generator<'_> {
             let t = &p.owned_ty;
             quote_spanned! {p.ty.span()=> ::shared_tensor::__private::assert_argument::<_, #t>(); }
         });
+        let inherited = self.inherited();
         quote! {
+            #inherited
             const _: fn() = || {
                 #result_check
                 #(#arg_checks)*

@@ -63,6 +63,17 @@ pub fn parse(f: &ItemFn, errors: &mut Errors) -> Signature {
                         continue;
                     }
                 };
+                if let Some(owned) = unsized_owned(&pt.ty) {
+                    errors.push(
+                        &pt.ty,
+                        format!(
+                            "a #[share] parameter must be a sized, owned type: arguments are decoded into owned \
+                             values on the server, so `{}` cannot arrive; take `{owned}` (or `&{owned}`) instead",
+                            written(&pt.ty)
+                        ),
+                    );
+                    continue;
+                }
                 let (owned_ty, by_ref) = match &*pt.ty {
                     Type::Reference(r) if r.mutability.is_some() => {
                         errors.push(&pt.ty, "a #[share] parameter cannot be `&mut`: take it by value or by `&`");
@@ -87,6 +98,41 @@ pub fn parse(f: &ItemFn, errors: &mut Errors) -> Signature {
         },
     };
     Signature { name: sig.ident.clone(), params, value_ty, fallible }
+}
+
+/// A type as written, without the spaces token streams print (`&[Tensor]`).
+fn written(ty: &Type) -> String {
+    let text = quote::ToTokens::to_token_stream(ty).to_string();
+    match ty {
+        Type::Reference(r) if matches!(&*r.elem, Type::TraitObject(_)) => "&dyn ..".into(),
+        Type::TraitObject(_) => "dyn ..".into(),
+        _ => text.replace(' ', ""),
+    }
+}
+
+/// The owned type to suggest if `ty` is (a reference to) an unsized type: `str`, a slice,
+/// `Path`, `OsStr`, `CStr`, or a trait object.
+fn unsized_owned(ty: &Type) -> Option<String> {
+    let inner = match ty {
+        Type::Reference(r) => &*r.elem,
+        other => other,
+    };
+    match inner {
+        Type::Slice(s) => Some(format!("Vec<{}>", written(&s.elem))),
+        Type::TraitObject(_) => Some("a concrete type (or an enum of the choices)".into()),
+        Type::Path(tp) if tp.qself.is_none() => {
+            let last = tp.path.segments.last()?;
+            let owned = match last.ident.to_string().as_str() {
+                "str" => "String",
+                "Path" => "PathBuf",
+                "OsStr" => "OsString",
+                "CStr" => "CString",
+                _ => return None,
+            };
+            matches!(last.arguments, PathArguments::None).then(|| owned.to_string())
+        }
+        _ => None,
+    }
 }
 
 /// `T` if the type is written `...Result<T, ..>`: the body may fail with an error that

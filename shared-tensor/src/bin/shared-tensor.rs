@@ -6,6 +6,12 @@
 //! ```
 //! The server is found like the library finds it: `127.0.0.1:(base port + device)`, with
 //! `SHARED_TENSOR_BASE_PORT` (default 2537) and `SHARED_TENSOR_DEVICE` (default 0 here).
+//!
+//! Exit codes: 0 ok, 1 the server answered with an error (an unknown endpoint, say),
+//! 2 a usage error (bad argument or `SHARED_TENSOR_*` value), 3 no server to talk to.
+//! With `--json`, errors are printed as JSON on stdout too:
+//! `{"error": {"kind": ..., "message": ..., "exit_code": ...}}`. Logs go to stderr,
+//! filtered by `RUST_LOG`. Built with the package's `cli` feature.
 
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
@@ -14,7 +20,8 @@ use clap::{Parser, Subcommand};
 use serde::Serialize;
 use shared_tensor::client::Client;
 use shared_tensor::config::Config;
-use shared_tensor::task::TaskStatus;
+use shared_tensor::task::{TaskInfo, TaskStatus};
+use shared_tensor::Error;
 
 #[derive(Parser)]
 #[command(name = "shared-tensor", version, about = "Look inside a running shared-tensor server")]
@@ -63,15 +70,62 @@ enum Cmd {
     },
 }
 
+/// Exit codes (documented above).
+const SERVER_FAILED: u8 = 1;
+const USAGE: u8 = 2;
+const NO_SERVER: u8 = 3;
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::builder()
+        .with_default_directive(tracing_subscriber::filter::LevelFilter::WARN.into())
+        .from_env_lossy();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let json = std::env::args().any(|a| a == "--json");
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version: exit 0
+        Err(e) if json => return fail("usage", &e.to_string(), USAGE, true),
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(USAGE);
+        }
+    };
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("shared-tensor: {e}");
-            ExitCode::from(2)
+            let code = match &e {
+                Error::ServerUnreachable { .. } | Error::ServerGone { .. } => NO_SERVER,
+                Error::Config { .. } => USAGE,
+                _ => SERVER_FAILED,
+            };
+            fail(variant(&e), &e.to_string(), code, cli.json)
         }
     }
+}
+
+/// The variant's name (`ServerUnreachable`), for JSON errors.
+fn variant(e: &Error) -> &'static str {
+    match e {
+        Error::ServerUnreachable { .. } => "ServerUnreachable",
+        Error::ServerGone { .. } => "ServerGone",
+        Error::Config { .. } => "Config",
+        Error::UnknownEndpoint { .. } => "UnknownEndpoint",
+        Error::Unauthorized { .. } => "Unauthorized",
+        Error::ProtocolMismatch { .. } => "ProtocolMismatch",
+        Error::Timeout { .. } => "Timeout",
+        _ => "ServerError",
+    }
+}
+
+/// Reports an error (as JSON on stdout with `--json`, else on stderr) and exits with `code`.
+fn fail(kind: &str, message: &str, code: u8, json: bool) -> ExitCode {
+    if json {
+        let error = serde_json::json!({ "error": { "kind": kind, "message": message.trim_end(), "exit_code": code } });
+        println!("{}", serde_json::to_string_pretty(&error).unwrap_or_default());
+    } else {
+        eprintln!("shared-tensor: {}", message.trim_end());
+    }
+    ExitCode::from(code)
 }
 
 fn print_json<T: Serialize>(value: &T) -> shared_tensor::Result<()> {
@@ -105,6 +159,17 @@ fn ago(t: Option<SystemTime>) -> String {
         Some(d) if d < Duration::from_secs(120) => format!("{:.1} s ago", d.as_secs_f64()),
         Some(d) => format!("{} min ago", d.as_secs() / 60),
         None => "-".into(),
+    }
+}
+
+/// A task's progress: its last report while it runs, "finished" once it ended.
+fn progress(t: &TaskInfo) -> String {
+    let last = t.progress.as_ref().map(|p| format!("{:.0}% {}", p.fraction * 100.0, p.message));
+    match (t.status.is_finished(), last) {
+        (true, Some(last)) => format!("finished (last report: {last})"),
+        (true, None) => "finished".into(),
+        (false, Some(last)) => last,
+        (false, None) => "-".into(),
     }
 }
 
@@ -219,12 +284,12 @@ fn run(cli: &Cli) -> shared_tensor::Result<()> {
                     .map(|t| {
                         vec![
                             t.id.to_string(),
-                            t.endpoint,
+                            t.endpoint.clone(),
                             format!("{:?}", t.status).to_lowercase(),
                             ago(Some(t.submitted_at)),
                             ago(t.started_at),
                             ago(t.finished_at),
-                            t.progress.map_or("-".into(), |p| format!("{:.0}% {}", p.fraction * 100.0, p.message)),
+                            progress(&t),
                             t.error.unwrap_or_else(|| "-".into()),
                         ]
                     })
