@@ -1933,3 +1933,171 @@ mod tests {
         assert_eq!(e.root, Node::Opt(None));
     }
 }
+
+/// CPU micro-benchmarks of the per-tensor work on the receiving side (run by hand:
+/// `cargo test -p shared-tensor-runtime --lib --release cpu_costs -- --ignored --nocapture`).
+/// Tensors come back as the receiver's own (CPU) storages, so everything but the IPC
+/// open runs: unpack, receive, the decoder's walk, one tensor built per entry, and the
+/// rebuild of a `HashMap` or a `VarStore`.
+#[cfg(test)]
+mod cpu_costs {
+    use super::*;
+    use crate::ipc::DType;
+    use std::collections::BTreeMap;
+    use std::time::Instant;
+
+    fn names(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("model.layers.{}.self_attn.proj_{}.weight", i / 9, i % 9)).collect()
+    }
+
+    pub(super) fn message_for_profile(link: &Arc<Link>, n: usize, keep: &mut Vec<Tensor>) -> PackedPayload {
+        message(link, n, keep)
+    }
+
+    /// A message of `n` named tensors, each over a storage lent (here) as part of one region.
+    fn message(link: &Arc<Link>, n: usize, keep: &mut Vec<Tensor>) -> PackedPayload {
+        let cpu = (tch::Kind::Float, tch::Device::Cpu);
+        let holds: Vec<ffi::OwnedStorage> = (0..n)
+            .map(|_| {
+                let t = Tensor::ones([4], cpu);
+                let s = ffi::inspect(&t, true).unwrap().storage.unwrap();
+                keep.push(t);
+                s
+            })
+            .collect();
+        let lease = link.lend_all(std::iter::once(holds.into())).pop().unwrap();
+        let mut msg = WirePayload::plain(Node::Map(
+            names(n).into_iter().enumerate().map(|(i, k)| (k, Node::Tensor(i as u32))).collect(),
+        ));
+        msg.storages = (0..n as u32).map(|part| WireStorage::Returned { lease, part }).collect();
+        let view =
+            TensorView { dtype: DType::F32, sizes: vec![4], strides: vec![1], storage_offset: 0, requires_grad: true };
+        msg.tensors = (0..n as u32).map(|storage| WireTensor { storage, view: view.clone() }).collect();
+        PackedPayload::pack(&msg).unwrap()
+    }
+
+    fn p50(mut f: impl FnMut()) -> f64 {
+        let mut times: Vec<f64> = (0..200)
+            .map(|_| {
+                let start = Instant::now();
+                f();
+                start.elapsed().as_secs_f64() * 1e6
+            })
+            .collect();
+        times.sort_by(f64::total_cmp);
+        times[100]
+    }
+
+    #[test]
+    #[ignore = "a measurement, run by hand"]
+    fn cpu_costs() {
+        let link = Link::new(Box::new(|_, _| {}));
+        let mut keep = Vec::new();
+        let n = 290;
+        let packed = message(&link, n, &mut keep);
+        let unpack = p50(|| drop(packed.unpack().unwrap()));
+        let receive = p50(|| drop(packed.unpack().unwrap().receive(&link)));
+        let map = p50(|| {
+            let mut dec = Decoder::new(packed.unpack().unwrap().receive(&link), "result");
+            let root = dec.take_root();
+            let m: HashMap<String, Tensor> = Payload::decode(root, &mut dec).unwrap();
+            drop(m);
+        });
+        let btree = p50(|| {
+            let mut dec = Decoder::new(packed.unpack().unwrap().receive(&link), "result");
+            let root = dec.take_root();
+            let m: BTreeMap<String, Tensor> = Payload::decode(root, &mut dec).unwrap();
+            drop(m);
+        });
+        let named: Vec<(String, Tensor)> =
+            names(n).into_iter().zip(&keep).map(|(k, t)| (k, t.shallow_clone())).collect();
+        let trainable: Vec<(String, usize)> = names(n).into_iter().map(|k| (k, 0)).collect();
+        let store = p50(|| {
+            let named: BTreeMap<String, Tensor> = named.iter().map(|(k, t)| (k.clone(), t.shallow_clone())).collect();
+            drop(nn::build_store_for_bench(tch::Device::Cpu, named, &trainable));
+        });
+        let views = p50(|| {
+            for t in &keep {
+                drop(t.shallow_clone());
+            }
+        });
+        let holds: Vec<ffi::OwnedStorage> =
+            keep.iter().map(|t| ffi::inspect(t, true).unwrap().storage.unwrap()).collect();
+        let view =
+            TensorView { dtype: DType::F32, sizes: vec![4], strides: vec![1], storage_offset: 0, requires_grad: true };
+        let build = p50(|| {
+            for h in &holds {
+                drop(ipc::view_tensor(h, &view).unwrap());
+            }
+        });
+        let no_grad = TensorView { requires_grad: false, ..view.clone() };
+        let build_no_grad = p50(|| {
+            for h in &holds {
+                drop(ipc::view_tensor(h, &no_grad).unwrap());
+            }
+        });
+        let clone_refs = p50(|| {
+            for h in &holds {
+                drop(h.clone_ref());
+            }
+        });
+        let inspect = p50(|| {
+            for t in &keep {
+                drop(ffi::inspect(t, true).unwrap());
+            }
+        });
+        let lookups = p50(|| {
+            for part in 0..n as u32 {
+                drop(link.lent_storage(1, part));
+            }
+        });
+        println!(
+            "{n} tensors, p50 µs: build (requires_grad) {build:.1}, build {build_no_grad:.1}, clone_ref {clone_refs:.1}, \
+             inspect {inspect:.1}, lent_storage {lookups:.1}"
+        );
+        println!(
+            "{n} tensors, p50 µs: unpack {unpack:.1}, unpack+receive {receive:.1}, decode HashMap {map:.1}, \
+             decode BTreeMap {btree:.1}, build_store {store:.1} (shallow_clone x{n}: {views:.1})"
+        );
+    }
+}
+
+#[cfg(test)]
+mod cpu_profile {
+    //! One phase at a time, for callgrind (`valgrind --tool=callgrind <test binary>
+    //! --ignored --exact payload::cpu_profile::<name>`).
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn setup(n: usize) -> (Arc<Link>, Vec<Tensor>, PackedPayload) {
+        let link = Link::new(Box::new(|_, _| {}));
+        let mut keep = Vec::new();
+        let packed = super::cpu_costs::message_for_profile(&link, n, &mut keep);
+        (link, keep, packed)
+    }
+
+    #[test]
+    #[ignore = "a measurement, run by hand"]
+    fn decode_map_x50() {
+        let (link, _keep, packed) = setup(290);
+        for _ in 0..50 {
+            let mut dec = Decoder::new(packed.unpack().unwrap().receive(&link), "result");
+            let root = dec.take_root();
+            let m: HashMap<String, Tensor> = Payload::decode(root, &mut dec).unwrap();
+            drop(m);
+        }
+    }
+
+    #[test]
+    #[ignore = "a measurement, run by hand"]
+    fn decode_store_x50() {
+        let (link, _keep, packed) = setup(290);
+        for _ in 0..50 {
+            let mut dec = Decoder::new(packed.unpack().unwrap().receive(&link), "result");
+            let root = dec.take_root();
+            let m: BTreeMap<String, Tensor> = Payload::decode(root, &mut dec).unwrap();
+            let trainable: Vec<(String, usize)> = m.keys().map(|k| (k.clone(), 0)).collect();
+            drop(nn::build_store_for_bench(tch::Device::Cpu, m, &trainable));
+        }
+    }
+}
