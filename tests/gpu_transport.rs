@@ -154,37 +154,53 @@ fn many_tensors_travel_as_one_storage_and_one_mapping_per_block() {
     let blocks: HashSet<Vec<u8>> =
         small.iter().map(|t| ipc::export(t).unwrap().descriptor().storage.handle.clone()).collect();
     let encoded = Encoder::encode("state", &small).unwrap();
-    println!("290 small tensors of the client lie in {} allocator block(s)", blocks.len());
-    assert_eq!(encoded.storage_count(), blocks.len(), "one storage per allocator block on the wire");
+    println!(
+        "290 small tensors of the client lie in {} allocator block(s): {} region(s), {} storages on the wire",
+        blocks.len(),
+        encoded.region_count(),
+        encoded.storage_count()
+    );
+    assert_eq!(encoded.region_count(), blocks.len(), "one region (handle, lease) per allocator block on the wire");
+    assert_eq!(encoded.storage_count(), 290, "each tensor's own storage travels as a part of its block's region");
     drop(encoded);
 
-    // Identity: they come back as the client's own memory, at the same addresses.
+    // Identity: they come back as the client's own storages (the same StorageImpl each,
+    // not a view of a block-wide one), at the same addresses.
     let back = endpoints::identity_many(small.iter().map(Tensor::shallow_clone).collect()).unwrap();
     for (i, (b, s)) in back.iter().zip(&small).enumerate() {
         assert_eq!(b.data_ptr(), s.data_ptr(), "tensor {i} came back elsewhere");
         assert_eq!(b.size(), s.size());
+        assert!(b.is_set_to(s), "tensor {i} came back over another storage than its own");
     }
+    println!("identity of 290 small tensors: each came back over its own original storage");
     drop(back);
 
     // Copies made by the server: new tensors of its own, bit-exact, over one storage and
     // one mapping per block of the server.
-    let mappings_before = shared_tensor::server_info().unwrap().ipc_mappings;
+    let info = shared_tensor::server_info().unwrap();
+    let (mappings_before, leases_before) = (info.ipc_mappings, info.live_leases);
     let before = ipc::mappings_opened();
     let copies = endpoints::copy_many(small.iter().map(Tensor::shallow_clone).collect()).unwrap();
     let opened = ipc::mappings_opened() - before;
-    let server_mappings = shared_tensor::server_info().unwrap().ipc_mappings;
+    let info = shared_tensor::server_info().unwrap();
+    let (server_mappings, leases_held) = (info.ipc_mappings, info.live_leases);
+    // (Releases of earlier calls may still arrive: never below zero.)
+    let leases_lent = leases_held.saturating_sub(leases_before);
     for (i, (c, s)) in copies.iter().zip(&small).enumerate() {
         assert!(c.equal(s), "copy {i} differs from the client's tensor");
         assert_ne!(c.data_ptr(), s.data_ptr(), "copy {i} is not the server's memory");
     }
     let storages = distinct_storages(&copies);
     println!(
-        "290 copies made by the server: {storages} storage(s), {opened} mapping(s) opened by the client; \
+        "290 copies made by the server: {storages} storage(s), {opened} mapping(s) opened by the client, \
+         {} lease(s) of the server held by the client; \
          the server's open mappings went {mappings_before} -> {server_mappings} for the client's {} block(s)",
+        leases_lent,
         blocks.len()
     );
-    assert!(storages <= 2, "the server's 290 small copies arrive over one storage per block ({storages})");
-    assert!(opened as usize <= storages, "at most one mapping per block ({opened} for {storages} storages)");
+    assert_eq!(storages, 290, "each of the server's copies arrives as a storage of its own");
+    assert!(opened <= 2, "the server's 290 small copies arrive over one mapping per block ({opened} opened)");
+    assert!(leases_lent <= 2, "the server lent its 290 copies under one lease per block ({leases_lent} leases)");
     assert!(server_mappings <= mappings_before + blocks.len() as u64, "the server mapped each block once");
     drop(copies);
 

@@ -196,7 +196,8 @@ fn bad_calls_get_error_replies_on_a_connection_that_stays_up() {
     let dangling = WirePayload::plain(Node::Seq(vec![Node::Tensor(9)]));
     assert!(matches!(call(&mut s, 5, "identity", dangling, &mut released), Err(Error::BadArguments { .. })));
     // Arguments whose packed form is corrupt: an error naming the fault, not a closed connection.
-    let corrupt = PackedPayload::from_bytes([1, 0, 0, 0, 7].into_iter().chain([0; 8]).collect());
+    // (No regions, one storage whose tag is 7.)
+    let corrupt = PackedPayload::from_bytes([0, 0, 0, 0, 1, 0, 0, 0, 7].into_iter().chain([0; 20]).collect());
     match call_packed(&mut s, 7, "noop", corrupt, &mut released) {
         Err(Error::Protocol(m)) => assert!(m.contains("malformed payload: unknown storage tag 7"), "{m}"),
         other => panic!("{other:?}"),

@@ -68,7 +68,8 @@ struct st_tensor_meta {
   int64_t storage_offset;  // in elements
   uint64_t storage_base;   // address of the storage's first byte (0 when empty)
   uint64_t storage_nbytes;
-  uint64_t import_cookie;  // non-zero when the storage was created by st_storages_import
+  uint64_t import_cookie;  // non-zero when the storage was created by st_regions_import
+  uint64_t import_part;    // then: the storage's index among its region's parts
 };
 
 struct st_alloc_stats {
@@ -78,7 +79,8 @@ struct st_alloc_stats {
   uint64_t total_bytes;  // cudaMemGetInfo
 };
 
-// One storage to import: [offset, offset + nbytes) of the block behind `handle`.
+// One region to import: [offset, offset + nbytes) of the block behind `handle`, mapped once
+// and released (under `cookie`) when the last storage over one of its parts goes.
 struct st_import_spec {
   const uint8_t* handle;
   uint64_t handle_len;
@@ -87,6 +89,15 @@ struct st_import_spec {
   int32_t device;
   uint64_t producer;
   uint64_t cookie;
+};
+
+// One storage to build over a region: [offset, offset + nbytes) of region `region`; `index`
+// is its place among that region's parts (what the producer's lease knows it by).
+struct st_part_spec {
+  uint64_t region;
+  uint64_t offset;
+  uint64_t nbytes;
+  uint64_t index;
 };
 
 // Called when the last reference to an imported storage goes, with the stream the
@@ -205,45 +216,62 @@ bool cuda_usable() {
   return cudaGetDevice(&device) != cudaErrorCudartUnloading;
 }
 
-// Context of the DataPtr of every storage we build over an IPC mapping.
-struct ImportContext {
-  std::shared_ptr<void> mapping;  // from getIpcDevPtr: closes the mapping with the last owner
+// A region of another process's block that this process imported: the mapping it lies
+// in, and whom to tell when the last storage over one of its parts goes.
+struct ImportRegion {
+  std::shared_ptr<void> mapping;  // from open_mapping: closes the mapping with the last owner
   uint64_t cookie;
   int device;
 };
 
-void import_deleter(void* raw) {
-  std::unique_ptr<ImportContext> ctx(static_cast<ImportContext*>(raw));
+// Context of the DataPtr of every storage we build over an imported region: one per part
+// (one per storage of the producer), each holding the region.
+struct ImportContext {
+  std::shared_ptr<ImportRegion> region;
+  uint64_t part;
+};
+
+// Runs when the last part of a region goes (the shared_ptr's deleter). Never throws.
+void release_region(ImportRegion* raw) {
+  std::unique_ptr<ImportRegion> region(raw);
   // Only the exit flag here (a cudaGetDevice per storage was a measurable share of
   // dropping a model): nothing below needs a live runtime, and closing the mapping, the
   // one step that does, checks `cuda_usable()` itself.
   if (g_exiting.load()) {
     // Exiting: keep the mapping (the process is going) and tell nobody.
-    new std::shared_ptr<void>(std::move(ctx->mapping));
+    new std::shared_ptr<void>(std::move(region->mapping));
     return;
   }
   // The producer may reuse this memory as soon as it hears of the release, so the
   // consumer's queued work on it must be finished first (PyTorch's CUDA IPC receiver
-  // has the same rule). A leased storage hands its stream to the release function,
+  // has the same rule). A leased region hands its stream to the release function,
   // which settles each stream once per batch of releases; a raw import (cookie 0)
   // settles here. Best effort: errors (a dying context) are ignored.
   cudaStream_t stream = nullptr;
   try {
-    stream = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(ctx->device)).stream();
+    stream = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(region->device)).stream();
   } catch (...) {
   }
-  uint64_t cookie = ctx->cookie;
-  int device = ctx->device;
+  uint64_t cookie = region->cookie;
+  int device = region->device;
   st_release_fn fn = g_release_fn.load();
   if (cookie == 0 || fn == nullptr) {
     if (cudaStreamQuery(stream) != cudaSuccess) {
       cudaStreamSynchronize(stream);
     }
   }
-  ctx.reset();
+  region.reset();
   if (fn != nullptr && cookie != 0) {
     fn(cookie, device, reinterpret_cast<uint64_t>(stream));
   }
+}
+
+void import_deleter(void* raw) {
+  auto* ctx = static_cast<ImportContext*>(raw);
+  if (g_exiting.load()) {
+    return;  // leaked with its region and mapping: the process is going
+  }
+  delete ctx;  // the region's last part releases it
 }
 
 // The mappings of other processes' blocks, by IPC handle.
@@ -497,7 +525,9 @@ const char* st_tensor_inspect(const at::Tensor* t, st_tensor_meta* meta, int64_t
   meta->storage_nbytes = static_cast<uint64_t>(storage.nbytes());
   const c10::DataPtr& dp = storage.data_ptr();
   if (dp.get_deleter() == &import_deleter) {
-    meta->import_cookie = static_cast<const ImportContext*>(dp.get_context())->cookie;
+    const auto* ctx = static_cast<const ImportContext*>(dp.get_context());
+    meta->import_cookie = ctx->region->cookie;
+    meta->import_part = ctx->part;
   }
   if (storage_out != nullptr) {
     *storage_out = new st_storage{storage};
@@ -522,42 +552,6 @@ st_storage* st_storage_clone(const st_storage* s) {
   } catch (...) {
     return nullptr;
   }
-}
-
-// Context of a storage spanning several storages of one allocator block: it keeps them
-// all alive.
-void group_deleter(void* raw) {
-  auto* parts = static_cast<std::vector<c10::Storage>*>(raw);
-  if (g_exiting.load()) {
-    return;  // as st_storage_free: no frees into CUDA's teardown
-  }
-  delete parts;
-}
-
-// A storage over [base, base + nbytes) that keeps the `n` storages `parts` alive: the
-// region of one allocator block that several storages of a payload occupy, lent as one
-// storage (one handle, one mapping, one lease). The caller computed the region from the
-// parts' own addresses; every part must be on `parts[0]`'s device.
-const char* st_storage_group(const st_storage* const* parts, uint64_t n, uint64_t base, uint64_t nbytes,
-                             st_storage** out) {
-  ST_TRY
-  if (n == 0) {
-    return dup_error("no storages to group");
-  }
-  auto kept = std::make_unique<std::vector<c10::Storage>>();
-  kept->reserve(n);
-  c10::Device dev = parts[0]->storage.device();
-  for (uint64_t i = 0; i < n; ++i) {
-    if (parts[i]->storage.device() != dev) {
-      return dup_error("storages of one group are on different devices");
-    }
-    kept->push_back(parts[i]->storage);
-  }
-  c10::DataPtr data_ptr(reinterpret_cast<void*>(base), kept.release(), &group_deleter, dev);
-  auto impl = c10::make_intrusive<c10::StorageImpl>(c10::StorageImpl::use_byte_size_t(), static_cast<size_t>(nbytes),
-                                                    std::move(data_ptr), nullptr, false);
-  *out = new st_storage{c10::Storage(std::move(impl))};
-  ST_CATCH
 }
 
 // The start address and size of the driver allocation (the cudaMalloc segment) holding
@@ -604,67 +598,73 @@ const char* st_storage_export(const st_storage* s, uint8_t* buf, uint64_t cap, u
   ST_CATCH
 }
 
-// Maps other processes' blocks and builds a storage over [offset, offset + nbytes) of
-// each, for `n` specs at once: a block named by several specs (storages carved from one
-// allocator block) is looked up and mapped once. Each storage's deleter syncs the current
-// stream (or hands it to the release function with its `cookie`) and drops its reference
-// to the mapping.
+// Maps other processes' blocks and builds one storage per part of the `n_regions`
+// regions, for a whole message at once: a block named by several regions is looked up and
+// mapped once, and each region is one lease: its storages (one per storage of the
+// producer, `n_parts` in all) share one context that gives the region back (the current
+// stream and its `cookie` to the release function, or a stream sync for cookie 0) when
+// the last of them goes.
 //
-// Before any storage is built, every spec is checked against the real allocation: offset
-// not negative and offset + nbytes within the producer's allocation as the driver sizes
-// the mapped block. On a misfit, `*failed` is the spec's index and `*alloc_bytes` the
-// allocation's size (so the caller can name both); on any other error `*failed` is the
-// spec's index and `*alloc_bytes` is UINT64_MAX. Nothing is returned in `out` on error.
-const char* st_storages_import(const st_import_spec* specs, uint64_t n, st_storage** out, uint64_t* failed,
-                               uint64_t* alloc_bytes) {
+// Before any storage is built, every region is checked against the real allocation:
+// offset not negative and offset + nbytes within the producer's allocation as the driver
+// sizes the mapped block; and every part against its region. On a region's misfit,
+// `*failed` is the region's index and `*alloc_bytes` the allocation's size (so the caller
+// can name both); on any other error tied to a region `*failed` is its index and
+// `*alloc_bytes` is UINT64_MAX. Nothing is returned in `out` on error.
+const char* st_regions_import(const st_import_spec* regions, uint64_t n_regions, const st_part_spec* parts,
+                              uint64_t n_parts, st_storage** out, uint64_t* failed, uint64_t* alloc_bytes) {
   std::vector<st_storage*> built;
   uint64_t at = 0;
   *failed = UINT64_MAX;
   *alloc_bytes = UINT64_MAX;
   try {
-    struct Opened {
-      std::shared_ptr<void> base;
-      uint64_t bytes;
-    };
-    std::vector<Opened> opened(n);
-    std::unordered_map<std::string_view, uint64_t> by_handle;
-    for (at = 0; at < n; ++at) {
-      const st_import_spec& sp = specs[at];
-      if (sp.handle_len == 0) {
-        continue;  // an empty storage: no memory to map
-      }
-      std::string_view h(reinterpret_cast<const char*>(sp.handle), sp.handle_len);
-      auto found = by_handle.find(h);
-      if (found != by_handle.end()) {
-        opened[at] = opened[found->second];
-      } else {
-        auto mapped = open_mapping(h, sp.producer, static_cast<c10::DeviceIndex>(sp.device));
-        opened[at] = Opened{std::move(mapped.first), mapped.second};
-        by_handle.emplace(h, at);
-      }
-      uint64_t end = 0;
-      if (sp.offset < 0 || c10::add_overflows(static_cast<uint64_t>(sp.offset), sp.nbytes, &end) ||
-          end > opened[at].bytes) {
+    std::vector<std::shared_ptr<ImportRegion>> opened(n_regions);
+    std::unordered_map<std::string_view, std::pair<std::shared_ptr<void>, uint64_t>> by_handle;
+    for (at = 0; at < n_regions; ++at) {
+      const st_import_spec& sp = regions[at];
+      std::shared_ptr<void> mapping;
+      if (sp.handle_len != 0) {
+        std::string_view h(reinterpret_cast<const char*>(sp.handle), sp.handle_len);
+        auto found = by_handle.find(h);
+        if (found == by_handle.end()) {
+          auto mapped = open_mapping(h, sp.producer, static_cast<c10::DeviceIndex>(sp.device));
+          found = by_handle.emplace(h, std::move(mapped)).first;
+        }
+        uint64_t end = 0;
+        if (sp.offset < 0 || c10::add_overflows(static_cast<uint64_t>(sp.offset), sp.nbytes, &end) ||
+            end > found->second.second) {
+          *failed = at;
+          *alloc_bytes = found->second.second;
+          return dup_error("the storage lies outside the producer's allocation");
+        }
+        mapping = found->second.first;
+      } else if (sp.nbytes != 0) {
         *failed = at;
-        *alloc_bytes = opened[at].bytes;
-        return dup_error("the storage lies outside the producer's allocation");
+        return dup_error("a region with bytes but no IPC handle");
       }
+      // Its deleter tells the producer: until every storage is built (and Rust has
+      // registered the cookie), a region dropped on error tells nobody.
+      opened[at] = std::shared_ptr<ImportRegion>(new ImportRegion{std::move(mapping), sp.cookie, sp.device},
+                                                 &release_region);
     }
-    built.reserve(n);
-    for (at = 0; at < n; ++at) {
-      const st_import_spec& sp = specs[at];
-      c10::Device dev(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(sp.device));
-      if (sp.handle_len == 0) {
-        auto impl = c10::make_intrusive<c10::StorageImpl>(c10::StorageImpl::use_byte_size_t(), 0,
-                                                          c10::DataPtr(nullptr, dev), nullptr, false);
-        built.push_back(new st_storage{c10::Storage(std::move(impl))});
-        continue;
+    at = UINT64_MAX;
+    built.reserve(n_parts);
+    for (uint64_t k = 0; k < n_parts; ++k) {
+      const st_part_spec& part = parts[k];
+      uint64_t end = 0;
+      if (part.region >= n_regions || c10::add_overflows(part.offset, part.nbytes, &end) ||
+          end > static_cast<uint64_t>(regions[part.region].nbytes)) {
+        throw std::runtime_error(c10::str("part ", k, " (region ", part.region, ", offset ", part.offset,
+                                          ", nbytes ", part.nbytes, ") lies outside its region"));
       }
-      void* ptr = static_cast<char*>(opened[at].base.get()) + sp.offset;
-      auto* ctx = new ImportContext{opened[at].base, sp.cookie, sp.device};
+      const st_import_spec& sp = regions[part.region];
+      c10::Device dev(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(sp.device));
+      const std::shared_ptr<ImportRegion>& region = opened[part.region];
+      void* ptr = region->mapping ? static_cast<char*>(region->mapping.get()) + sp.offset + part.offset : nullptr;
+      auto* ctx = new ImportContext{region, part.index};
       c10::DataPtr data_ptr(ptr, ctx, &import_deleter, dev);
       auto impl = c10::make_intrusive<c10::StorageImpl>(c10::StorageImpl::use_byte_size_t(),
-                                                        static_cast<size_t>(sp.nbytes), std::move(data_ptr),
+                                                        static_cast<size_t>(part.nbytes), std::move(data_ptr),
                                                         nullptr, false);
       impl->set_received_cuda(true);
       built.push_back(new st_storage{c10::Storage(std::move(impl))});

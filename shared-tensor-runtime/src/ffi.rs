@@ -37,6 +37,7 @@ pub(crate) struct TensorMeta {
     pub storage_base: u64,
     pub storage_nbytes: u64,
     pub import_cookie: u64,
+    pub import_part: u64,
 }
 
 /// c10's DeviceType for CUDA.
@@ -51,8 +52,8 @@ pub(crate) struct AllocStats {
     pub total_bytes: u64,
 }
 
-/// `st_import_spec`: one storage to import. `handle` points at `handle_len` bytes that
-/// live for the whole `st_storages_import` call.
+/// `st_import_spec`: one region to import. `handle` points at `handle_len` bytes that
+/// live for the whole `st_regions_import` call.
 #[repr(C)]
 struct ImportSpec {
     handle: *const u8,
@@ -64,7 +65,20 @@ struct ImportSpec {
     cookie: u64,
 }
 
-/// One storage of another process to import (see [`import_storages`]).
+/// `st_part_spec`: one storage to build over a region.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Part {
+    /// Index of its region in the call.
+    pub region: u64,
+    /// Byte offset in the region.
+    pub offset: u64,
+    pub nbytes: u64,
+    /// Its place among its region's parts.
+    pub index: u64,
+}
+
+/// One region of another process's block to import (see [`import_regions`]).
 pub(crate) struct Import<'a> {
     pub handle: &'a [u8],
     pub offset: i64,
@@ -74,12 +88,12 @@ pub(crate) struct Import<'a> {
     pub cookie: u64,
 }
 
-/// Why [`import_storages`] failed, and for which of its storages.
+/// Why [`import_regions`] failed, and for which of its regions.
 #[derive(Debug)]
 pub(crate) struct ImportError {
-    /// Index of the storage in the call (`None`: not tied to one).
+    /// Index of the region in the call (`None`: not tied to one).
     pub index: Option<usize>,
-    /// The size of the producer's allocation when the storage does not fit in it.
+    /// The size of the producer's allocation when the region does not fit in it.
     pub allocation: Option<u64>,
     pub message: String,
 }
@@ -112,18 +126,13 @@ extern "C" {
     ) -> *mut c_char;
     fn st_storage_free(s: *mut RawStorage);
     fn st_storage_clone(s: *const RawStorage) -> *mut RawStorage;
-    fn st_storage_group(
-        parts: *const *const RawStorage,
-        n: u64,
-        base: u64,
-        nbytes: u64,
-        out: *mut *mut RawStorage,
-    ) -> *mut c_char;
     fn st_storage_allocation(s: *const RawStorage, base: *mut u64, size: *mut u64) -> *mut c_char;
     fn st_storage_export(s: *const RawStorage, buf: *mut u8, cap: u64, len: *mut u64, offset: *mut i64) -> *mut c_char;
-    fn st_storages_import(
-        specs: *const ImportSpec,
-        n: u64,
+    fn st_regions_import(
+        regions: *const ImportSpec,
+        n_regions: u64,
+        parts: *const Part,
+        n_parts: u64,
         out: *mut *mut RawStorage,
         failed: *mut u64,
         alloc_bytes: *mut u64,
@@ -175,8 +184,8 @@ unsafe impl Sync for OwnedStorage {}
 
 impl Drop for OwnedStorage {
     fn drop(&mut self) {
-        // SAFETY: the pointer came from st_tensor_inspect, st_storages_import,
-        // st_storage_group or st_storage_clone, is owned by this value alone and is freed
+        // SAFETY: the pointer came from st_tensor_inspect, st_regions_import or
+        // st_storage_clone, is owned by this value alone and is freed
         // only here.
         unsafe { st_storage_free(self.0.as_ptr()) }
     }
@@ -197,20 +206,6 @@ impl OwnedStorage {
     fn from_raw(ptr: *mut RawStorage) -> Result<Self, String> {
         NonNull::new(ptr).map(OwnedStorage).ok_or_else(|| "st_ipc returned no storage".to_string())
     }
-}
-
-/// One storage over `[base, base + nbytes)` that keeps every storage of `parts` alive: the
-/// region of one allocator block that they occupy, computed by the caller from their
-/// addresses (all on one device; `base` and `nbytes` cover each of them).
-pub(crate) fn group_storages(parts: &[&OwnedStorage], base: u64, nbytes: u64) -> Result<OwnedStorage, String> {
-    let raw_parts: Vec<*const RawStorage> = parts.iter().map(|p| p.0.as_ptr() as *const RawStorage).collect();
-    let mut out: *mut RawStorage = std::ptr::null_mut();
-    // SAFETY: `raw_parts` holds `parts.len()` live st_storage pointers borrowed for the
-    // call (the C++ side copies the c10::Storage references it keeps); `out` is a valid
-    // out-pointer. The memory of the region belongs to one allocator block that the parts
-    // keep allocated; the new storage never frees it, it only drops the parts.
-    check(unsafe { st_storage_group(raw_parts.as_ptr(), raw_parts.len() as u64, base, nbytes, &mut out) })?;
-    OwnedStorage::from_raw(out)
 }
 
 /// This process's effective user id.
@@ -339,13 +334,14 @@ pub(crate) fn export_storage(storage: &OwnedStorage) -> Result<(Vec<u8>, i64), S
     }
 }
 
-/// Maps other processes' blocks and builds a storage over each import's bytes, in one
-/// call: imports naming one block share one mapping (opened once, or found in the cache).
-/// Each `offset + nbytes` is checked against the size of the producer's allocation (the
-/// driver's) before any storage is built. When the last reference to a storage goes, the
-/// release function gets its `cookie` (if non-zero).
-pub(crate) fn import_storages(imports: &[Import<'_>]) -> Result<Vec<OwnedStorage>, ImportError> {
-    let specs: Vec<ImportSpec> = imports
+/// Maps other processes' blocks and builds one storage per part of the regions, in one
+/// call: regions naming one block share one mapping (opened once, or found in the cache).
+/// Each region's `offset + nbytes` is checked against the size of the producer's
+/// allocation (the driver's), and each part against its region, before any storage is
+/// built. When the last storage over a region's parts goes, the release function gets the
+/// region's `cookie` (if non-zero). Returns the storages in the order of `parts`.
+pub(crate) fn import_regions(regions: &[Import<'_>], parts: &[Part]) -> Result<Vec<OwnedStorage>, ImportError> {
+    let specs: Vec<ImportSpec> = regions
         .iter()
         .map(|i| ImportSpec {
             handle: i.handle.as_ptr(),
@@ -357,18 +353,27 @@ pub(crate) fn import_storages(imports: &[Import<'_>]) -> Result<Vec<OwnedStorage
             cookie: i.cookie,
         })
         .collect();
-    let mut out: Vec<*mut RawStorage> = vec![std::ptr::null_mut(); specs.len()];
+    let mut out: Vec<*mut RawStorage> = vec![std::ptr::null_mut(); parts.len()];
     let (mut failed, mut alloc_bytes) = (u64::MAX, u64::MAX);
-    // SAFETY: `specs` holds `specs.len()` entries whose handle pointers borrow `imports`
-    // for the call; `out` has room for one storage per spec; `failed`/`alloc_bytes` are
-    // valid out-pointers. CUDA was initialised by the caller (crate::cuda::require), which
-    // getIpcDevPtr needs. On error the C++ side frees whatever it built and leaves `out`.
+    // SAFETY: `specs` holds `specs.len()` entries whose handle pointers borrow `regions`
+    // for the call; `parts` is read only; `out` has room for one storage per part;
+    // `failed`/`alloc_bytes` are valid out-pointers. CUDA was initialised by the caller
+    // (crate::cuda::require), which getIpcDevPtr needs. On error the C++ side frees
+    // whatever it built and leaves `out`.
     let res = check(unsafe {
-        st_storages_import(specs.as_ptr(), specs.len() as u64, out.as_mut_ptr(), &mut failed, &mut alloc_bytes)
+        st_regions_import(
+            specs.as_ptr(),
+            specs.len() as u64,
+            parts.as_ptr(),
+            parts.len() as u64,
+            out.as_mut_ptr(),
+            &mut failed,
+            &mut alloc_bytes,
+        )
     });
     if let Err(message) = res {
         return Err(ImportError {
-            index: usize::try_from(failed).ok().filter(|i| *i < imports.len()),
+            index: usize::try_from(failed).ok().filter(|i| *i < regions.len()),
             allocation: (alloc_bytes != u64::MAX).then_some(alloc_bytes),
             message,
         });

@@ -665,17 +665,21 @@ pub fn export(t: &Tensor) -> Result<ExportedTensor> {
 /// the release hook when the storage's last reference goes.
 pub(crate) fn open_storage(desc: &StorageDescriptor, cookie: u64) -> Result<(ffi::OwnedStorage, u32)> {
     let device = desc.device.local_index()?;
-    let mut opened = open_storages(&[(desc, cookie)], &|_| "descriptor.storage".to_string())?;
-    Ok((opened.pop().expect("one storage per descriptor"), device))
+    let whole = ffi::Part { region: 0, offset: 0, nbytes: desc.nbytes, index: 0 };
+    let mut opened = open_regions(&[(desc, cookie)], &[whole], &|_| "descriptor.storage".to_string())?;
+    Ok((opened.pop().expect("one storage per part"), device))
 }
 
-/// Opens storages exported by other processes, in one call into C++: storages carved from
-/// one allocator block (one handle) share one mapping, looked up once. Each `(descriptor,
-/// cookie)` is checked first ([`StorageDescriptor::check`], the producer is another
-/// process), then against the real size of the producer's allocation once mapped.
-/// `label(i)` names descriptor `i` in errors (`storage 3`).
-pub(crate) fn open_storages(
+/// Opens regions exported by other processes and builds one storage per part of them, in
+/// one call into C++: regions of one allocator block (one handle) share one mapping,
+/// looked up once. Each region `(descriptor, cookie)` is checked first
+/// ([`StorageDescriptor::check`], the producer is another process), then against the real
+/// size of the producer's allocation once mapped; each part must lie inside its region
+/// (the caller checked it; C++ checks again). `label(i)` names region `i` in errors
+/// (`region 3`). Returns the storages in the order of `parts`.
+pub(crate) fn open_regions(
     descs: &[(&StorageDescriptor, u64)],
+    parts: &[ffi::Part],
     label: &dyn Fn(usize) -> String,
 ) -> Result<Vec<ffi::OwnedStorage>> {
     cuda::require()?;
@@ -704,7 +708,7 @@ pub(crate) fn open_storages(
             cookie: *cookie,
         });
     }
-    ffi::import_storages(&imports).map_err(|e| {
+    ffi::import_regions(&imports, parts).map_err(|e| {
         let Some(index) = e.index else { return Error::cuda("opening IPC handles", e.message) };
         let desc = descs[index].0;
         if let Some(allocation) = e.allocation {

@@ -1,16 +1,17 @@
 //! Leases: who keeps which GPU memory alive for whom.
 //!
-//! When a process sends a tensor to its peer it **lends** the tensor's storage: it keeps
-//! an owning reference under a lease id until the peer says it has dropped its last
-//! tensor over that storage (a `Release` message, batched) or the connection closes. The
-//! receiving side builds its tensors over the mapped memory; the storage it builds calls
-//! back into this module when its last reference goes, and the lease id is queued for
-//! release to the lender.
+//! When a process sends tensors to its peer it **lends** their storages, one lease per
+//! region of an allocator block (the storages of one block that a message carries, its
+//! *parts*): it keeps owning references to the parts under the lease id until the peer
+//! says it has dropped its last tensor over any of them (a `Release` message, batched) or
+//! the connection closes. The receiving side maps the region once and builds one storage
+//! per part over it; the region calls back into this module when the last of those
+//! storages goes, and the lease id is queued for release to the lender.
 //!
 //! Both sides of a connection do both: the client lends its argument tensors to the
 //! server, the server lends its results to the client. A storage that comes back to the
-//! process that lent it (an `identity` call) is recognised by its lease and resolved to
-//! the lender's own storage: same memory, same data pointer, no IPC handle opened (a
+//! process that lent it (an `identity` call) is recognised by its lease and part index and
+//! resolved to the lender's own storage: the same `StorageImpl`, no IPC handle opened (a
 //! process cannot open its own handles anyway).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -32,11 +33,14 @@ use crate::ipc::StorageDescriptor;
 /// replies (server) or is written after the call that named it (client).
 pub(crate) struct Link {
     next_lease: AtomicU64,
-    lent: Mutex<HashMap<u64, ffi::OwnedStorage>>,
+    lent: Mutex<HashMap<u64, Parts>>,
     closed: AtomicBool,
     /// Takes the peer's leases this side has released, for sending.
     sink: Box<dyn Fn(u64, UsedOn) + Send + Sync>,
 }
+
+/// The storages of one lent region, in part order: what a lease keeps alive.
+pub(crate) type Parts = Arc<[ffi::OwnedStorage]>;
 
 /// The CUDA stream a released storage was last used on: the current stream of the
 /// thread that dropped it. The lender may reuse the memory once it hears of the release,
@@ -102,9 +106,9 @@ impl Link {
         })
     }
 
-    /// Lends storages to the peer (under one lock); returns their leases in order. Each
-    /// hold lives until [`Link::released`] for its lease.
-    pub(crate) fn lend_all(&self, holds: impl ExactSizeIterator<Item = ffi::OwnedStorage>) -> Vec<u64> {
+    /// Lends regions to the peer (under one lock); returns their leases in order. Each
+    /// region's parts live until [`Link::released`] for its lease.
+    pub(crate) fn lend_all(&self, holds: impl ExactSizeIterator<Item = Parts>) -> Vec<u64> {
         let first = self.next_lease.fetch_add(holds.len() as u64, Ordering::Relaxed);
         let mut lent = self.lent.lock();
         holds
@@ -119,19 +123,20 @@ impl Link {
 
     /// The peer released these leases: drop the holds.
     pub(crate) fn released(&self, leases: &[u64]) {
-        let dropped: Vec<ffi::OwnedStorage> = {
+        let dropped: Vec<Parts> = {
             let mut lent = self.lent.lock();
             leases.iter().filter_map(|l| lent.remove(l)).collect()
         };
         drop(dropped); // outside the lock: freeing a block may take a moment
     }
 
-    /// A new reference to a storage this side lent (a tensor coming home).
-    pub(crate) fn lent_storage(&self, lease: u64) -> Option<ffi::OwnedStorage> {
-        self.lent.lock().get(&lease).map(ffi::OwnedStorage::clone_ref)
+    /// A new reference to part `part` of a region this side lent (a tensor coming home):
+    /// the very storage it was lent as.
+    pub(crate) fn lent_storage(&self, lease: u64, part: u32) -> Option<ffi::OwnedStorage> {
+        self.lent.lock().get(&lease)?.get(part as usize).map(ffi::OwnedStorage::clone_ref)
     }
 
-    /// Number of storages currently lent to the peer.
+    /// Number of regions currently lent to the peer.
     pub(crate) fn live_leases(&self) -> usize {
         self.lent.lock().len()
     }
@@ -157,12 +162,23 @@ impl Link {
     }
 }
 
-/// What a storage imported from a peer remembers: whom to tell when it is dropped, and
-/// how it was described (to forward it to a third process).
+/// What a region imported from a peer remembers: whom to tell when its last storage is
+/// dropped, and how it was described (to forward a part of it to a third process).
 struct ImportRecord {
     link: Weak<Link>,
     lease: u64,
     descriptor: StorageDescriptor,
+    /// Each part's (byte offset in the region, nbytes), in part order.
+    parts: Vec<(u64, u64)>,
+}
+
+/// A region just imported, to register: its cookie, the peer's lease, its descriptor and
+/// its parts' (offset, nbytes).
+pub(crate) struct NewImport {
+    pub cookie: u64,
+    pub lease: u64,
+    pub descriptor: StorageDescriptor,
+    pub parts: Vec<(u64, u64)>,
 }
 
 static IMPORTS: Lazy<Mutex<HashMap<u64, ImportRecord>>> = Lazy::new(|| {
@@ -171,30 +187,29 @@ static IMPORTS: Lazy<Mutex<HashMap<u64, ImportRecord>>> = Lazy::new(|| {
 });
 static NEXT_COOKIE: AtomicU64 = AtomicU64::new(1);
 
-/// The first of `n` consecutive cookies to build imported storages with (the release
+/// The first of `n` consecutive cookies to build imported regions with (the release
 /// hook is installed by now).
 pub(crate) fn new_cookies(n: usize) -> u64 {
     Lazy::force(&IMPORTS);
     NEXT_COOKIE.fetch_add(n as u64, Ordering::Relaxed)
 }
 
-/// Registers storages just imported from `link`'s peer, each as `(cookie, lease,
-/// descriptor)`, under one lock. The caller still holds the storages, so their releases
-/// cannot come before this.
-pub(crate) fn register_imports(link: &Arc<Link>, records: Vec<(u64, u64, StorageDescriptor)>) {
+/// Registers regions just imported from `link`'s peer, under one lock. The caller still
+/// holds their storages, so their releases cannot come before this.
+pub(crate) fn register_imports(link: &Arc<Link>, records: Vec<NewImport>) {
     let weak = Arc::downgrade(link);
     let mut imports = IMPORTS.lock();
     imports.reserve(records.len());
-    for (cookie, lease, descriptor) in records {
-        imports.insert(cookie, ImportRecord { link: weak.clone(), lease, descriptor });
+    for NewImport { cookie, lease, descriptor, parts } in records {
+        imports.insert(cookie, ImportRecord { link: weak.clone(), lease, descriptor, parts });
     }
 }
 
-/// Registers an import and returns its new cookie (tests).
+/// Registers an import of one region with `parts` and returns its new cookie (tests).
 #[cfg(test)]
-fn register_new(link: &Arc<Link>, lease: u64, descriptor: StorageDescriptor) -> u64 {
+fn register_new(link: &Arc<Link>, lease: u64, descriptor: StorageDescriptor, parts: Vec<(u64, u64)>) -> u64 {
     let cookie = new_cookies(1);
-    register_imports(link, vec![(cookie, lease, descriptor)]);
+    register_imports(link, vec![NewImport { cookie, lease, descriptor, parts }]);
     cookie
 }
 
@@ -217,12 +232,17 @@ pub(crate) fn origin(cookie: u64, link: &Arc<Link>) -> Origin {
     }
 }
 
-/// The descriptor an imported storage arrived with (to forward it to another peer).
-pub(crate) fn imported_descriptor(cookie: u64) -> Option<StorageDescriptor> {
-    IMPORTS.lock().get(&cookie).map(|rec| rec.descriptor.clone())
+/// The descriptor of part `part` of an imported region (to forward it to another peer): the
+/// region's handle, with the part's offset and size.
+pub(crate) fn imported_descriptor(cookie: u64, part: u64) -> Option<StorageDescriptor> {
+    let imports = IMPORTS.lock();
+    let rec = imports.get(&cookie)?;
+    let &(offset, nbytes) = rec.parts.get(usize::try_from(part).ok()?)?;
+    let offset = rec.descriptor.offset.checked_add(i64::try_from(offset).ok()?)?;
+    Some(StorageDescriptor { handle: rec.descriptor.handle.clone(), offset, nbytes, ..rec.descriptor })
 }
 
-/// Number of storages this process currently holds from peers.
+/// Number of regions this process currently holds from peers.
 pub(crate) fn live_imports() -> usize {
     IMPORTS.lock().len()
 }
@@ -271,8 +291,8 @@ mod tests {
     #[test]
     fn dropped_imports_release_their_lease_to_their_link() {
         let (link, seen) = recording_link();
-        let a = register_new(&link, 10, descriptor());
-        let b = register_new(&link, 11, descriptor());
+        let a = register_new(&link, 10, descriptor(), vec![(0, 4)]);
+        let b = register_new(&link, 11, descriptor(), vec![(0, 4)]);
         assert!(matches!(origin(a, &link), Origin::ThisPeer(10)));
         release_cookie(a, UsedOn::NOTHING);
         release_cookie(b, UsedOn::NOTHING);
@@ -285,7 +305,7 @@ mod tests {
     fn lent_storages_live_until_released_or_closed() {
         let (link, _) = recording_link();
         assert_eq!(link.live_leases(), 0);
-        assert!(link.lent_storage(1).is_none());
+        assert!(link.lent_storage(1, 0).is_none());
         link.released(&[1, 2]); // unknown leases are ignored
         assert_eq!(link.live_leases(), 0);
     }
@@ -294,9 +314,15 @@ mod tests {
     fn other_links_see_imports_as_forwardable() {
         let (link, seen) = recording_link();
         let (other, _) = recording_link();
-        let c = register_new(&link, 5, descriptor());
+        let mut region = descriptor();
+        (region.offset, region.nbytes) = (512, 4096);
+        let c = register_new(&link, 5, region.clone(), vec![(0, 4), (1024, 64)]);
         assert!(matches!(origin(c, &other), Origin::Elsewhere));
-        assert_eq!(imported_descriptor(c), Some(descriptor()));
+        // A part is forwarded as its own storage: the region's handle at the part's offset.
+        let part = StorageDescriptor { offset: 512 + 1024, nbytes: 64, ..region.clone() };
+        assert_eq!(imported_descriptor(c, 1), Some(part));
+        assert_eq!(imported_descriptor(c, 0), Some(StorageDescriptor { nbytes: 4, ..region }));
+        assert_eq!(imported_descriptor(c, 2), None, "no third part");
         release_cookie(c, UsedOn::NOTHING);
         assert_eq!(*seen.lock(), vec![5]);
     }
@@ -304,7 +330,7 @@ mod tests {
     #[test]
     fn a_closed_link_queues_nothing() {
         let (link, seen) = recording_link();
-        let c = register_new(&link, 1, descriptor());
+        let c = register_new(&link, 1, descriptor(), vec![(0, 4)]);
         link.close();
         release_cookie(c, UsedOn::NOTHING);
         assert!(seen.lock().is_empty());

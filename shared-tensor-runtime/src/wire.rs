@@ -34,10 +34,10 @@ use crate::task::{TaskInfo, TaskStatus};
 ///
 /// ```
 /// use shared_tensor_runtime::wire::PROTOCOL_VERSION;
-/// let peer_protocol = 4; // from the peer's `Challenge` or `Welcome`
+/// let peer_protocol = 5; // from the peer's `Challenge` or `Welcome`
 /// assert_eq!(peer_protocol, PROTOCOL_VERSION, "both sides must speak the same protocol");
 /// ```
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Largest frame accepted, in bytes (64 MiB). Descriptors are small: a frame near this
 /// limit is a bug or an attack, not a tensor.
@@ -354,9 +354,9 @@ pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T> {
 #[doc(hidden)]
 pub fn one_shared_f32x4(handle: Vec<u8>, producer: crate::ipc::ProcessId, root: crate::payload::Node) -> WirePayload {
     use crate::ipc::{DType, GpuId, StorageDescriptor, TensorView};
-    use crate::payload::{WireStorage, WireTensor};
+    use crate::payload::{WireRegion, WireStorage, WireTensor};
     WirePayload {
-        storages: vec![WireStorage::Shared {
+        regions: vec![WireRegion {
             storage: StorageDescriptor {
                 handle,
                 offset: 0,
@@ -366,6 +366,7 @@ pub fn one_shared_f32x4(handle: Vec<u8>, producer: crate::ipc::ProcessId, root: 
             },
             lease: 1,
         }],
+        storages: vec![WireStorage::Part { region: 0, offset: 0, nbytes: 16 }],
         tensors: vec![WireTensor {
             storage: 0,
             view: TensorView {

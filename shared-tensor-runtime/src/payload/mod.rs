@@ -84,33 +84,63 @@ impl Node {
     }
 }
 
-/// A storage in a message.
+/// A region of an allocator block that a message lends: one IPC handle, one mapping and
+/// one lease for every storage of the sender that lies in it (its *parts*, see
+/// [`WireStorage::Part`]).
+///
+/// ```
+/// use shared_tensor_runtime::payload::{Node, WirePayload};
+/// // The bytes of GPU memory a message makes the receiver map.
+/// fn mapped_bytes(msg: &WirePayload) -> u64 {
+///     msg.regions.iter().map(|r| r.storage.nbytes).sum()
+/// }
+/// assert_eq!(mapped_bytes(&WirePayload::plain(Node::Unit)), 0);
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WireRegion {
+    /// Where the memory is: the region's handle, offset in its block and size.
+    pub storage: StorageDescriptor,
+    /// The sender's lease; the receiver releases it when it has dropped every storage
+    /// over the region's parts.
+    pub lease: u64,
+}
+
+/// A storage in a message: one storage of the sender, which the receiver rebuilds as one
+/// storage of its own (tensors that shared a storage share one again, tensors that did not
+/// do not).
 ///
 /// ```
 /// use shared_tensor_runtime::payload::{Node, WirePayload, WireStorage};
-/// // The bytes of GPU memory a message makes the receiver open.
-/// fn shared_bytes(msg: &WirePayload) -> u64 {
+/// // The bytes of the sender's storages a message lends (a region's gaps not counted).
+/// fn lent_bytes(msg: &WirePayload) -> u64 {
 ///     let bytes = |s: &WireStorage| match s {
-///         WireStorage::Shared { storage, .. } => storage.nbytes,
+///         WireStorage::Part { nbytes, .. } => *nbytes,
 ///         WireStorage::Returned { .. } => 0,
 ///     };
 ///     msg.storages.iter().map(bytes).sum()
 /// }
-/// assert_eq!(shared_bytes(&WirePayload::plain(Node::Unit)), 0);
+/// assert_eq!(lent_bytes(&WirePayload::plain(Node::Unit)), 0);
 /// ```
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum WireStorage {
-    /// Memory the receiver opens by IPC; it releases `lease` to the sender when done.
-    Shared {
-        /// Where the memory is.
-        storage: StorageDescriptor,
-        /// The sender's lease.
-        lease: u64,
+    /// `nbytes` bytes from byte `offset` of region `region`, which the receiver opens by
+    /// IPC. Its index among the parts of its region (in table order) is what the sender's
+    /// lease knows it by.
+    Part {
+        /// Index into the region table.
+        region: u32,
+        /// Byte offset in the region.
+        offset: u64,
+        /// Size in bytes.
+        nbytes: u64,
     },
-    /// Memory the receiver lent to the sender under `lease`: the receiver's own storage.
+    /// Memory the receiver lent to the sender: part `part` of the receiver's lease `lease`,
+    /// the receiver's own storage.
     Returned {
         /// The receiver's lease.
         lease: u64,
+        /// The part's index in that lease.
+        part: u32,
     },
 }
 
@@ -134,21 +164,23 @@ pub struct WireTensor {
     pub view: TensorView,
 }
 
-/// A whole value as sent: storages, tensors, ready events, and the value tree.
+/// A whole value as sent: regions, storages, tensors, ready events, and the value tree.
 ///
 /// It travels packed ([`PackedPayload`]).
 ///
 /// ```
 /// use shared_tensor_runtime::payload::{Node, WirePayload};
 /// fn describe(msg: &WirePayload) -> String {
-///     let (t, s, e) = (msg.tensors.len(), msg.storages.len(), msg.ready.len());
-///     format!("{t} tensors over {s} storages, {e} ready events")
+///     let (t, s, r) = (msg.tensors.len(), msg.storages.len(), msg.regions.len());
+///     format!("{t} tensors over {s} storages in {r} regions")
 /// }
-/// assert_eq!(describe(&WirePayload::plain(Node::Unit)), "0 tensors over 0 storages, 0 ready events");
+/// assert_eq!(describe(&WirePayload::plain(Node::Unit)), "0 tensors over 0 storages in 0 regions");
 /// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct WirePayload {
-    /// The storages.
+    /// The regions lent: one per allocator block (or part of one) with storages in it.
+    pub regions: Vec<WireRegion>,
+    /// The storages: parts of regions, or the receiver's own.
     pub storages: Vec<WireStorage>,
     /// The tensors.
     pub tensors: Vec<WireTensor>,
@@ -182,7 +214,7 @@ impl PackedPayload {
     /// ```
     /// use shared_tensor_runtime::payload::{Node, PackedPayload, WirePayload};
     /// let packed = PackedPayload::pack(&WirePayload::plain(Node::Unit)).unwrap();
-    /// assert_eq!(packed.as_bytes().len(), 13); // three empty tables and a unit
+    /// assert_eq!(packed.as_bytes().len(), 17); // four empty tables and a unit
     /// ```
     pub fn pack(payload: &WirePayload) -> Result<PackedPayload> {
         PackedPayload::packed_by(|out| packed::pack(payload, out))
@@ -289,34 +321,49 @@ impl WirePayload {
     /// # Ok(()) }
     /// ```
     pub fn plain(root: Node) -> WirePayload {
-        WirePayload { storages: Vec::new(), tensors: Vec::new(), ready: Vec::new(), root }
+        WirePayload { regions: Vec::new(), storages: Vec::new(), tensors: Vec::new(), ready: Vec::new(), root }
     }
 
-    /// Checks every descriptor before anything is mapped: each shared storage
-    /// ([`StorageDescriptor::check`]), and each tensor's storage index and view
-    /// ([`TensorView::check`], against its storage's size when the storage is shared; a
-    /// returned storage is this process's own, whose size is checked when the view is
-    /// built). The error names the storage or tensor by its index and the field.
+    /// Checks every descriptor before anything is mapped: each region
+    /// ([`StorageDescriptor::check`]), each storage (its region is in the message and it
+    /// lies inside it), and each tensor's storage index and view ([`TensorView::check`],
+    /// against its storage's size when the storage is a part; a returned storage is this
+    /// process's own, whose size is checked when the view is built). The error names the
+    /// region, storage or tensor by its index and the field.
     ///
     /// ```
     /// use shared_tensor_runtime::ipc::{DType, TensorView};
     /// use shared_tensor_runtime::payload::{Node, WirePayload, WireStorage, WireTensor};
     /// let mut msg = WirePayload::plain(Node::Tensor(0));
-    /// msg.storages.push(WireStorage::Returned { lease: 1 });
+    /// msg.storages.push(WireStorage::Returned { lease: 1, part: 0 });
     /// let view = TensorView { dtype: DType::F32, sizes: vec![4], strides: vec![-1], storage_offset: 3, requires_grad: false };
     /// msg.tensors.push(WireTensor { storage: 0, view });
     /// let err = msg.check().unwrap_err();
     /// assert!(err.starts_with("tensor 0: stride -1 of dimension 0 is negative"), "{err}");
     /// ```
     pub fn check(&self) -> std::result::Result<(), String> {
+        for (i, r) in self.regions.iter().enumerate() {
+            r.storage.check().map_err(|e| format!("region {i}: {e}"))?;
+        }
         for (i, s) in self.storages.iter().enumerate() {
-            if let WireStorage::Shared { storage, .. } = s {
-                storage.check().map_err(|e| format!("storage {i}: {e}"))?;
+            if let WireStorage::Part { region, offset, nbytes } = *s {
+                let Some(r) = self.regions.get(region as usize) else {
+                    return Err(format!(
+                        "storage {i}: region {region} is not in the message ({} regions)",
+                        self.regions.len()
+                    ));
+                };
+                if offset.checked_add(nbytes).is_none_or(|end| end > r.storage.nbytes) {
+                    return Err(format!(
+                        "storage {i}: offset {offset} + nbytes {nbytes} lies outside region {region} ({} bytes)",
+                        r.storage.nbytes
+                    ));
+                }
             }
         }
         for (i, t) in self.tensors.iter().enumerate() {
             let nbytes = match self.storages.get(t.storage as usize) {
-                Some(WireStorage::Shared { storage, .. }) => Some(storage.nbytes),
+                Some(WireStorage::Part { nbytes, .. }) => Some(*nbytes),
                 Some(WireStorage::Returned { .. }) => None,
                 None => {
                     return Err(format!(
@@ -407,37 +454,57 @@ impl Path {
 enum Source {
     /// This process's memory.
     Own(StorageDescriptor),
-    /// Memory this process imported (cookie), with the descriptor to forward it.
-    Imported(u64, StorageDescriptor),
+    /// Part `part` of a region this process imported (`cookie`), with the descriptor to
+    /// forward it.
+    Imported { cookie: u64, part: u64, descriptor: StorageDescriptor },
 }
 
+impl Source {
+    fn descriptor(&self) -> &StorageDescriptor {
+        match self {
+            Source::Own(d) | Source::Imported { descriptor: d, .. } => d,
+        }
+    }
+}
+
+/// One storage of the value, as the encoder found it.
 struct EncodedStorage {
     source: Source,
     hold: ffi::OwnedStorage,
-    /// Address of the storage's first byte in this process.
-    base: u64,
-    /// Bytes of the tensors' storages it stands for (a block region counts its parts, not
-    /// the gaps between them).
+}
+
+/// A region of an allocator block the value lends as one (one handle, one lease): the
+/// storages of the value that lie in it, in part order.
+struct EncodedRegion {
+    /// The region: the block's handle, the region's offset in the block and its size.
+    descriptor: StorageDescriptor,
+    /// The parts' storages: what a lease of the region keeps alive.
+    parts: lease::Parts,
+    /// For a region of one imported storage: its cookie (it may go back to its lender).
+    imported: Option<(u64, u32)>,
+    /// Bytes of its parts (not of the gaps between them).
     bytes: u64,
 }
 
-impl EncodedStorage {
-    fn descriptor(&self) -> &StorageDescriptor {
-        match &self.source {
-            Source::Own(d) | Source::Imported(_, d) => d,
-        }
-    }
+/// A storage of the encoded value: a part of region `region`, `offset` bytes in (its
+/// index among the region's parts is its rank among them in the value's order).
+#[derive(Clone, Copy)]
+struct PartOf {
+    region: u32,
+    offset: u64,
+    nbytes: u64,
 }
 
 /// A ready event of a message: the GPU and the event recorded on it.
 type ReadyEvent = (GpuId, EventHandle);
 
-/// How one storage of a value goes to a peer.
+/// How one region of a value goes to a peer.
+#[derive(Clone, Copy)]
 enum Lent {
-    /// Lent under this new lease.
-    Shared(u64),
-    /// The peer's own storage, under the peer's lease.
-    Returned(u64),
+    /// Lent under this new lease, as region number `wire` of the message.
+    Shared { lease: u64, wire: u32 },
+    /// The peer's own storage: part `part` of the peer's lease.
+    Returned { lease: u64, part: u32 },
 }
 
 /// A value encoded for sending, independent of the receiver: IPC handles exported once,
@@ -454,7 +521,8 @@ enum Lent {
 /// # Ok(()) }
 /// ```
 pub struct Encoded {
-    storages: Vec<EncodedStorage>,
+    regions: Vec<EncodedRegion>,
+    parts: Vec<PartOf>,
     tensors: Vec<WireTensor>,
     devices: Vec<GpuId>,
     root: Node,
@@ -463,7 +531,8 @@ pub struct Encoded {
 impl fmt::Debug for Encoded {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Encoded")
-            .field("storages", &self.storages.len())
+            .field("regions", &self.regions.len())
+            .field("storages", &self.parts.len())
             .field("tensors", &self.tensors.len())
             .field("root", &self.root)
             .finish()
@@ -472,7 +541,7 @@ impl fmt::Debug for Encoded {
 
 impl Encoded {
     /// Lends the value to `link`'s peer: records a ready event per GPU on the calling
-    /// thread's current stream, and decides per storage whether it goes back as the
+    /// thread's current stream, and decides per region whether it goes back as the
     /// peer's own or is lent under a new lease (under one lock).
     fn lend_parts(&self, link: &Arc<Link>) -> Result<(Vec<ReadyEvent>, Vec<Lent>)> {
         let mut ready = Vec::new();
@@ -481,36 +550,32 @@ impl Encoded {
                 ready.push((*gpu, event));
             }
         }
-        let returned: Vec<Option<u64>> = self
-            .storages
+        let returned: Vec<Option<(u64, u32)>> = self
+            .regions
             .iter()
-            .map(|s| match &s.source {
-                Source::Imported(cookie, _) => match lease::origin(*cookie, link) {
-                    Origin::ThisPeer(lease) => Some(lease),
+            .map(|r| match r.imported {
+                Some((cookie, part)) => match lease::origin(cookie, link) {
+                    Origin::ThisPeer(lease) => Some((lease, part)),
                     Origin::Elsewhere | Origin::Unknown => None,
                 },
-                Source::Own(_) => None,
+                None => None,
             })
             .collect();
-        let lent: Vec<ffi::OwnedStorage> =
-            self.storages.iter().zip(&returned).filter(|(_, r)| r.is_none()).map(|(s, _)| s.hold.clone_ref()).collect();
+        let lent: Vec<lease::Parts> =
+            self.regions.iter().zip(&returned).filter(|(_, r)| r.is_none()).map(|(r, _)| r.parts.clone()).collect();
         let mut leases = link.lend_all(lent.into_iter()).into_iter();
+        let mut wire = 0u32;
         let lent = returned
             .into_iter()
             .map(|r| match r {
-                Some(lease) => Lent::Returned(lease),
-                None => Lent::Shared(leases.next().expect("one lease per lent storage")),
+                Some((lease, part)) => Lent::Returned { lease, part },
+                None => {
+                    wire += 1;
+                    Lent::Shared { lease: leases.next().expect("one lease per lent region"), wire: wire - 1 }
+                }
             })
             .collect();
         Ok((ready, lent))
-    }
-
-    /// The storages as lent, borrowed.
-    fn storage_refs<'a>(&'a self, lent: &'a [Lent]) -> impl ExactSizeIterator<Item = packed::StorageRef<'a>> + 'a {
-        self.storages.iter().zip(lent).map(|(s, lent)| match lent {
-            Lent::Returned(lease) => packed::StorageRef::Returned(*lease),
-            Lent::Shared(lease) => packed::StorageRef::Shared(s.descriptor(), *lease),
-        })
     }
 
     /// A message for `link`'s peer, packed straight from this value's tables; also the
@@ -519,14 +584,24 @@ impl Encoded {
         let (ready, lent) = self.lend_parts(link)?;
         // The tensors' bytes, not a block region's gaps.
         let shared =
-            self.storages.iter().zip(&lent).map(|(s, l)| if let Lent::Shared(_) = l { s.bytes } else { 0 }).sum();
+            self.regions.iter().zip(&lent).map(|(r, l)| if let Lent::Shared { .. } = l { r.bytes } else { 0 }).sum();
+        let regions = self.regions.iter().zip(&lent).filter_map(|(r, l)| match l {
+            Lent::Shared { lease, .. } => Some((&r.descriptor, *lease)),
+            Lent::Returned { .. } => None,
+        });
+        let regions: Vec<(&StorageDescriptor, u64)> = regions.collect();
+        let storages = self.parts.iter().map(|p| match lent[p.region as usize] {
+            Lent::Shared { wire, .. } => WireStorage::Part { region: wire, offset: p.offset, nbytes: p.nbytes },
+            Lent::Returned { lease, part } => WireStorage::Returned { lease, part },
+        });
         let payload = PackedPayload::packed_by(|out| {
-            packed::pack_parts(self.storage_refs(&lent), &self.tensors, &ready, &self.root, out)
+            packed::pack_parts(regions.into_iter(), storages, &self.tensors, &ready, &self.root, out)
         })?;
         Ok((payload, shared))
     }
 
-    /// Number of distinct storages in the value.
+    /// Number of distinct storages in the value: each travels as its own storage, and the
+    /// receiver rebuilds one storage for each.
     ///
     /// ```no_run
     /// # fn main() -> shared_tensor_runtime::Result<()> {
@@ -538,7 +613,25 @@ impl Encoded {
     /// # Ok(()) }
     /// ```
     pub fn storage_count(&self) -> usize {
-        self.storages.len()
+        self.parts.len()
+    }
+
+    /// Number of regions the value lends: storages carved from one allocator block share
+    /// one region (one IPC handle, one mapping, one lease).
+    ///
+    /// ```no_run
+    /// # fn main() -> shared_tensor_runtime::Result<()> {
+    /// # use shared_tensor_runtime::payload::Encoder;
+    /// let device = shared_tensor_runtime::cuda::device()?;
+    /// // Small tensors allocated together come from one block of the caching allocator.
+    /// let small: Vec<tch::Tensor> = (0..8).map(|_| tch::Tensor::ones([4], (tch::Kind::Float, device))).collect();
+    /// let encoded = Encoder::encode("result", &small)?;
+    /// assert_eq!(encoded.storage_count(), 8);
+    /// assert!(encoded.region_count() <= 8);
+    /// # Ok(()) }
+    /// ```
+    pub fn region_count(&self) -> usize {
+        self.regions.len()
     }
 
     /// Number of tensors in the value.
@@ -567,108 +660,83 @@ impl Encoded {
     /// # Ok(()) }
     /// ```
     pub fn storage_bytes(&self) -> u64 {
-        self.storages.iter().map(|s| s.bytes).sum()
+        self.parts.iter().map(|p| p.nbytes).sum()
     }
 }
 
-/// Lends the storages of one caching-allocator block as one: storages of this process
-/// whose descriptors name the same IPC handle (one `cudaMalloc` segment) become one storage
-/// over the region they span, with the tensors' storage offsets moved to count from the
-/// region's start. The receiver then opens one storage per block and builds every tensor as
-/// a view of it; one lease covers the region and keeps every part alive here until the
-/// receiver drops its last tensor of the block. A block whose offsets do not divide by some
-/// tensor's element size (never the case for the caching allocator's 512-byte blocks),
-/// whose handle is not a `cudaMalloc` segment's (an expandable segment's names the pages
-/// of one block only), or that holds one storage stays as it is.
-fn group_blocks(storages: Vec<EncodedStorage>, tensors: &mut [WireTensor]) -> Vec<EncodedStorage> {
-    let mut by_block: HashMap<(&[u8], [u8; 16]), Vec<usize>> = HashMap::new();
+/// Groups a value's storages into the regions it lends: storages of this process whose
+/// descriptors name the same IPC handle of a `cudaMalloc` segment become the parts of one
+/// region over the span they cover (one handle, one mapping, one lease), each keeping its
+/// own offset and size in it, so the receiver rebuilds each as a storage of its own. Every
+/// other storage (an imported one, which may go back to its lender; one of an expandable
+/// segment, whose handle names one block's pages) is a region of one part. Regions are in
+/// the order of their first storage; parts in the order of the storages.
+fn group_blocks(storages: Vec<EncodedStorage>) -> (Vec<EncodedRegion>, Vec<PartOf>) {
+    // Region of each storage: grouped by (handle, GPU) for a cudaMalloc segment's storages.
+    let mut by_block: HashMap<(&[u8], [u8; 16]), u32> = HashMap::new();
+    let mut region_of: Vec<u32> = Vec::with_capacity(storages.len());
+    // Per region: (first storage, start offset, end offset, part count).
+    let mut spans: Vec<(usize, i64, i64, u32)> = Vec::new();
     for (i, s) in storages.iter().enumerate() {
-        if let Source::Own(d) = &s.source {
-            if ipc::is_cuda_malloc_handle(&d.handle) {
-                by_block.entry((&d.handle, d.device.uuid)).or_default().push(i);
+        let d = s.source.descriptor();
+        let end = d.offset.saturating_add(d.nbytes as i64);
+        let groupable = matches!(s.source, Source::Own(_)) && ipc::is_cuda_malloc_handle(&d.handle);
+        let existing = if groupable { by_block.get(&(d.handle.as_slice(), d.device.uuid)).copied() } else { None };
+        match existing {
+            Some(r) => {
+                let span = &mut spans[r as usize];
+                span.1 = span.1.min(d.offset);
+                span.2 = span.2.max(end);
+                span.3 += 1;
+                region_of.push(r);
             }
-        }
-    }
-    let mut groups: Vec<Vec<usize>> = by_block.into_values().filter(|members| members.len() > 1).collect();
-    if groups.is_empty() {
-        return storages;
-    }
-    groups.sort_unstable();
-    let descriptor = |i: usize| storages[i].descriptor();
-    // Per group: its region (offset, end) in the block, if every tensor's shift divides.
-    let regions: Vec<Option<(i64, i64)>> = groups
-        .iter()
-        .map(|members| {
-            let start = members.iter().map(|&i| descriptor(i).offset).min()?;
-            let end =
-                members.iter().map(|&i| descriptor(i).offset.checked_add(descriptor(i).nbytes as i64)).max()??;
-            let fits = tensors.iter().all(|t| {
-                !members.contains(&(t.storage as usize))
-                    || (descriptor(t.storage as usize).offset - start) % t.view.dtype.itemsize() as i64 == 0
-            });
-            fits.then_some((start, end))
-        })
-        .collect();
-    // Where each old storage goes: its group's new storage, or itself.
-    let mut group_of: Vec<Option<usize>> = vec![None; storages.len()];
-    for (g, members) in groups.iter().enumerate() {
-        if regions[g].is_some() {
-            members.iter().for_each(|&i| group_of[i] = Some(g));
-        }
-    }
-    let mut region_holds: Vec<Option<ffi::OwnedStorage>> = groups
-        .iter()
-        .zip(&regions)
-        .map(|(members, region)| {
-            let (start, end) = (*region)?;
-            let first = &storages[members[0]];
-            let base = first.base - (first.descriptor().offset - start) as u64;
-            let parts: Vec<&ffi::OwnedStorage> = members.iter().map(|&i| &storages[i].hold).collect();
-            // Grouping is an optimisation: if C++ cannot build the region, lend the parts.
-            ffi::group_storages(&parts, base, (end - start) as u64).ok()
-        })
-        .collect();
-    for (g, hold) in region_holds.iter().enumerate() {
-        if hold.is_none() {
-            groups[g].iter().for_each(|&i| group_of[i] = None);
-        }
-    }
-    for t in tensors.iter_mut() {
-        if let Some(g) = group_of[t.storage as usize] {
-            let (start, _) = regions[g].expect("grouped storages have a region");
-            let shift = (descriptor(t.storage as usize).offset - start) / t.view.dtype.itemsize() as i64;
-            t.view.storage_offset += shift;
-        }
-    }
-    let mut new_index: Vec<u32> = vec![0; storages.len()];
-    let mut group_index: Vec<Option<u32>> = vec![None; groups.len()];
-    let mut out: Vec<EncodedStorage> = Vec::with_capacity(storages.len());
-    let bytes: Vec<u64> = groups.iter().map(|members| members.iter().map(|&i| storages[i].bytes).sum()).collect();
-    for (i, s) in storages.into_iter().enumerate() {
-        match group_of[i] {
             None => {
-                new_index[i] = out.len() as u32;
-                out.push(s);
-            }
-            Some(g) => match group_index[g] {
-                Some(index) => new_index[i] = index,
-                None => {
-                    let (start, end) = regions[g].expect("grouped storages have a region");
-                    let Source::Own(d) = s.source else { unreachable!("only own storages are grouped") };
-                    let base = s.base - (d.offset - start) as u64;
-                    let descriptor = StorageDescriptor { offset: start, nbytes: (end - start) as u64, ..d };
-                    let hold = region_holds[g].take().expect("grouped storages have a hold");
-                    group_index[g] = Some(out.len() as u32);
-                    new_index[i] = out.len() as u32;
-                    out.push(EncodedStorage { source: Source::Own(descriptor), hold, base, bytes: bytes[g] });
+                let r = spans.len() as u32;
+                spans.push((i, d.offset, end, 1));
+                if groupable {
+                    by_block.insert((d.handle.as_slice(), d.device.uuid), r);
                 }
-            },
+                region_of.push(r);
+            }
         }
     }
-    for t in tensors.iter_mut() {
-        t.storage = new_index[t.storage as usize];
+    drop(by_block);
+    let mut parts = Vec::with_capacity(storages.len());
+    let mut counts = vec![0u32; spans.len()];
+    let mut holds: Vec<Vec<ffi::OwnedStorage>> = spans.iter().map(|s| Vec::with_capacity(s.3 as usize)).collect();
+    let mut bytes = vec![0u64; spans.len()];
+    let mut firsts: Vec<Option<Source>> = (0..spans.len()).map(|_| None).collect();
+    for (s, &r) in storages.into_iter().zip(&region_of) {
+        let (_, start, _, _) = spans[r as usize];
+        let d = s.source.descriptor();
+        let index = counts[r as usize];
+        counts[r as usize] += 1;
+        parts.push(PartOf { region: r, offset: (d.offset - start) as u64, nbytes: d.nbytes });
+        bytes[r as usize] += d.nbytes;
+        holds[r as usize].push(s.hold);
+        if index == 0 {
+            firsts[r as usize] = Some(s.source);
+        }
     }
-    out
+    let regions = spans
+        .into_iter()
+        .zip(holds)
+        .zip(firsts)
+        .zip(bytes)
+        .map(|((((_, start, end, _), holds), first), bytes)| {
+            let first = first.expect("every region has a first part");
+            let imported = match &first {
+                Source::Imported { cookie, part, .. } => Some((*cookie, *part as u32)),
+                Source::Own(_) => None,
+            };
+            let d = match first {
+                Source::Own(d) | Source::Imported { descriptor: d, .. } => d,
+            };
+            let descriptor = StorageDescriptor { offset: start, nbytes: (end - start) as u64, ..d };
+            EncodedRegion { descriptor, parts: holds.into(), imported, bytes }
+        })
+        .collect();
+    (regions, parts)
 }
 
 /// Turns a value into an [`Encoded`]: used by [`Payload::encode`] implementations.
@@ -748,9 +816,8 @@ impl Encoder {
     /// # Ok(()) }
     /// ```
     pub fn finish(self, root: Node) -> Encoded {
-        let mut tensors = self.tensors;
-        let storages = group_blocks(self.storages, &mut tensors);
-        Encoded { storages, tensors, devices: self.devices, root }
+        let (regions, parts) = group_blocks(self.storages);
+        Encoded { regions, parts, tensors: self.tensors, devices: self.devices, root }
     }
 
     /// Where the encoder is, for error messages (`encoder.layers[3].weight`).
@@ -833,23 +900,17 @@ impl Encoder {
         let storage = match self.storage_index.get(&key) {
             Some(index) => *index,
             None => {
-                let source = if ins.meta.import_cookie != 0 {
-                    match lease::imported_descriptor(ins.meta.import_cookie) {
-                        Some(d) => Source::Imported(ins.meta.import_cookie, d),
-                        None => Source::Own(self.blocks.describe(&ins)?),
-                    }
-                } else {
-                    Source::Own(self.blocks.describe(&ins)?)
+                let (cookie, part) = (ins.meta.import_cookie, ins.meta.import_part);
+                let source = match (cookie != 0).then(|| lease::imported_descriptor(cookie, part)).flatten() {
+                    Some(descriptor) => Source::Imported { cookie, part, descriptor },
+                    None => Source::Own(self.blocks.describe(&ins)?),
                 };
-                let gpu = match &source {
-                    Source::Own(d) | Source::Imported(_, d) => d.device,
-                };
+                let gpu = source.descriptor().device;
                 if !self.devices.iter().any(|g| g.uuid == gpu.uuid) {
                     self.devices.push(GpuId::of_device(ins.meta.device_index.max(0) as u32)?);
                 }
                 let index = self.storages.len() as u32;
-                let (base, bytes) = (ins.meta.storage_base, ins.meta.storage_nbytes);
-                self.storages.push(EncodedStorage { source, hold: ins.storage, base, bytes });
+                self.storages.push(EncodedStorage { source, hold: ins.storage });
                 self.storage_index.insert(key, index);
                 index
             }
@@ -898,7 +959,7 @@ impl Encoder {
                 reason: "a module must hold at least one CUDA tensor".into(),
             });
         }
-        let device_of = |t: &WireTensor| self.storages[t.storage as usize].descriptor().device;
+        let device_of = |t: &WireTensor| self.storages[t.storage as usize].source.descriptor().device;
         let first_device = device_of(&tensors[0]);
         if let Some(other) = tensors.iter().map(device_of).find(|d| d.uuid != first_device.uuid) {
             return Err(Error::Unsupported {
@@ -915,8 +976,8 @@ impl Encoder {
 
 /// A storage of a received message.
 enum Slot {
-    /// To open by IPC on first use; releases `lease` to the sender when done.
-    Remote { descriptor: StorageDescriptor, lease: u64 },
+    /// A part of a region, to open by IPC on first use.
+    Part { region: u32, offset: u64, nbytes: u64 },
     /// This process's own storage, come back.
     Local(ffi::OwnedStorage),
     /// A lease of ours that the peer named but we no longer have.
@@ -925,9 +986,18 @@ enum Slot {
     Open(ffi::OwnedStorage),
 }
 
+/// A region of a received message.
+enum RegionSlot {
+    /// Not opened yet: releases `lease` to the sender when the message goes unopened.
+    Remote { descriptor: StorageDescriptor, lease: u64 },
+    /// Opened: its storages give the lease back when the last of them goes.
+    Opened,
+}
+
 /// A message as received: storages that came home are pinned at once (before any later
 /// release message could drop them).
 pub(crate) struct Received {
+    regions: Vec<RegionSlot>,
     slots: Vec<Slot>,
     tensors: Vec<WireTensor>,
     ready: Vec<(GpuId, EventHandle)>,
@@ -942,22 +1012,24 @@ impl WirePayload {
             .storages
             .into_iter()
             .map(|s| match s {
-                WireStorage::Shared { storage, lease } => Slot::Remote { descriptor: storage, lease },
-                WireStorage::Returned { lease } => match link.lent_storage(lease) {
+                WireStorage::Part { region, offset, nbytes } => Slot::Part { region, offset, nbytes },
+                WireStorage::Returned { lease, part } => match link.lent_storage(lease, part) {
                     Some(storage) => Slot::Local(storage),
                     None => Slot::Missing(lease),
                 },
             })
             .collect();
-        Received { slots, tensors: self.tensors, ready: self.ready, root: self.root, link: link.clone() }
+        let regions =
+            self.regions.into_iter().map(|r| RegionSlot::Remote { descriptor: r.storage, lease: r.lease }).collect();
+        Received { regions, slots, tensors: self.tensors, ready: self.ready, root: self.root, link: link.clone() }
     }
 }
 
 impl Drop for Received {
     fn drop(&mut self) {
-        // Storages lent to us that we never opened: give the leases back now.
-        for slot in &self.slots {
-            if let Slot::Remote { lease, .. } = slot {
+        // Regions lent to us that we never opened: give the leases back now.
+        for region in &self.regions {
+            if let RegionSlot::Remote { lease, .. } = region {
                 self.link.release_unopened(*lease);
             }
         }
@@ -1108,42 +1180,67 @@ impl Decoder {
         Ok(())
     }
 
-    /// Opens every storage the peer lent in this message, in one call (once): storages of
-    /// one allocator block share one mapping. On error nothing is opened, and the leases
-    /// go back to the peer when the message is dropped.
+    /// Opens every region the peer lent in this message and builds a storage per part, in
+    /// one call (once): regions of one allocator block share one mapping. A region no
+    /// storage names is not opened (its lease goes back with the message). On error nothing
+    /// is opened, and the leases go back to the peer when the message is dropped.
     fn open_remote(&mut self) -> Result<()> {
         if self.opened_remote {
             return Ok(());
         }
-        let remote: Vec<(usize, &StorageDescriptor, u64)> = self
-            .received
-            .slots
-            .iter()
-            .enumerate()
-            .filter_map(|(i, slot)| match slot {
-                Slot::Remote { descriptor, lease } => Some((i, descriptor, *lease)),
-                _ => None,
-            })
-            .collect();
-        if remote.is_empty() {
+        let received = &mut self.received;
+        // Each part's place among its region's parts, and which regions have parts.
+        let mut counts = vec![0u64; received.regions.len()];
+        let mut wanted: Vec<(usize, ffi::Part)> = Vec::new();
+        for (i, slot) in received.slots.iter().enumerate() {
+            if let Slot::Part { region, offset, nbytes } = *slot {
+                let index = counts[region as usize];
+                counts[region as usize] += 1;
+                wanted.push((i, ffi::Part { region: u64::from(region), offset, nbytes, index }));
+            }
+        }
+        if wanted.is_empty() {
             self.opened_remote = true;
             return Ok(());
         }
-        let first = lease::new_cookies(remote.len());
-        let descs: Vec<(&StorageDescriptor, u64)> =
-            remote.iter().enumerate().map(|(k, (_, d, _))| (*d, first + k as u64)).collect();
-        let opened = ipc::open_storages(&descs, &|k| format!("{}: storage {}", self.path, remote[k].0))?;
-        let indices: Vec<usize> = remote.iter().map(|(i, _, _)| *i).collect();
-        let mut records = Vec::with_capacity(indices.len());
-        for ((k, index), storage) in indices.into_iter().enumerate().zip(opened) {
-            let Slot::Remote { descriptor, lease } =
-                std::mem::replace(&mut self.received.slots[index], Slot::Open(storage))
+        // The regions to open, numbered in the call; cookies one per region.
+        let mut call_index = vec![u64::MAX; received.regions.len()];
+        let mut opened_regions: Vec<usize> = Vec::new();
+        for (r, count) in counts.iter().enumerate() {
+            if *count > 0 {
+                call_index[r] = opened_regions.len() as u64;
+                opened_regions.push(r);
+            }
+        }
+        let first = lease::new_cookies(opened_regions.len());
+        let descs: Vec<(&StorageDescriptor, u64)> = opened_regions
+            .iter()
+            .enumerate()
+            .map(|(k, &r)| match &received.regions[r] {
+                RegionSlot::Remote { descriptor, .. } => (descriptor, first + k as u64),
+                RegionSlot::Opened => unreachable!("regions are opened once, all together"),
+            })
+            .collect();
+        let parts: Vec<ffi::Part> =
+            wanted.iter().map(|(_, p)| ffi::Part { region: call_index[p.region as usize], ..*p }).collect();
+        let path = &self.path;
+        let opened = ipc::open_regions(&descs, &parts, &|k| format!("{path}: region {}", opened_regions[k]))?;
+        drop(descs);
+        let mut records: Vec<lease::NewImport> = Vec::with_capacity(opened_regions.len());
+        for (k, &r) in opened_regions.iter().enumerate() {
+            let RegionSlot::Remote { descriptor, lease } =
+                std::mem::replace(&mut received.regions[r], RegionSlot::Opened)
             else {
                 unreachable!("collected as remote above")
             };
-            records.push((first + k as u64, lease, descriptor));
+            let cookie = first + k as u64;
+            records.push(lease::NewImport { cookie, lease, descriptor, parts: Vec::with_capacity(counts[r] as usize) });
         }
-        lease::register_imports(&self.received.link, records);
+        for ((slot, part), storage) in wanted.into_iter().zip(opened) {
+            records[call_index[part.region as usize] as usize].parts.push((part.offset, part.nbytes));
+            received.slots[slot] = Slot::Open(storage);
+        }
+        lease::register_imports(&received.link, records);
         self.opened_remote = true;
         Ok(())
     }
@@ -1158,7 +1255,7 @@ impl Decoder {
             .ok_or_else(|| Error::Protocol(format!("storage #{index} is not in the message")))?;
         let opened = match slot {
             Slot::Local(storage) => storage.clone_ref(),
-            Slot::Remote { .. } => unreachable!("remote storages are opened first"),
+            Slot::Part { .. } => unreachable!("remote storages are opened first"),
             Slot::Missing(lease) => {
                 return Err(Error::Protocol(format!(
                     "{}: the peer returned storage lease {lease}, which this process no longer holds",
@@ -1426,76 +1523,147 @@ mod tests {
         assert!(matches!(node, Node::Data(_)));
     }
 
-    /// Storages of one block (one handle) become one storage over the region they span;
-    /// every tensor, rebuilt over it, sees the very same bytes as before. CPU storages
-    /// stand in for a CUDA block here: the grouping is arithmetic on addresses.
-    #[test]
-    fn storages_of_one_block_are_lent_as_one_region() {
-        use crate::ipc::{DType, ProcessId};
-        let block = Tensor::arange(256, (tch::Kind::Float, tch::Device::Cpu)); // 1024 bytes
-        let ins = ffi::inspect(&block, true).unwrap();
-        let whole = ins.storage.unwrap();
-        let block_base = ins.meta.storage_base;
-        let gpu = GpuId { index: 0, uuid: [4; 16] };
+    /// An encoded storage of `hold` at `offset` of the block named by `handle` (a fake
+    /// handle: grouping is arithmetic on descriptors, so CPU storages stand in for CUDA).
+    fn own(handle: &[u8], uuid: u8, offset: i64, nbytes: u64, hold: &ffi::OwnedStorage) -> EncodedStorage {
+        use crate::ipc::ProcessId;
+        let device = GpuId { index: 0, uuid: [uuid; 16] };
         let producer = ProcessId { pid: 1, instance: 1 };
-        // (handle, byte offset in the block, nbytes): two blocks, one of them with three parts.
-        let parts: [(&[u8], i64, u64); 4] =
-            [(b"\x02cA", 512, 64), (b"\x02cB", 0, 16), (b"\x02cA", 128, 32), (b"\x02cA", 800, 8)];
-        let mut storages = Vec::new();
-        for (handle, offset, nbytes) in parts {
-            let base = block_base + offset as u64;
-            let hold = ffi::group_storages(&[&whole], base, nbytes).unwrap();
-            let descriptor = StorageDescriptor { handle: handle.to_vec(), offset, nbytes, device: gpu, producer };
-            storages.push(EncodedStorage { source: Source::Own(descriptor), hold, base, bytes: nbytes });
-        }
-        let view = |dtype: DType, sizes: Vec<i64>, storage_offset: i64| TensorView {
-            dtype,
+        let descriptor = StorageDescriptor { handle: handle.to_vec(), offset, nbytes, device, producer };
+        EncodedStorage { source: Source::Own(descriptor), hold: hold.clone_ref() }
+    }
+
+    fn cpu_storage(t: &Tensor) -> ffi::OwnedStorage {
+        ffi::inspect(t, true).unwrap().storage.unwrap()
+    }
+
+    /// Storages of one `cudaMalloc` segment (one handle, one GPU) become the parts of one
+    /// region over the span they cover, each keeping its offset and size; the others
+    /// (another segment, another GPU, an expandable segment's handle, an imported storage)
+    /// are regions of their own.
+    #[test]
+    fn storages_of_one_block_are_parts_of_one_region() {
+        let hold = cpu_storage(&Tensor::arange(4, (tch::Kind::Float, tch::Device::Cpu)));
+        let imported = {
+            let d = own(b"\x02cA", 4, 0, 8, &hold).source.descriptor().clone();
+            EncodedStorage { source: Source::Imported { cookie: 9, part: 3, descriptor: d }, hold: hold.clone_ref() }
+        };
+        let storages = vec![
+            own(b"\x02cA", 4, 512, 64, &hold),
+            own(b"\x02cB", 4, 0, 16, &hold),
+            own(b"\x02cA", 4, 128, 32, &hold),
+            own(b"\x02cA", 5, 128, 32, &hold), // same handle bytes, another GPU
+            own(b"\x02eE", 4, 0, 8, &hold),
+            own(b"\x02eE", 4, 8, 8, &hold),
+            imported,
+            own(b"\x02cA", 4, 800, 8, &hold),
+        ];
+        let (regions, parts) = group_blocks(storages);
+        let spans: Vec<(i64, u64, usize, u64)> =
+            regions.iter().map(|r| (r.descriptor.offset, r.descriptor.nbytes, r.parts.len(), r.bytes)).collect();
+        assert_eq!(
+            spans,
+            vec![
+                (128, 808 - 128, 3, 64 + 32 + 8),
+                (0, 16, 1, 16),
+                (128, 32, 1, 32),
+                (0, 8, 1, 8),
+                (8, 8, 1, 8),
+                (0, 8, 1, 8)
+            ]
+        );
+        let parts: Vec<(u32, u64, u64)> = parts.iter().map(|p| (p.region, p.offset, p.nbytes)).collect();
+        assert_eq!(
+            parts,
+            vec![
+                (0, 512 - 128, 64),
+                (1, 0, 16),
+                (0, 0, 32),
+                (2, 0, 32),
+                (3, 0, 8),
+                (4, 0, 8),
+                (5, 0, 8),
+                (0, 800 - 128, 8)
+            ]
+        );
+        assert_eq!(regions[5].imported, Some((9, 3)), "an imported storage may go back to its lender");
+        assert!(regions[..5].iter().all(|r| r.imported.is_none()));
+    }
+
+    /// Lending a region gives one lease for all its parts and a table of parts; a part that
+    /// comes back names its lease and index and resolves to the very storage it was lent
+    /// as (the same StorageImpl), while a part of another region stays apart.
+    #[test]
+    fn parts_come_home_as_their_own_storages() {
+        use crate::ipc::DType;
+        let cpu = (tch::Kind::Float, tch::Device::Cpu);
+        let (a, b, c) = (Tensor::arange(16, cpu), Tensor::arange(8, cpu), Tensor::arange(4, cpu));
+        let storages = vec![
+            own(b"\x02cA", 0, 0, 64, &cpu_storage(&a)),
+            own(b"\x02cA", 0, 512, 32, &cpu_storage(&b)),
+            own(b"\x02cB", 0, 0, 16, &cpu_storage(&c)),
+        ];
+        let (regions, parts) = group_blocks(storages);
+        let view = |sizes: Vec<i64>, storage_offset| TensorView {
+            dtype: DType::F32,
             strides: vec![1; sizes.len()],
             sizes,
             storage_offset,
             requires_grad: false,
         };
-        let mut tensors = vec![
-            WireTensor { storage: 0, view: view(DType::F32, vec![4], 2) },
-            WireTensor { storage: 1, view: view(DType::F32, vec![4], 0) },
-            WireTensor { storage: 2, view: view(DType::F64, vec![3], 1) },
-            WireTensor { storage: 3, view: view(DType::U8, vec![8], 0) },
-            WireTensor { storage: 0, view: view(DType::F32, vec![], 15) },
+        let tensors = vec![
+            WireTensor { storage: 0, view: view(vec![16], 0) },
+            WireTensor { storage: 1, view: view(vec![2], 6) },
+            WireTensor { storage: 2, view: view(vec![4], 0) },
         ];
-        let before: Vec<Tensor> =
-            tensors.iter().map(|t| ipc::view_tensor(&storages[t.storage as usize].hold, &t.view).unwrap()).collect();
-        let grouped = group_blocks(storages, &mut tensors);
-        assert_eq!(grouped.len(), 2, "block AA's three storages are one");
-        let region = grouped[tensors[0].storage as usize].descriptor();
-        assert_eq!((region.offset, region.nbytes), (128, 808 - 128));
-        assert_eq!(grouped[tensors[0].storage as usize].bytes, 64 + 32 + 8);
-        assert_eq!(tensors.iter().map(|t| t.storage).collect::<Vec<_>>(), vec![0, 1, 0, 0, 0]);
-        assert_eq!(tensors[0].view.storage_offset, 2 + (512 - 128) / 4);
-        assert_eq!(tensors[2].view.storage_offset, 1);
-        assert_eq!(tensors[3].view.storage_offset, 800 - 128);
-        for (t, want) in tensors.iter().zip(&before) {
-            let got = ipc::view_tensor(&grouped[t.storage as usize].hold, &t.view).unwrap();
-            assert_eq!(got.data_ptr(), want.data_ptr());
-            assert!(got.equal(want));
-        }
-        // A storage whose shift from the region start does not divide an element stays
-        // apart, and so do an expandable segment's storages (type 'e').
-        let odd = [(b"\x02cC" as &[u8], 0i64, 8u64), (b"\x02cC", 6, 8), (b"\x02eE", 0, 8), (b"\x02eE", 8, 8)];
-        let mut storages = Vec::new();
-        for (handle, offset, nbytes) in odd {
-            let base = block_base + offset as u64;
-            let hold = ffi::group_storages(&[&whole], base, nbytes).unwrap();
-            let descriptor = StorageDescriptor { handle: handle.to_vec(), offset, nbytes, device: gpu, producer };
-            storages.push(EncodedStorage { source: Source::Own(descriptor), hold, base, bytes: nbytes });
-        }
-        let mut tensors = vec![
-            WireTensor { storage: 0, view: view(DType::F32, vec![2], 0) },
-            WireTensor { storage: 1, view: view(DType::F32, vec![2], 0) },
-            WireTensor { storage: 2, view: view(DType::F32, vec![2], 0) },
-            WireTensor { storage: 3, view: view(DType::F32, vec![2], 0) },
+        let root = Node::Seq(vec![Node::Tensor(0), Node::Tensor(1), Node::Tensor(2)]);
+        let encoded = Encoded { regions, parts, tensors: tensors.clone(), devices: Vec::new(), root };
+        assert_eq!((encoded.storage_count(), encoded.region_count(), encoded.storage_bytes()), (3, 2, 112));
+        let link = Link::new(Box::new(|_, _| {}));
+        let (packed, lent_bytes) = encoded.lend(&link).unwrap();
+        assert_eq!(lent_bytes, 112);
+        assert_eq!(link.live_leases(), 2, "one lease per region");
+        let msg = packed.unpack().unwrap();
+        assert_eq!(
+            msg.regions.iter().map(|r| (r.storage.offset, r.storage.nbytes)).collect::<Vec<_>>(),
+            [(0, 544), (0, 16)]
+        );
+        let (l0, l1) = (msg.regions[0].lease, msg.regions[1].lease);
+        assert_eq!(
+            msg.storages,
+            vec![
+                WireStorage::Part { region: 0, offset: 0, nbytes: 64 },
+                WireStorage::Part { region: 0, offset: 512, nbytes: 32 },
+                WireStorage::Part { region: 1, offset: 0, nbytes: 16 },
+            ]
+        );
+        assert_eq!(msg.tensors, tensors, "views keep their own storage offsets");
+        // The peer sends them back: each part by its lease and index.
+        let mut back = WirePayload::plain(Node::Seq(vec![Node::Tensor(0), Node::Tensor(1), Node::Tensor(2)]));
+        back.storages = vec![
+            WireStorage::Returned { lease: l0, part: 1 },
+            WireStorage::Returned { lease: l0, part: 0 },
+            WireStorage::Returned { lease: l1, part: 0 },
         ];
-        assert_eq!(group_blocks(storages, &mut tensors).len(), 4);
-        assert_eq!(tensors.iter().map(|t| t.storage).collect::<Vec<_>>(), vec![0, 1, 2, 3]);
+        back.tensors = vec![
+            WireTensor { storage: 0, view: view(vec![2], 6) },
+            WireTensor { storage: 1, view: view(vec![16], 0) },
+            WireTensor { storage: 2, view: view(vec![4], 0) },
+        ];
+        let mut dec = Decoder::new(back.receive(&link), "result");
+        let got: Vec<Tensor> = (0..3).map(|i| dec.tensor(Node::Tensor(i)).unwrap()).collect();
+        assert!(got[0].is_set_to(&b.narrow(0, 6, 2)), "part 1 is b's own StorageImpl");
+        assert!(got[1].is_set_to(&a), "part 0 is a's own StorageImpl");
+        assert!(got[2].is_set_to(&c));
+        // A part the lease does not have is refused, by lease.
+        let mut bad = WirePayload::plain(Node::Tensor(0));
+        bad.storages = vec![WireStorage::Returned { lease: l1, part: 1 }];
+        bad.tensors = vec![WireTensor { storage: 0, view: view(vec![1], 0) }];
+        let mut dec = Decoder::new(bad.receive(&link), "result");
+        let err = dec.tensor(Node::Tensor(0)).unwrap_err().to_string();
+        assert!(err.contains(&format!("storage lease {l1}")), "{err}");
+        link.released(&[l0, l1]);
+        assert_eq!(link.live_leases(), 0);
     }
 
     /// A message whose storages cannot be opened (here: no GPU, or a GPU that is not the
@@ -1507,7 +1675,7 @@ mod tests {
         let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
         let sink = seen.clone();
         let link = Link::new(Box::new(move |lease, _| sink.lock().push(lease)));
-        let storage = |lease| WireStorage::Shared {
+        let region = |lease| WireRegion {
             storage: StorageDescriptor {
                 handle: vec![2, b'c', 9, 9],
                 offset: 0,
@@ -1525,7 +1693,12 @@ mod tests {
             requires_grad: false,
         };
         let mut msg = WirePayload::plain(Node::Seq(vec![Node::Tensor(0), Node::Tensor(1)]));
-        msg.storages = vec![storage(7), storage(8)];
+        // Region 9 is named by no storage: it is never opened, and goes back too.
+        msg.regions = vec![region(7), region(8), region(9)];
+        msg.storages = vec![
+            WireStorage::Part { region: 0, offset: 0, nbytes: 64 },
+            WireStorage::Part { region: 1, offset: 0, nbytes: 64 },
+        ];
         msg.tensors = vec![WireTensor { storage: 0, view: view.clone() }, WireTensor { storage: 1, view }];
         let msg = PackedPayload::pack(&msg).unwrap().unpack().unwrap();
         let mut dec = Decoder::new(msg.receive(&link), "result");
@@ -1533,7 +1706,7 @@ mod tests {
         assert!(dec.tensor(Node::Tensor(1)).is_err(), "a second try fails the same way, without a panic");
         assert!(seen.lock().is_empty(), "nothing is released while the message lives");
         drop(dec);
-        assert_eq!(*seen.lock(), vec![7, 8]);
+        assert_eq!(*seen.lock(), vec![7, 8, 9]);
     }
 
     mod hostile_descriptors {
@@ -1543,8 +1716,16 @@ mod tests {
         use crate::ipc::{DType, ProcessId, DTYPES};
         use proptest::prelude::*;
 
-        fn shared(offset: i64, nbytes: u64) -> WireStorage {
-            WireStorage::Shared {
+        /// A storage entry of a test message: a region lent whole (one part over all of
+        /// it), or a returned storage.
+        #[derive(Clone)]
+        enum Entry {
+            Shared(WireRegion),
+            Returned(u64),
+        }
+
+        fn shared(offset: i64, nbytes: u64) -> Entry {
+            Entry::Shared(WireRegion {
                 storage: StorageDescriptor {
                     handle: vec![7; 66],
                     offset,
@@ -1553,23 +1734,37 @@ mod tests {
                     producer: ProcessId { pid: 2, instance: 3 },
                 },
                 lease: 1,
-            }
+            })
         }
 
         fn view(dtype: DType, sizes: Vec<i64>, strides: Vec<i64>, storage_offset: i64) -> TensorView {
             TensorView { dtype, sizes, strides, storage_offset, requires_grad: false }
         }
 
-        /// `storages` and one tensor over storage 0, packed and decoded as a peer's would be.
-        fn decode(storages: Vec<WireStorage>, view: TensorView) -> Result<WirePayload> {
+        /// A message of `entries` and one tensor over storage 0.
+        fn message(entries: Vec<Entry>, view: TensorView) -> WirePayload {
             let mut msg = WirePayload::plain(Node::Tensor(0));
-            msg.storages = storages;
+            for entry in entries {
+                msg.storages.push(match entry {
+                    Entry::Shared(region) => {
+                        let nbytes = region.storage.nbytes;
+                        msg.regions.push(region);
+                        WireStorage::Part { region: msg.regions.len() as u32 - 1, offset: 0, nbytes }
+                    }
+                    Entry::Returned(lease) => WireStorage::Returned { lease, part: 0 },
+                });
+            }
             msg.tensors.push(WireTensor { storage: 0, view });
-            PackedPayload::pack(&msg)?.unpack()
+            msg
         }
 
-        fn refusal(storages: Vec<WireStorage>, view: TensorView) -> String {
-            match decode(storages, view) {
+        /// `entries` and one tensor over storage 0, packed and decoded as a peer's would be.
+        fn decode(entries: Vec<Entry>, view: TensorView) -> Result<WirePayload> {
+            PackedPayload::pack(&message(entries, view))?.unpack()
+        }
+
+        fn refusal(entries: Vec<Entry>, view: TensorView) -> String {
+            match decode(entries, view) {
                 Err(Error::Protocol(message)) => message,
                 other => panic!("expected a protocol error, got {other:?}"),
             }
@@ -1592,9 +1787,9 @@ mod tests {
             let ok = view(DType::F32, vec![4], vec![1], 0);
             assert!(decode(vec![shared(0, 16)], ok.clone()).is_ok());
             let err = refusal(vec![shared(-4096, 16)], ok.clone());
-            assert_eq!(err, "malformed payload: storage 0: offset -4096 is negative");
+            assert_eq!(err, "malformed payload: region 0: offset -4096 is negative");
             let err = refusal(vec![shared(i64::MAX, 16)], ok.clone());
-            assert!(err.contains("storage 0: offset 9223372036854775807 + nbytes 16 overflows"), "{err}");
+            assert!(err.contains("region 0: offset 9223372036854775807 + nbytes 16 overflows"), "{err}");
             let err = refusal(vec![shared(0, 15)], ok.clone());
             assert!(err.contains("tensor 0: the view (sizes [4], strides [1], 4-byte elements)"), "{err}");
             assert!(err.ends_with("needs 16 bytes but the storage has 15"), "{err}");
@@ -1612,13 +1807,25 @@ mod tests {
             let err = refusal(vec![], ok.clone());
             assert!(err.contains("tensor 0: storage 0 is not in the message (0 storages)"), "{err}");
             let mut no_handle = shared(0, 16);
-            if let WireStorage::Shared { storage, .. } = &mut no_handle {
-                storage.handle.clear();
+            if let Entry::Shared(region) = &mut no_handle {
+                region.storage.handle.clear();
             }
-            let err = refusal(vec![no_handle], ok);
-            assert!(err.contains("storage 0: nbytes 16 with no IPC handle"), "{err}");
+            let err = refusal(vec![no_handle], ok.clone());
+            assert!(err.contains("region 0: nbytes 16 with no IPC handle"), "{err}");
+            // A part outside its region, or of a region not in the message.
+            let mut msg = message(vec![shared(0, 16)], ok.clone());
+            msg.storages[0] = WireStorage::Part { region: 0, offset: 4, nbytes: 16 };
+            let err = PackedPayload::pack(&msg).unwrap().unpack().unwrap_err().to_string();
+            assert!(err.ends_with("storage 0: offset 4 + nbytes 16 lies outside region 0 (16 bytes)"), "{err}");
+            msg.storages[0] = WireStorage::Part { region: 1, offset: 0, nbytes: 16 };
+            let err = PackedPayload::pack(&msg).unwrap().unpack().unwrap_err().to_string();
+            assert!(err.ends_with("storage 0: region 1 is not in the message (1 regions)"), "{err}");
+            // A view is checked against its part, not its region.
+            msg.storages[0] = WireStorage::Part { region: 0, offset: 4, nbytes: 12 };
+            let err = PackedPayload::pack(&msg).unwrap().unpack().unwrap_err().to_string();
+            assert!(err.ends_with("tensor 0: the view (sizes [4], strides [1], 4-byte elements) from storage_offset 0 needs 16 bytes but the storage has 12"), "{err}");
             // A returned storage's size is this process's to know: only the shape is checked.
-            let back = vec![WireStorage::Returned { lease: 3 }];
+            let back = vec![Entry::Returned(3)];
             assert!(decode(back.clone(), view(DType::F32, vec![1 << 40], vec![1], 0)).is_ok());
             let err = refusal(back, view(DType::F32, vec![1], vec![-2], 0));
             assert!(err.contains("tensor 0: stride -2"), "{err}");
@@ -1633,7 +1840,27 @@ mod tests {
                     Ok(_) => prop_assert!(fits),
                     Err(Error::Protocol(m)) => {
                         prop_assert!(!fits, "{}", m);
-                        prop_assert!(m.starts_with(&format!("malformed payload: storage 0: offset {offset}")), "{}", m);
+                        prop_assert!(m.starts_with(&format!("malformed payload: region 0: offset {offset}")), "{}", m);
+                    }
+                    Err(other) => prop_assert!(false, "{}", other),
+                }
+            }
+
+            #[test]
+            fn parts_are_accepted_exactly_when_inside_their_region(
+                region_bytes in prop_oneof![0..4096u64, 0..(i64::MAX as u64)],
+                offset in prop_oneof![0..4096u64, any::<u64>()],
+                nbytes in prop_oneof![0..4096u64, any::<u64>()],
+            ) {
+                let mut msg = message(vec![shared(0, region_bytes)], view(DType::U8, vec![0], vec![1], 0));
+                msg.storages[0] = WireStorage::Part { region: 0, offset, nbytes };
+                let fits = u128::from(offset) + u128::from(nbytes) <= u128::from(region_bytes);
+                match PackedPayload::pack(&msg).unwrap().unpack() {
+                    Ok(_) => prop_assert!(fits),
+                    Err(Error::Protocol(m)) => {
+                        prop_assert!(!fits, "{}", m);
+                        let tail = format!("storage 0: offset {offset} + nbytes {nbytes} lies outside region 0 ({region_bytes} bytes)");
+                        prop_assert!(m.ends_with(&tail), "{}", m);
                     }
                     Err(other) => prop_assert!(false, "{}", other),
                 }
@@ -1704,5 +1931,173 @@ mod tests {
         assert_eq!((e.storage_count(), e.tensor_count()), (0, 0));
         let e = Encoder::encode("result", &None::<Tensor>).unwrap();
         assert_eq!(e.root, Node::Opt(None));
+    }
+}
+
+/// CPU micro-benchmarks of the per-tensor work on the receiving side (run by hand:
+/// `cargo test -p shared-tensor-runtime --lib --release cpu_costs -- --ignored --nocapture`).
+/// Tensors come back as the receiver's own (CPU) storages, so everything but the IPC
+/// open runs: unpack, receive, the decoder's walk, one tensor built per entry, and the
+/// rebuild of a `HashMap` or a `VarStore`.
+#[cfg(test)]
+mod cpu_costs {
+    use super::*;
+    use crate::ipc::DType;
+    use std::collections::BTreeMap;
+    use std::time::Instant;
+
+    fn names(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("model.layers.{}.self_attn.proj_{}.weight", i / 9, i % 9)).collect()
+    }
+
+    pub(super) fn message_for_profile(link: &Arc<Link>, n: usize, keep: &mut Vec<Tensor>) -> PackedPayload {
+        message(link, n, keep)
+    }
+
+    /// A message of `n` named tensors, each over a storage lent (here) as part of one region.
+    fn message(link: &Arc<Link>, n: usize, keep: &mut Vec<Tensor>) -> PackedPayload {
+        let cpu = (tch::Kind::Float, tch::Device::Cpu);
+        let holds: Vec<ffi::OwnedStorage> = (0..n)
+            .map(|_| {
+                let t = Tensor::ones([4], cpu);
+                let s = ffi::inspect(&t, true).unwrap().storage.unwrap();
+                keep.push(t);
+                s
+            })
+            .collect();
+        let lease = link.lend_all(std::iter::once(holds.into())).pop().unwrap();
+        let mut msg = WirePayload::plain(Node::Map(
+            names(n).into_iter().enumerate().map(|(i, k)| (k, Node::Tensor(i as u32))).collect(),
+        ));
+        msg.storages = (0..n as u32).map(|part| WireStorage::Returned { lease, part }).collect();
+        let view =
+            TensorView { dtype: DType::F32, sizes: vec![4], strides: vec![1], storage_offset: 0, requires_grad: true };
+        msg.tensors = (0..n as u32).map(|storage| WireTensor { storage, view: view.clone() }).collect();
+        PackedPayload::pack(&msg).unwrap()
+    }
+
+    fn p50(mut f: impl FnMut()) -> f64 {
+        let mut times: Vec<f64> = (0..200)
+            .map(|_| {
+                let start = Instant::now();
+                f();
+                start.elapsed().as_secs_f64() * 1e6
+            })
+            .collect();
+        times.sort_by(f64::total_cmp);
+        times[100]
+    }
+
+    #[test]
+    #[ignore = "a measurement, run by hand"]
+    fn cpu_costs() {
+        let link = Link::new(Box::new(|_, _| {}));
+        let mut keep = Vec::new();
+        let n = 290;
+        let packed = message(&link, n, &mut keep);
+        let unpack = p50(|| drop(packed.unpack().unwrap()));
+        let receive = p50(|| drop(packed.unpack().unwrap().receive(&link)));
+        let map = p50(|| {
+            let mut dec = Decoder::new(packed.unpack().unwrap().receive(&link), "result");
+            let root = dec.take_root();
+            let m: HashMap<String, Tensor> = Payload::decode(root, &mut dec).unwrap();
+            drop(m);
+        });
+        let btree = p50(|| {
+            let mut dec = Decoder::new(packed.unpack().unwrap().receive(&link), "result");
+            let root = dec.take_root();
+            let m: BTreeMap<String, Tensor> = Payload::decode(root, &mut dec).unwrap();
+            drop(m);
+        });
+        let named: Vec<(String, Tensor)> =
+            names(n).into_iter().zip(&keep).map(|(k, t)| (k, t.shallow_clone())).collect();
+        let trainable: Vec<(String, usize)> = names(n).into_iter().map(|k| (k, 0)).collect();
+        let store = p50(|| {
+            let named: BTreeMap<String, Tensor> = named.iter().map(|(k, t)| (k.clone(), t.shallow_clone())).collect();
+            drop(nn::build_store_for_bench(tch::Device::Cpu, named, &trainable));
+        });
+        let views = p50(|| {
+            for t in &keep {
+                drop(t.shallow_clone());
+            }
+        });
+        let holds: Vec<ffi::OwnedStorage> =
+            keep.iter().map(|t| ffi::inspect(t, true).unwrap().storage.unwrap()).collect();
+        let view =
+            TensorView { dtype: DType::F32, sizes: vec![4], strides: vec![1], storage_offset: 0, requires_grad: true };
+        let build = p50(|| {
+            for h in &holds {
+                drop(ipc::view_tensor(h, &view).unwrap());
+            }
+        });
+        let no_grad = TensorView { requires_grad: false, ..view.clone() };
+        let build_no_grad = p50(|| {
+            for h in &holds {
+                drop(ipc::view_tensor(h, &no_grad).unwrap());
+            }
+        });
+        let clone_refs = p50(|| {
+            for h in &holds {
+                drop(h.clone_ref());
+            }
+        });
+        let inspect = p50(|| {
+            for t in &keep {
+                drop(ffi::inspect(t, true).unwrap());
+            }
+        });
+        let lookups = p50(|| {
+            for part in 0..n as u32 {
+                drop(link.lent_storage(1, part));
+            }
+        });
+        println!(
+            "{n} tensors, p50 µs: build (requires_grad) {build:.1}, build {build_no_grad:.1}, clone_ref {clone_refs:.1}, \
+             inspect {inspect:.1}, lent_storage {lookups:.1}"
+        );
+        println!(
+            "{n} tensors, p50 µs: unpack {unpack:.1}, unpack+receive {receive:.1}, decode HashMap {map:.1}, \
+             decode BTreeMap {btree:.1}, build_store {store:.1} (shallow_clone x{n}: {views:.1})"
+        );
+    }
+}
+
+#[cfg(test)]
+mod cpu_profile {
+    //! One phase at a time, for callgrind (`valgrind --tool=callgrind <test binary>
+    //! --ignored --exact payload::cpu_profile::<name>`).
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn setup(n: usize) -> (Arc<Link>, Vec<Tensor>, PackedPayload) {
+        let link = Link::new(Box::new(|_, _| {}));
+        let mut keep = Vec::new();
+        let packed = super::cpu_costs::message_for_profile(&link, n, &mut keep);
+        (link, keep, packed)
+    }
+
+    #[test]
+    #[ignore = "a measurement, run by hand"]
+    fn decode_map_x50() {
+        let (link, _keep, packed) = setup(290);
+        for _ in 0..50 {
+            let mut dec = Decoder::new(packed.unpack().unwrap().receive(&link), "result");
+            let root = dec.take_root();
+            let m: HashMap<String, Tensor> = Payload::decode(root, &mut dec).unwrap();
+            drop(m);
+        }
+    }
+
+    #[test]
+    #[ignore = "a measurement, run by hand"]
+    fn decode_store_x50() {
+        let (link, _keep, packed) = setup(290);
+        for _ in 0..50 {
+            let mut dec = Decoder::new(packed.unpack().unwrap().receive(&link), "result");
+            let root = dec.take_root();
+            let m: BTreeMap<String, Tensor> = Payload::decode(root, &mut dec).unwrap();
+            let trainable: Vec<(String, usize)> = m.keys().map(|k| (k.clone(), 0)).collect();
+            drop(nn::build_store_for_bench(tch::Device::Cpu, m, &trainable));
+        }
     }
 }

@@ -7,9 +7,10 @@
 //! call took. Here each part is a tag byte and fixed-width fields.
 //!
 //! ```text
-//! payload  = count storage* count tensor* count ready* node
-//! storage  = 0 lease:u64 handle:short-bytes offset:i64 nbytes:u64 gpu pid:u32 instance:u64  (shared)
-//!          | 1 lease:u64                                                                  (returned)
+//! payload  = count region* count storage* count tensor* count ready* node
+//! region   = lease:u64 handle:short-bytes offset:i64 nbytes:u64 gpu pid:u32 instance:u64
+//! storage  = 0 region:u32 offset:u64 nbytes:u64   (a part of a region: bytes from its start)
+//!          | 1 lease:u64 part:u32                 (returned: part `part` of the receiver's lease)
 //! gpu      = index:u32 uuid:[u8; 16]
 //! tensor   = storage:u32 dtype:u8 requires_grad:u8 storage_offset:i64 count size:i64* count stride:i64*
 //! ready    = gpu event:[u8; 64]
@@ -24,69 +25,69 @@
 
 use crate::ipc::{DType, EventHandle, GpuId, ProcessId, StorageDescriptor, TensorView};
 
-use super::{Node, WirePayload, WireStorage, WireTensor};
+use super::{Node, WirePayload, WireRegion, WireStorage, WireTensor};
 
 /// Deepest value tree accepted (the root is depth 1).
 pub(crate) const MAX_DEPTH: usize = 256;
 
-/// Bytes of one storage descriptor with an `n`-byte handle, tag included.
-const fn shared_storage_bytes(handle: usize) -> usize {
-    1 + 8 + 2 + handle + 8 + 8 + 4 + 16 + 4 + 8
+/// Bytes of one region with an `n`-byte handle.
+const fn region_bytes(handle: usize) -> usize {
+    8 + 2 + handle + 8 + 8 + 4 + 16 + 4 + 8
 }
 
-/// A storage entry to pack, borrowed from wherever the sender keeps it.
-#[derive(Clone, Copy)]
-pub(crate) enum StorageRef<'a> {
-    /// Lent to the receiver under a lease.
-    Shared(&'a StorageDescriptor, u64),
-    /// The receiver's own storage, under its lease.
-    Returned(u64),
-}
-
-impl<'a> From<&'a WireStorage> for StorageRef<'a> {
-    fn from(s: &'a WireStorage) -> StorageRef<'a> {
-        match s {
-            WireStorage::Shared { storage, lease } => StorageRef::Shared(storage, *lease),
-            WireStorage::Returned { lease } => StorageRef::Returned(*lease),
-        }
-    }
-}
+/// Bytes of one storage entry (the larger, a part).
+const STORAGE_BYTES: usize = 1 + 4 + 8 + 8;
 
 /// Appends the packed form of `p` to `out`. Fails only for a value nested deeper than
 /// [`MAX_DEPTH`] or a part too large for its length field.
 pub(crate) fn pack(p: &WirePayload, out: &mut Vec<u8>) -> Result<(), String> {
-    pack_parts(p.storages.iter().map(StorageRef::from), &p.tensors, &p.ready, &p.root, out)
+    let regions = p.regions.iter().map(|r| (&r.storage, r.lease));
+    pack_parts(regions, p.storages.iter().copied(), &p.tensors, &p.ready, &p.root, out)
 }
 
 /// Packs a payload from borrowed parts: a sender lends a kept value (a cached result)
-/// without copying its tables first.
+/// without copying its tables first. `regions` are `(descriptor, lease)`.
 pub(crate) fn pack_parts<'a>(
-    storages: impl ExactSizeIterator<Item = StorageRef<'a>>,
+    regions: impl ExactSizeIterator<Item = (&'a StorageDescriptor, u64)>,
+    storages: impl ExactSizeIterator<Item = WireStorage>,
     tensors: &[WireTensor],
     ready: &[(GpuId, EventHandle)],
     root: &Node,
     out: &mut Vec<u8>,
 ) -> Result<(), String> {
-    out.reserve(12 + storages.len() * shared_storage_bytes(72) + tensors.len() * 48 + ready.len() * 84 + 64);
+    out.reserve(
+        16 + regions.len() * region_bytes(72)
+            + storages.len() * STORAGE_BYTES
+            + tensors.len() * 48
+            + ready.len() * 84
+            + 64,
+    );
+    put_count(out, regions.len(), "regions")?;
+    for (storage, lease) in regions {
+        put_u64(out, lease);
+        let len = u16::try_from(storage.handle.len())
+            .map_err(|_| format!("an IPC handle of {} bytes is longer than 65535", storage.handle.len()))?;
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(&storage.handle);
+        put_u64(out, storage.offset as u64);
+        put_u64(out, storage.nbytes);
+        put_gpu(out, &storage.device);
+        out.extend_from_slice(&storage.producer.pid.to_le_bytes());
+        put_u64(out, storage.producer.instance);
+    }
     put_count(out, storages.len(), "storages")?;
     for s in storages {
         match s {
-            StorageRef::Shared(storage, lease) => {
+            WireStorage::Part { region, offset, nbytes } => {
                 out.push(0);
-                put_u64(out, lease);
-                let len = u16::try_from(storage.handle.len())
-                    .map_err(|_| format!("an IPC handle of {} bytes is longer than 65535", storage.handle.len()))?;
-                out.extend_from_slice(&len.to_le_bytes());
-                out.extend_from_slice(&storage.handle);
-                put_u64(out, storage.offset as u64);
-                put_u64(out, storage.nbytes);
-                put_gpu(out, &storage.device);
-                out.extend_from_slice(&storage.producer.pid.to_le_bytes());
-                put_u64(out, storage.producer.instance);
+                out.extend_from_slice(&region.to_le_bytes());
+                put_u64(out, offset);
+                put_u64(out, nbytes);
             }
-            StorageRef::Returned(lease) => {
+            WireStorage::Returned { lease, part } => {
                 out.push(1);
                 put_u64(out, lease);
+                out.extend_from_slice(&part.to_le_bytes());
             }
         }
     }
@@ -178,27 +179,37 @@ fn put_node(out: &mut Vec<u8>, node: &Node, depth: usize) -> Result<(), String> 
 /// Reads a packed payload; the error says what is wrong and where.
 pub(crate) fn unpack(bytes: &[u8]) -> Result<WirePayload, String> {
     let mut r = Reader { bytes, at: 0 };
-    let n = r.count(9, "storages")?;
+    let n = r.count(region_bytes(0), "regions")?;
+    let mut regions = Vec::with_capacity(n);
+    for _ in 0..n {
+        let lease = r.u64("a lease")?;
+        let len = u16::from_le_bytes(r.array("an IPC handle length")?) as usize;
+        let handle = r.take(len, "an IPC handle")?.to_vec();
+        let storage = StorageDescriptor {
+            handle,
+            offset: r.u64("a region offset")? as i64,
+            nbytes: r.u64("a region size")?,
+            device: r.gpu()?,
+            producer: ProcessId {
+                pid: u32::from_le_bytes(r.array("a producer pid")?),
+                instance: r.u64("a producer instance")?,
+            },
+        };
+        regions.push(WireRegion { storage, lease });
+    }
+    let n = r.count(13, "storages")?;
     let mut storages = Vec::with_capacity(n);
     for _ in 0..n {
         storages.push(match r.u8("a storage tag")? {
-            0 => {
-                let lease = r.u64("a lease")?;
-                let len = u16::from_le_bytes(r.array("an IPC handle length")?) as usize;
-                let handle = r.take(len, "an IPC handle")?.to_vec();
-                let storage = StorageDescriptor {
-                    handle,
-                    offset: r.u64("a storage offset")? as i64,
-                    nbytes: r.u64("a storage size")?,
-                    device: r.gpu()?,
-                    producer: ProcessId {
-                        pid: u32::from_le_bytes(r.array("a producer pid")?),
-                        instance: r.u64("a producer instance")?,
-                    },
-                };
-                WireStorage::Shared { storage, lease }
-            }
-            1 => WireStorage::Returned { lease: r.u64("a lease")? },
+            0 => WireStorage::Part {
+                region: u32::from_le_bytes(r.array("a storage's region index")?),
+                offset: r.u64("a storage offset")?,
+                nbytes: r.u64("a storage size")?,
+            },
+            1 => WireStorage::Returned {
+                lease: r.u64("a lease")?,
+                part: u32::from_le_bytes(r.array("a returned storage's part index")?),
+            },
             tag => return Err(format!("unknown storage tag {tag} at byte {}", r.at - 1)),
         });
     }
@@ -230,7 +241,7 @@ pub(crate) fn unpack(bytes: &[u8]) -> Result<WirePayload, String> {
     if r.at != bytes.len() {
         return Err(format!("{} unexpected bytes after the payload", bytes.len() - r.at));
     }
-    Ok(WirePayload { storages, tensors, ready, root })
+    Ok(WirePayload { regions, storages, tensors, ready, root })
 }
 
 struct Reader<'a> {
@@ -339,8 +350,8 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn storage(lease: u64, handle: Vec<u8>) -> WireStorage {
-        WireStorage::Shared {
+    fn region(lease: u64, handle: Vec<u8>) -> WireRegion {
+        WireRegion {
             storage: StorageDescriptor {
                 handle,
                 offset: -5,
@@ -354,7 +365,11 @@ mod tests {
 
     fn sample() -> WirePayload {
         WirePayload {
-            storages: vec![storage(9, vec![1; 66]), WireStorage::Returned { lease: 4 }],
+            regions: vec![region(9, vec![1; 66])],
+            storages: vec![
+                WireStorage::Part { region: 0, offset: 512, nbytes: u64::MAX },
+                WireStorage::Returned { lease: 4, part: 3 },
+            ],
             tensors: vec![WireTensor {
                 storage: 1,
                 view: TensorView {
@@ -385,7 +400,7 @@ mod tests {
         let p = sample();
         assert_eq!(unpack(&packed(&p)).unwrap(), p);
         let plain = WirePayload::plain(Node::Unit);
-        assert_eq!(packed(&plain).len(), 13, "an empty payload is three counts and a unit");
+        assert_eq!(packed(&plain).len(), 17, "an empty payload is four counts and a unit");
         assert_eq!(unpack(&packed(&plain)).unwrap(), plain);
     }
 
@@ -415,14 +430,22 @@ mod tests {
             },
         });
         let mut bytes = packed(&p);
-        bytes[4 + 4 + 4] = 99; // the dtype byte, after two counts and the storage index
+        bytes[4 + 4 + 4 + 4] = 99; // the dtype byte, after three counts and the storage index
         assert!(unpack(&bytes).unwrap_err().starts_with("unknown dtype 99"));
         let mut bytes = packed(&WirePayload::plain(Node::Unit));
         *bytes.last_mut().unwrap() = 42;
-        assert_eq!(unpack(&bytes).unwrap_err(), "unknown node tag 42 at byte 12");
+        assert_eq!(unpack(&bytes).unwrap_err(), "unknown node tag 42 at byte 16");
         let mut bytes = packed(&WirePayload::plain(Node::Unit));
         bytes[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(unpack(&bytes).unwrap_err().starts_with("the payload claims 4294967295 regions"));
+        let mut bytes = packed(&WirePayload::plain(Node::Unit));
+        bytes[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(unpack(&bytes).unwrap_err().starts_with("the payload claims 4294967295 storages"));
+        let mut p = WirePayload::plain(Node::Unit);
+        p.storages.push(WireStorage::Returned { lease: 1, part: 0 });
+        let mut bytes = packed(&p);
+        bytes[8] = 2; // the storage's tag, after two counts
+        assert_eq!(unpack(&bytes).unwrap_err(), "unknown storage tag 2 at byte 8");
     }
 
     #[test]
@@ -437,7 +460,7 @@ mod tests {
         let fits = WirePayload::plain(*inner);
         assert_eq!(unpack(&packed(&fits)).unwrap(), fits);
         // A hand-made frame one level deeper is refused by the reader too.
-        let mut bytes = vec![0u8; 12];
+        let mut bytes = vec![0u8; 16];
         bytes.extend(std::iter::repeat_n(3u8, MAX_DEPTH));
         bytes.push(0);
         assert!(unpack(&bytes).unwrap_err().contains("deeper than 256"));
@@ -461,9 +484,14 @@ mod tests {
     }
 
     fn payload() -> impl Strategy<Value = WirePayload> {
+        let region = (any::<u64>(), proptest::collection::vec(any::<u8>(), 0..80)).prop_map(|(l, h)| region(l, h));
         let storage = prop_oneof![
-            (any::<u64>(), proptest::collection::vec(any::<u8>(), 0..80)).prop_map(|(l, h)| storage(l, h)),
-            any::<u64>().prop_map(|lease| WireStorage::Returned { lease }),
+            (any::<u32>(), any::<u64>(), any::<u64>()).prop_map(|(region, offset, nbytes)| WireStorage::Part {
+                region,
+                offset,
+                nbytes
+            }),
+            (any::<u64>(), any::<u32>()).prop_map(|(lease, part)| WireStorage::Returned { lease, part }),
         ];
         let dims = proptest::collection::vec(any::<i64>(), 0..5);
         let tensor = (any::<u32>(), 0..17usize, dims.clone(), dims, any::<i64>(), any::<bool>()).prop_map(
@@ -475,12 +503,19 @@ mod tests {
         let ready = (any::<u32>(), any::<[u8; 16]>(), any::<u8>())
             .prop_map(|(index, uuid, e)| (GpuId { index, uuid }, EventHandle(serde_bytes::ByteArray::new([e; 64]))));
         (
+            proptest::collection::vec(region, 0..3),
             proptest::collection::vec(storage, 0..4),
             proptest::collection::vec(tensor, 0..4),
             proptest::collection::vec(ready, 0..2),
             node(),
         )
-            .prop_map(|(storages, tensors, ready, root)| WirePayload { storages, tensors, ready, root })
+            .prop_map(|(regions, storages, tensors, ready, root)| WirePayload {
+                regions,
+                storages,
+                tensors,
+                ready,
+                root,
+            })
     }
 
     proptest! {
