@@ -193,4 +193,27 @@ mod in_process {
         assert_eq!(endpoints::runs("cooperative", Some(78)).len(), 1, "it saw its own server stop");
         let _ = caller.join().unwrap();
     }
+
+    /// Two servers of one process share the process's managed objects; closing a
+    /// connection of one releases only that connection's references.
+    #[test]
+    fn closing_one_servers_connection_leaves_the_other_servers_objects() {
+        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        setup();
+        let builder = || Server::builder().endpoints([endpoints::make_uncached_object::endpoint()]).device(0).port(0);
+        let (a, b) = (builder().start().unwrap(), builder().start().unwrap());
+        let (client_a, client_b) = (client(&a), client(&b));
+        let make = |c: &Client, n: i64| {
+            let handle: shared_tensor::Managed<()> = c.call("make_uncached_object", (n,)).unwrap();
+            handle.detach().1 // the reference stays with the connection
+        };
+        let (of_a, of_b) = (make(&client_a, 1), make(&client_b, 2));
+        assert_eq!(client_b.object_info(of_b).unwrap().map(|i| i.refcount), Some(1));
+        drop(client_a); // closes a's connection: its references go
+        until("a's object to go with its connection", || client_b.object_info(of_a).unwrap().is_none());
+        let info = client_b.object_info(of_b).unwrap();
+        assert_eq!(info.map(|i| i.refcount), Some(1), "b's object stays with b's connection");
+        assert_eq!(client_b.release_many(&[of_b]).unwrap(), vec![true]);
+        assert!(a.shutdown().is_clean() && b.shutdown().is_clean());
+    }
 }

@@ -55,6 +55,11 @@ use crate::payload::{Decoder, PackedPayload, Received};
 use crate::task::{StopSignal, TaskStatus};
 use crate::wire::{self, Challenge, ClientMessage, Request, Response, ServerMessage, Welcome};
 
+/// Connection ids, unique in the process: every server of a process shares one `Core`,
+/// whose managed references are held by `Holder::Connection(id)`, so two servers must
+/// never give the same id to their connections.
+static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
+
 /// How long a new connection may take to say `Hello`.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -118,7 +123,6 @@ pub(crate) struct ServerState {
     registry: Registry,
     addr: SocketAddr,
     device_index: u32,
-    next_connection: AtomicU64,
     links: Mutex<HashMap<u64, Arc<Link>>>,
     /// Set once stopping: no call that arrives after it runs endpoint code, and the calls
     /// and tasks it runs see it (`task::stopped`, `task::is_cancelled`).
@@ -641,7 +645,6 @@ pub(crate) fn start(
         registry,
         addr,
         device_index,
-        next_connection: AtomicU64::new(1),
         links: Mutex::new(HashMap::new()),
         stopping: StopSignal::new(addr.to_string()),
         stop: watch::channel(false).0,
@@ -914,7 +917,7 @@ impl Drop for Capture<'_> {
 /// Serves one connection; `_busy` counts it until its clean-up is done.
 async fn connection(state: Arc<ServerState>, stream: TcpStream, stopped: watch::Receiver<bool>, _busy: Busy) {
     let _ = stream.set_nodelay(true);
-    let id = state.next_connection.fetch_add(1, Ordering::Relaxed);
+    let id = NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed);
     let (rd, wr) = stream.into_split();
     let mut frames = FramedRead::new(rd, codec());
     let writer = Writer::new(wr);
