@@ -216,4 +216,40 @@ mod in_process {
         assert_eq!(client_b.release_many(&[of_b]).unwrap(), vec![true]);
         assert!(a.shutdown().is_clean() && b.shutdown().is_clean());
     }
+
+    /// A managed call that ends during the grace period, after its connection's clean-up,
+    /// gives its reference back: no object is left behind for the process's life.
+    #[test]
+    fn a_late_managed_result_after_the_connection_clean_up_is_released() {
+        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        setup();
+        let grace = Duration::from_secs(10);
+        let server = Server::builder()
+            .endpoints([endpoints::late_object::endpoint()])
+            .device(0)
+            .port(0)
+            .grace(grace)
+            .start()
+            .unwrap();
+        let objects_before = server.info().managed_objects;
+        let caller = {
+            let c = client(&server);
+            std::thread::spawn(move || c.call::<shared_tensor::Managed<()>, _>("late_object", (9i64,)).map(|_| ()))
+        };
+        let running = |s: &ServerHandle| s.info().tasks.get("running").copied().unwrap_or(0);
+        until("the body to run", || running(&server) == 1);
+        let stopper = {
+            let s = server.clone();
+            std::thread::spawn(move || s.shutdown())
+        };
+        // The body saw the stop; the connection's clean-up has run (its link is gone).
+        until("the body to see the stop", || endpoints::runs("late_object", Some(9)).len() == 1);
+        until("the connection's clean-up", || server.info().connections == 0);
+        endpoints::LATE_GATE.open(); // the managed result comes now, late
+        let stopped = stopper.join().unwrap();
+        assert!(stopped.is_clean(), "{stopped:?}");
+        let err = caller.join().unwrap().unwrap_err();
+        assert!(matches!(err, Error::ServerGone { .. }), "{err:?}");
+        assert_eq!(server.info().managed_objects, objects_before, "the late reference was released");
+    }
 }

@@ -1246,7 +1246,22 @@ impl Conn {
     /// The reply for an outcome. A managed reference that cannot be delivered is released.
     /// A result that cannot be shared (a CPU tensor, say) broke the endpoint's contract:
     /// the caller is told which endpoint, and that the server produced it.
+    ///
+    /// A call that ends after its connection's clean-up (a stop's grace period, or a
+    /// client gone) gives back the reference it was given: the clean-up released the
+    /// connection's references before this one existed, and nothing else would. The
+    /// outcome was made before this check, and the clean-up closes the link before it
+    /// releases the connection's references, so each late reference is released here, by
+    /// the clean-up, or (harmlessly) tried by both: a holder that holds no reference any
+    /// more is not released twice.
     fn respond(&self, endpoint: &str, outcome: &Outcome) -> Result<Response> {
+        if self.link.is_closed() {
+            if let Outcome::Object { id, .. } = outcome {
+                self.state.core.release_objects(&[*id], self.holder());
+            }
+            let reason = "the connection closed before the reply (the server is stopping or the client left)";
+            return Err(Error::ServerGone { addr: self.state.addr.to_string(), reason: reason.into() });
+        }
         match outcome.lend(&self.link) {
             Ok((object, payload, bytes)) => {
                 self.state.core.stats.bytes_shared.fetch_add(bytes, Ordering::Relaxed);
