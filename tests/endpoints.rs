@@ -812,3 +812,18 @@ pub fn cooperative(tag: i64) -> Result<(), String> {
     record("cooperative", tag, Duration::ZERO);
     Err("stopped early: the caller's deadline passed".into())
 }
+
+// ---- stopping (tests/shutdown.rs) ----
+
+pub static LATE_GATE: Gate = Gate::new();
+
+/// A managed result that comes late: once its server stops (`is_cancelled()`), the body
+/// records itself and waits for the test's gate before returning.
+#[share(execution = "task", managed, cache = false)]
+pub fn late_object(tag: i64) {
+    while !shared_tensor::task::is_cancelled() {
+        std::thread::yield_now();
+    }
+    record("late_object", tag, Duration::ZERO);
+    LATE_GATE.wait();
+}

@@ -213,11 +213,13 @@ impl Drop for GateGuard<'_> {
 
 impl Gate {
     /// Waits for the gate. A submitted task that is cancelled while waiting gives up, and
-    /// so does a client's call whose deadline passes.
+    /// so does a client's call whose deadline passes or whose server stops.
     fn enter(&self, endpoint: &str) -> Result<GateGuard<'_>> {
         let current = task::current();
         let mut busy = self.busy.lock();
         while *busy {
+            // A server that stops lets no waiting call in.
+            task::stopped()?;
             if let Some(t) = &current {
                 if t.is_cancelled() {
                     return Err(Error::Cancelled { task: t.id() });
@@ -500,6 +502,8 @@ impl Core {
     where
         F: FnOnce() -> Result<Box<dyn AnyPayload>>,
     {
+        // Once its server stops, no body starts (nothing new enters CUDA).
+        task::stopped()?;
         if task::past_deadline() {
             return Err(Error::DeadlinePassed { endpoint: def.name.into() });
         }
@@ -686,11 +690,17 @@ impl Core {
         let id = record.id();
         let core = self.clone();
         (self.spawn)(Box::new(move || {
+            // Its server stopped before it started (after the stop cancelled the pending ones).
+            if record.owner().is_some_and(|o| o.is_set()) {
+                record.cancel();
+            }
             if record.is_cancelled() {
                 return;
             }
             let holder = Holder::Task(id);
-            let result = task::with_current(&record, || core.call_inner(def, key, holder, body));
+            let result = task::with_stop(record.owner(), || {
+                task::with_current(&record, || core.call_inner(def, key, holder, body))
+            });
             let outcome = match result {
                 Ok(Outcome::Fresh(v)) => TaskOutcome::Value(Arc::new(Value::new(v))),
                 Ok(Outcome::Shared(v)) => TaskOutcome::Value(v),

@@ -153,10 +153,15 @@ impl Link {
         }
     }
 
+    /// Whether the connection closed (its clean-up has begun).
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
     /// The connection closed: everything lent is released (the peer's mappings die with
     /// it, or are its own problem if it lives on), nothing more is queued.
     pub(crate) fn close(&self) {
-        self.closed.store(true, Ordering::Release);
+        self.closed.store(true, Ordering::SeqCst);
         let lent = std::mem::take(&mut *self.lent.lock());
         drop(lent);
     }

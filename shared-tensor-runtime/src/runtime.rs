@@ -52,7 +52,8 @@ pub(crate) static TOKIO: Lazy<tokio::runtime::Runtime> = Lazy::new(|| {
 pub struct Runtime {
     config: Config,
     core: Arc<Core>,
-    /// The servers this runtime started (the role's first), for `serve_until_signal`.
+    /// The servers this runtime started (the role's first), for `serve_until_signal` and
+    /// `server_info`; a stopped one stays (still reportable) until another one starts.
     servers: Mutex<Vec<ServerHandle>>,
     client: OnceCell<Client>,
 }
@@ -146,12 +147,16 @@ impl Runtime {
 
     /// Keeps a server this runtime started, so that [`serve_until_signal`] stops it.
     pub(crate) fn adopt(&self, handle: ServerHandle) {
-        self.servers.lock().push(handle);
+        let mut servers = self.servers.lock();
+        // Stopped servers are kept only until a new one starts (no growth over restarts).
+        servers.retain(|s| !s.is_stopping());
+        servers.push(handle);
     }
 
-    /// Stops every server this runtime started, each within its grace period.
+    /// Stops every server this runtime started, each within its grace period. They stay
+    /// listed: `server_info` still describes the stopped server.
     fn stop_servers(&self) {
-        let servers = std::mem::take(&mut *self.servers.lock());
+        let servers = self.servers.lock().clone();
         for server in servers {
             server.shutdown();
         }
@@ -174,7 +179,12 @@ impl Runtime {
     fn server_info(&self) -> Result<ServerInfo> {
         match self.config.role {
             Role::Client => self.client()?.server_info(),
-            _ => self.servers.lock().first().map(ServerHandle::info).ok_or_else(|| Error::Config {
+            // A running server first; else the one that stopped (its final counters).
+            _ => {
+                let servers = self.servers.lock();
+                servers.iter().find(|s| !s.is_stopping()).or(servers.first()).map(ServerHandle::info)
+            }
+            .ok_or_else(|| Error::Config {
                 variable: "SHARED_TENSOR_ROLE".into(),
                 value: self.config.role.to_string(),
                 expected: "server or client (a local-role process has no server to describe unless it started one \
@@ -557,4 +567,37 @@ pub fn serve_in_background(endpoints: Option<&[&'static EndpointDef]>) -> Result
         Some(defs) => Server::builder().endpoints(defs.iter().copied()),
     };
     Ok(builder.start()?.addr())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A runtime of the local role with one server on a free port (no endpoints, no GPU).
+    fn runtime_with_a_server() -> (Runtime, ServerHandle) {
+        let config = Config::default().role(Role::Local).device_index(0);
+        let core =
+            Arc::new(Core::new(7, Tasks::new(config.task_ttl, config.task_capacity), Box::new(crate::pool::spawn)));
+        let rt = Runtime { config, core, servers: Mutex::new(Vec::new()), client: OnceCell::new() };
+        let server = Server::builder().endpoints([]).device(0).port(0).start_on(&rt.config, rt.core.clone()).unwrap();
+        rt.adopt(server.clone());
+        (rt, server)
+    }
+
+    #[test]
+    fn a_stopped_server_stays_reportable() {
+        let (rt, server) = runtime_with_a_server();
+        assert_eq!(rt.server_info().unwrap().address, server.addr().to_string());
+        rt.stop_servers(); // what serve_until_signal does on a signal
+        assert!(server.is_stopping());
+        let info = rt.server_info().expect("the stopped server is still described");
+        assert_eq!(info.address, server.addr().to_string());
+        assert_eq!(info.connections, 0);
+        // A new server replaces the stopped one in the list.
+        let next = Server::builder().endpoints([]).device(0).port(0).start_on(&rt.config, rt.core.clone()).unwrap();
+        rt.adopt(next.clone());
+        assert_eq!(rt.server_info().unwrap().address, next.addr().to_string());
+        assert_eq!(rt.servers.lock().len(), 1, "the stopped server was dropped from the list");
+        next.shutdown();
+    }
 }

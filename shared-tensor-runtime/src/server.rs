@@ -15,9 +15,15 @@
 //! [`ServerHandle::shutdown`] stops a server gracefully: it stops accepting connections,
 //! stops reading requests, answers calls that arrive meanwhile with
 //! [`Error::ServerGone`] before they reach endpoint code (so nothing new enters CUDA),
-//! cancels pending tasks, and waits up to the grace period
+//! and so are calls already read but not yet started (queued for a thread, or waiting at
+//! a serialized endpoint's gate): once stopping, no endpoint body starts. It cancels the
+//! pending tasks its clients submitted, and waits up to the grace period
 //! ([`ServerBuilder::grace`], 10 s by default) for the calls and tasks already running
-//! and for every connection's clean-up (leases returned, mappings closed). Clients then
+//! and for every connection's clean-up (leases returned, mappings closed). Running bodies
+//! see the stop through [`task::is_cancelled`](crate::task::is_cancelled) and may return
+//! early. A stop touches only this server's own calls and tasks: tasks that the process
+//! submitted itself (`submit` in the local role) and other servers' tasks in the same
+//! process run on. Clients then
 //! see their connection close: their calls fail with [`Error::ServerGone`]. The library
 //! never installs a signal handler by itself: [`serve_until_signal`](crate::runtime::serve_until_signal)
 //! is the opt-in that stops the process's servers on SIGINT or SIGTERM.
@@ -26,7 +32,7 @@ pub use crate::exec::CacheEntryInfo;
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener as StdListener};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -46,7 +52,13 @@ use crate::ipc::ProcessId;
 use crate::lease::{self, Link, UsedOn};
 use crate::managed::Holder;
 use crate::payload::{Decoder, PackedPayload, Received};
+use crate::task::{StopSignal, TaskStatus};
 use crate::wire::{self, Challenge, ClientMessage, Request, Response, ServerMessage, Welcome};
+
+/// Connection ids, unique in the process: every server of a process shares one `Core`,
+/// whose managed references are held by `Holder::Connection(id)`, so two servers must
+/// never give the same id to their connections.
+static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
 
 /// How long a new connection may take to say `Hello`.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -111,10 +123,10 @@ pub(crate) struct ServerState {
     registry: Registry,
     addr: SocketAddr,
     device_index: u32,
-    next_connection: AtomicU64,
     links: Mutex<HashMap<u64, Arc<Link>>>,
-    /// Set once stopping: no call that arrives after it runs endpoint code.
-    stopping: AtomicBool,
+    /// Set once stopping: no call that arrives after it runs endpoint code, and the calls
+    /// and tasks it runs see it (`task::stopped`, `task::is_cancelled`).
+    stopping: Arc<StopSignal>,
     /// Tells the accept loop, the readers and the task waiters to stop.
     stop: watch::Sender<bool>,
     /// Connections and calls alive, and whether the stop has finished.
@@ -168,12 +180,12 @@ impl Drop for Busy {
 
 impl ServerState {
     fn is_stopping(&self) -> bool {
-        self.stopping.load(Ordering::SeqCst)
+        self.stopping.is_set()
     }
 
     /// The answer to a call that arrives once stopping.
     fn gone(&self) -> Error {
-        Error::ServerGone { addr: self.addr.to_string(), reason: "the server is shutting down".into() }
+        self.stopping.error()
     }
 
     fn info(&self) -> ServerInfo {
@@ -399,6 +411,12 @@ impl ServerBuilder {
     }
 }
 
+/// When a stop that began now gives up waiting; `None` (wait without bound) for a grace
+/// too long to add to the clock, such as `Duration::MAX`.
+fn stop_deadline(grace: Duration) -> Option<Instant> {
+    Instant::now().checked_add(grace)
+}
+
 /// How a stop ended.
 ///
 /// ```
@@ -474,8 +492,11 @@ impl ServerHandle {
     }
 
     /// Stops gracefully (see the [module docs](self#stopping)) and returns once the calls
-    /// and tasks that were running have finished, or the grace period has run out. A
-    /// second call (or a call after another clone stopped it) waits for the same stop.
+    /// and tasks that were running have finished, or the grace period has run out (a
+    /// grace of `Duration::MAX` waits without bound). Only this server's own calls and
+    /// tasks (those its clients made) are cancelled or waited for; the process's own
+    /// `submit`s and other servers' tasks are not. A second call (or a call after another
+    /// clone stopped it) waits for the same stop.
     /// It blocks the calling thread; from async code, run it with `spawn_blocking`.
     ///
     /// ```no_run
@@ -485,31 +506,37 @@ impl ServerHandle {
     /// # }
     /// ```
     pub fn shutdown(&self) -> Stopped {
-        let first = !self.state.stopping.swap(true, Ordering::SeqCst);
-        if !first {
+        if !self.state.stopping.set() {
             return self.join();
         }
         self.state.stop.send_replace(true);
-        let deadline = Instant::now() + self.grace;
-        // Pending tasks never start (no new endpoint code once stopping).
+        // `None`: a grace too long to add to the clock (`Duration::MAX`) waits without bound.
+        let deadline = stop_deadline(self.grace);
+        let past = || deadline.is_some_and(|d| Instant::now() >= d);
+        // This server's pending tasks never start (no new endpoint code once stopping);
+        // other servers' tasks and the process's own `submit`s are not touched.
         let core = &self.state.core;
-        for task in core.tasks.list(Some(crate::task::TaskStatus::Pending)) {
-            if let Ok(record) = core.tasks.get(task.id) {
-                record.cancel();
-            }
+        for record in core.tasks.owned_by(&self.state.stopping, TaskStatus::Pending) {
+            record.cancel();
         }
         let mut active = self.state.active.lock();
         while active.calls + active.connections > 0 {
-            if self.state.idle.wait_until(&mut active, deadline).timed_out() {
-                break;
+            match deadline {
+                Some(d) => {
+                    if self.state.idle.wait_until(&mut active, d).timed_out() {
+                        break;
+                    }
+                }
+                None => self.state.idle.wait(&mut active),
             }
         }
         let calls_left = active.calls;
         drop(active);
-        // Running tasks have no waiter to notify: look again until they end or time is up.
-        let running = || core.tasks.list(Some(crate::task::TaskStatus::Running)).len();
+        // Its running tasks (their bodies see `task::is_cancelled()`) have no waiter to
+        // notify: look again until they end or time is up.
+        let running = || core.tasks.owned_by(&self.state.stopping, TaskStatus::Running).len();
         let mut tasks_left = running();
-        while tasks_left > 0 && Instant::now() < deadline {
+        while tasks_left > 0 && !past() {
             std::thread::sleep(Duration::from_millis(5));
             tasks_left = running();
         }
@@ -618,9 +645,8 @@ pub(crate) fn start(
         registry,
         addr,
         device_index,
-        next_connection: AtomicU64::new(1),
         links: Mutex::new(HashMap::new()),
-        stopping: AtomicBool::new(false),
+        stopping: StopSignal::new(addr.to_string()),
         stop: watch::channel(false).0,
         active: Mutex::new(Active::default()),
         idle: Condvar::new(),
@@ -891,7 +917,7 @@ impl Drop for Capture<'_> {
 /// Serves one connection; `_busy` counts it until its clean-up is done.
 async fn connection(state: Arc<ServerState>, stream: TcpStream, stopped: watch::Receiver<bool>, _busy: Busy) {
     let _ = stream.set_nodelay(true);
-    let id = state.next_connection.fetch_add(1, Ordering::Relaxed);
+    let id = NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed);
     let (rd, wr) = stream.into_split();
     let mut frames = FramedRead::new(rd, codec());
     let writer = Writer::new(wr);
@@ -1164,7 +1190,11 @@ impl Conn {
         if submit {
             // Submitting decodes the arguments, creates the record and starts the task on
             // the call pool: nothing here waits or runs endpoint code.
-            let result = decode(def, received).and_then(|p| self.state.core.submit(def, p.key, p.body));
+            // The task belongs to this server: its stop cancels it while pending, and its
+            // body sees the stop through `task::is_cancelled()`.
+            let result = crate::task::with_stop(Some(self.state.stopping.clone()), || {
+                decode(def, received).and_then(|p| self.state.core.submit(def, p.key, p.body))
+            });
             self.reply(id, result.map(Response::Task));
             return None;
         }
@@ -1190,20 +1220,25 @@ impl Conn {
     }
 
     /// Runs a call on this thread (the body may take any time) and replies. A call that
-    /// was still queued when the server began stopping is answered without running. Past
-    /// the call's deadline, a call still pending is cancelled; a running body can see it
-    /// through `task::is_cancelled()`.
+    /// was still queued when the server began stopping is answered without running, and
+    /// so is one that waits at a serialized endpoint's gate when the stop begins (the
+    /// call runs with the server's stop signal: `task::stopped`). Past the call's
+    /// deadline, a call still pending is cancelled; a running body sees the deadline and
+    /// the stop through `task::is_cancelled()`.
     fn run_call(&self, call: Call) {
         if self.state.is_stopping() {
             return self.reply(call.id, Err(self.state.gone()));
         }
         self.answer(call.id, || {
-            crate::task::with_deadline(call.deadline, || match (call.prepare)() {
-                Ok(prepared) => match self.state.core.call(call.def, prepared.key, self.holder(), prepared.body) {
-                    Ok(outcome) => (self.respond(call.def.name, &outcome), Some(outcome)),
+            let stop = Some(self.state.stopping.clone());
+            crate::task::with_stop(stop, || {
+                crate::task::with_deadline(call.deadline, || match (call.prepare)() {
+                    Ok(prepared) => match self.state.core.call(call.def, prepared.key, self.holder(), prepared.body) {
+                        Ok(outcome) => (self.respond(call.def.name, &outcome), Some(outcome)),
+                        Err(e) => (Err(e), None),
+                    },
                     Err(e) => (Err(e), None),
-                },
-                Err(e) => (Err(e), None),
+                })
             })
         });
     }
@@ -1211,7 +1246,22 @@ impl Conn {
     /// The reply for an outcome. A managed reference that cannot be delivered is released.
     /// A result that cannot be shared (a CPU tensor, say) broke the endpoint's contract:
     /// the caller is told which endpoint, and that the server produced it.
+    ///
+    /// A call that ends after its connection's clean-up (a stop's grace period, or a
+    /// client gone) gives back the reference it was given: the clean-up released the
+    /// connection's references before this one existed, and nothing else would. The
+    /// outcome was made before this check, and the clean-up closes the link before it
+    /// releases the connection's references, so each late reference is released here, by
+    /// the clean-up, or (harmlessly) tried by both: a holder that holds no reference any
+    /// more is not released twice.
     fn respond(&self, endpoint: &str, outcome: &Outcome) -> Result<Response> {
+        if self.link.is_closed() {
+            if let Outcome::Object { id, .. } = outcome {
+                self.state.core.release_objects(&[*id], self.holder());
+            }
+            let reason = "the connection closed before the reply (the server is stopping or the client left)";
+            return Err(Error::ServerGone { addr: self.state.addr.to_string(), reason: reason.into() });
+        }
         match outcome.lend(&self.link) {
             Ok((object, payload, bytes)) => {
                 self.state.core.stats.bytes_shared.fetch_add(bytes, Ordering::Relaxed);
@@ -1274,6 +1324,14 @@ mod tests {
         };
         assert!(!unreachable(0).contains("after trying"), "{}", unreachable(0));
         assert!(unreachable(1500).contains("(refused, after trying for 1500 ms)"), "{}", unreachable(1500));
+    }
+
+    #[test]
+    fn a_grace_too_long_for_the_clock_waits_without_bound() {
+        use std::time::Duration;
+        assert!(super::stop_deadline(Duration::MAX).is_none(), "Duration::MAX: no deadline, no panic");
+        let d = super::stop_deadline(Duration::from_secs(5)).expect("5 s fits");
+        assert!(d > std::time::Instant::now() + Duration::from_secs(4));
     }
 
     #[test]

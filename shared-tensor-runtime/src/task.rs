@@ -140,9 +140,17 @@ pub(crate) struct TaskRecord {
     done: Mutex<bool>,
     done_cv: Condvar,
     done_tx: watch::Sender<bool>,
+    /// The server whose client submitted it (or whose call runs it); `None`: this
+    /// process's own (`submit` in the local role). A server's stop touches only its own.
+    owner: Option<Arc<StopSignal>>,
 }
 
 impl TaskRecord {
+    /// The stop signal of the server it belongs to.
+    pub(crate) fn owner(&self) -> Option<Arc<StopSignal>> {
+        self.owner.clone()
+    }
+
     pub(crate) fn id(&self) -> u64 {
         self.info.lock().id
     }
@@ -330,6 +338,7 @@ impl Tasks {
             done: Mutex::new(false),
             done_cv: Condvar::new(),
             done_tx,
+            owner: current_stop(),
         });
         records.insert(id, record.clone());
         Ok((record, evicted))
@@ -341,6 +350,16 @@ impl Tasks {
 
     pub(crate) fn list(&self, status: Option<TaskStatus>) -> Vec<TaskInfo> {
         self.records.lock().values().map(|r| r.info()).filter(|i| status.is_none_or(|s| i.status == s)).collect()
+    }
+
+    /// The tasks of the server that `owner` belongs to, with this status.
+    pub(crate) fn owned_by(&self, owner: &Arc<StopSignal>, status: TaskStatus) -> Vec<Arc<TaskRecord>> {
+        self.records
+            .lock()
+            .values()
+            .filter(|r| r.owner.as_ref().is_some_and(|o| Arc::ptr_eq(o, owner)) && r.info.lock().status == status)
+            .cloned()
+            .collect()
     }
 
     pub(crate) fn count_by_status(&self) -> BTreeMap<String, u64> {
@@ -355,6 +374,61 @@ impl Tasks {
 thread_local! {
     static CURRENT_TASK: RefCell<Option<Arc<TaskRecord>>> = const { RefCell::new(None) };
     static CALL_DEADLINE: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
+    /// The stop signal of the server whose call (or task) this thread runs.
+    static CALL_STOP: RefCell<Option<Arc<StopSignal>>> = const { RefCell::new(None) };
+}
+
+/// A server's stopping flag, as the calls and tasks it runs see it.
+pub(crate) struct StopSignal {
+    stopping: AtomicBool,
+    addr: String,
+}
+
+impl StopSignal {
+    pub(crate) fn new(addr: String) -> Arc<StopSignal> {
+        Arc::new(StopSignal { stopping: AtomicBool::new(false), addr })
+    }
+
+    pub(crate) fn is_set(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// Sets the flag; true for the first caller.
+    pub(crate) fn set(&self) -> bool {
+        !self.stopping.swap(true, Ordering::SeqCst)
+    }
+
+    /// The answer to a call that the stop kept from running.
+    pub(crate) fn error(&self) -> Error {
+        Error::ServerGone { addr: self.addr.clone(), reason: "the server is shutting down".into() }
+    }
+}
+
+/// Runs `f` as a call (or task) of the server that `stop` belongs to: once it stops,
+/// [`stopped`] says so and [`is_cancelled`] turns true.
+pub(crate) fn with_stop<T>(stop: Option<Arc<StopSignal>>, f: impl FnOnce() -> T) -> T {
+    struct Reset(Option<Arc<StopSignal>>);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            let prev = self.0.take();
+            CALL_STOP.with(|c| *c.borrow_mut() = prev);
+        }
+    }
+    let _reset = Reset(CALL_STOP.with(|c| std::mem::replace(&mut *c.borrow_mut(), stop)));
+    f()
+}
+
+/// The stop signal of the server whose call this thread runs, if any.
+pub(crate) fn current_stop() -> Option<Arc<StopSignal>> {
+    CALL_STOP.with(|c| c.borrow().clone())
+}
+
+/// `Err(ServerGone)` if the server whose call this thread runs is stopping.
+pub(crate) fn stopped() -> Result<()> {
+    CALL_STOP.with(|c| match c.borrow().as_deref() {
+        Some(stop) if stop.is_set() => Err(stop.error()),
+        _ => Ok(()),
+    })
 }
 
 /// Runs `f` with `deadline` as this thread's current call deadline (a client's call, on
@@ -376,8 +450,9 @@ pub(crate) fn past_deadline() -> bool {
 }
 
 /// Whether the endpoint body running on this thread should stop early: its caller's
-/// deadline passed (the client stopped waiting; deadlines travel with each call), or it
-/// runs as a task that was cancelled. A cheap check (a thread-local and a clock read):
+/// deadline passed (the client stopped waiting; deadlines travel with each call), the
+/// server that runs it is stopping ([`ServerHandle::shutdown`](crate::server::ServerHandle::shutdown),
+/// or a signal), or it runs as a task that was cancelled. A cheap check (a thread-local and a clock read):
 /// call it between steps of long work and return early when it says so; what the body
 /// returns then reaches nobody. False outside an endpoint body.
 ///
@@ -393,7 +468,7 @@ pub(crate) fn past_deadline() -> bool {
 /// assert!(!shared_tensor_runtime::task::is_cancelled(), "false outside an endpoint body");
 /// ```
 pub fn is_cancelled() -> bool {
-    past_deadline() || current().is_some_and(|t| t.is_cancelled())
+    past_deadline() || stopped().is_err() || current().is_some_and(|t| t.is_cancelled())
 }
 
 /// Runs `f` with `record` as this thread's current task (for [`report_progress`]).

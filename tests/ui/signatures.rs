@@ -19,6 +19,9 @@ fn greet(name: &str) {}
 #[share]
 fn batch(tensors: &[Tensor]) {}
 
+#[share]
+fn describe(thing: &dyn std::fmt::Debug) {}
+
 struct S;
 impl S {
     #[share]

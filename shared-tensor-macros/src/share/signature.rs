@@ -63,6 +63,18 @@ pub fn parse(f: &ItemFn, errors: &mut Errors) -> Signature {
                         continue;
                     }
                 };
+                if is_trait_object(&pt.ty) {
+                    errors.push(
+                        &pt.ty,
+                        format!(
+                            "a #[share] parameter cannot be a trait object (`{}`): arguments are decoded into \
+                             owned values of one type on the server, and a trait object names none; take a \
+                             concrete type, or an enum with one variant per type you accept",
+                            written(&pt.ty)
+                        ),
+                    );
+                    continue;
+                }
                 if let Some(owned) = unsized_owned(&pt.ty) {
                     errors.push(
                         &pt.ty,
@@ -104,14 +116,28 @@ pub fn parse(f: &ItemFn, errors: &mut Errors) -> Signature {
 fn written(ty: &Type) -> String {
     let text = quote::ToTokens::to_token_stream(ty).to_string();
     match ty {
-        Type::Reference(r) if matches!(&*r.elem, Type::TraitObject(_)) => "&dyn ..".into(),
-        Type::TraitObject(_) => "dyn ..".into(),
+        // `& dyn std :: fmt :: Debug + Send` as written: `&dyn std::fmt::Debug + Send`.
+        Type::Reference(_) | Type::TraitObject(_) if is_trait_object(ty) => text
+            .replace(" :: ", "::")
+            .replace("& ", "&")
+            .replace(" < ", "<")
+            .replace(" <", "<")
+            .replace(" >", ">")
+            .replace(" ,", ","),
         _ => text.replace(' ', ""),
     }
 }
 
+/// Whether `ty` is a trait object or a reference to one (`dyn Trait`, `&dyn Trait`).
+fn is_trait_object(ty: &Type) -> bool {
+    match ty {
+        Type::Reference(r) => matches!(&*r.elem, Type::TraitObject(_)),
+        other => matches!(other, Type::TraitObject(_)),
+    }
+}
+
 /// The owned type to suggest if `ty` is (a reference to) an unsized type: `str`, a slice,
-/// `Path`, `OsStr`, `CStr`, or a trait object.
+/// `Path`, `OsStr` or `CStr` (trait objects have their own message: [`is_trait_object`]).
 fn unsized_owned(ty: &Type) -> Option<String> {
     let inner = match ty {
         Type::Reference(r) => &*r.elem,
@@ -119,7 +145,6 @@ fn unsized_owned(ty: &Type) -> Option<String> {
     };
     match inner {
         Type::Slice(s) => Some(format!("Vec<{}>", written(&s.elem))),
-        Type::TraitObject(_) => Some("a concrete type (or an enum of the choices)".into()),
         Type::Path(tp) if tp.qself.is_none() => {
             let last = tp.path.segments.last()?;
             let owned = match last.ident.to_string().as_str() {
