@@ -110,7 +110,9 @@ impl Generator<'_> {
                 }
             }
         };
+        let inherited = self.inherited();
         quote! {
+            #inherited
             #[doc(hidden)]
             #[allow(clippy::ptr_arg, clippy::trivially_copy_pass_by_ref)]
             fn #ident(#(#decls),*) -> ::shared_tensor::Result<::std::string::String> {
