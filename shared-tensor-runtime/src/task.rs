@@ -370,6 +370,11 @@ pub(crate) fn with_deadline<T>(deadline: Option<Instant>, f: impl FnOnce() -> T)
     f()
 }
 
+/// The current call's deadline on this thread, if it has one.
+pub(crate) fn deadline() -> Option<Instant> {
+    CALL_DEADLINE.with(|d| d.get())
+}
+
 /// Whether the current call's deadline has passed (its caller stopped waiting).
 pub(crate) fn past_deadline() -> bool {
     CALL_DEADLINE.with(|d| d.get()).is_some_and(|d| Instant::now() >= d)
