@@ -503,11 +503,17 @@ impl Connection {
                     Ok(other) => Ok(Answer::Other(other)),
                     Err(e) => Err(e),
                 };
-                let slot = self.pending.lock().remove(&id);
-                match slot {
+                // Filled while `pending` is held: a caller that gives up removes its slot
+                // under the same lock and then takes what is in it, so an answer is either
+                // taken by its caller or released here, never left in a dropped slot.
+                let mut pending = self.pending.lock();
+                match pending.remove(&id) {
                     Some(slot) => slot.fill(answer),
-                    // No slot: the call timed out or its future was dropped.
-                    None => self.release_unwanted(answer),
+                    None => {
+                        drop(pending);
+                        // No slot: the call timed out or its future was dropped.
+                        self.release_unwanted(answer);
+                    }
                 }
                 Ok(())
             }
@@ -571,13 +577,16 @@ impl Connection {
                 slot.sleep(until);
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
+                // Out of `pending` first (`dispatch` fills under that lock), then what
+                // arrived meanwhile is still this caller's answer; a later reply is
+                // released by `dispatch`.
+                self.pending.lock().remove(&id);
                 break slot.take();
             }
         };
         self.sync_waiting.fetch_sub(1, Ordering::AcqRel);
         if answer.is_none() {
-            // Timed out: a reply that comes later is dropped; a turn it was given goes on.
-            self.pending.lock().remove(&id);
+            // Timed out: a turn it was given goes on.
             self.pass_reading();
         }
         answer
@@ -664,10 +673,11 @@ impl Connection {
         let _ = self.writer.lock().shutdown(Shutdown::Both);
         self.link.close();
         crate::ipc::forget_producer(&self.welcome.server);
-        let pending: Vec<Arc<Slot>> = self.pending.lock().drain().map(|(_, s)| s).collect();
-        for slot in pending {
+        let mut pending = self.pending.lock();
+        for (_, slot) in pending.drain() {
             slot.fill(Err(self.gone(reason)));
         }
+        drop(pending);
         self.releases.cv.notify_one();
         self.wake_idle_reader();
     }
