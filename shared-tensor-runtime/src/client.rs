@@ -195,11 +195,18 @@ pub(crate) struct SlotFuture {
     done: bool,
 }
 
+/// The moment `timeout` from now; `None` (no deadline) without a timeout or when it is
+/// too far away for an `Instant` (a call timeout of `Duration::MAX` means "no limit").
+fn deadline_in(timeout: Option<Duration>) -> Option<Instant> {
+    timeout.and_then(|t| Instant::now().checked_add(t))
+}
+
 impl SlotFuture {
     fn new(slot: Arc<Slot>, conn: Arc<Connection>, id: u64, name: String, timeout: Option<Duration>) -> SlotFuture {
         conn.async_waiting.fetch_add(1, Ordering::AcqRel);
         conn.wake_idle_reader();
-        let deadline = timeout.map(|t| ((Instant::now() + t, Timer::get().next.fetch_add(1, Ordering::Relaxed)), t));
+        let deadline = deadline_in(timeout)
+            .map(|at| ((at, Timer::get().next.fetch_add(1, Ordering::Relaxed)), timeout.unwrap_or_default()));
         SlotFuture { slot, conn, id, name, deadline, done: false }
     }
 }
@@ -997,7 +1004,7 @@ impl Client {
         let name = Self::name_of(&request);
         let conn = self.connection()?;
         let (id, slot) = conn.send(request, false)?;
-        let deadline = timeout.map(|t| Instant::now() + t);
+        let deadline = deadline_in(timeout);
         match conn.wait_reply(id, &slot, deadline) {
             Some(answer) => answer,
             None => Err(Error::Timeout { endpoint: name, timeout_ms: timeout.unwrap_or_default().as_millis() as u64 }),
@@ -1310,4 +1317,17 @@ impl Client {
 
 fn unexpected(what: &str, got: &Response) -> Error {
     Error::Protocol(format!("the server answered {what} with {got:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_timeout_too_large_for_an_instant_means_no_deadline() {
+        assert_eq!(deadline_in(Some(Duration::MAX)), None, "no panic, no deadline");
+        assert_eq!(deadline_in(None), None);
+        let soon = deadline_in(Some(Duration::from_secs(1))).unwrap();
+        assert!(soon > Instant::now() && soon <= Instant::now() + Duration::from_secs(1));
+    }
 }

@@ -222,15 +222,15 @@ impl TaskRecord {
     /// Blocks until the task ends or `timeout` passes; true if it ended.
     pub(crate) fn wait_blocking(&self, timeout: Option<Duration>) -> bool {
         let mut done = self.done.lock();
-        match timeout {
+        // A timeout too far away for an `Instant` waits without one.
+        match timeout.and_then(|t| std::time::Instant::now().checked_add(t)) {
             None => {
                 while !*done {
                     self.done_cv.wait(&mut done);
                 }
                 true
             }
-            Some(t) => {
-                let deadline = std::time::Instant::now() + t;
+            Some(deadline) => {
                 while !*done {
                     if self.done_cv.wait_until(&mut done, deadline).timed_out() {
                         return *done;
