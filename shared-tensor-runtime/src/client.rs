@@ -966,6 +966,10 @@ impl Client {
     /// one second it logs once, at info level, what it waits for. Fails with
     /// [`Error::ServerUnreachable`] when the time is up.
     ///
+    /// Blocking: async programs call it at start-up on a blocking thread, so that the
+    /// first `call_async`/`wait_async` finds the connection made instead of connecting
+    /// (synchronously, up to the connect timeout) on an executor thread.
+    ///
     /// ```no_run
     /// # fn demo(client: &shared_tensor_runtime::client::Client) -> shared_tensor_runtime::Result<()> {
     /// // The server is started by the orchestrator at the same time as this process.
