@@ -919,6 +919,7 @@ impl Client {
     /// The live connection, or a new one tried for `window` (default: the connect
     /// timeout before the first connection, one attempt after a loss).
     fn connection_within(&self, window: Option<Duration>) -> Result<Arc<Connection>> {
+        let explicit = window.is_some();
         let mut current = self.inner.conn.lock();
         if let Some(conn) = current.as_ref() {
             if !conn.dead.load(Ordering::Acquire) {
@@ -935,8 +936,9 @@ impl Client {
         let conn = match Connection::open(self.inner.addr, window, self.inner.config.shared_token.as_deref()) {
             Ok(conn) => conn,
             // The server this client talked to went away between two calls: for the
-            // caller that is the same event as losing it during one.
-            Err(Error::ServerUnreachable { reason, .. }) if current.is_some() => {
+            // caller that is the same event as losing it during one. Not for an explicit
+            // wait (`wait_for_server`), which says `ServerUnreachable` as documented.
+            Err(Error::ServerUnreachable { reason, .. }) if current.is_some() && !explicit => {
                 return Err(Error::ServerGone {
                     addr: self.inner.addr.to_string(),
                     reason: format!("the connection closed, and reconnecting failed: {reason}"),
