@@ -100,7 +100,8 @@ pub use shared_tensor_runtime::private::BoxFuture;
 pub use shared_tensor_runtime::runtime::{
     cancel_task, catch_stop_signals, client, configure, invalidate_cache_key, invalidate_endpoint_cache,
     list_endpoints, list_objects, list_tasks, object_info, ping, release_many, role, serve_in_background,
-    serve_until_signal, serve_until_signal_async, serve_while_server, server_info, task, task_info, wait_for_server, wait_for_task,
+    serve_until_signal, serve_until_signal_async, serve_while_server, server_info, task, task_info, wait_for_server,
+    wait_for_task,
 };
 pub use shared_tensor_runtime::task::report_progress;
 pub use shared_tensor_runtime::{auth, client, config, cuda, endpoint, ipc, managed, payload, server, task, wire};
