@@ -544,7 +544,10 @@ pub fn invalidate_cache_key(endpoint: &str, key: &str) -> Result<bool> {
     let rt = global()?;
     match rt.role() {
         Role::Client => rt.client()?.invalidate_cache_key(endpoint, key),
-        _ => Ok(rt.core.invalidate_key(endpoint, key)),
+        _ => {
+            Registry::linked()?.get(endpoint)?; // a typo is an error, not a missing entry
+            Ok(rt.core.invalidate_key(endpoint, key))
+        }
     }
 }
 
