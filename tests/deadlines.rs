@@ -82,3 +82,10 @@ fn a_running_body_sees_its_callers_deadline_and_stops_early() {
     // Outside an endpoint body nothing is cancelled.
     assert!(!shared_tensor::task::is_cancelled());
 }
+
+#[test]
+fn a_call_timeout_of_duration_max_means_no_limit_and_does_not_panic() {
+    let client = Client::new(&config(setup()).call_timeout(Duration::MAX)).unwrap();
+    client.call::<(), _>("default_key", (900i64,)).unwrap();
+    assert_eq!(endpoints::runs("default_key", Some(900)).len(), 1);
+}

@@ -55,6 +55,9 @@ fn server_death_is_reported_and_a_restarted_server_is_reconnected_to() {
     assert!(matches!(later, Err(Error::ServerUnreachable { .. } | Error::ServerGone { .. })), "{later:?}");
     assert!(started.elapsed() < Duration::from_secs(1), "a later call took {:?} to fail", started.elapsed());
     assert!(!handle.is_live());
+    // An explicit wait says what its docs say: nothing accepts connections there.
+    let waited = shared_tensor::wait_for_server(Duration::from_millis(200));
+    assert!(matches!(waited, Err(Error::ServerUnreachable { .. })), "{waited:?}");
 
     let _restarted = start_server(port);
     endpoints::noop().unwrap();

@@ -195,11 +195,18 @@ pub(crate) struct SlotFuture {
     done: bool,
 }
 
+/// The moment `timeout` from now; `None` (no deadline) without a timeout or when it is
+/// too far away for an `Instant` (a call timeout of `Duration::MAX` means "no limit").
+fn deadline_in(timeout: Option<Duration>) -> Option<Instant> {
+    timeout.and_then(|t| Instant::now().checked_add(t))
+}
+
 impl SlotFuture {
     fn new(slot: Arc<Slot>, conn: Arc<Connection>, id: u64, name: String, timeout: Option<Duration>) -> SlotFuture {
         conn.async_waiting.fetch_add(1, Ordering::AcqRel);
         conn.wake_idle_reader();
-        let deadline = timeout.map(|t| ((Instant::now() + t, Timer::get().next.fetch_add(1, Ordering::Relaxed)), t));
+        let deadline = deadline_in(timeout)
+            .map(|at| ((at, Timer::get().next.fetch_add(1, Ordering::Relaxed)), timeout.unwrap_or_default()));
         SlotFuture { slot, conn, id, name, deadline, done: false }
     }
 }
@@ -503,11 +510,17 @@ impl Connection {
                     Ok(other) => Ok(Answer::Other(other)),
                     Err(e) => Err(e),
                 };
-                let slot = self.pending.lock().remove(&id);
-                match slot {
+                // Filled while `pending` is held: a caller that gives up removes its slot
+                // under the same lock and then takes what is in it, so an answer is either
+                // taken by its caller or released here, never left in a dropped slot.
+                let mut pending = self.pending.lock();
+                match pending.remove(&id) {
                     Some(slot) => slot.fill(answer),
-                    // No slot: the call timed out or its future was dropped.
-                    None => self.release_unwanted(answer),
+                    None => {
+                        drop(pending);
+                        // No slot: the call timed out or its future was dropped.
+                        self.release_unwanted(answer);
+                    }
                 }
                 Ok(())
             }
@@ -571,13 +584,16 @@ impl Connection {
                 slot.sleep(until);
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
+                // Out of `pending` first (`dispatch` fills under that lock), then what
+                // arrived meanwhile is still this caller's answer; a later reply is
+                // released by `dispatch`.
+                self.pending.lock().remove(&id);
                 break slot.take();
             }
         };
         self.sync_waiting.fetch_sub(1, Ordering::AcqRel);
         if answer.is_none() {
-            // Timed out: a reply that comes later is dropped; a turn it was given goes on.
-            self.pending.lock().remove(&id);
+            // Timed out: a turn it was given goes on.
             self.pass_reading();
         }
         answer
@@ -664,10 +680,11 @@ impl Connection {
         let _ = self.writer.lock().shutdown(Shutdown::Both);
         self.link.close();
         crate::ipc::forget_producer(&self.welcome.server);
-        let pending: Vec<Arc<Slot>> = self.pending.lock().drain().map(|(_, s)| s).collect();
-        for slot in pending {
+        let mut pending = self.pending.lock();
+        for (_, slot) in pending.drain() {
             slot.fill(Err(self.gone(reason)));
         }
+        drop(pending);
         self.releases.cv.notify_one();
         self.wake_idle_reader();
     }
@@ -902,6 +919,7 @@ impl Client {
     /// The live connection, or a new one tried for `window` (default: the connect
     /// timeout before the first connection, one attempt after a loss).
     fn connection_within(&self, window: Option<Duration>) -> Result<Arc<Connection>> {
+        let explicit = window.is_some();
         let mut current = self.inner.conn.lock();
         if let Some(conn) = current.as_ref() {
             if !conn.dead.load(Ordering::Acquire) {
@@ -918,8 +936,9 @@ impl Client {
         let conn = match Connection::open(self.inner.addr, window, self.inner.config.shared_token.as_deref()) {
             Ok(conn) => conn,
             // The server this client talked to went away between two calls: for the
-            // caller that is the same event as losing it during one.
-            Err(Error::ServerUnreachable { reason, .. }) if current.is_some() => {
+            // caller that is the same event as losing it during one. Not for an explicit
+            // wait (`wait_for_server`), which says `ServerUnreachable` as documented.
+            Err(Error::ServerUnreachable { reason, .. }) if current.is_some() && !explicit => {
                 return Err(Error::ServerGone {
                     addr: self.inner.addr.to_string(),
                     reason: format!("the connection closed, and reconnecting failed: {reason}"),
@@ -948,6 +967,10 @@ impl Client {
     /// the default connect timeout, for a server that starts alongside this process). Past
     /// one second it logs once, at info level, what it waits for. Fails with
     /// [`Error::ServerUnreachable`] when the time is up.
+    ///
+    /// Blocking: async programs call it at start-up on a blocking thread, so that the
+    /// first `call_async`/`wait_async` finds the connection made instead of connecting
+    /// (synchronously, up to the connect timeout) on an executor thread.
     ///
     /// ```no_run
     /// # fn demo(client: &shared_tensor_runtime::client::Client) -> shared_tensor_runtime::Result<()> {
@@ -987,7 +1010,7 @@ impl Client {
         let name = Self::name_of(&request);
         let conn = self.connection()?;
         let (id, slot) = conn.send(request, false)?;
-        let deadline = timeout.map(|t| Instant::now() + t);
+        let deadline = deadline_in(timeout);
         match conn.wait_reply(id, &slot, deadline) {
             Some(answer) => answer,
             None => Err(Error::Timeout { endpoint: name, timeout_ms: timeout.unwrap_or_default().as_millis() as u64 }),
@@ -1300,4 +1323,17 @@ impl Client {
 
 fn unexpected(what: &str, got: &Response) -> Error {
     Error::Protocol(format!("the server answered {what} with {got:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_timeout_too_large_for_an_instant_means_no_deadline() {
+        assert_eq!(deadline_in(Some(Duration::MAX)), None, "no panic, no deadline");
+        assert_eq!(deadline_in(None), None);
+        let soon = deadline_in(Some(Duration::from_secs(1))).unwrap();
+        assert!(soon > Instant::now() && soon <= Instant::now() + Duration::from_secs(1));
+    }
 }

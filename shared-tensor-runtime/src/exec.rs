@@ -442,33 +442,42 @@ impl Core {
             };
         }
         let flight_key = (def.name.to_string(), key.clone());
-        let (flight, leader) = {
-            let mut flights = self.flights.lock();
-            match flights.get(&flight_key) {
-                Some(f) => {
-                    f.state.lock().joiners.push(holder);
-                    (f.clone(), false)
+        let flight = loop {
+            let (flight, leader) = {
+                let mut flights = self.flights.lock();
+                match flights.get(&flight_key) {
+                    Some(f) => {
+                        f.state.lock().joiners.push(holder);
+                        (f.clone(), false)
+                    }
+                    None => {
+                        let f = Arc::new(Flight::default());
+                        flights.insert(flight_key.clone(), f.clone());
+                        (f, true)
+                    }
                 }
-                None => {
-                    let f = Arc::new(Flight::default());
-                    flights.insert(flight_key.clone(), f.clone());
-                    (f, true)
+            };
+            if leader {
+                break flight;
+            }
+            self.stats.singleflight_joins.fetch_add(1, Ordering::Relaxed);
+            match self.join(def, &flight, holder) {
+                // The leader's own deadline passed or its own task was cancelled: that
+                // says nothing about this caller, which tries again under its own
+                // deadline (it hits the cache, joins a newer flight or leads one).
+                Err(Error::DeadlinePassed { .. } | Error::Cancelled { .. }) => {
+                    if task::past_deadline() {
+                        return Err(Error::DeadlinePassed { endpoint: def.name.into() });
+                    }
+                    if opts.cache {
+                        if let Some(hit) = self.lookup(def.name, &key, holder) {
+                            return Ok(hit);
+                        }
+                    }
                 }
+                other => return other,
             }
         };
-        if !leader {
-            self.stats.singleflight_joins.fetch_add(1, Ordering::Relaxed);
-            let mut state = flight.state.lock();
-            while state.result.is_none() {
-                flight.cv.wait(&mut state);
-            }
-            return match state.result.clone().expect("checked") {
-                Ok(Shared::Value(v)) => Ok(Outcome::Shared(v)),
-                // The leader took a reference for each joiner before publishing.
-                Ok(Shared::Object(id, value)) => Ok(Outcome::Object { id, value }),
-                Err(e) => Err(e),
-            };
-        }
         let publish = Publish { core: self, key: flight_key, flight, done: false };
         let result = match self.execute(def, Some(&key), holder, body) {
             Ok(Computed::Hit(outcome)) => Ok(outcome),
@@ -477,6 +486,32 @@ impl Core {
         };
         publish.finish(&result);
         result
+    }
+
+    /// Waits for `flight`'s result as a joiner, at most until this caller's own deadline
+    /// (then it leaves the flight, so the leader takes no reference for it).
+    fn join(&self, def: &'static EndpointDef, flight: &Flight, holder: Holder) -> Result<Outcome> {
+        let deadline = task::deadline();
+        let mut state = flight.state.lock();
+        while state.result.is_none() {
+            match deadline {
+                Some(deadline) => {
+                    if flight.cv.wait_until(&mut state, deadline).timed_out() && state.result.is_none() {
+                        if let Some(i) = state.joiners.iter().position(|h| *h == holder) {
+                            state.joiners.swap_remove(i);
+                        }
+                        return Err(Error::DeadlinePassed { endpoint: def.name.into() });
+                    }
+                }
+                None => flight.cv.wait(&mut state),
+            }
+        }
+        match state.result.clone().expect("checked") {
+            Ok(Shared::Value(v)) => Ok(Outcome::Shared(v)),
+            // The leader took a reference for each joiner before publishing.
+            Ok(Shared::Object(id, value)) => Ok(Outcome::Object { id, value }),
+            Err(e) => Err(e),
+        }
     }
 
     /// Waits for the gate of a serialized endpoint, re-checks the cache, runs the body.
@@ -992,5 +1027,99 @@ mod tests {
         assert!(core.invalidate_key("models", "m"));
         assert_eq!(core.objects.count(), 0);
         assert!(call(&core, &MODELS, "m", 100).1, "built again after invalidate");
+    }
+
+    static SERIAL_FLIGHT: EndpointDef = EndpointDef {
+        name: "serial_flight",
+        path: "t::serial_flight",
+        options: EndpointOptions { concurrency: Concurrency::Serialized, cache: false, singleflight: true, ..DIRECT },
+        params: &["k"],
+        dispatch: never,
+    };
+
+    fn flight_of(core: &Core, key: &str) -> Option<Arc<Flight>> {
+        core.flights.lock().get(&("serial_flight".to_string(), key.to_string())).cloned()
+    }
+
+    /// Waits until `done` holds, failing the test after 20 s.
+    fn until(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::yield_now();
+        }
+    }
+
+    /// Holds the serialized endpoint (key "hold") until the returned sender is dropped.
+    fn hold(core: &Arc<Core>) -> (std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>) {
+        let (release, wait) = std::sync::mpsc::channel::<()>();
+        let (entered, is_in) = std::sync::mpsc::channel();
+        let c = core.clone();
+        let holder = std::thread::spawn(move || {
+            c.call(&SERIAL_FLIGHT, Some("hold".into()), Holder::Local, || {
+                entered.send(()).unwrap();
+                let _ = wait.recv();
+                Ok(Box::new(Blob(1)) as Box<dyn AnyPayload>)
+            })
+            .unwrap();
+        });
+        is_in.recv().unwrap();
+        (release, holder)
+    }
+
+    fn blob(bytes: u64) -> Result<Box<dyn AnyPayload>> {
+        Ok(Box::new(Blob(bytes)))
+    }
+
+    #[test]
+    fn a_joiner_retries_under_its_own_deadline_when_the_leaders_deadline_passes() {
+        let core = Arc::new(core());
+        let (release, holding) = hold(&core);
+        // The leader waits 200 ms at most, queued behind "hold".
+        let c = core.clone();
+        let leader = std::thread::spawn(move || {
+            task::with_deadline(Some(Instant::now() + Duration::from_millis(200)), || {
+                c.call(&SERIAL_FLIGHT, Some("k".into()), Holder::Local, || blob(2)).map(|_| ())
+            })
+        });
+        until("the leader's flight", || flight_of(&core, "k").is_some());
+        let flight = flight_of(&core, "k").unwrap();
+        // The joiner has no deadline of its own.
+        let c = core.clone();
+        let joiner = std::thread::spawn(move || c.call(&SERIAL_FLIGHT, Some("k".into()), Holder::Local, || blob(3)));
+        until("the joiner to join", || flight.state.lock().joiners.len() == 1);
+        let err = leader.join().unwrap().unwrap_err();
+        assert!(matches!(err, Error::DeadlinePassed { .. }), "{err:?}");
+        // The joiner did not take the leader's deadline: it leads a new flight and waits.
+        until("the joiner's own flight", || flight_of(&core, "k").is_some_and(|f| !Arc::ptr_eq(&f, &flight)));
+        assert!(!joiner.is_finished());
+        drop(release);
+        holding.join().unwrap();
+        let outcome = joiner.join().unwrap().expect("the joiner ran the body under its own (absent) deadline");
+        assert!(matches!(outcome, Outcome::Shared(v) if v.bytes() == 3), "the joiner's own body ran");
+        assert_eq!(core.stats.deadline_cancellations.load(Ordering::Relaxed), 1, "only the leader's");
+    }
+
+    #[test]
+    fn a_joiner_waits_at_most_until_its_own_deadline() {
+        let core = Arc::new(core());
+        let (release, holding) = hold(&core);
+        // The leader has no deadline and waits behind "hold".
+        let c = core.clone();
+        let leader = std::thread::spawn(move || c.call(&SERIAL_FLIGHT, Some("k".into()), Holder::Local, || blob(2)));
+        until("the leader's flight", || flight_of(&core, "k").is_some());
+        let flight = flight_of(&core, "k").unwrap();
+        let started = Instant::now();
+        let err = task::with_deadline(Some(Instant::now() + Duration::from_millis(200)), || {
+            core.call(&SERIAL_FLIGHT, Some("k".into()), Holder::Local, || blob(3)).map(|_| ())
+        })
+        .unwrap_err();
+        assert!(matches!(err, Error::DeadlinePassed { .. }), "{err:?}");
+        assert!(started.elapsed() < Duration::from_secs(10), "stopped at its own deadline");
+        assert!(flight.state.lock().joiners.is_empty(), "it left the flight");
+        assert!(!leader.is_finished(), "the leader still waits");
+        drop(release);
+        holding.join().unwrap();
+        assert!(matches!(leader.join().unwrap().unwrap(), Outcome::Shared(v) if v.bytes() == 2));
     }
 }

@@ -470,6 +470,14 @@ impl<O: Output> TaskHandle<O> {
 
     /// Awaits the task's end.
     ///
+    /// The request is sent when the future is first polled, over the client's connection;
+    /// a client that is not connected connects synchronously then, blocking the polling
+    /// thread (up to the connect timeout for a first connection; one short attempt after
+    /// a lost one). To keep that off an
+    /// executor thread, connect at start-up on a blocking thread with
+    /// [`wait_for_server`](crate::runtime::wait_for_server) (or
+    /// [`Client::connect`](crate::client::Client::connect)).
+    ///
     /// ```no_run
     /// # use shared_tensor_runtime::{handle::TaskHandle, Result};
     /// # async fn demo(task: TaskHandle<tch::Tensor>) -> Result<()> {

@@ -119,8 +119,11 @@ pub fn call<O: Output, A>(
 }
 
 /// The async counterpart of [`call`]. In the client role the arguments are encoded and
-/// the request sent now, and the future awaits the reply (a plain future: any executor); in the server and local roles the call runs now, on the
-/// calling thread, and the future is ready.
+/// the request sent now, and the future awaits the reply (a plain future: any executor);
+/// in the server and local roles the call runs now, on the calling thread, and the
+/// future is ready. Connecting is synchronous: a client that is not connected yet
+/// connects here, on the calling thread, blocking it up to the connect timeout (see the
+/// generated `NAME::call_async` docs for how to connect at start-up instead).
 pub fn call_async<O: Output, A>(
     def: &'static EndpointDef,
     args: A,

@@ -354,6 +354,12 @@ pub fn client() -> Result<Client> {
 /// starts alongside this process, instead of the short default connect timeout. Logs once
 /// at info level past one second.
 ///
+/// It blocks its thread. Async programs call it once at start-up on a blocking thread
+/// (`tokio::task::spawn_blocking`, or before starting the executor): the connection it
+/// makes is then reused, so later `call_async` and `wait_async` do not connect on (and
+/// block) an executor thread. Without it, the first async call connects synchronously and
+/// may block its executor thread up to the connect timeout.
+///
 /// ```no_run
 /// shared_tensor_runtime::runtime::wait_for_server(std::time::Duration::from_secs(120))?;
 /// # Ok::<(), shared_tensor_runtime::Error>(())
@@ -548,7 +554,10 @@ pub fn invalidate_cache_key(endpoint: &str, key: &str) -> Result<bool> {
     let rt = global()?;
     match rt.role() {
         Role::Client => rt.client()?.invalidate_cache_key(endpoint, key),
-        _ => Ok(rt.core.invalidate_key(endpoint, key)),
+        _ => {
+            Registry::linked()?.get(endpoint)?; // a typo is an error, not a missing entry
+            Ok(rt.core.invalidate_key(endpoint, key))
+        }
     }
 }
 

@@ -230,15 +230,15 @@ impl TaskRecord {
     /// Blocks until the task ends or `timeout` passes; true if it ended.
     pub(crate) fn wait_blocking(&self, timeout: Option<Duration>) -> bool {
         let mut done = self.done.lock();
-        match timeout {
+        // A timeout too far away for an `Instant` waits without one.
+        match timeout.and_then(|t| std::time::Instant::now().checked_add(t)) {
             None => {
                 while !*done {
                     self.done_cv.wait(&mut done);
                 }
                 true
             }
-            Some(t) => {
-                let deadline = std::time::Instant::now() + t;
+            Some(deadline) => {
                 while !*done {
                     if self.done_cv.wait_until(&mut done, deadline).timed_out() {
                         return *done;
@@ -442,6 +442,11 @@ pub(crate) fn with_deadline<T>(deadline: Option<Instant>, f: impl FnOnce() -> T)
     }
     let _reset = Reset(CALL_DEADLINE.with(|d| d.replace(deadline)));
     f()
+}
+
+/// The current call's deadline on this thread, if it has one.
+pub(crate) fn deadline() -> Option<Instant> {
+    CALL_DEADLINE.with(|d| d.get())
 }
 
 /// Whether the current call's deadline has passed (its caller stopped waiting).

@@ -110,7 +110,9 @@ impl Generator<'_> {
                 }
             }
         };
+        let inherited = self.inherited();
         quote! {
+            #inherited
             #[doc(hidden)]
             #[allow(clippy::ptr_arg, clippy::trivially_copy_pass_by_ref)]
             fn #ident(#(#decls),*) -> ::shared_tensor::Result<::std::string::String> {
@@ -327,6 +329,13 @@ impl Generator<'_> {
                 /// The call, as a future for async code: the request is sent now; the future
                 /// waits for the reply on any executor (no Tokio needed) and, dropped early,
                 /// releases what the reply lends.
+                ///
+                /// Connecting is synchronous: the first call of a client (or the first after
+                /// a lost connection) connects on the calling thread and may block it up to
+                /// the connect timeout (`SHARED_TENSOR_CONNECT_TIMEOUT_MS`, 2 s by default)
+                /// before the future is returned. To keep that off an executor thread, connect
+                /// at start-up on a blocking thread: `shared_tensor::wait_for_server(timeout)`
+                /// (or `shared_tensor::client()?.connect()`), e.g. in `spawn_blocking`.
                 pub fn call_async(#inputs) -> ::shared_tensor::BoxFuture<::shared_tensor::Result<#out>> {
                     ::shared_tensor::__private::call_async::<#out, _>(&super::#static_ident, (#(#names,)*), #key, #encode, #local)
                 }

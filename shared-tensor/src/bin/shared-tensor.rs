@@ -20,6 +20,7 @@ use clap::{Parser, Subcommand};
 use serde::Serialize;
 use shared_tensor::client::Client;
 use shared_tensor::config::Config;
+use shared_tensor::endpoint::EndpointInfo;
 use shared_tensor::task::{TaskInfo, TaskStatus};
 use shared_tensor::Error;
 
@@ -134,6 +135,28 @@ fn print_json<T: Serialize>(value: &T) -> shared_tensor::Result<()> {
 }
 
 /// Left-aligned columns.
+/// The `endpoints` table's columns.
+const ENDPOINT_COLUMNS: [&str; 9] =
+    ["endpoint", "parameters", "execution", "concurrency", "cache", "cache key", "singleflight", "managed", "keep"];
+
+/// One endpoint's row. With no `cache_key` template a keyed endpoint (cache or
+/// singleflight) is keyed by its name plus every argument's value.
+fn endpoint_row(e: EndpointInfo) -> Vec<String> {
+    let yes = |b: bool| if b { "yes" } else { "no" }.to_string();
+    let keyed = e.cache || e.singleflight;
+    vec![
+        e.name,
+        e.params.join(", "),
+        format!("{:?}", e.execution).to_lowercase(),
+        format!("{:?}", e.concurrency).to_lowercase(),
+        yes(e.cache),
+        e.cache_key.unwrap_or_else(|| if keyed { "(endpoint + arguments)".into() } else { "-".into() }),
+        yes(e.singleflight),
+        yes(e.managed),
+        yes(e.keep),
+    ]
+}
+
 fn table(headers: &[&str], rows: Vec<Vec<String>>) {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for row in &rows {
@@ -245,33 +268,7 @@ fn run(cli: &Cli) -> shared_tensor::Result<()> {
             if cli.json {
                 return print_json(&e);
             }
-            let yes = |b: bool| if b { "yes" } else { "no" }.to_string();
-            table(
-                &[
-                    "endpoint",
-                    "parameters",
-                    "execution",
-                    "concurrency",
-                    "cache",
-                    "cache key",
-                    "singleflight",
-                    "managed",
-                ],
-                e.into_iter()
-                    .map(|e| {
-                        vec![
-                            e.name,
-                            e.params.join(", "),
-                            format!("{:?}", e.execution).to_lowercase(),
-                            format!("{:?}", e.concurrency).to_lowercase(),
-                            yes(e.cache),
-                            e.cache_key.unwrap_or_else(|| if e.cache { "(endpoint)".into() } else { "-".into() }),
-                            yes(e.singleflight),
-                            yes(e.managed),
-                        ]
-                    })
-                    .collect(),
-            );
+            table(&ENDPOINT_COLUMNS, e.into_iter().map(endpoint_row).collect());
         }
         Cmd::Tasks { status } => {
             let t = client.list_tasks(*status)?;
@@ -363,4 +360,39 @@ fn run(cli: &Cli) -> shared_tensor::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shared_tensor::endpoint::Execution;
+
+    fn info(cache: bool, singleflight: bool, cache_key: Option<&str>, keep: bool) -> EndpointInfo {
+        EndpointInfo {
+            name: "load".into(),
+            path: "demo::load".into(),
+            params: vec!["name".into(), "size".into()],
+            execution: Execution::Direct,
+            concurrency: Default::default(),
+            cache,
+            cache_key: cache_key.map(Into::into),
+            singleflight,
+            managed: keep,
+            keep,
+        }
+    }
+
+    #[test]
+    fn the_endpoints_table_shows_the_real_default_key_and_keep() {
+        let col = |name: &str| ENDPOINT_COLUMNS.iter().position(|c| *c == name).unwrap();
+        let row = endpoint_row(info(true, true, None, true));
+        assert_eq!(row.len(), ENDPOINT_COLUMNS.len());
+        assert_eq!(row[col("cache key")], "(endpoint + arguments)");
+        assert_eq!(row[col("keep")], "yes");
+        let row = endpoint_row(info(false, true, None, false));
+        assert_eq!(row[col("cache key")], "(endpoint + arguments)", "singleflight alone is keyed too");
+        assert_eq!(row[col("keep")], "no");
+        assert_eq!(endpoint_row(info(false, false, None, false))[col("cache key")], "-");
+        assert_eq!(endpoint_row(info(true, true, Some("m:{name}"), false))[col("cache key")], "m:{name}");
+    }
 }
