@@ -130,10 +130,12 @@ impl Link {
         drop(dropped); // outside the lock: freeing a block may take a moment
     }
 
-    /// A new reference to part `part` of a region this side lent (a tensor coming home):
-    /// the very storage it was lent as.
-    pub(crate) fn lent_storage(&self, lease: u64, part: u32) -> Option<ffi::OwnedStorage> {
-        self.lent.lock().get(&lease)?.get(part as usize).map(ffi::OwnedStorage::clone_ref)
+    /// New references to parts of regions this side lent (tensors coming home), each
+    /// `(lease, part)` the very storage it was lent as (`None` for a lease or part no
+    /// longer held), all under one lock.
+    pub(crate) fn lent_storages(&self, wanted: impl Iterator<Item = (u64, u32)>) -> Vec<Option<ffi::OwnedStorage>> {
+        let lent = self.lent.lock();
+        wanted.map(|(lease, part)| lent.get(&lease)?.get(part as usize).map(ffi::OwnedStorage::clone_ref)).collect()
     }
 
     /// Number of regions currently lent to the peer.
@@ -305,7 +307,7 @@ mod tests {
     fn lent_storages_live_until_released_or_closed() {
         let (link, _) = recording_link();
         assert_eq!(link.live_leases(), 0);
-        assert!(link.lent_storage(1, 0).is_none());
+        assert!(link.lent_storages([(1, 0)].into_iter()).pop().unwrap().is_none());
         link.released(&[1, 2]); // unknown leases are ignored
         assert_eq!(link.live_leases(), 0);
     }
