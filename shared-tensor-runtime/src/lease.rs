@@ -225,13 +225,23 @@ pub(crate) enum Origin {
     Unknown,
 }
 
+/// Where the imported region `cookie` came from, seen from `link` (tests; the sender
+/// asks [`origins`] once per message).
+#[cfg(test)]
 pub(crate) fn origin(cookie: u64, link: &Arc<Link>) -> Origin {
+    origins(std::iter::once(cookie), link).pop().expect("one origin per cookie")
+}
+
+/// [`origin`] of each cookie, under one lock (a value returning many imported tensors).
+pub(crate) fn origins(cookies: impl Iterator<Item = u64>, link: &Arc<Link>) -> Vec<Origin> {
     let imports = IMPORTS.lock();
-    match imports.get(&cookie) {
-        Some(rec) if rec.link.as_ptr() == Arc::as_ptr(link) => Origin::ThisPeer(rec.lease),
-        Some(_) => Origin::Elsewhere,
-        None => Origin::Unknown,
-    }
+    cookies
+        .map(|cookie| match imports.get(&cookie) {
+            Some(rec) if rec.link.as_ptr() == Arc::as_ptr(link) => Origin::ThisPeer(rec.lease),
+            Some(_) => Origin::Elsewhere,
+            None => Origin::Unknown,
+        })
+        .collect()
 }
 
 /// The descriptor of part `part` of an imported region (to forward it to another peer): the

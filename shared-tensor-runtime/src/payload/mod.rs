@@ -550,13 +550,16 @@ impl Encoded {
                 ready.push((*gpu, event));
             }
         }
+        // Which imported regions go back to their lender: all asked under one lock.
+        let imported = self.regions.iter().filter_map(|r| r.imported.map(|(cookie, _)| cookie));
+        let mut origins = lease::origins(imported, link).into_iter();
         let returned: Vec<Option<(u64, u32)>> = self
             .regions
             .iter()
             .map(|r| match r.imported {
-                Some((cookie, part)) => match lease::origin(cookie, link) {
-                    Origin::ThisPeer(lease) => Some((lease, part)),
-                    Origin::Elsewhere | Origin::Unknown => None,
+                Some((_, part)) => match origins.next() {
+                    Some(Origin::ThisPeer(lease)) => Some((lease, part)),
+                    _ => None,
                 },
                 None => None,
             })
