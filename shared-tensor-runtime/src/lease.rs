@@ -130,10 +130,12 @@ impl Link {
         drop(dropped); // outside the lock: freeing a block may take a moment
     }
 
-    /// A new reference to part `part` of a region this side lent (a tensor coming home):
-    /// the very storage it was lent as.
-    pub(crate) fn lent_storage(&self, lease: u64, part: u32) -> Option<ffi::OwnedStorage> {
-        self.lent.lock().get(&lease)?.get(part as usize).map(ffi::OwnedStorage::clone_ref)
+    /// New references to parts of regions this side lent (tensors coming home), each
+    /// `(lease, part)` the very storage it was lent as (`None` for a lease or part no
+    /// longer held), all under one lock.
+    pub(crate) fn lent_storages(&self, wanted: impl Iterator<Item = (u64, u32)>) -> Vec<Option<ffi::OwnedStorage>> {
+        let lent = self.lent.lock();
+        wanted.map(|(lease, part)| lent.get(&lease)?.get(part as usize).map(ffi::OwnedStorage::clone_ref)).collect()
     }
 
     /// Number of regions currently lent to the peer.
@@ -228,13 +230,23 @@ pub(crate) enum Origin {
     Unknown,
 }
 
+/// Where the imported region `cookie` came from, seen from `link` (tests; the sender
+/// asks [`origins`] once per message).
+#[cfg(test)]
 pub(crate) fn origin(cookie: u64, link: &Arc<Link>) -> Origin {
+    origins(std::iter::once(cookie), link).pop().expect("one origin per cookie")
+}
+
+/// [`origin`] of each cookie, under one lock (a value returning many imported tensors).
+pub(crate) fn origins(cookies: impl Iterator<Item = u64>, link: &Arc<Link>) -> Vec<Origin> {
     let imports = IMPORTS.lock();
-    match imports.get(&cookie) {
-        Some(rec) if rec.link.as_ptr() == Arc::as_ptr(link) => Origin::ThisPeer(rec.lease),
-        Some(_) => Origin::Elsewhere,
-        None => Origin::Unknown,
-    }
+    cookies
+        .map(|cookie| match imports.get(&cookie) {
+            Some(rec) if rec.link.as_ptr() == Arc::as_ptr(link) => Origin::ThisPeer(rec.lease),
+            Some(_) => Origin::Elsewhere,
+            None => Origin::Unknown,
+        })
+        .collect()
 }
 
 /// The descriptor of part `part` of an imported region (to forward it to another peer): the
@@ -310,7 +322,7 @@ mod tests {
     fn lent_storages_live_until_released_or_closed() {
         let (link, _) = recording_link();
         assert_eq!(link.live_leases(), 0);
-        assert!(link.lent_storage(1, 0).is_none());
+        assert!(link.lent_storages([(1, 0)].into_iter()).pop().unwrap().is_none());
         link.released(&[1, 2]); // unknown leases are ignored
         assert_eq!(link.live_leases(), 0);
     }

@@ -101,7 +101,17 @@ impl<P: Payload> Payload for HashMap<String, P> {
         encode_entries(enc, self.iter())
     }
     fn decode(node: Node, dec: &mut Decoder) -> Result<Self> {
-        decode_entries(node, dec)
+        let Node::Map(nodes) = node else {
+            return Err(dec.mismatch("a map", &node));
+        };
+        // Sized once (collecting through `Result` cannot reserve, so the table grew and
+        // rehashed several times for a state dict).
+        let mut map = HashMap::with_capacity(nodes.len());
+        for (k, n) in nodes {
+            let v = dec.key(&k, |dec| P::decode(n, dec))?;
+            map.insert(k, v);
+        }
+        Ok(map)
     }
     fn alias(&self) -> Result<Self> {
         self.iter().map(|(k, v)| Ok((k.clone(), v.alias()?))).collect()

@@ -550,13 +550,16 @@ impl Encoded {
                 ready.push((*gpu, event));
             }
         }
+        // Which imported regions go back to their lender: all asked under one lock.
+        let imported = self.regions.iter().filter_map(|r| r.imported.map(|(cookie, _)| cookie));
+        let mut origins = lease::origins(imported, link).into_iter();
         let returned: Vec<Option<(u64, u32)>> = self
             .regions
             .iter()
             .map(|r| match r.imported {
-                Some((cookie, part)) => match lease::origin(cookie, link) {
-                    Origin::ThisPeer(lease) => Some((lease, part)),
-                    Origin::Elsewhere | Origin::Unknown => None,
+                Some((_, part)) => match origins.next() {
+                    Some(Origin::ThisPeer(lease)) => Some((lease, part)),
+                    _ => None,
                 },
                 None => None,
             })
@@ -893,8 +896,8 @@ impl Encoder {
     /// # Ok(()) }
     /// ```
     pub fn tensor(&mut self, t: &Tensor) -> Result<Node> {
-        let path = self.path.clone();
-        let ins = ipc::inspect(t, &|| path.to_string())?;
+        // The path is formatted only for an error (no copy of it per tensor).
+        let ins = ipc::inspect(t, &|| self.path.to_string())?;
         crate::cuda::require()?;
         let key = (ins.meta.storage_base, ins.meta.storage_nbytes, ins.meta.device_index);
         let storage = match self.storage_index.get(&key) {
@@ -1008,12 +1011,18 @@ pub(crate) struct Received {
 impl WirePayload {
     /// Pins the storages that are `link`'s own. Must run in message order.
     pub(crate) fn receive(self, link: &Arc<Link>) -> Received {
+        // Storages that came home, all found under one lock.
+        let returned = self.storages.iter().filter_map(|s| match *s {
+            WireStorage::Returned { lease, part } => Some((lease, part)),
+            WireStorage::Part { .. } => None,
+        });
+        let mut home = link.lent_storages(returned).into_iter();
         let slots = self
             .storages
             .into_iter()
             .map(|s| match s {
                 WireStorage::Part { region, offset, nbytes } => Slot::Part { region, offset, nbytes },
-                WireStorage::Returned { lease, part } => match link.lent_storage(lease, part) {
+                WireStorage::Returned { lease, .. } => match home.next().flatten() {
                     Some(storage) => Slot::Local(storage),
                     None => Slot::Missing(lease),
                 },
@@ -1254,7 +1263,11 @@ impl Decoder {
             .get_mut(index as usize)
             .ok_or_else(|| Error::Protocol(format!("storage #{index} is not in the message")))?;
         let opened = match slot {
-            Slot::Local(storage) => storage.clone_ref(),
+            Slot::Local(_) => {
+                // Moved, not cloned: one FFI call and allocation fewer per storage.
+                let Slot::Local(storage) = std::mem::replace(slot, Slot::Missing(0)) else { unreachable!() };
+                storage
+            }
             Slot::Part { .. } => unreachable!("remote storages are opened first"),
             Slot::Missing(lease) => {
                 return Err(Error::Protocol(format!(
@@ -2046,14 +2059,10 @@ mod cpu_costs {
                 drop(ffi::inspect(t, true).unwrap());
             }
         });
-        let lookups = p50(|| {
-            for part in 0..n as u32 {
-                drop(link.lent_storage(1, part));
-            }
-        });
+        let lookups = p50(|| drop(link.lent_storages((0..n as u32).map(|part| (1, part)))));
         println!(
             "{n} tensors, p50 µs: build (requires_grad) {build:.1}, build {build_no_grad:.1}, clone_ref {clone_refs:.1}, \
-             inspect {inspect:.1}, lent_storage {lookups:.1}"
+             inspect {inspect:.1}, lent_storages {lookups:.1}"
         );
         println!(
             "{n} tensors, p50 µs: unpack {unpack:.1}, unpack+receive {receive:.1}, decode HashMap {map:.1}, \

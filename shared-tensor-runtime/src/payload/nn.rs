@@ -908,6 +908,16 @@ fn build_store(device: Device, named: BTreeMap<String, Tensor>, trainable: &[(St
     vs
 }
 
+/// [`build_store`], for the receiving side's CPU micro-benchmarks.
+#[cfg(test)]
+pub(crate) fn build_store_for_bench(
+    device: Device,
+    named: BTreeMap<String, Tensor>,
+    trainable: &[(String, usize)],
+) -> nn::VarStore {
+    build_store(device, named, trainable)
+}
+
 impl Payload for nn::VarStore {
     fn encode(&self, enc: &mut Encoder) -> Result<Node> {
         let (named, trainable) = store_parts(self);
@@ -1159,13 +1169,4 @@ mod tests {
         d.copy(&c).unwrap();
         assert!(gru.seq(&x).0.equal(&tch_gru.seq(&x).0), "the same forward as tch's GRU");
     }
-}
-
-#[cfg(test)]
-pub(crate) fn build_store_for_bench(
-    device: Device,
-    named: BTreeMap<String, Tensor>,
-    trainable: &[(String, usize)],
-) -> nn::VarStore {
-    build_store(device, named, trainable)
 }
