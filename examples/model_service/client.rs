@@ -28,5 +28,7 @@ fn main() -> shared_tensor::Result<()> {
     );
     assert_eq!(model.object_id(), again.object_id());
     println!("[model_service_client] release: {} then {}", again.release(), again.release());
-    Ok(()) // dropping `model` releases the last reference: the server frees the model
+    // Dropping `model` releases this client's last reference; the endpoint is `keep`, so
+    // the server keeps the model in its registry for the next client.
+    Ok(())
 }

@@ -5,8 +5,10 @@ use shared_tensor::share;
 use tch::nn;
 
 /// Scenarios 2 and 3 of the seed: slow model construction, one at a time, and a
-/// reusable registry of models keyed by name and dtype.
-#[share(execution = "task", managed, concurrency = "serialized", cache_key = "model:{model_name}:{dtype}")]
+/// reusable registry of models keyed by name and dtype. `keep`: a model stays in the
+/// registry when its last client lets go (clients come and go; it is built once), until
+/// `load_model::invalidate(..)` or `invalidate_cache_key` drops it.
+#[share(execution = "task", managed, keep, concurrency = "serialized", cache_key = "model:{model_name}:{dtype}")]
 pub fn load_model(model_name: String, dtype: String) -> Result<nn::Linear, String> {
     let kind = match dtype.as_str() {
         "f32" => tch::Kind::Float,

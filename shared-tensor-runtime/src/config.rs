@@ -21,7 +21,7 @@
 //! | `SHARED_TENSOR_DEVICE` | CUDA device index that picks the port | the current CUDA device |
 //! | `SHARED_TENSOR_CONNECT_TIMEOUT_MS` | how long a client retries connecting (a longer wait for orchestrated start-up is a choice: set this, or call `Client::wait_for_server`) | 2000 |
 //! | `SHARED_TENSOR_CALL_TIMEOUT_MS` | how long a client waits for one call | 600000 |
-//! | `SHARED_TENSOR_CACHE_BYTES` | GPU memory cached results may hold; past it the least recently used unmanaged entries are evicted | unset: unlimited |
+//! | `SHARED_TENSOR_CACHE_BYTES` | GPU memory cached results may hold; past it the least recently used unmanaged entries are evicted (managed and kept entries count toward it but are never evicted) | unset: unlimited |
 //! | `SHARED_TENSOR_TASK_TTL_S` | how long finished tasks are kept | 3600 |
 //! | `SHARED_TENSOR_TASK_CAPACITY` | how many tasks are kept | 1000 |
 //! | `SHARED_TENSOR_TOKEN` | a secret shared on purpose with other users (see [`auth`](crate::auth)) | unset: same user only |
@@ -259,8 +259,10 @@ impl Config {
     }
 
     /// The GPU memory cached results may hold (`None`: unlimited, the default). Past it,
-    /// storing a result evicts the least recently used unmanaged entries; managed entries
-    /// are never evicted (their handles, or `keep`, hold the memory anyway).
+    /// storing a result evicts the least recently used unmanaged entries. Managed and kept
+    /// entries count toward the budget but are never evicted (their handles, or `keep`,
+    /// hold the memory anyway): when they alone exceed the budget, an unmanaged result
+    /// stays cached only until the next one is stored.
     ///
     /// ```
     /// use shared_tensor_runtime::config::Config;
