@@ -6,33 +6,14 @@
 #[path = "endpoints.rs"]
 mod endpoints;
 
-use std::sync::OnceLock;
 use std::thread;
-use std::time::{Duration, Instant};
 
-use shared_tensor::config::{Config, Role};
 use shared_tensor::endpoint::CallKey;
 use shared_tensor::Error;
-use shared_tensor_tests::free_port;
+use shared_tensor_tests::{serve_here, wait_until as until};
 
 fn setup() {
-    static PORT: OnceLock<u16> = OnceLock::new();
-    PORT.get_or_init(|| {
-        let port = free_port();
-        let config = Config::default().base_port(port).device_index(0).connect_timeout(Duration::from_secs(5));
-        shared_tensor::configure(config.role(Role::Client)).unwrap();
-        shared_tensor::serve_in_background(None).unwrap();
-        port
-    });
-}
-
-/// Waits until `done` holds, failing the test after 20 s.
-fn until(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        thread::yield_now();
-    }
+    serve_here(|c| c);
 }
 
 #[test]

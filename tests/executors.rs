@@ -5,35 +5,19 @@
 #[path = "endpoints.rs"]
 mod endpoints;
 
-use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use shared_tensor::client::Client;
-use shared_tensor::config::{Config, Role};
+use shared_tensor::config::Config;
 use shared_tensor::{Error, Managed};
-use shared_tensor_tests::free_port;
+use shared_tensor_tests::{loopback_config, serve_here, wait_until as until};
 
 fn config(port: u16) -> Config {
-    Config::default().base_port(port).device_index(0).connect_timeout(Duration::from_secs(5))
+    loopback_config(port)
 }
 
 fn setup() -> u16 {
-    static PORT: OnceLock<u16> = OnceLock::new();
-    *PORT.get_or_init(|| {
-        let port = free_port();
-        shared_tensor::configure(config(port).role(Role::Client)).unwrap();
-        shared_tensor::serve_in_background(None).unwrap();
-        port
-    })
-}
-
-/// Waits until `done` holds, failing the test after 20 s.
-fn until(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::yield_now();
-    }
+    serve_here(|c| c)
 }
 
 fn objects_of(endpoint: &str) -> usize {

@@ -61,6 +61,7 @@ mod in_process {
     use shared_tensor::Error;
 
     use super::endpoints;
+    use shared_tensor_tests::wait_until as until;
 
     /// The process's counters are shared: these tests run one at a time.
     static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
@@ -81,15 +82,6 @@ mod in_process {
             .connect_timeout(Duration::from_secs(5))
             .call_timeout(Duration::from_secs(60));
         Client::new(&config).unwrap()
-    }
-
-    /// Waits until `done` holds, failing the test after 20 s.
-    fn until(what: &str, mut done: impl FnMut() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !done() {
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            std::thread::yield_now();
-        }
     }
 
     /// Callers queued at a serialized endpoint when the stop begins are answered with

@@ -43,6 +43,38 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// Waits until `done` holds, failing the test after 20 s: a readiness check polled
+/// without sleeping, for tests that wait on another thread or process.
+pub fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::yield_now();
+    }
+}
+
+/// The configuration of a client of a loopback server on `port` (device 0, 5 s to connect).
+pub fn loopback_config(port: u16) -> shared_tensor::config::Config {
+    shared_tensor::config::Config::default()
+        .base_port(port)
+        .device_index(0)
+        .connect_timeout(std::time::Duration::from_secs(5))
+}
+
+/// Makes this test process a client of a server it runs itself in the background on a
+/// free loopback port (no GPU needed), once per test binary; `adjust` tunes the
+/// process's configuration. Returns the port.
+pub fn serve_here(adjust: impl FnOnce(shared_tensor::config::Config) -> shared_tensor::config::Config) -> u16 {
+    static PORT: std::sync::OnceLock<u16> = std::sync::OnceLock::new();
+    *PORT.get_or_init(|| {
+        let port = free_port();
+        let config = adjust(loopback_config(port).role(shared_tensor::config::Role::Client));
+        shared_tensor::configure(config).unwrap();
+        shared_tensor::serve_in_background(None).unwrap();
+        port
+    })
+}
+
 /// A helper process with piped stdin and stdout, killed if dropped while running.
 pub struct Peer {
     child: Child,
