@@ -37,6 +37,7 @@ fn compact_memory(tensor: Tensor) -> Tensor {
 
 fn main() -> shared_tensor::Result<()> {
     shared_tensor_examples::log_to_stderr();
+    shared_tensor_examples::keep_stop_signals_in_server_role()?; // a stop during the work below is kept
     let device = shared_tensor::cuda::device()?;
     let role = shared_tensor::role()?;
 

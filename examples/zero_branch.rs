@@ -34,6 +34,7 @@ fn scale_tensor(tensor: Tensor, factor: Tensor) -> Tensor {
 
 fn main() -> shared_tensor::Result<()> {
     shared_tensor_examples::log_to_stderr();
+    shared_tensor_examples::keep_stop_signals_in_server_role()?; // a stop during the work below is kept
     let device = shared_tensor::cuda::device()?;
     let role = shared_tensor::role()?;
     let x = Tensor::ones([1, 4], (Kind::Float, device));
