@@ -57,7 +57,7 @@ mod in_process {
 
     use shared_tensor::client::Client;
     use shared_tensor::config::Config;
-    use shared_tensor::server::{Server, ServerHandle};
+    use shared_tensor::server::{Server, ServerBuilder, ServerHandle};
     use shared_tensor::Error;
 
     use super::endpoints;
@@ -73,6 +73,11 @@ mod in_process {
             let config = Config::default().role(shared_tensor::config::Role::Client).device_index(0);
             shared_tensor::configure(config).unwrap();
         });
+    }
+
+    /// A server of one endpoint, device 0, on a free port.
+    fn one_endpoint(endpoint: &'static shared_tensor::endpoint::EndpointDef) -> ServerBuilder {
+        Server::builder().endpoints([endpoint]).device(0).port(0)
     }
 
     fn client(server: &ServerHandle) -> Client {
@@ -91,13 +96,7 @@ mod in_process {
         let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         setup();
         let grace = Duration::from_millis(1500);
-        let server = Server::builder()
-            .endpoints([endpoints::gated_serial::endpoint()])
-            .device(0)
-            .port(0)
-            .grace(grace)
-            .start()
-            .unwrap();
+        let server = one_endpoint(endpoints::gated_serial::endpoint()).grace(grace).start().unwrap();
         let before = server.info().counters.requests;
         // The first caller holds the endpoint (its body waits for the test's gate).
         let first = {
@@ -138,13 +137,7 @@ mod in_process {
         let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         setup();
         let grace = Duration::from_secs(8);
-        let server = Server::builder()
-            .endpoints([endpoints::cooperative::endpoint()])
-            .device(0)
-            .port(0)
-            .grace(grace)
-            .start()
-            .unwrap();
+        let server = one_endpoint(endpoints::cooperative::endpoint()).grace(grace).start().unwrap();
         let before = server.info().counters.requests;
         let caller = {
             let c = client(&server);
@@ -166,7 +159,7 @@ mod in_process {
     fn a_stop_leaves_other_servers_work_alone() {
         let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         setup();
-        let builder = || Server::builder().endpoints([endpoints::cooperative::endpoint()]).device(0).port(0);
+        let builder = || one_endpoint(endpoints::cooperative::endpoint());
         let other = builder().grace(Duration::from_secs(8)).start().unwrap();
         let stopping = builder().grace(Duration::from_secs(3)).start().unwrap();
         let running = |s: &ServerHandle| s.info().tasks.get("running").copied().unwrap_or(0);
@@ -192,7 +185,7 @@ mod in_process {
     fn closing_one_servers_connection_leaves_the_other_servers_objects() {
         let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         setup();
-        let builder = || Server::builder().endpoints([endpoints::make_uncached_object::endpoint()]).device(0).port(0);
+        let builder = || one_endpoint(endpoints::make_uncached_object::endpoint());
         let (a, b) = (builder().start().unwrap(), builder().start().unwrap());
         let (client_a, client_b) = (client(&a), client(&b));
         let make = |c: &Client, n: i64| {
@@ -216,13 +209,7 @@ mod in_process {
         let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         setup();
         let grace = Duration::from_secs(10);
-        let server = Server::builder()
-            .endpoints([endpoints::late_object::endpoint()])
-            .device(0)
-            .port(0)
-            .grace(grace)
-            .start()
-            .unwrap();
+        let server = one_endpoint(endpoints::late_object::endpoint()).grace(grace).start().unwrap();
         let objects_before = server.info().managed_objects;
         let caller = {
             let c = client(&server);
