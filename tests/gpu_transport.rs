@@ -66,13 +66,13 @@ fn forged_offsets_and_sizes_against_a_real_handle_are_refused() {
         item("offset beyond the block", forged(&|d| d.storage.offset += 1 << 30), NUMEL),
         item("nbytes beyond the block", forged(&|d| d.storage.nbytes += 1 << 30), NUMEL),
         item("negative offset", forged(&|d| d.storage.offset = -4096), NUMEL),
-        item("view beyond the storage", forged(&|d| d.view.sizes = vec![NUMEL + 1]), NUMEL + 1),
+        item("view beyond the storage", forged(&|d| d.view.sizes = vec![NUMEL + 1].into()), NUMEL + 1),
         item("view at an offset past the storage", forged(&|d| d.view.storage_offset = 1), NUMEL),
         item(
             "view whose size * stride overflows",
             forged(&|d| {
-                d.view.sizes = vec![2, 2];
-                d.view.strides = vec![i64::MAX, 1];
+                d.view.sizes = vec![2, 2].into();
+                d.view.strides = vec![i64::MAX, 1].into();
             }),
             4,
         ),

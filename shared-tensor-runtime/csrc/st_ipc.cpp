@@ -7,8 +7,10 @@
 // Objects crossing the boundary:
 // - `at::Tensor*` is tch's `C_tensor`: tensors we create are `new at::Tensor(..)` and
 //   are owned by a `tch::Tensor` (which deletes them through torch-sys).
-// - `st_storage*` is a heap `c10::Storage` (an owning reference to a StorageImpl);
-//   it keeps the memory alive until st_storage_free().
+// - `st_storage*` is a `c10::StorageImpl*` that owns one reference (of the StorageImpl's
+//   own atomic refcount, as an intrusive_ptr would): it keeps the memory alive until
+//   st_storage_free(). No heap object of ours wraps it, so handing a storage to Rust,
+//   cloning and dropping it allocate nothing.
 
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
@@ -47,9 +49,26 @@ int warp_size();
 }
 }  // namespace at
 
-struct st_storage {
-  c10::Storage storage;
-};
+// `st_storage` is never defined: the pointer is the StorageImpl itself (see above).
+struct st_storage;
+
+namespace {
+
+c10::StorageImpl* impl_of(const st_storage* s) {
+  return reinterpret_cast<c10::StorageImpl*>(const_cast<st_storage*>(s));
+}
+
+// Moves one owning reference out to the caller.
+st_storage* hand_out(c10::intrusive_ptr<c10::StorageImpl> p) {
+  return reinterpret_cast<st_storage*>(p.release());
+}
+
+// A new c10::Storage over `s` (one more reference; `s` keeps its own).
+c10::Storage storage_of(const st_storage* s) {
+  return c10::Storage(c10::intrusive_ptr<c10::StorageImpl>::reclaim_copy(impl_of(s)));
+}
+
+}  // namespace
 
 extern "C" {
 
@@ -216,19 +235,26 @@ bool cuda_usable() {
   return cudaGetDevice(&device) != cudaErrorCudartUnloading;
 }
 
+struct ImportRegion;
+
+// Context of the DataPtr of every storage we build over an imported region: one per part
+// (one per storage of the producer), each holding the region. They live in their
+// region's `contexts` array (one allocation per region, not one per storage): a context's
+// `region` is a reference of the region to itself, which the part's deleter moves out and
+// drops, so the region (and the array) goes with its last part.
+struct ImportContext {
+  std::shared_ptr<ImportRegion> region;
+  uint64_t part;
+};
+
 // A region of another process's block that this process imported: the mapping it lies
-// in, and whom to tell when the last storage over one of its parts goes.
+// in, whom to tell when the last storage over one of its parts goes, and its parts'
+// contexts (sized once, never moved).
 struct ImportRegion {
   std::shared_ptr<void> mapping;  // from open_mapping: closes the mapping with the last owner
   uint64_t cookie;
   int device;
-};
-
-// Context of the DataPtr of every storage we build over an imported region: one per part
-// (one per storage of the producer), each holding the region.
-struct ImportContext {
-  std::shared_ptr<ImportRegion> region;
-  uint64_t part;
+  std::unique_ptr<ImportContext[]> contexts;
 };
 
 // Runs when the last part of a region goes (the shared_ptr's deleter). Never throws.
@@ -271,7 +297,9 @@ void import_deleter(void* raw) {
   if (g_exiting.load()) {
     return;  // leaked with its region and mapping: the process is going
   }
-  delete ctx;  // the region's last part releases it
+  // Moved out first: dropping the last reference frees the region and with it `ctx`,
+  // which is not touched after this line.
+  std::shared_ptr<ImportRegion> last = std::move(ctx->region);
 }
 
 // The mappings of other processes' blocks, by IPC handle.
@@ -530,7 +558,7 @@ const char* st_tensor_inspect(const at::Tensor* t, st_tensor_meta* meta, int64_t
     meta->import_part = ctx->part;
   }
   if (storage_out != nullptr) {
-    *storage_out = new st_storage{storage};
+    *storage_out = hand_out(c10::intrusive_ptr<c10::StorageImpl>::reclaim_copy(storage.unsafeGetStorageImpl()));
   }
   ST_CATCH
 }
@@ -542,17 +570,13 @@ void st_storage_free(st_storage* s) {
   if (g_exiting.load()) {
     return;
   }
-  delete s;
+  // Gives the reference back (the last one frees the StorageImpl). Never throws.
+  c10::intrusive_ptr<c10::StorageImpl>::reclaim(impl_of(s));
 }
 
-// Another owning reference to the same storage; null only when out of host memory.
-st_storage* st_storage_clone(const st_storage* s) {
-  try {
-    return new st_storage{s->storage};
-  } catch (...) {
-    return nullptr;
-  }
-}
+// One more owning reference to the storage (the caller then owns the same pointer
+// twice). Never throws, never allocates.
+void st_storage_incref(const st_storage* s) { c10::raw::intrusive_ptr::incref(impl_of(s)); }
 
 // The start address and size of the driver allocation (the cudaMalloc segment) holding
 // the storage's first byte; 0 and 0 for an empty storage. Storages of one allocation share its IPC
@@ -561,7 +585,7 @@ const char* st_storage_allocation(const st_storage* s, uint64_t* base, uint64_t*
   ST_TRY
   *base = 0;
   *size = 0;
-  const c10::Storage& storage = s->storage;
+  const c10::StorageImpl& storage = *impl_of(s);
   if (storage.device().type() != c10::DeviceType::CUDA || storage.data() == nullptr) {
     return nullptr;
   }
@@ -578,7 +602,7 @@ const char* st_storage_allocation(const st_storage* s, uint64_t* base, uint64_t*
 const char* st_storage_export(const st_storage* s, uint8_t* buf, uint64_t cap, uint64_t* len,
                               int64_t* offset) {
   ST_TRY
-  const c10::Storage& storage = s->storage;
+  const c10::StorageImpl& storage = *impl_of(s);
   if (storage.device().type() != c10::DeviceType::CUDA) {
     return dup_error("storage is not on a CUDA device");
   }
@@ -644,10 +668,23 @@ const char* st_regions_import(const st_import_spec* regions, uint64_t n_regions,
       }
       // Its deleter tells the producer: until every storage is built (and Rust has
       // registered the cookie), a region dropped on error tells nobody.
-      opened[at] = std::shared_ptr<ImportRegion>(new ImportRegion{std::move(mapping), sp.cookie, sp.device},
-                                                 &release_region);
+      opened[at] = std::shared_ptr<ImportRegion>(
+          new ImportRegion{std::move(mapping), sp.cookie, sp.device, nullptr}, &release_region);
     }
     at = UINT64_MAX;
+    // Each region's contexts, one array per region, sized by its part count.
+    std::vector<uint64_t> used(n_regions, 0);
+    for (uint64_t k = 0; k < n_parts; ++k) {
+      if (parts[k].region < n_regions) {
+        ++used[parts[k].region];
+      }
+    }
+    for (uint64_t r = 0; r < n_regions; ++r) {
+      if (used[r] != 0) {
+        opened[r]->contexts.reset(new ImportContext[used[r]]);
+      }
+      used[r] = 0;
+    }
     built.reserve(n_parts);
     for (uint64_t k = 0; k < n_parts; ++k) {
       const st_part_spec& part = parts[k];
@@ -661,27 +698,29 @@ const char* st_regions_import(const st_import_spec* regions, uint64_t n_regions,
       c10::Device dev(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(sp.device));
       const std::shared_ptr<ImportRegion>& region = opened[part.region];
       void* ptr = region->mapping ? static_cast<char*>(region->mapping.get()) + sp.offset + part.offset : nullptr;
-      auto* ctx = new ImportContext{region, part.index};
+      ImportContext* ctx = &region->contexts[used[part.region]++];
+      ctx->region = region;
+      ctx->part = part.index;
       c10::DataPtr data_ptr(ptr, ctx, &import_deleter, dev);
       auto impl = c10::make_intrusive<c10::StorageImpl>(c10::StorageImpl::use_byte_size_t(),
                                                         static_cast<size_t>(part.nbytes), std::move(data_ptr),
                                                         nullptr, false);
       impl->set_received_cuda(true);
-      built.push_back(new st_storage{c10::Storage(std::move(impl))});
+      built.push_back(hand_out(std::move(impl)));
     }
     std::copy(built.begin(), built.end(), out);
     return nullptr;
   } catch (const c10::Error& e) {
     *failed = at;
-    for (st_storage* s : built) delete s;
+    for (st_storage* s : built) st_storage_free(s);
     return dup_error(e.what_without_backtrace());
   } catch (const std::exception& e) {
     *failed = at;
-    for (st_storage* s : built) delete s;
+    for (st_storage* s : built) st_storage_free(s);
     return dup_error(e.what());
   } catch (...) {
     *failed = at;
-    for (st_storage* s : built) delete s;
+    for (st_storage* s : built) st_storage_free(s);
     return dup_error("unknown C++ exception in st_ipc");
   }
 }
@@ -699,7 +738,7 @@ const char* st_tensor_from_storage(const st_storage* s, int32_t scalar_type, con
                                    const int64_t* strides, int32_t ndim, int64_t storage_offset,
                                    int32_t requires_grad, at::Tensor** out) {
   ST_TRY
-  if (s == nullptr || !s->storage) {
+  if (s == nullptr) {
     return dup_error("no storage to build a tensor over");
   }
   if (ndim < 0) {
@@ -717,7 +756,7 @@ const char* st_tensor_from_storage(const st_storage* s, int32_t scalar_type, con
     // A plain TensorImpl cannot hold these (quantized tensors need a QTensorImpl).
     return dup_error(c10::str("scalar type ", st, " cannot be viewed over a storage").c_str());
   }
-  const c10::Storage& storage = s->storage;
+  c10::Storage storage = storage_of(s);
   // The backend key at::empty gives a dense tensor on that device; the TensorImpl
   // constructor adds the autograd, ADInplaceOrView and autocast keys, as it does there.
   c10::DispatchKey backend;
@@ -740,7 +779,7 @@ const char* st_tensor_from_storage(const st_storage* s, int32_t scalar_type, con
     return dup_error(misfit.c_str());
   }
   at::Tensor t =
-      at::detail::make_tensor<c10::TensorImpl>(c10::Storage(storage), c10::DispatchKeySet(backend), dtype);
+      at::detail::make_tensor<c10::TensorImpl>(std::move(storage), c10::DispatchKeySet(backend), dtype);
   // Sets sizes, strides (all non-negative, so kept as given) and offset, then recomputes
   // numel and the contiguity flags.
   t.unsafeGetTensorImpl()->set_sizes_and_strides(size, stride, storage_offset);

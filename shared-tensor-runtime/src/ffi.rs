@@ -8,14 +8,27 @@
 //!   call, so it is a valid `at::Tensor*` (torch-sys's `C_tensor` is `at::Tensor`).
 //! - A `*mut C_tensor` that C++ returns is a fresh `new at::Tensor`, whose ownership moves
 //!   into a `tch::Tensor` (which deletes it on drop).
-//! - [`OwnedStorage`] owns one heap `c10::Storage` (an atomically refcounted handle to a
-//!   `StorageImpl`) and frees it exactly once, on drop.
+//! - [`OwnedStorage`] owns one reference of a `c10::StorageImpl`'s atomic refcount (the
+//!   pointer is the `StorageImpl` itself) and gives it back exactly once, on drop.
 
 use std::ffi::{c_char, CStr};
 use std::ptr::NonNull;
 
 use tch::Tensor;
 use torch_sys::C_tensor;
+
+/// A tensor's sizes or strides, one per dimension: kept inline for up to six dimensions,
+/// so describing a tensor allocates nothing (a 290-tensor state dict crosses four such
+/// descriptions per call). It derefs to `[i64]` and converts from a `Vec` or a slice.
+///
+/// ```
+/// use shared_tensor_runtime::ipc::Dims;
+/// let sizes: Dims = vec![3, 2].into();
+/// assert_eq!(sizes.as_slice(), &[3, 2]);
+/// assert!(!sizes.spilled()); // inline: no heap allocation
+/// assert_eq!(Dims::from_slice(&[1, 3]).iter().product::<i64>(), 3);
+/// ```
+pub type Dims = smallvec::SmallVec<[i64; 6]>;
 
 #[repr(C)]
 #[derive(Debug, Default, Clone, Copy)]
@@ -98,7 +111,7 @@ pub(crate) struct ImportError {
     pub message: String,
 }
 
-/// Opaque `st_storage` (a heap `c10::Storage`).
+/// Opaque `st_storage`: a `c10::StorageImpl`, through a pointer that owns one reference.
 #[repr(C)]
 pub(crate) struct RawStorage {
     _private: [u8; 0],
@@ -125,7 +138,7 @@ extern "C" {
         storage_out: *mut *mut RawStorage,
     ) -> *mut c_char;
     fn st_storage_free(s: *mut RawStorage);
-    fn st_storage_clone(s: *const RawStorage) -> *mut RawStorage;
+    fn st_storage_incref(s: *const RawStorage);
     fn st_storage_allocation(s: *const RawStorage, base: *mut u64, size: *mut u64) -> *mut c_char;
     fn st_storage_export(s: *const RawStorage, buf: *mut u8, cap: u64, len: *mut u64, offset: *mut i64) -> *mut c_char;
     fn st_regions_import(
@@ -185,8 +198,8 @@ unsafe impl Sync for OwnedStorage {}
 impl Drop for OwnedStorage {
     fn drop(&mut self) {
         // SAFETY: the pointer came from st_tensor_inspect, st_regions_import or
-        // st_storage_clone, is owned by this value alone and is freed
-        // only here.
+        // `clone_ref`, with one reference that this value alone owns and gives back only
+        // here.
         unsafe { st_storage_free(self.0.as_ptr()) }
     }
 }
@@ -194,13 +207,11 @@ impl Drop for OwnedStorage {
 impl OwnedStorage {
     /// Another owning reference to the same storage (the same memory, one more refcount).
     pub(crate) fn clone_ref(&self) -> OwnedStorage {
-        // SAFETY: `self.0` is a live st_storage; st_storage_clone copies the c10::Storage
-        // handle (an atomic refcount increment) into a new heap object.
-        let raw = unsafe { st_storage_clone(self.0.as_ptr()) };
-        // Null only if `new` failed: out of host memory, which Rust treats as fatal too.
-        OwnedStorage(
-            NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(std::alloc::Layout::new::<usize>())),
-        )
+        // SAFETY: `self.0` is a live StorageImpl (this value holds a reference to it), so
+        // incrementing its refcount is valid; the new reference is owned by the value
+        // returned, which gives it back on drop.
+        unsafe { st_storage_incref(self.0.as_ptr()) };
+        OwnedStorage(self.0)
     }
 
     fn from_raw(ptr: *mut RawStorage) -> Result<Self, String> {
@@ -272,21 +283,31 @@ pub(crate) fn device_uuid(device: i32) -> Result<[u8; 16], String> {
 /// What st_tensor_inspect reports: metadata, sizes, strides, and (when asked) the storage.
 pub(crate) struct Inspected {
     pub meta: TensorMeta,
-    pub sizes: Vec<i64>,
-    pub strides: Vec<i64>,
+    pub sizes: Dims,
+    pub strides: Dims,
     pub storage: Option<OwnedStorage>,
 }
 
 pub(crate) fn inspect(t: &Tensor, want_storage: bool) -> Result<Inspected, String> {
-    let mut cap = 8usize;
+    // Up to 16 dimensions on the stack (no allocation); more only for the rare tensor
+    // that has them.
+    const STACK: usize = 16;
+    let mut cap = STACK;
+    let mut heap: Vec<i64> = Vec::new();
     loop {
         let mut meta = TensorMeta::default();
-        let mut sizes = vec![0i64; cap];
-        let mut strides = vec![0i64; cap];
+        let mut stack = [0i64; 2 * STACK];
+        let buf: &mut [i64] = if cap == STACK {
+            &mut stack
+        } else {
+            heap.resize(2 * cap, 0);
+            &mut heap
+        };
+        let (sizes, strides) = buf.split_at_mut(cap);
         let mut raw: *mut RawStorage = std::ptr::null_mut();
         let storage_out = if want_storage { &mut raw as *mut _ } else { std::ptr::null_mut() };
         // SAFETY: `t` is borrowed for the call, so `as_ptr` is a live at::Tensor*; the
-        // buffers hold `cap` elements, the bound passed; `storage_out` is null or valid.
+        // buffers hold `cap` elements each, the bound passed; `storage_out` is null or valid.
         let res = check(unsafe {
             st_tensor_inspect(t.as_ptr(), &mut meta, sizes.as_mut_ptr(), strides.as_mut_ptr(), cap as i32, storage_out)
         });
@@ -298,9 +319,12 @@ pub(crate) fn inspect(t: &Tensor, want_storage: bool) -> Result<Inspected, Strin
             cap = ndim;
             continue;
         }
-        sizes.truncate(ndim);
-        strides.truncate(ndim);
-        return Ok(Inspected { meta, sizes, strides, storage });
+        return Ok(Inspected {
+            meta,
+            sizes: Dims::from_slice(&sizes[..ndim]),
+            strides: Dims::from_slice(&strides[..ndim]),
+            storage,
+        });
     }
 }
 

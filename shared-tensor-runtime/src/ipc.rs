@@ -248,6 +248,8 @@ pub struct StorageDescriptor {
     pub producer: ProcessId,
 }
 
+pub use crate::ffi::Dims;
+
 /// How a tensor looks at its storage.
 ///
 /// ```
@@ -255,7 +257,7 @@ pub struct StorageDescriptor {
 /// use tch::{Device, Kind, Tensor};
 /// let t = Tensor::zeros([2, 3], (Kind::Float, Device::Cpu)).transpose(0, 1);
 /// let view = shared_tensor_runtime::ipc::view_of(&t)?;
-/// assert_eq!((view.sizes, view.strides), (vec![3, 2], vec![1, 3]));
+/// assert_eq!((view.sizes.as_slice(), view.strides.as_slice()), (&[3, 2][..], &[1, 3][..]));
 /// # Ok(()) }
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -263,9 +265,9 @@ pub struct TensorView {
     /// Element type.
     pub dtype: DType,
     /// Sizes, one per dimension.
-    pub sizes: Vec<i64>,
+    pub sizes: Dims,
     /// Strides in elements, one per dimension.
-    pub strides: Vec<i64>,
+    pub strides: Dims,
     /// Offset of the first element in the storage, in elements.
     pub storage_offset: i64,
     /// Whether the tensor requires grad.
@@ -315,7 +317,7 @@ impl TensorView {
     ///
     /// ```
     /// use shared_tensor_runtime::ipc::{DType, TensorView};
-    /// let view = TensorView { dtype: DType::F32, sizes: vec![4, 4], strides: vec![4, 1], storage_offset: 0, requires_grad: false };
+    /// let view = TensorView { dtype: DType::F32, sizes: vec![4, 4].into(), strides: vec![4, 1].into(), storage_offset: 0, requires_grad: false };
     /// assert!(view.check(Some(64)).is_ok());
     /// let past_the_end = TensorView { storage_offset: 1, ..view };
     /// let err = past_the_end.check(Some(64)).unwrap_err();
@@ -412,7 +414,7 @@ impl EventHandle {
 /// let exported = ipc::export(&tch::Tensor::ones([4], (tch::Kind::Float, tch::Device::Cuda(0))))?;
 /// let bytes = rmp_serde::to_vec(exported.descriptor()).unwrap(); // sent to the other process
 /// let descriptor: TensorDescriptor = rmp_serde::from_slice(&bytes).unwrap();
-/// assert_eq!(descriptor.view.sizes, vec![4]);
+/// assert_eq!(descriptor.view.sizes.as_slice(), &[4]);
 /// # Ok(()) }
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -530,7 +532,7 @@ pub(crate) fn inspect(t: &Tensor, path: &dyn Fn() -> String) -> Result<Inspected
 /// use tch::{Device, Kind, Tensor};
 /// let base = Tensor::zeros([10], (Kind::Float, Device::Cpu));
 /// let view = shared_tensor_runtime::ipc::view_of(&base.narrow(0, 3, 4)).unwrap();
-/// assert_eq!((view.storage_offset, view.sizes), (3, vec![4]));
+/// assert_eq!((view.storage_offset, view.sizes.as_slice()), (3, &[4][..]));
 /// ```
 pub fn view_of(t: &Tensor) -> Result<TensorView> {
     let ins = ffi::inspect(t, false).map_err(|m| Error::Unsupported { path: "tensor".into(), reason: m })?;
@@ -577,53 +579,72 @@ pub(crate) fn is_cuda_malloc_handle(handle: &[u8]) -> bool {
     handle.get(1) == Some(&b'c')
 }
 
+/// Where an inspected storage of this process lies: `offset` bytes into the allocation
+/// whose IPC handle is [`BlockHandles::handle`] `handle`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct OwnStorage {
+    pub handle: u32,
+    pub offset: i64,
+    pub nbytes: u64,
+    pub device: GpuId,
+}
+
 /// The IPC handles a sender has exported while encoding one value, by allocation: storages
 /// of one `cudaMalloc` segment share its handle, so each segment's handle is fetched once
-/// (`cudaIpcGetMemHandle` costs about a microsecond), and the driver is asked which
-/// allocation holds a storage only when no known one does. Valid while the storages it saw
-/// are held: a segment with an allocated block is never freed, so its range cannot be
-/// reused by another.
+/// (`cudaIpcGetMemHandle` costs about a microsecond) and stored once (storages name it by
+/// number), and the driver is asked which allocation holds a storage only when no known
+/// one does. Valid while the storages it saw are held: a segment with an allocated block
+/// is never freed, so its range cannot be reused by another.
 #[derive(Default)]
 pub(crate) struct BlockHandles {
     /// By device: its known segments.
     known: Vec<(i32, Segments)>,
+    /// The distinct handles seen, in order; storages name them by index.
+    handles: Vec<Vec<u8>>,
+    /// Index of each distinct handle (only consulted when a storage is exported).
+    by_bytes: rustc_hash::FxHashMap<Vec<u8>, u32>,
 }
 
-/// Segments by start address: each one's size and IPC handle.
-type Segments = std::collections::BTreeMap<u64, (u64, Vec<u8>)>;
+/// Segments by start address: each one's size and handle index.
+type Segments = std::collections::BTreeMap<u64, (u64, u32)>;
 
 impl BlockHandles {
-    /// The known segment of `device` holding `address`: its start and handle.
-    fn find(&self, device: i32, address: u64) -> Option<(u64, &[u8])> {
+    /// The known segment of `device` holding `address`: its start and handle index.
+    fn find(&self, device: i32, address: u64) -> Option<(u64, u32)> {
         let (_, segments) = self.known.iter().find(|(d, _)| *d == device)?;
         let (start, (size, handle)) = segments.range(..=address).next_back()?;
-        (address - start < *size).then_some((*start, handle.as_slice()))
+        (address - start < *size).then_some((*start, *handle))
     }
 
-    /// The descriptor of an inspected tensor's storage, reusing its allocation's handle.
-    pub(crate) fn describe(&mut self, ins: &Inspected) -> Result<StorageDescriptor> {
+    /// The bytes of handle `index`.
+    pub(crate) fn handle(&self, index: u32) -> &[u8] {
+        &self.handles[index as usize]
+    }
+
+    /// Where an inspected tensor's storage lies, reusing its allocation's handle.
+    pub(crate) fn describe(&mut self, ins: &Inspected) -> Result<OwnStorage> {
         let device = ins.meta.device_index;
         let address = ins.meta.storage_base;
-        if address == 0 {
-            return describe_storage(ins);
-        }
-        if let Some((start, handle)) = self.find(device, address) {
-            return Ok(StorageDescriptor {
-                handle: handle.to_vec(),
-                offset: (address - start) as i64,
-                nbytes: ins.meta.storage_nbytes,
-                device: GpuId::of_device(device.max(0) as u32)?,
-                producer: ProcessId::current(),
-            });
+        let nbytes = ins.meta.storage_nbytes;
+        if address != 0 {
+            if let Some((start, handle)) = self.find(device, address) {
+                let gpu = GpuId::of_device(device.max(0) as u32)?;
+                return Ok(OwnStorage { handle, offset: (address - start) as i64, nbytes, device: gpu });
+            }
         }
         let described = describe_storage(ins)?;
-        let Ok((start, size)) = ffi::storage_allocation(&ins.storage) else { return Ok(described) };
+        let handle = self.intern(described.handle);
+        let own = OwnStorage { handle, offset: described.offset, nbytes, device: described.device };
+        if address == 0 {
+            return Ok(own);
+        }
+        let Ok((start, size)) = ffi::storage_allocation(&ins.storage) else { return Ok(own) };
         // Only a cudaMalloc segment's handle names the whole allocation, with offsets from
         // its start (an expandable segment's names the pages of one block).
-        if is_cuda_malloc_handle(&described.handle)
+        if is_cuda_malloc_handle(self.handle(handle))
             && size > 0
-            && described.offset >= 0
-            && address.checked_sub(described.offset as u64) == Some(start)
+            && own.offset >= 0
+            && address.checked_sub(own.offset as u64) == Some(start)
         {
             let segments = match self.known.iter().position(|(d, _)| *d == device) {
                 Some(i) => &mut self.known[i].1,
@@ -632,9 +653,20 @@ impl BlockHandles {
                     &mut self.known.last_mut().expect("just pushed").1
                 }
             };
-            segments.insert(start, (size, described.handle.clone()));
+            segments.insert(start, (size, handle));
         }
-        Ok(described)
+        Ok(own)
+    }
+
+    /// The index of `handle`, added if new.
+    pub(crate) fn intern(&mut self, handle: Vec<u8>) -> u32 {
+        if let Some(index) = self.by_bytes.get(&handle) {
+            return *index;
+        }
+        let index = self.handles.len() as u32;
+        self.handles.push(handle.clone());
+        self.by_bytes.insert(handle, index);
+        index
     }
 }
 
@@ -647,7 +679,7 @@ impl BlockHandles {
 /// # fn main() -> shared_tensor_runtime::Result<()> {
 /// let t = tch::Tensor::randn([8, 8], (tch::Kind::Float, tch::Device::Cuda(0)));
 /// let exported = shared_tensor_runtime::ipc::export(&t)?;
-/// assert_eq!(exported.descriptor().view.sizes, vec![8, 8]);
+/// assert_eq!(exported.descriptor().view.sizes.as_slice(), &[8, 8]);
 /// # Ok(()) }
 /// ```
 pub fn export(t: &Tensor) -> Result<ExportedTensor> {
@@ -851,8 +883,8 @@ mod tests {
             },
             view: TensorView {
                 dtype: DType::BF16,
-                sizes: vec![2, 3],
-                strides: vec![1, 2],
+                sizes: vec![2, 3].into(),
+                strides: vec![1, 2].into(),
                 storage_offset: 5,
                 requires_grad: true,
             },
@@ -881,8 +913,8 @@ mod tests {
         let storage = ffi::inspect(&base, true).unwrap().storage.unwrap();
         let mut view = TensorView {
             dtype: DType::F32,
-            sizes: vec![4, 4],
-            strides: vec![1, 4],
+            sizes: vec![4, 4].into(),
+            strides: vec![1, 4].into(),
             storage_offset: 0,
             requires_grad: true,
         };

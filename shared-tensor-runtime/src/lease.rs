@@ -249,14 +249,21 @@ pub(crate) fn origins(cookies: impl Iterator<Item = u64>, link: &Arc<Link>) -> V
         .collect()
 }
 
-/// The descriptor of part `part` of an imported region (to forward it to another peer): the
-/// region's handle, with the part's offset and size.
-pub(crate) fn imported_descriptor(cookie: u64, part: u64) -> Option<StorageDescriptor> {
+/// An imported region as a sender sees it when its storages go out again: the region's
+/// descriptor and its parts' (offset in the region, nbytes), in part order.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct ImportedRegion {
+    pub descriptor: StorageDescriptor,
+    pub parts: Vec<(u64, u64)>,
+}
+
+/// The imported region `cookie` (to send its parts back to its lender, or forward them to
+/// another peer); one lookup and one copy of its descriptor however many of its parts a
+/// value holds.
+pub(crate) fn imported_region(cookie: u64) -> Option<ImportedRegion> {
     let imports = IMPORTS.lock();
     let rec = imports.get(&cookie)?;
-    let &(offset, nbytes) = rec.parts.get(usize::try_from(part).ok()?)?;
-    let offset = rec.descriptor.offset.checked_add(i64::try_from(offset).ok()?)?;
-    Some(StorageDescriptor { handle: rec.descriptor.handle.clone(), offset, nbytes, ..rec.descriptor })
+    Some(ImportedRegion { descriptor: rec.descriptor.clone(), parts: rec.parts.clone() })
 }
 
 /// Number of regions this process currently holds from peers.
@@ -335,11 +342,10 @@ mod tests {
         (region.offset, region.nbytes) = (512, 4096);
         let c = register_new(&link, 5, region.clone(), vec![(0, 4), (1024, 64)]);
         assert!(matches!(origin(c, &other), Origin::Elsewhere));
-        // A part is forwarded as its own storage: the region's handle at the part's offset.
-        let part = StorageDescriptor { offset: 512 + 1024, nbytes: 64, ..region.clone() };
-        assert_eq!(imported_descriptor(c, 1), Some(part));
-        assert_eq!(imported_descriptor(c, 0), Some(StorageDescriptor { nbytes: 4, ..region }));
-        assert_eq!(imported_descriptor(c, 2), None, "no third part");
+        // Its parts can be forwarded: the region's descriptor and the parts' places in it.
+        let found = imported_region(c).expect("registered");
+        assert_eq!(found, ImportedRegion { descriptor: region, parts: vec![(0, 4), (1024, 64)] });
+        assert_eq!(imported_region(c + 1_000_000), None, "an unknown cookie");
         release_cookie(c, UsedOn::NOTHING);
         assert_eq!(*seen.lock(), vec![5]);
     }

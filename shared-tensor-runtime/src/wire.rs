@@ -371,8 +371,8 @@ pub fn one_shared_f32x4(handle: Vec<u8>, producer: crate::ipc::ProcessId, root: 
             storage: 0,
             view: TensorView {
                 dtype: DType::F32,
-                sizes: vec![4],
-                strides: vec![1],
+                sizes: vec![4].into(),
+                strides: vec![1].into(),
                 storage_offset: 0,
                 requires_grad: false,
             },

@@ -648,7 +648,7 @@ fn print_llm_rows(rows: &ModelRows) {
     }
 }
 
-/// `bench profile <model|identity|throughput> <seconds>`: one workload in a loop while
+/// `bench profile <model|identity|identity256|throughput> <seconds>`: one workload in a loop while
 /// the server and (except for `throughput`, whose load runs in 8 child processes) the
 /// client, this process, are sampled; folded stacks go to
 /// `$OUT/{client,server}-<workload>.folded`. Needs `--features profile`.
@@ -675,7 +675,11 @@ fn profile(args: &[String]) -> shared_tensor::Result<()> {
     let mut step: Box<dyn FnMut()> = match workload.as_str() {
         "model" => Box::new(|| drop(endpoints::big_model(24, 4096).unwrap())),
         "identity" => Box::new(move || drop(endpoints::identity(x.shallow_clone()).unwrap())),
-        other => panic!("unknown workload {other:?}: model, identity or throughput"),
+        "identity256" => {
+            let xs: Vec<Tensor> = (0..256).map(|_| Tensor::ones([4], (Kind::Float, device))).collect();
+            Box::new(move || drop(endpoints::identity_many(xs.iter().map(Tensor::shallow_clone).collect()).unwrap()))
+        }
+        other => panic!("unknown workload {other:?}: model, identity, identity256 or throughput"),
     };
     let run_for = |step: &mut dyn FnMut(), secs: f64| {
         let (t, mut calls) = (Instant::now(), 0u64);

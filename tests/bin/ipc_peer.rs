@@ -7,10 +7,10 @@ use shared_tensor_tests::{bytes_of, recv, send};
 use tch::{Kind, Tensor};
 
 fn check_one(t: &Tensor, desc: &TensorDescriptor, expected: &Expected) -> Option<String> {
-    if t.size() != desc.view.sizes {
+    if t.size() != desc.view.sizes.as_slice() {
         return Some(format!("sizes {:?}, expected {:?}", t.size(), desc.view.sizes));
     }
-    if t.stride() != desc.view.strides {
+    if t.stride() != desc.view.strides.as_slice() {
         return Some(format!("strides {:?}, expected {:?}", t.stride(), desc.view.strides));
     }
     if t.kind() != desc.view.dtype.kind() {

@@ -162,8 +162,8 @@ struct View {
     tensor: Tensor,
     /// In elements.
     offset: i64,
-    sizes: Vec<i64>,
-    strides: Vec<i64>,
+    sizes: crate::ipc::Dims,
+    strides: crate::ipc::Dims,
 }
 
 fn unsupported(path: &str, reason: String) -> Error {

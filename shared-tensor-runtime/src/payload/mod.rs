@@ -27,7 +27,6 @@ pub mod flat;
 pub mod nn;
 mod packed;
 
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -149,11 +148,11 @@ pub enum WireStorage {
 /// ```
 /// use shared_tensor_runtime::ipc::{DType, TensorView};
 /// use shared_tensor_runtime::payload::WireTensor;
-/// let (sizes, strides) = (vec![4], vec![1]);
+/// let (sizes, strides) = (vec![4].into(), vec![1].into());
 /// let view = TensorView { dtype: DType::F32, sizes, strides, storage_offset: 0, requires_grad: false };
 /// let whole = WireTensor { storage: 0, view };
 /// // Its last two elements: another tensor over the same storage entry.
-/// let tail = WireTensor { storage: 0, view: TensorView { sizes: vec![2], storage_offset: 2, ..whole.view.clone() } };
+/// let tail = WireTensor { storage: 0, view: TensorView { sizes: vec![2].into(), storage_offset: 2, ..whole.view.clone() } };
 /// assert_eq!(whole.storage, tail.storage);
 /// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -336,7 +335,7 @@ impl WirePayload {
     /// use shared_tensor_runtime::payload::{Node, WirePayload, WireStorage, WireTensor};
     /// let mut msg = WirePayload::plain(Node::Tensor(0));
     /// msg.storages.push(WireStorage::Returned { lease: 1, part: 0 });
-    /// let view = TensorView { dtype: DType::F32, sizes: vec![4], strides: vec![-1], storage_offset: 3, requires_grad: false };
+    /// let view = TensorView { dtype: DType::F32, sizes: vec![4].into(), strides: vec![-1].into(), storage_offset: 3, requires_grad: false };
     /// msg.tensors.push(WireTensor { storage: 0, view });
     /// let err = msg.check().unwrap_err();
     /// assert!(err.starts_with("tensor 0: stride -1 of dimension 0 is negative"), "{err}");
@@ -451,26 +450,25 @@ impl Path {
 }
 
 /// Where an encoded storage's memory comes from.
+#[derive(Clone, Copy)]
 enum Source {
     /// This process's memory.
-    Own(StorageDescriptor),
-    /// Part `part` of a region this process imported (`cookie`), with the descriptor to
-    /// forward it.
-    Imported { cookie: u64, part: u64, descriptor: StorageDescriptor },
-}
-
-impl Source {
-    fn descriptor(&self) -> &StorageDescriptor {
-        match self {
-            Source::Own(d) | Source::Imported { descriptor: d, .. } => d,
-        }
-    }
+    Own(ipc::OwnStorage),
+    /// Part `part` of the imported region the encoder knows as number `import`.
+    Imported { import: u32, part: u32 },
 }
 
 /// One storage of the value, as the encoder found it.
 struct EncodedStorage {
     source: Source,
     hold: ffi::OwnedStorage,
+}
+
+/// An imported region that storages of the value lie in: looked up once per region, not
+/// once per storage.
+struct Import {
+    cookie: u64,
+    region: lease::ImportedRegion,
 }
 
 /// A region of an allocator block the value lends as one (one handle, one lease): the
@@ -480,8 +478,9 @@ struct EncodedRegion {
     descriptor: StorageDescriptor,
     /// The parts' storages: what a lease of the region keeps alive.
     parts: lease::Parts,
-    /// For a region of one imported storage: its cookie (it may go back to its lender).
-    imported: Option<(u64, u32)>,
+    /// For a region of imported storages: its cookie (its parts may go back to their
+    /// lender).
+    imported: Option<u64>,
     /// Bytes of its parts (not of the gaps between them).
     bytes: u64,
 }
@@ -493,6 +492,9 @@ struct PartOf {
     region: u32,
     offset: u64,
     nbytes: u64,
+    /// For a part of an imported region: its index among that region's parts, which is
+    /// what the lender's lease knows it by.
+    home: u32,
 }
 
 /// A ready event of a message: the GPU and the event recorded on it.
@@ -503,8 +505,8 @@ type ReadyEvent = (GpuId, EventHandle);
 enum Lent {
     /// Lent under this new lease, as region number `wire` of the message.
     Shared { lease: u64, wire: u32 },
-    /// The peer's own storage: part `part` of the peer's lease.
-    Returned { lease: u64, part: u32 },
+    /// The peer's own region: its parts go back as parts of the peer's lease `lease`.
+    Returned { lease: u64 },
 }
 
 /// A value encoded for sending, independent of the receiver: IPC handles exported once,
@@ -551,14 +553,14 @@ impl Encoded {
             }
         }
         // Which imported regions go back to their lender: all asked under one lock.
-        let imported = self.regions.iter().filter_map(|r| r.imported.map(|(cookie, _)| cookie));
+        let imported = self.regions.iter().filter_map(|r| r.imported);
         let mut origins = lease::origins(imported, link).into_iter();
-        let returned: Vec<Option<(u64, u32)>> = self
+        let returned: Vec<Option<u64>> = self
             .regions
             .iter()
             .map(|r| match r.imported {
-                Some((_, part)) => match origins.next() {
-                    Some(Origin::ThisPeer(lease)) => Some((lease, part)),
+                Some(_) => match origins.next() {
+                    Some(Origin::ThisPeer(lease)) => Some(lease),
                     _ => None,
                 },
                 None => None,
@@ -571,7 +573,7 @@ impl Encoded {
         let lent = returned
             .into_iter()
             .map(|r| match r {
-                Some((lease, part)) => Lent::Returned { lease, part },
+                Some(lease) => Lent::Returned { lease },
                 None => {
                     wire += 1;
                     Lent::Shared { lease: leases.next().expect("one lease per lent region"), wire: wire - 1 }
@@ -595,7 +597,7 @@ impl Encoded {
         let regions: Vec<(&StorageDescriptor, u64)> = regions.collect();
         let storages = self.parts.iter().map(|p| match lent[p.region as usize] {
             Lent::Shared { wire, .. } => WireStorage::Part { region: wire, offset: p.offset, nbytes: p.nbytes },
-            Lent::Returned { lease, part } => WireStorage::Returned { lease, part },
+            Lent::Returned { lease } => WireStorage::Returned { lease, part: p.home },
         });
         let payload = PackedPayload::packed_by(|out| {
             packed::pack_parts(regions.into_iter(), storages, &self.tensors, &ready, &self.root, out)
@@ -667,75 +669,106 @@ impl Encoded {
     }
 }
 
-/// Groups a value's storages into the regions it lends: storages of this process whose
-/// descriptors name the same IPC handle of a `cudaMalloc` segment become the parts of one
-/// region over the span they cover (one handle, one mapping, one lease), each keeping its
-/// own offset and size in it, so the receiver rebuilds each as a storage of its own. Every
-/// other storage (an imported one, which may go back to its lender; one of an expandable
-/// segment, whose handle names one block's pages) is a region of one part. Regions are in
-/// the order of their first storage; parts in the order of the storages.
-fn group_blocks(storages: Vec<EncodedStorage>) -> (Vec<EncodedRegion>, Vec<PartOf>) {
-    // Region of each storage: grouped by (handle, GPU) for a cudaMalloc segment's storages.
-    let mut by_block: HashMap<(&[u8], [u8; 16]), u32> = HashMap::new();
+/// Groups a value's storages into the regions it lends: storages of this process that
+/// lie in one `cudaMalloc` segment (one handle, one GPU) become the parts of one region over
+/// the span they cover (one handle, one mapping, one lease), each keeping its own offset
+/// and size in it, so the receiver rebuilds each as a storage of its own; so do the
+/// storages of one imported region (which may go back to their lender as one). Every
+/// other storage (one of an expandable segment, whose handle names one block's pages) is a
+/// region of one part. Regions are in the order of their first storage; parts in the order
+/// of the storages.
+fn group_blocks(
+    storages: Vec<EncodedStorage>,
+    blocks: &ipc::BlockHandles,
+    imports: &[Import],
+) -> (Vec<EncodedRegion>, Vec<PartOf>) {
+    #[derive(Clone, Copy, PartialEq, Eq, Hash)]
+    enum Group {
+        Block(u32, [u8; 16]),
+        Import(u32),
+    }
+    /// A region being formed: its first storage, its span and its part count.
+    struct Span {
+        first: Source,
+        start: i64,
+        end: i64,
+        parts: u32,
+    }
+    // Each storage's group (None: a region of its own) and byte range in that group.
+    let place = |source: Source| -> (Option<Group>, i64, u64) {
+        match source {
+            Source::Own(o) => {
+                let group = ipc::is_cuda_malloc_handle(blocks.handle(o.handle))
+                    .then_some(Group::Block(o.handle, o.device.uuid));
+                (group, o.offset, o.nbytes)
+            }
+            Source::Imported { import, part } => {
+                let (offset, nbytes) = imports[import as usize].region.parts[part as usize];
+                (Some(Group::Import(import)), i64::try_from(offset).unwrap_or(i64::MAX), nbytes)
+            }
+        }
+    };
+    let mut groups: rustc_hash::FxHashMap<Group, u32> = Default::default();
     let mut region_of: Vec<u32> = Vec::with_capacity(storages.len());
-    // Per region: (first storage, start offset, end offset, part count).
-    let mut spans: Vec<(usize, i64, i64, u32)> = Vec::new();
-    for (i, s) in storages.iter().enumerate() {
-        let d = s.source.descriptor();
-        let end = d.offset.saturating_add(d.nbytes as i64);
-        let groupable = matches!(s.source, Source::Own(_)) && ipc::is_cuda_malloc_handle(&d.handle);
-        let existing = if groupable { by_block.get(&(d.handle.as_slice(), d.device.uuid)).copied() } else { None };
-        match existing {
+    let mut spans: Vec<Span> = Vec::new();
+    for s in &storages {
+        let (group, start, nbytes) = place(s.source);
+        let end = start.saturating_add(i64::try_from(nbytes).unwrap_or(i64::MAX));
+        match group.and_then(|g| groups.get(&g).copied()) {
             Some(r) => {
                 let span = &mut spans[r as usize];
-                span.1 = span.1.min(d.offset);
-                span.2 = span.2.max(end);
-                span.3 += 1;
+                span.start = span.start.min(start);
+                span.end = span.end.max(end);
+                span.parts += 1;
                 region_of.push(r);
             }
             None => {
                 let r = spans.len() as u32;
-                spans.push((i, d.offset, end, 1));
-                if groupable {
-                    by_block.insert((d.handle.as_slice(), d.device.uuid), r);
+                spans.push(Span { first: s.source, start, end, parts: 1 });
+                if let Some(g) = group {
+                    groups.insert(g, r);
                 }
                 region_of.push(r);
             }
         }
     }
-    drop(by_block);
+    drop(groups);
     let mut parts = Vec::with_capacity(storages.len());
-    let mut counts = vec![0u32; spans.len()];
-    let mut holds: Vec<Vec<ffi::OwnedStorage>> = spans.iter().map(|s| Vec::with_capacity(s.3 as usize)).collect();
+    let mut holds: Vec<Vec<ffi::OwnedStorage>> = spans.iter().map(|s| Vec::with_capacity(s.parts as usize)).collect();
     let mut bytes = vec![0u64; spans.len()];
-    let mut firsts: Vec<Option<Source>> = (0..spans.len()).map(|_| None).collect();
     for (s, &r) in storages.into_iter().zip(&region_of) {
-        let (_, start, _, _) = spans[r as usize];
-        let d = s.source.descriptor();
-        let index = counts[r as usize];
-        counts[r as usize] += 1;
-        parts.push(PartOf { region: r, offset: (d.offset - start) as u64, nbytes: d.nbytes });
-        bytes[r as usize] += d.nbytes;
+        let (_, start, nbytes) = place(s.source);
+        let home = match s.source {
+            Source::Imported { part, .. } => part,
+            Source::Own(_) => 0,
+        };
+        parts.push(PartOf { region: r, offset: (start - spans[r as usize].start) as u64, nbytes, home });
+        bytes[r as usize] += nbytes;
         holds[r as usize].push(s.hold);
-        if index == 0 {
-            firsts[r as usize] = Some(s.source);
-        }
     }
     let regions = spans
         .into_iter()
         .zip(holds)
-        .zip(firsts)
         .zip(bytes)
-        .map(|((((_, start, end, _), holds), first), bytes)| {
-            let first = first.expect("every region has a first part");
-            let imported = match &first {
-                Source::Imported { cookie, part, .. } => Some((*cookie, *part as u32)),
-                Source::Own(_) => None,
+        .map(|((span, holds), bytes)| {
+            let nbytes = (span.end - span.start) as u64;
+            let (descriptor, imported) = match span.first {
+                Source::Own(o) => (
+                    StorageDescriptor {
+                        handle: blocks.handle(o.handle).to_vec(),
+                        offset: span.start,
+                        nbytes,
+                        device: o.device,
+                        producer: ipc::ProcessId::current(),
+                    },
+                    None,
+                ),
+                Source::Imported { import, .. } => {
+                    let Import { cookie, region } = &imports[import as usize];
+                    let offset = region.descriptor.offset.saturating_add(span.start);
+                    (StorageDescriptor { offset, nbytes, ..region.descriptor.clone() }, Some(*cookie))
+                }
             };
-            let d = match first {
-                Source::Own(d) | Source::Imported { descriptor: d, .. } => d,
-            };
-            let descriptor = StorageDescriptor { offset: start, nbytes: (end - start) as u64, ..d };
             EncodedRegion { descriptor, parts: holds.into(), imported, bytes }
         })
         .collect();
@@ -760,8 +793,13 @@ fn group_blocks(storages: Vec<EncodedStorage>) -> (Vec<EncodedRegion>, Vec<PartO
 /// ```
 pub struct Encoder {
     storages: Vec<EncodedStorage>,
-    storage_index: HashMap<(u64, u64, i32), u32>,
+    /// Storages by (address, size, device): views of one storage share its entry.
+    storage_index: rustc_hash::FxHashMap<(u64, u64, i32), u32>,
     blocks: ipc::BlockHandles,
+    /// Imported regions the value's storages lie in, and each cookie's entry (`None`: not
+    /// an import this process knows, exported as its own).
+    imports: Vec<Import>,
+    import_index: rustc_hash::FxHashMap<u64, Option<u32>>,
     tensors: Vec<WireTensor>,
     devices: Vec<GpuId>,
     path: Path,
@@ -781,8 +819,10 @@ impl Encoder {
     pub fn new(root: &str) -> Encoder {
         Encoder {
             storages: Vec::new(),
-            storage_index: HashMap::new(),
+            storage_index: Default::default(),
             blocks: ipc::BlockHandles::default(),
+            imports: Vec::new(),
+            import_index: Default::default(),
             tensors: Vec::new(),
             devices: Vec::new(),
             path: Path::rooted(root),
@@ -819,7 +859,7 @@ impl Encoder {
     /// # Ok(()) }
     /// ```
     pub fn finish(self, root: Node) -> Encoded {
-        let (regions, parts) = group_blocks(self.storages);
+        let (regions, parts) = group_blocks(self.storages, &self.blocks, &self.imports);
         Encoded { regions, parts, tensors: self.tensors, devices: self.devices, root }
     }
 
@@ -904,11 +944,18 @@ impl Encoder {
             Some(index) => *index,
             None => {
                 let (cookie, part) = (ins.meta.import_cookie, ins.meta.import_part);
-                let source = match (cookie != 0).then(|| lease::imported_descriptor(cookie, part)).flatten() {
-                    Some(descriptor) => Source::Imported { cookie, part, descriptor },
-                    None => Source::Own(self.blocks.describe(&ins)?),
+                let import = if cookie != 0 { self.import(cookie) } else { None };
+                // A part the region's record does not list is exported as this process's own.
+                let part = u32::try_from(part).ok();
+                let source = match (import, part) {
+                    (Some(import), Some(part))
+                        if (part as usize) < self.imports[import as usize].region.parts.len() =>
+                    {
+                        Source::Imported { import, part }
+                    }
+                    _ => Source::Own(self.blocks.describe(&ins)?),
                 };
-                let gpu = source.descriptor().device;
+                let gpu = self.device_of(source);
                 if !self.devices.iter().any(|g| g.uuid == gpu.uuid) {
                     self.devices.push(GpuId::of_device(ins.meta.device_index.max(0) as u32)?);
                 }
@@ -920,6 +967,27 @@ impl Encoder {
         };
         self.tensors.push(WireTensor { storage, view: ins.view });
         Ok(Node::Tensor(self.tensors.len() as u32 - 1))
+    }
+
+    /// The encoder's number for the imported region `cookie`, looked up once per region.
+    fn import(&mut self, cookie: u64) -> Option<u32> {
+        if let Some(known) = self.import_index.get(&cookie) {
+            return *known;
+        }
+        let index = lease::imported_region(cookie).map(|region| {
+            self.imports.push(Import { cookie, region });
+            self.imports.len() as u32 - 1
+        });
+        self.import_index.insert(cookie, index);
+        index
+    }
+
+    /// The GPU a storage of the value is on.
+    fn device_of(&self, source: Source) -> GpuId {
+        match source {
+            Source::Own(o) => o.device,
+            Source::Imported { import, .. } => self.imports[import as usize].region.descriptor.device,
+        }
     }
 
     /// Encodes a plain value as MessagePack.
@@ -962,7 +1030,7 @@ impl Encoder {
                 reason: "a module must hold at least one CUDA tensor".into(),
             });
         }
-        let device_of = |t: &WireTensor| self.storages[t.storage as usize].source.descriptor().device;
+        let device_of = |t: &WireTensor| self.device_of(self.storages[t.storage as usize].source);
         let first_device = device_of(&tensors[0]);
         if let Some(other) = tensors.iter().map(device_of).find(|d| d.uuid != first_device.uuid) {
             return Err(Error::Unsupported {
@@ -1200,7 +1268,7 @@ impl Decoder {
         let received = &mut self.received;
         // Each part's place among its region's parts, and which regions have parts.
         let mut counts = vec![0u64; received.regions.len()];
-        let mut wanted: Vec<(usize, ffi::Part)> = Vec::new();
+        let mut wanted: Vec<(usize, ffi::Part)> = Vec::with_capacity(received.slots.len());
         for (i, slot) in received.slots.iter().enumerate() {
             if let Slot::Part { region, offset, nbytes } = *slot {
                 let index = counts[region as usize];
@@ -1538,12 +1606,34 @@ mod tests {
 
     /// An encoded storage of `hold` at `offset` of the block named by `handle` (a fake
     /// handle: grouping is arithmetic on descriptors, so CPU storages stand in for CUDA).
-    fn own(handle: &[u8], uuid: u8, offset: i64, nbytes: u64, hold: &ffi::OwnedStorage) -> EncodedStorage {
-        use crate::ipc::ProcessId;
+    fn own(
+        blocks: &mut ipc::BlockHandles,
+        handle: &[u8],
+        uuid: u8,
+        offset: i64,
+        nbytes: u64,
+        hold: &ffi::OwnedStorage,
+    ) -> EncodedStorage {
         let device = GpuId { index: 0, uuid: [uuid; 16] };
-        let producer = ProcessId { pid: 1, instance: 1 };
-        let descriptor = StorageDescriptor { handle: handle.to_vec(), offset, nbytes, device, producer };
-        EncodedStorage { source: Source::Own(descriptor), hold: hold.clone_ref() }
+        let handle = blocks.intern(handle.to_vec());
+        EncodedStorage {
+            source: Source::Own(ipc::OwnStorage { handle, offset, nbytes, device }),
+            hold: hold.clone_ref(),
+        }
+    }
+
+    /// An imported region (cookie 9) with parts at the given (offset, nbytes) of a region
+    /// that starts 4096 bytes into its block.
+    fn import_of(parts: Vec<(u64, u64)>) -> Import {
+        use crate::ipc::ProcessId;
+        let descriptor = StorageDescriptor {
+            handle: b"\x02cI".to_vec(),
+            offset: 4096,
+            nbytes: 1 << 20,
+            device: GpuId { index: 1, uuid: [7; 16] },
+            producer: ProcessId { pid: 2, instance: 2 },
+        };
+        Import { cookie: 9, region: lease::ImportedRegion { descriptor, parts } }
     }
 
     fn cpu_storage(t: &Tensor) -> ffi::OwnedStorage {
@@ -1551,27 +1641,27 @@ mod tests {
     }
 
     /// Storages of one `cudaMalloc` segment (one handle, one GPU) become the parts of one
-    /// region over the span they cover, each keeping its offset and size; the others
-    /// (another segment, another GPU, an expandable segment's handle, an imported storage)
-    /// are regions of their own.
+    /// region over the span they cover, each keeping its offset and size, and so do the
+    /// storages of one imported region (each keeping its index there); the others (another
+    /// segment, another GPU, an expandable segment's handle) are regions of their own.
     #[test]
     fn storages_of_one_block_are_parts_of_one_region() {
         let hold = cpu_storage(&Tensor::arange(4, (tch::Kind::Float, tch::Device::Cpu)));
-        let imported = {
-            let d = own(b"\x02cA", 4, 0, 8, &hold).source.descriptor().clone();
-            EncodedStorage { source: Source::Imported { cookie: 9, part: 3, descriptor: d }, hold: hold.clone_ref() }
-        };
+        let imports = vec![import_of(vec![(0, 8), (64, 8), (256, 16), (512, 8)])];
+        let imported = |part| EncodedStorage { source: Source::Imported { import: 0, part }, hold: hold.clone_ref() };
+        let mut blocks = ipc::BlockHandles::default();
         let storages = vec![
-            own(b"\x02cA", 4, 512, 64, &hold),
-            own(b"\x02cB", 4, 0, 16, &hold),
-            own(b"\x02cA", 4, 128, 32, &hold),
-            own(b"\x02cA", 5, 128, 32, &hold), // same handle bytes, another GPU
-            own(b"\x02eE", 4, 0, 8, &hold),
-            own(b"\x02eE", 4, 8, 8, &hold),
-            imported,
-            own(b"\x02cA", 4, 800, 8, &hold),
+            own(&mut blocks, b"\x02cA", 4, 512, 64, &hold),
+            own(&mut blocks, b"\x02cB", 4, 0, 16, &hold),
+            own(&mut blocks, b"\x02cA", 4, 128, 32, &hold),
+            own(&mut blocks, b"\x02cA", 5, 128, 32, &hold), // same handle bytes, another GPU
+            own(&mut blocks, b"\x02eE", 4, 0, 8, &hold),
+            own(&mut blocks, b"\x02eE", 4, 8, 8, &hold),
+            imported(3),
+            own(&mut blocks, b"\x02cA", 4, 800, 8, &hold),
+            imported(1),
         ];
-        let (regions, parts) = group_blocks(storages);
+        let (regions, parts) = group_blocks(storages, &blocks, &imports);
         let spans: Vec<(i64, u64, usize, u64)> =
             regions.iter().map(|r| (r.descriptor.offset, r.descriptor.nbytes, r.parts.len(), r.bytes)).collect();
         assert_eq!(
@@ -1582,9 +1672,10 @@ mod tests {
                 (128, 32, 1, 32),
                 (0, 8, 1, 8),
                 (8, 8, 1, 8),
-                (0, 8, 1, 8)
+                (4096 + 64, 512 + 8 - 64, 2, 16)
             ]
         );
+        let homes: Vec<u32> = parts.iter().filter(|p| p.region == 5).map(|p| p.home).collect();
         let parts: Vec<(u32, u64, u64)> = parts.iter().map(|p| (p.region, p.offset, p.nbytes)).collect();
         assert_eq!(
             parts,
@@ -1595,12 +1686,16 @@ mod tests {
                 (2, 0, 32),
                 (3, 0, 8),
                 (4, 0, 8),
-                (5, 0, 8),
-                (0, 800 - 128, 8)
+                (5, 512 - 64, 8),
+                (0, 800 - 128, 8),
+                (5, 0, 8)
             ]
         );
-        assert_eq!(regions[5].imported, Some((9, 3)), "an imported storage may go back to its lender");
+        assert_eq!(homes, vec![3, 1], "each imported part keeps its index in its lender's region");
+        assert_eq!(regions[5].imported, Some(9), "an imported region may go back to its lender");
+        assert_eq!(regions[5].descriptor.handle, b"\x02cI", "forwarded: the imported region's handle");
         assert!(regions[..5].iter().all(|r| r.imported.is_none()));
+        assert_eq!(regions[0].descriptor.handle, b"\x02cA");
     }
 
     /// Lending a region gives one lease for all its parts and a table of parts; a part that
@@ -1611,16 +1706,17 @@ mod tests {
         use crate::ipc::DType;
         let cpu = (tch::Kind::Float, tch::Device::Cpu);
         let (a, b, c) = (Tensor::arange(16, cpu), Tensor::arange(8, cpu), Tensor::arange(4, cpu));
+        let mut blocks = ipc::BlockHandles::default();
         let storages = vec![
-            own(b"\x02cA", 0, 0, 64, &cpu_storage(&a)),
-            own(b"\x02cA", 0, 512, 32, &cpu_storage(&b)),
-            own(b"\x02cB", 0, 0, 16, &cpu_storage(&c)),
+            own(&mut blocks, b"\x02cA", 0, 0, 64, &cpu_storage(&a)),
+            own(&mut blocks, b"\x02cA", 0, 512, 32, &cpu_storage(&b)),
+            own(&mut blocks, b"\x02cB", 0, 0, 16, &cpu_storage(&c)),
         ];
-        let (regions, parts) = group_blocks(storages);
+        let (regions, parts) = group_blocks(storages, &blocks, &[]);
         let view = |sizes: Vec<i64>, storage_offset| TensorView {
             dtype: DType::F32,
-            strides: vec![1; sizes.len()],
-            sizes,
+            strides: vec![1; sizes.len()].into(),
+            sizes: sizes.into(),
             storage_offset,
             requires_grad: false,
         };
@@ -1700,8 +1796,8 @@ mod tests {
         };
         let view = TensorView {
             dtype: DType::F32,
-            sizes: vec![16],
-            strides: vec![1],
+            sizes: vec![16].into(),
+            strides: vec![1].into(),
             storage_offset: 0,
             requires_grad: false,
         };
@@ -1751,7 +1847,7 @@ mod tests {
         }
 
         fn view(dtype: DType, sizes: Vec<i64>, strides: Vec<i64>, storage_offset: i64) -> TensorView {
-            TensorView { dtype, sizes, strides, storage_offset, requires_grad: false }
+            TensorView { dtype, sizes: sizes.into(), strides: strides.into(), storage_offset, requires_grad: false }
         }
 
         /// A message of `entries` and one tensor over storage 0.
@@ -1957,6 +2053,7 @@ mod cpu_costs {
     use super::*;
     use crate::ipc::DType;
     use std::collections::BTreeMap;
+    use std::collections::HashMap;
     use std::time::Instant;
 
     fn names(n: usize) -> Vec<String> {
@@ -1983,8 +2080,13 @@ mod cpu_costs {
             names(n).into_iter().enumerate().map(|(i, k)| (k, Node::Tensor(i as u32))).collect(),
         ));
         msg.storages = (0..n as u32).map(|part| WireStorage::Returned { lease, part }).collect();
-        let view =
-            TensorView { dtype: DType::F32, sizes: vec![4], strides: vec![1], storage_offset: 0, requires_grad: true };
+        let view = TensorView {
+            dtype: DType::F32,
+            sizes: vec![4].into(),
+            strides: vec![1].into(),
+            storage_offset: 0,
+            requires_grad: true,
+        };
         msg.tensors = (0..n as u32).map(|storage| WireTensor { storage, view: view.clone() }).collect();
         PackedPayload::pack(&msg).unwrap()
     }
@@ -2036,8 +2138,13 @@ mod cpu_costs {
         });
         let holds: Vec<ffi::OwnedStorage> =
             keep.iter().map(|t| ffi::inspect(t, true).unwrap().storage.unwrap()).collect();
-        let view =
-            TensorView { dtype: DType::F32, sizes: vec![4], strides: vec![1], storage_offset: 0, requires_grad: true };
+        let view = TensorView {
+            dtype: DType::F32,
+            sizes: vec![4].into(),
+            strides: vec![1].into(),
+            storage_offset: 0,
+            requires_grad: true,
+        };
         let build = p50(|| {
             for h in &holds {
                 drop(ipc::view_tensor(h, &view).unwrap());
@@ -2077,6 +2184,7 @@ mod cpu_profile {
     //! --ignored --exact payload::cpu_profile::<name>`).
     use super::*;
     use std::collections::BTreeMap;
+    use std::collections::HashMap;
 
     fn setup(n: usize) -> (Arc<Link>, Vec<Tensor>, PackedPayload) {
         let link = Link::new(Box::new(|_, _| {}));

@@ -23,7 +23,7 @@
 //! left before allocating, refuses unknown tags and dtypes, and bounds the tree's depth,
 //! so a corrupt or hostile frame is an error, never a panic or a huge allocation.
 
-use crate::ipc::{DType, EventHandle, GpuId, ProcessId, StorageDescriptor, TensorView};
+use crate::ipc::{DType, Dims, EventHandle, GpuId, ProcessId, StorageDescriptor, TensorView};
 
 use super::{Node, WirePayload, WireRegion, WireStorage, WireTensor};
 
@@ -289,7 +289,7 @@ impl<'a> Reader<'a> {
         Ok(n)
     }
 
-    fn dims(&mut self, what: &str) -> Result<Vec<i64>, String> {
+    fn dims(&mut self, what: &str) -> Result<Dims, String> {
         let n = self.count(8, what)?;
         let raw = self.take(n * 8, what)?;
         Ok(raw.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8-byte chunks"))).collect())
@@ -374,8 +374,8 @@ mod tests {
                 storage: 1,
                 view: TensorView {
                     dtype: DType::BF16,
-                    sizes: vec![2, 3],
-                    strides: vec![1, -2],
+                    sizes: vec![2, 3].into(),
+                    strides: vec![1, -2].into(),
                     storage_offset: 7,
                     requires_grad: true,
                 },
@@ -423,8 +423,8 @@ mod tests {
             storage: 0,
             view: TensorView {
                 dtype: DType::F32,
-                sizes: vec![],
-                strides: vec![],
+                sizes: vec![].into(),
+                strides: vec![].into(),
                 storage_offset: 0,
                 requires_grad: false,
             },
@@ -497,7 +497,13 @@ mod tests {
         let tensor = (any::<u32>(), 0..17usize, dims.clone(), dims, any::<i64>(), any::<bool>()).prop_map(
             |(storage, d, sizes, strides, storage_offset, requires_grad)| WireTensor {
                 storage,
-                view: TensorView { dtype: crate::ipc::DTYPES[d].0, sizes, strides, storage_offset, requires_grad },
+                view: TensorView {
+                    dtype: crate::ipc::DTYPES[d].0,
+                    sizes: sizes.into(),
+                    strides: strides.into(),
+                    storage_offset,
+                    requires_grad,
+                },
             },
         );
         let ready = (any::<u32>(), any::<[u8; 16]>(), any::<u8>())
