@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use shared_tensor::client::Client;
 use shared_tensor::config::Config;
+use shared_tensor::control::Control;
 use shared_tensor::{Error, Managed};
 use shared_tensor_tests::{loopback_config, serve_here, wait_until as until};
 

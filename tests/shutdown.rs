@@ -57,6 +57,7 @@ mod in_process {
 
     use shared_tensor::client::Client;
     use shared_tensor::config::Config;
+    use shared_tensor::control::Control;
     use shared_tensor::server::{Server, ServerBuilder, ServerHandle};
     use shared_tensor::Error;
 

@@ -27,18 +27,13 @@ use std::time::{Duration, Instant};
 use futures::task::AtomicWaker;
 use parking_lot::{Condvar, Mutex};
 
-use crate::auth::{self, Side};
 use crate::config::Config;
-use crate::endpoint::EndpointInfo;
+use crate::control::{self, Control};
 use crate::error::{Error, Result};
 use crate::handle::{from_answer, Backend, Output, TaskHandle};
-use crate::ipc::ProcessId;
 use crate::lease::{Link, UsedOn};
-use crate::managed::ObjectInfo;
 use crate::payload::{Args, Encoded, Encoder, Node, Received};
-use crate::server::ServerInfo;
-use crate::task::{TaskInfo, TaskStatus};
-use crate::wire::{self, ClientMessage, Hello, Request, Response, ServerMessage, Welcome};
+use crate::wire::{self, ClientMessage, Request, Response, ServerMessage, Welcome};
 
 /// A reply as the reader hands it over: a value's storages already pinned.
 pub(crate) enum Answer {
@@ -431,35 +426,7 @@ struct Connection {
 
 impl Connection {
     fn open(addr: SocketAddr, window: Duration, shared_token: Option<&str>) -> Result<Arc<Connection>> {
-        let started = Instant::now();
-        let mut said = false;
-        let stream = loop {
-            let left =
-                window.saturating_sub(started.elapsed()).clamp(Duration::from_millis(50), Duration::from_secs(1));
-            match TcpStream::connect_timeout(&addr, left) {
-                Ok(s) => break s,
-                Err(e) if started.elapsed() >= window => {
-                    return Err(Error::ServerUnreachable {
-                        addr: addr.to_string(),
-                        reason: e.to_string(),
-                        waited_ms: started.elapsed().as_millis() as u64,
-                    })
-                }
-                Err(e) => {
-                    // Said once, so that a long orchestrated wait does not look like a hang.
-                    if !said && started.elapsed() >= Duration::from_secs(1) {
-                        said = true;
-                        tracing::info!(
-                            "waiting for the shared-tensor server at {addr} ({e}); trying for up to {} ms",
-                            window.as_millis()
-                        );
-                    }
-                    std::thread::sleep(Duration::from_millis(25));
-                }
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let welcome = handshake(&stream, addr, shared_token)?;
+        let (stream, welcome) = control::open_stream(addr, window, shared_token)?;
         stream.set_read_timeout(Some(READ_SLICE)).map_err(|e| Error::io("configuring the socket", &e))?;
         let reader = stream.try_clone().map_err(|e| Error::io("cloning the socket", &e))?;
         let watcher = stream.try_clone().map_err(|e| Error::io("cloning the socket", &e))?;
@@ -785,57 +752,6 @@ impl Connection {
     }
 }
 
-/// Hello, Challenge, Auth, Welcome (see [`auth`](crate::auth)).
-fn handshake(stream: &TcpStream, addr: SocketAddr, shared_token: Option<&str>) -> Result<Welcome> {
-    let mut writer = stream;
-    let mut reader = stream;
-    let send = |msg: &ClientMessage, w: &mut &TcpStream| -> Result<()> {
-        let mut buf = Vec::new();
-        wire::write_frame(msg, &mut buf)?;
-        w.write_all(&buf).map_err(|e| Error::io("sending the handshake", &e))
-    };
-    let mut buf = Vec::new();
-    let mut receive = |r: &mut &TcpStream| -> Result<ServerMessage> {
-        wire::read_frame(r, &mut buf).map_err(|e| Error::ServerGone {
-            addr: addr.to_string(),
-            reason: format!("no answer to the handshake: {e}"),
-        })?;
-        wire::decode::<ServerMessage>(&buf)
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-    let nonce = auth::nonce();
-    send(
-        &ClientMessage::Hello(Hello { protocol: wire::PROTOCOL_VERSION, client: ProcessId::current(), nonce }),
-        &mut writer,
-    )?;
-    let challenge = match receive(&mut reader)? {
-        ServerMessage::Challenge(c) if c.protocol == wire::PROTOCOL_VERSION => c,
-        ServerMessage::Challenge(c) => {
-            return Err(Error::ProtocolMismatch { ours: wire::PROTOCOL_VERSION, theirs: c.protocol })
-        }
-        ServerMessage::Refused(e) => return Err(e),
-        _ => return Err(Error::Protocol("the server did not answer Hello with a challenge".into())),
-    };
-    // Read the secret now: the server wrote its token before it began to accept.
-    let secret = auth::client_secret(addr.port(), shared_token)?;
-    if !challenge.proofs.iter().any(|p| secret.verify(Side::Server, &nonce, p)) {
-        return Err(Error::Unauthorized {
-            reason: format!(
-                "the process at {addr} could not prove it is a shared-tensor server of this user (another user's \
-                 server, or another program on the port); nothing was sent to it"
-            ),
-        });
-    }
-    send(&ClientMessage::Auth(secret.proof(Side::Client, &challenge.nonce)), &mut writer)?;
-    let welcome = match receive(&mut reader)? {
-        ServerMessage::Welcome(w) => w,
-        ServerMessage::Refused(e) => return Err(e),
-        _ => return Err(Error::Protocol("the server did not answer Auth with Welcome".into())),
-    };
-    let _ = stream.set_read_timeout(None);
-    Ok(welcome)
-}
-
 struct ClientInner {
     addr: SocketAddr,
     config: Config,
@@ -852,8 +768,11 @@ impl Drop for ClientInner {
 }
 
 /// A connection to the server of one device. Cheap to clone (clones share the connection).
+/// Its control requests (`ping`, `server_info`, `list_endpoints`, ...) come from the
+/// [`Control`] trait, which tensor-free clients share.
 ///
 /// ```no_run
+/// use shared_tensor_runtime::control::Control;
 /// use shared_tensor_runtime::{client::Client, config::Config};
 /// let client = Client::new(&Config::from_env()?)?;
 /// println!("round trip: {:?}", client.ping()?);
@@ -1119,210 +1038,17 @@ impl Client {
         let endpoint = self.task_info(task)?.endpoint;
         Ok(TaskHandle::new(task, &endpoint, Backend::remote(self.clone())))
     }
+}
 
+impl Control for Client {
     fn control(&self, request: Request) -> Result<Response> {
         let what = Self::name_of(&request);
         self.request(request, Some(self.call_timeout()))?.response(&what)
     }
 
-    /// Round-trip time of a request that does no work.
-    ///
-    /// ```no_run
-    /// # fn demo(client: &shared_tensor_runtime::client::Client) -> shared_tensor_runtime::Result<()> {
-    /// let rtt = client.ping()?;
-    /// println!("round trip: {rtt:?}");
-    /// # Ok(()) }
-    /// ```
-    pub fn ping(&self) -> Result<Duration> {
-        self.connection()?;
-        let start = Instant::now();
-        self.control(Request::Ping)?;
-        Ok(start.elapsed())
+    fn ensure_connected(&self) -> Result<()> {
+        self.connection().map(|_| ())
     }
-
-    /// The server's identity, counters and endpoints.
-    ///
-    /// ```no_run
-    /// # fn demo(client: &shared_tensor_runtime::client::Client) -> shared_tensor_runtime::Result<()> {
-    /// let info = client.server_info()?;
-    /// println!("server {} (pid {}), {} endpoints", info.server_id, info.pid, info.endpoints.len());
-    /// println!("{} live leases, {} managed objects", info.live_leases, info.managed_objects);
-    /// # Ok(()) }
-    /// ```
-    pub fn server_info(&self) -> Result<ServerInfo> {
-        match self.control(Request::ServerInfo)? {
-            Response::ServerInfo(info) => Ok(*info),
-            other => Err(unexpected("ServerInfo", &other)),
-        }
-    }
-
-    /// The server's endpoints.
-    ///
-    /// ```no_run
-    /// # fn demo(client: &shared_tensor_runtime::client::Client) -> shared_tensor_runtime::Result<()> {
-    /// for endpoint in client.list_endpoints()? {
-    ///     println!("{}({}) cached: {}", endpoint.name, endpoint.params.join(", "), endpoint.cache);
-    /// }
-    /// # Ok(()) }
-    /// ```
-    pub fn list_endpoints(&self) -> Result<Vec<EndpointInfo>> {
-        match self.control(Request::ListEndpoints)? {
-            Response::Endpoints(e) => Ok(e),
-            other => Err(unexpected("ListEndpoints", &other)),
-        }
-    }
-
-    /// Tasks on the server, optionally only those with `status`.
-    ///
-    /// ```no_run
-    /// # fn demo(client: &shared_tensor_runtime::client::Client) -> shared_tensor_runtime::Result<()> {
-    /// use shared_tensor_runtime::task::TaskStatus;
-    /// for task in client.list_tasks(Some(TaskStatus::Running))? {
-    ///     println!("task {} running {}", task.id, task.endpoint);
-    /// }
-    /// # Ok(()) }
-    /// ```
-    pub fn list_tasks(&self, status: Option<TaskStatus>) -> Result<Vec<TaskInfo>> {
-        match self.control(Request::ListTasks(status))? {
-            Response::Tasks(t) => Ok(t),
-            other => Err(unexpected("ListTasks", &other)),
-        }
-    }
-
-    /// One task's status.
-    ///
-    /// ```no_run
-    /// # fn demo(client: &shared_tensor_runtime::client::Client) -> shared_tensor_runtime::Result<()> {
-    /// let info = client.task_info(42)?;
-    /// println!("task 42 ({}): {:?}", info.endpoint, info.status);
-    /// # Ok(()) }
-    /// ```
-    pub fn task_info(&self, task: u64) -> Result<TaskInfo> {
-        match self.control(Request::TaskInfo(task))? {
-            Response::TaskInfo(t) => Ok(t),
-            other => Err(unexpected("TaskInfo", &other)),
-        }
-    }
-
-    /// Cancels a pending task; false if it already started or ended.
-    ///
-    /// ```no_run
-    /// # fn demo(client: &shared_tensor_runtime::client::Client) -> shared_tensor_runtime::Result<()> {
-    /// if !client.cancel_task(42)? {
-    ///     println!("task 42 already started or ended");
-    /// }
-    /// # Ok(()) }
-    /// ```
-    pub fn cancel_task(&self, task: u64) -> Result<bool> {
-        match self.control(Request::CancelTask(task))? {
-            Response::Cancelled(c) => Ok(c),
-            other => Err(unexpected("CancelTask", &other)),
-        }
-    }
-
-    /// Releases one reference to each managed object; per id, whether this client held
-    /// it (an unknown id is a no-op that answers false).
-    ///
-    /// ```no_run
-    /// # fn demo(client: &shared_tensor_runtime::client::Client) -> shared_tensor_runtime::Result<()> {
-    /// let held = client.release_many(&[7, 8])?;
-    /// assert_eq!(held.len(), 2);
-    /// # Ok(()) }
-    /// ```
-    pub fn release_many(&self, ids: &[u64]) -> Result<Vec<bool>> {
-        match self.control(Request::ReleaseObjects(ids.to_vec()))? {
-            Response::Released(r) => Ok(r),
-            other => Err(unexpected("ReleaseObjects", &other)),
-        }
-    }
-
-    /// Removes managed objects from the server's registry whatever their references (an
-    /// operator's action): handles to them become stale, tensors already received stay
-    /// valid. Per id, whether it existed.
-    ///
-    /// ```no_run
-    /// # fn demo(client: &shared_tensor_runtime::client::Client) -> shared_tensor_runtime::Result<()> {
-    /// // Evict every managed object of one endpoint, whoever holds it.
-    /// let objects = client.list_objects()?;
-    /// let ids: Vec<u64> = objects.iter().filter(|o| o.endpoint == "load_model").map(|o| o.object_id).collect();
-    /// client.drop_objects(&ids)?;
-    /// # Ok(()) }
-    /// ```
-    pub fn drop_objects(&self, ids: &[u64]) -> Result<Vec<bool>> {
-        match self.control(Request::DropObjects(ids.to_vec()))? {
-            Response::Released(r) => Ok(r),
-            other => Err(unexpected("DropObjects", &other)),
-        }
-    }
-
-    /// A managed object's registry entry, if it exists.
-    ///
-    /// ```no_run
-    /// # fn demo(client: &shared_tensor_runtime::client::Client) -> shared_tensor_runtime::Result<()> {
-    /// match client.object_info(7)? {
-    ///     Some(o) => println!("object 7 of {}: {} references", o.endpoint, o.refcount),
-    ///     None => println!("object 7 is gone"),
-    /// }
-    /// # Ok(()) }
-    /// ```
-    pub fn object_info(&self, id: u64) -> Result<Option<ObjectInfo>> {
-        match self.control(Request::ObjectInfo(id))? {
-            Response::ObjectInfo(i) => Ok(i),
-            other => Err(unexpected("ObjectInfo", &other)),
-        }
-    }
-
-    /// All managed objects on the server.
-    ///
-    /// ```no_run
-    /// # fn demo(client: &shared_tensor_runtime::client::Client) -> shared_tensor_runtime::Result<()> {
-    /// for o in client.list_objects()? {
-    ///     println!("{} {} key={:?} refs={}", o.object_id, o.endpoint, o.cache_key, o.refcount);
-    /// }
-    /// # Ok(()) }
-    /// ```
-    pub fn list_objects(&self) -> Result<Vec<ObjectInfo>> {
-        match self.control(Request::ListObjects)? {
-            Response::Objects(o) => Ok(o),
-            other => Err(unexpected("ListObjects", &other)),
-        }
-    }
-
-    /// Drops every cache entry of an endpoint on the server; returns how many there were.
-    /// Handles already issued stay valid.
-    ///
-    /// ```no_run
-    /// # fn demo(client: &shared_tensor_runtime::client::Client) -> shared_tensor_runtime::Result<()> {
-    /// let dropped = client.invalidate_endpoint_cache("load_model")?;
-    /// println!("dropped {dropped} cached results");
-    /// # Ok(()) }
-    /// ```
-    pub fn invalidate_endpoint_cache(&self, endpoint: &str) -> Result<u64> {
-        match self.control(Request::InvalidateEndpoint(endpoint.into()))? {
-            Response::Invalidated(n) => Ok(n),
-            other => Err(unexpected("InvalidateEndpoint", &other)),
-        }
-    }
-
-    /// Drops one cache entry (by its key); true if it existed.
-    ///
-    /// ```no_run
-    /// # fn demo(client: &shared_tensor_runtime::client::Client) -> shared_tensor_runtime::Result<()> {
-    /// // The key as rendered from `cache_key = "model:{hidden_size}"`.
-    /// let existed = client.invalidate_cache_key("load_model", "model:1024")?;
-    /// # let _ = existed;
-    /// # Ok(()) }
-    /// ```
-    pub fn invalidate_cache_key(&self, endpoint: &str, key: &str) -> Result<bool> {
-        match self.control(Request::InvalidateKey { endpoint: endpoint.into(), key: key.into() })? {
-            Response::Invalidated(n) => Ok(n > 0),
-            other => Err(unexpected("InvalidateKey", &other)),
-        }
-    }
-}
-
-fn unexpected(what: &str, got: &Response) -> Error {
-    Error::Protocol(format!("the server answered {what} with {got:?}"))
 }
 
 #[cfg(test)]

@@ -345,7 +345,18 @@ impl Config {
     /// assert!(Config::default().base_port(65535).device_index(1).port().is_err());
     /// ```
     pub fn port(&self) -> Result<u16> {
-        let device = self.resolved_device_index()?;
+        self.port_of(self.resolved_device_index()?)
+    }
+
+    /// `base_port + device`, for a device given here (no CUDA probe), or an error if it
+    /// overflows the port range.
+    ///
+    /// ```
+    /// use shared_tensor_runtime::config::Config;
+    /// assert_eq!(Config::default().base_port(5000).port_of(2).unwrap(), 5002);
+    /// assert!(Config::default().base_port(65535).port_of(1).is_err());
+    /// ```
+    pub fn port_of(&self, device: u32) -> Result<u16> {
         u16::try_from(u32::from(self.base_port) + device).map_err(|_| {
             Error::config(
                 "SHARED_TENSOR_BASE_PORT",

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::client::{Answer, Client};
+use crate::control::Control;
 use crate::error::{Error, Result};
 use crate::exec::{Core, Outcome};
 use crate::managed::{Holder, ObjectInfo};

@@ -10,7 +10,8 @@
 //! - [`wire`]: the protocol between client and server processes;
 //! - [`endpoint`], [`exec`], [`task`], [`managed`]: endpoints and their semantics (cache,
 //!   singleflight, serialized execution, tasks, managed objects);
-//! - [`server`], [`client`]: the two ends of a connection;
+//! - [`server`], [`client`]: the two ends of a connection; [`control`]: the control
+//!   requests, declared once for every client, and a client that carries no tensor;
 //! - [`handle`]: managed-object and task handles;
 //! - [`config`], [`runtime`]: roles, ports, and the process runtime;
 //! - [`error`]: the error type.
@@ -29,6 +30,7 @@
 pub mod auth;
 pub mod client;
 pub mod config;
+pub mod control;
 pub mod cuda;
 #[doc(hidden)]
 pub mod diagnostics;

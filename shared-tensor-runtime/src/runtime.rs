@@ -22,6 +22,7 @@ use parking_lot::Mutex;
 
 use crate::client::Client;
 use crate::config::{Config, Role};
+use crate::control::Control;
 use crate::endpoint::{EndpointDef, EndpointInfo, Registry};
 use crate::error::{Error, Result};
 use crate::exec::Core;

@@ -104,7 +104,9 @@ pub use shared_tensor_runtime::runtime::{
     wait_for_task,
 };
 pub use shared_tensor_runtime::task::report_progress;
-pub use shared_tensor_runtime::{auth, client, config, cuda, endpoint, ipc, managed, payload, server, task, wire};
+pub use shared_tensor_runtime::{
+    auth, client, config, control, cuda, endpoint, ipc, managed, payload, server, task, wire,
+};
 pub use shared_tensor_runtime::{Error, Result};
 
 #[doc(hidden)]

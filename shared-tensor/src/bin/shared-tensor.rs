@@ -18,8 +18,8 @@ use std::time::{Duration, SystemTime};
 
 use clap::{Parser, Subcommand};
 use serde::Serialize;
-use shared_tensor::client::Client;
 use shared_tensor::config::Config;
+use shared_tensor::control::{Control, ControlClient};
 use shared_tensor::endpoint::EndpointInfo;
 use shared_tensor::task::{TaskInfo, TaskStatus};
 use shared_tensor::Error;
@@ -209,7 +209,9 @@ fn run(cli: &Cli) -> shared_tensor::Result<()> {
     // Config::from_env, else 0).
     let device = cli.device.or(config.get_device_index()).unwrap_or(0);
     config = config.device_index(device);
-    let client = Client::new(&config)?;
+    // Control requests only: nothing of libtorch is reached, so the inspector starts on
+    // a machine without it.
+    let client = ControlClient::connect(&config)?;
     match &cli.command {
         Cmd::Ping => {
             let rtt = client.ping()?;
