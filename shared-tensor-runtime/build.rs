@@ -1,5 +1,5 @@
 //! Compiles `csrc/st_ipc.cpp` against the libtorch that torch-sys found, and links the
-//! CUDA pieces it calls.
+//! CUDA pieces it calls (with the `cuda` feature, the default; nothing without it).
 //!
 //! Where things come from:
 //! - libtorch: `DEP_TCH_LIBTORCH_LIB` (exported by torch-sys, whose `links = "tch"`),
@@ -13,6 +13,10 @@ use std::path::{Path, PathBuf};
 
 fn main() {
     println!("cargo:rerun-if-changed=csrc/st_ipc.cpp");
+    // Without the `cuda` feature the crate is the control plane only: no C++, no libtorch.
+    if env::var_os("CARGO_FEATURE_CUDA").is_none() {
+        return;
+    }
     println!("cargo:rerun-if-env-changed=SHARED_TENSOR_CUDA_HOME");
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
 

@@ -18,10 +18,16 @@
 //! The runtime dir is `SHARED_TENSOR_RUNTIME_DIR`, else `$XDG_RUNTIME_DIR/shared-tensor`,
 //! else `/tmp/shared-tensor-<uid>`.
 
-use std::fs::{self, DirBuilder, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::fs;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+// Writing a token file: the server's side, with the `cuda` feature.
+#[cfg(feature = "cuda")]
+use std::fs::{DirBuilder, OpenOptions};
+#[cfg(feature = "cuda")]
+use std::io::Write;
+#[cfg(feature = "cuda")]
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
@@ -135,6 +141,7 @@ pub fn nonce() -> Bytes32 {
     Bytes32::new(n)
 }
 
+#[cfg(feature = "cuda")]
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -186,6 +193,7 @@ fn check_private(path: &Path, what: &str) -> Result<()> {
     Ok(())
 }
 
+#[cfg(feature = "cuda")]
 /// The secrets a server on `port` accepts: a new random token, written to its token
 /// file, and the shared token if there is one.
 pub(crate) fn server_secrets(port: u16, shared: Option<&str>) -> Result<Vec<Secret>> {

@@ -31,6 +31,23 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 
+/// Default retention of finished tasks.
+///
+/// ```
+/// use shared_tensor_runtime::{config::Config, task::DEFAULT_TASK_TTL};
+/// assert_eq!(DEFAULT_TASK_TTL.as_secs(), 3600);
+/// let config = Config::default().task_ttl(DEFAULT_TASK_TTL * 24); // keep results for a day
+/// ```
+pub const DEFAULT_TASK_TTL: Duration = Duration::from_secs(3600);
+/// Default number of tasks retained.
+///
+/// ```
+/// use shared_tensor_runtime::{config::Config, task::DEFAULT_TASK_CAPACITY};
+/// assert_eq!(DEFAULT_TASK_CAPACITY, 1000);
+/// let config = Config::default().task_capacity(DEFAULT_TASK_CAPACITY * 10);
+/// ```
+pub const DEFAULT_TASK_CAPACITY: usize = 1000;
+
 /// The default base port; the server of CUDA device `i` listens on `DEFAULT_BASE_PORT + i`.
 ///
 /// ```
@@ -119,8 +136,8 @@ impl Default for Config {
             device_index: None,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             call_timeout: Duration::from_secs(600),
-            task_ttl: crate::task::DEFAULT_TASK_TTL,
-            task_capacity: crate::task::DEFAULT_TASK_CAPACITY,
+            task_ttl: DEFAULT_TASK_TTL,
+            task_capacity: DEFAULT_TASK_CAPACITY,
             cache_bytes: None,
             shared_token: None,
         }
@@ -333,7 +350,14 @@ impl Config {
     pub fn resolved_device_index(&self) -> Result<u32> {
         match self.device_index {
             Some(index) => Ok(index),
+            #[cfg(feature = "cuda")]
             None => crate::cuda::current_device(),
+            #[cfg(not(feature = "cuda"))]
+            None => Err(Error::config(
+                "SHARED_TENSOR_DEVICE",
+                "(unset)".to_string(),
+                "a device index: this build has no CUDA (the `cuda` feature is off) to ask for the current device",
+            )),
         }
     }
 

@@ -29,12 +29,8 @@ use parking_lot::Mutex;
 
 use crate::auth::{self, Side};
 use crate::config::Config;
-use crate::endpoint::EndpointInfo;
 use crate::error::{Error, Result};
-use crate::ipc::ProcessId;
-use crate::managed::ObjectInfo;
-use crate::server::ServerInfo;
-use crate::task::{TaskInfo, TaskStatus};
+use crate::info::{EndpointInfo, ObjectInfo, ProcessId, ServerInfo, TaskInfo, TaskStatus};
 use crate::wire::{self, ClientMessage, Hello, Request, Response, ServerMessage, Welcome};
 
 /// The answer's one expected variant, or a protocol error naming the request.

@@ -9,6 +9,7 @@ use once_cell::sync::OnceCell;
 
 use crate::error::{Error, Result};
 use crate::ffi;
+pub use crate::info::MemoryStats;
 
 static INIT: OnceCell<std::result::Result<ffi::InitInfo, String>> = OnceCell::new();
 
@@ -98,25 +99,6 @@ pub(crate) fn device_by_uuid(uuid: &[u8; 16]) -> Result<Option<u32>> {
         }
     }
     Ok(None)
-}
-
-/// Memory of one device: what libtorch's caching allocator holds in this process, and
-/// what the driver reports for the whole GPU.
-///
-/// ```no_run
-/// let stats = shared_tensor_runtime::cuda::memory_stats(0).unwrap();
-/// println!("{} bytes allocated by this process", stats.allocated_bytes);
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct MemoryStats {
-    /// Bytes in live tensors allocated by this process's caching allocator.
-    pub allocated_bytes: u64,
-    /// Bytes the caching allocator has reserved from the driver in this process.
-    pub reserved_bytes: u64,
-    /// Free bytes on the GPU (all processes), from `cudaMemGetInfo`.
-    pub free_bytes: u64,
-    /// Total bytes on the GPU.
-    pub total_bytes: u64,
 }
 
 /// Reads [`MemoryStats`] for a device.

@@ -8,42 +8,12 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::exec::Prepared;
+pub use crate::info::{Concurrency, EndpointInfo, Execution};
 use crate::payload::Decoder;
-
-/// How an endpoint's body runs.
-///
-/// ```
-/// use shared_tensor_runtime::endpoint::Execution;
-/// assert_eq!(Execution::default(), Execution::Task);
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
-pub enum Execution {
-    /// On the request path: the lowest overhead, for fast transforms.
-    Direct,
-    /// Through the task system: listed, awaitable, cancellable while pending. Sync calls
-    /// block on the task. The default, as in the seed.
-    #[default]
-    Task,
-}
-
-/// Whether executions of one endpoint may overlap.
-///
-/// ```
-/// use shared_tensor_runtime::endpoint::Concurrency;
-/// assert_eq!(Concurrency::default(), Concurrency::Parallel);
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
-pub enum Concurrency {
-    /// Executions may overlap.
-    #[default]
-    Parallel,
-    /// One execution of the endpoint at a time, endpoint-wide (not per cache key).
-    Serialized,
-}
 
 /// The options of `#[share(...)]`.
 ///
@@ -271,41 +241,6 @@ impl CallKey {
         }
         Ok(key)
     }
-}
-
-/// What a server says about one of its endpoints.
-///
-/// ```
-/// use shared_tensor_runtime::endpoint::{EndpointInfo, Execution};
-/// let info = EndpointInfo {
-///     name: "identity".into(), path: "demo::identity".into(), params: vec!["tensor".into()],
-///     execution: Execution::Direct, concurrency: Default::default(), cache: false,
-///     cache_key: None, singleflight: false, managed: false, keep: false,
-/// };
-/// assert_eq!(info.name, "identity");
-/// ```
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct EndpointInfo {
-    /// Name.
-    pub name: String,
-    /// Rust path of the function.
-    pub path: String,
-    /// Parameter names.
-    pub params: Vec<String>,
-    /// Execution mode.
-    pub execution: Execution,
-    /// Concurrency mode.
-    pub concurrency: Concurrency,
-    /// Whether results are cached.
-    pub cache: bool,
-    /// The cache key template, if not the default.
-    pub cache_key: Option<String>,
-    /// Whether concurrent identical calls collapse.
-    pub singleflight: bool,
-    /// Whether results are managed handles.
-    pub managed: bool,
-    /// Whether cached managed results stay alive with no handles (`keep`).
-    pub keep: bool,
 }
 
 impl From<&EndpointDef> for EndpointInfo {

@@ -291,6 +291,7 @@ impl fmt::Debug for Error {
 }
 
 impl Error {
+    #[cfg(feature = "cuda")]
     pub(crate) fn cuda(op: &str, message: impl Into<String>) -> Self {
         Error::Cuda { op: op.to_string(), message: message.into() }
     }

@@ -25,10 +25,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use once_cell::sync::OnceCell;
 use parking_lot::{Condvar, Mutex};
-use serde::{Deserialize, Serialize};
 
 use crate::endpoint::{Concurrency, EndpointDef, Execution};
 use crate::error::{Error, Result};
+pub use crate::info::{CacheEntryInfo, Counters};
 use crate::lease::Link;
 use crate::managed::{Destroyed, Holder, Objects};
 use crate::payload::{Encoded, Encoder, PackedPayload, Payload};
@@ -251,34 +251,6 @@ struct Entry {
     tick: u64,
 }
 
-/// What a server says about one cache entry.
-///
-/// ```
-/// use shared_tensor_runtime::exec::CacheEntryInfo;
-/// let e = CacheEntryInfo {
-///     endpoint: "load_model".into(), key: "model:4096".into(), bytes: 64 << 20, hits: 3,
-///     last_used: std::time::SystemTime::now(), managed: true, kept: true,
-/// };
-/// assert!(e.kept && e.bytes > 0);
-/// ```
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CacheEntryInfo {
-    /// The endpoint.
-    pub endpoint: String,
-    /// The key (see [`KeyPart`](crate::endpoint::KeyPart) for the default one).
-    pub key: String,
-    /// Bytes of GPU memory the result holds.
-    pub bytes: u64,
-    /// Calls answered from this entry.
-    pub hits: u64,
-    /// When it was last stored or hit.
-    pub last_used: SystemTime,
-    /// Whether the result is a managed object.
-    pub managed: bool,
-    /// Whether a `keep` endpoint keeps the object alive with no handles.
-    pub kept: bool,
-}
-
 /// The cache's byte budget from `SHARED_TENSOR_CACHE_BYTES` (unset: unlimited).
 const UNLIMITED: u64 = u64::MAX;
 
@@ -311,30 +283,6 @@ pub(crate) struct Stats {
     pub singleflight_joins: AtomicU64,
     pub bytes_shared: AtomicU64,
     pub deadline_cancellations: AtomicU64,
-}
-
-/// Counter values at one moment.
-///
-/// ```
-/// let c = shared_tensor_runtime::exec::Counters::default();
-/// assert_eq!(c.requests, 0);
-/// ```
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Counters {
-    /// Calls served (local and remote).
-    pub requests: u64,
-    /// Calls that failed.
-    pub errors: u64,
-    /// Calls answered from the cache.
-    pub cache_hits: u64,
-    /// Cached endpoints' calls that had to compute.
-    pub cache_misses: u64,
-    /// Calls that joined an in-flight identical call.
-    pub singleflight_joins: u64,
-    /// Bytes of GPU storage handed to clients (counted per send).
-    pub bytes_shared: u64,
-    /// Client calls cancelled on the server, still pending when their deadline passed.
-    pub deadline_cancellations: u64,
 }
 
 impl Stats {

@@ -30,15 +30,13 @@
 //! let view = ipc::import(&descriptor).unwrap(); // the same GPU memory as `t`
 //! ```
 
-use std::hash::{BuildHasher, Hasher};
-
-use once_cell::sync::Lazy;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use crate::cuda;
 use crate::error::{Error, Result};
 use crate::ffi;
+pub use crate::info::ProcessId;
 
 /// Element types that can cross, with c10's `ScalarType` numbering underneath.
 ///
@@ -135,40 +133,6 @@ impl DType {
             DType::I64 | DType::F64 | DType::ComplexF32 => 8,
             DType::ComplexF64 => 16,
         }
-    }
-}
-
-/// A process, told apart from a later process that reuses its pid.
-///
-/// ```
-/// use shared_tensor_runtime::ipc::ProcessId;
-/// assert_eq!(ProcessId::current(), ProcessId::current());
-/// assert_eq!(ProcessId::current().pid, std::process::id());
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct ProcessId {
-    /// The operating system's process id.
-    pub pid: u32,
-    /// A random number drawn once per process.
-    pub instance: u64,
-}
-
-static CURRENT_PROCESS: Lazy<ProcessId> = Lazy::new(|| {
-    // RandomState draws its keys from the OS's random source once per process.
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u32(std::process::id());
-    ProcessId { pid: std::process::id(), instance: hasher.finish() }
-});
-
-impl ProcessId {
-    /// This process.
-    ///
-    /// ```
-    /// let me = shared_tensor_runtime::ipc::ProcessId::current();
-    /// assert_eq!(me.pid, std::process::id());
-    /// ```
-    pub fn current() -> ProcessId {
-        *CURRENT_PROCESS
     }
 }
 

@@ -28,26 +28,42 @@
 #![warn(missing_docs)]
 
 pub mod auth;
+#[cfg(feature = "cuda")]
 pub mod client;
 pub mod config;
 pub mod control;
+#[cfg(feature = "cuda")]
 pub mod cuda;
+#[cfg(feature = "cuda")]
 #[doc(hidden)]
 pub mod diagnostics;
+#[cfg(feature = "cuda")]
 pub mod endpoint;
 pub mod error;
+#[cfg(feature = "cuda")]
 pub mod exec;
 mod ffi;
+#[cfg(feature = "cuda")]
 pub mod handle;
+pub mod info;
+#[cfg(feature = "cuda")]
 pub mod ipc;
+#[cfg(feature = "cuda")]
 mod lease;
+#[cfg(feature = "cuda")]
 pub mod managed;
+#[cfg(feature = "cuda")]
 pub mod payload;
+#[cfg(feature = "cuda")]
 mod pool;
+#[cfg(feature = "cuda")]
 #[doc(hidden)]
 pub mod private;
+#[cfg(feature = "cuda")]
 pub mod runtime;
+#[cfg(feature = "cuda")]
 pub mod server;
+#[cfg(feature = "cuda")]
 pub mod task;
 pub mod wire;
 

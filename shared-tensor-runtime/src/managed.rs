@@ -15,9 +15,9 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use parking_lot::Mutex;
-use serde::{Deserialize, Serialize};
 
 use crate::exec::Value;
+pub use crate::info::ObjectInfo;
 
 /// Who holds references to managed objects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -30,32 +30,6 @@ pub(crate) enum Holder {
     Task(u64),
     /// The cache of a `keep` endpoint: one reference while its entry exists.
     Kept,
-}
-
-/// What the registry says about a managed object.
-///
-/// ```
-/// use shared_tensor_runtime::managed::ObjectInfo;
-/// fn show(info: &ObjectInfo) -> String {
-///     format!("{} from {} held {} times", info.object_id, info.endpoint, info.refcount)
-/// }
-/// ```
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ObjectInfo {
-    /// The object's id.
-    pub object_id: u64,
-    /// The endpoint that built it.
-    pub endpoint: String,
-    /// Its cache key, if it is cached.
-    pub cache_key: Option<String>,
-    /// References held in total.
-    pub refcount: u64,
-    /// When it was built.
-    pub created_at: SystemTime,
-    /// When it was last handed out.
-    pub last_accessed_at: SystemTime,
-    /// The server that holds it.
-    pub server_id: u64,
 }
 
 struct Object {

@@ -28,9 +28,9 @@
 //! never installs a signal handler by itself: [`serve_until_signal`](crate::runtime::serve_until_signal)
 //! is the opt-in that stops the process's servers on SIGINT or SIGTERM.
 
-pub use crate::exec::CacheEntryInfo;
+pub use crate::info::{CacheEntryInfo, ServerInfo};
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener as StdListener};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -38,16 +38,15 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use parking_lot::{Condvar, Mutex, MutexGuard};
-use serde::{Deserialize, Serialize};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
 use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
 
 use crate::auth::{self, Secret, Side};
-use crate::endpoint::{EndpointDef, EndpointInfo, Registry};
+use crate::endpoint::{EndpointDef, Registry};
 use crate::error::{Error, Result};
-use crate::exec::{Core, Counters, Outcome, Prepared};
+use crate::exec::{Core, Outcome, Prepared};
 use crate::ipc::ProcessId;
 use crate::lease::{self, Link, UsedOn};
 use crate::managed::Holder;
@@ -65,57 +64,6 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long [`ServerHandle::shutdown`] waits for running calls by default.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(10);
-
-/// A server's identity, counters and endpoints, as `server_info` reports them.
-///
-/// ```
-/// fn summary(info: &shared_tensor_runtime::server::ServerInfo) -> String {
-///     format!("{} serving {} endpoints, {} live leases", info.address, info.endpoints.len(), info.live_leases)
-/// }
-/// ```
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ServerInfo {
-    /// Random id drawn at start; a restarted server has a new one.
-    pub server_id: u64,
-    /// shared-tensor version.
-    pub version: String,
-    /// Protocol version.
-    pub protocol: u32,
-    /// Server process id.
-    pub pid: u32,
-    /// Milliseconds since the server started.
-    pub uptime_ms: u64,
-    /// Listening address.
-    pub address: String,
-    /// The CUDA device index the port was derived from.
-    pub device_index: u32,
-    /// The endpoints served.
-    pub endpoints: Vec<EndpointInfo>,
-    /// Request, error, cache and sharing counters.
-    pub counters: Counters,
-    /// Retained tasks by status.
-    pub tasks: BTreeMap<String, u64>,
-    /// Managed objects alive.
-    pub managed_objects: u64,
-    /// Storages lent to clients and not yet released.
-    pub live_leases: u64,
-    /// Storages this process holds from clients (argument tensors in use).
-    pub imported_storages: u64,
-    /// Mappings of clients' GPU memory open in this process (cached or in use).
-    pub ipc_mappings: u64,
-    /// Open client connections.
-    pub connections: u64,
-    /// Cache entries.
-    pub cache_entries: u64,
-    /// Each cache entry (key, bytes, hits, last use), most recently used first.
-    pub cache: Vec<CacheEntryInfo>,
-    /// The cache's byte budget (`SHARED_TENSOR_CACHE_BYTES`; `None`: unlimited).
-    pub cache_budget_bytes: Option<u64>,
-    /// GPU memory of the server process on its device (`None` without CUDA).
-    pub gpu_memory: Option<crate::cuda::MemoryStats>,
-    /// Resident host memory of the server process, in bytes.
-    pub host_rss_bytes: u64,
-}
 
 pub(crate) struct ServerState {
     core: Arc<Core>,

@@ -17,105 +17,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::{Condvar, Mutex};
-use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::error::{Error, Result};
 use crate::exec::Value;
-
-/// Where a task is in its life.
-///
-/// ```
-/// use shared_tensor_runtime::task::TaskStatus;
-/// assert!(TaskStatus::Cancelled.is_finished());
-/// assert!(!TaskStatus::Running.is_finished());
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum TaskStatus {
-    /// Submitted, not started (waiting for a worker or for a serialized endpoint).
-    Pending,
-    /// The body is running.
-    Running,
-    /// The body returned a value.
-    Completed,
-    /// The body failed or panicked.
-    Failed,
-    /// Cancelled before it started.
-    Cancelled,
-}
-
-impl TaskStatus {
-    /// Whether the task has ended (completed, failed or cancelled).
-    ///
-    /// ```
-    /// use shared_tensor_runtime::task::TaskStatus;
-    /// assert!(TaskStatus::Completed.is_finished());
-    /// assert!(TaskStatus::Failed.is_finished());
-    /// assert!(!TaskStatus::Pending.is_finished());
-    /// ```
-    pub fn is_finished(self) -> bool {
-        matches!(self, TaskStatus::Completed | TaskStatus::Failed | TaskStatus::Cancelled)
-    }
-}
-
-impl std::str::FromStr for TaskStatus {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s.to_ascii_lowercase().as_str() {
-            "pending" => Ok(TaskStatus::Pending),
-            "running" => Ok(TaskStatus::Running),
-            "completed" => Ok(TaskStatus::Completed),
-            "failed" => Ok(TaskStatus::Failed),
-            "cancelled" | "canceled" => Ok(TaskStatus::Cancelled),
-            _ => Err(format!("{s:?} is not a task status (pending, running, completed, failed, cancelled)")),
-        }
-    }
-}
-
-/// Progress an endpoint body reported with [`report_progress`].
-///
-/// ```
-/// use shared_tensor_runtime::task::Progress;
-/// let p = Progress { fraction: 0.5, message: "layer 12 of 24".into() };
-/// assert_eq!(p.fraction, 0.5);
-/// ```
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Progress {
-    /// Done so far, from 0.0 to 1.0.
-    pub fraction: f64,
-    /// What the body is doing.
-    pub message: String,
-}
-
-/// A task's status and history.
-///
-/// ```
-/// use shared_tensor_runtime::task::{TaskInfo, TaskStatus};
-/// fn describe(t: &TaskInfo) -> String {
-///     format!("task {} of {}: {:?}", t.id, t.endpoint, t.status)
-/// }
-/// ```
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TaskInfo {
-    /// The task id (unique per server run).
-    pub id: u64,
-    /// The endpoint it runs.
-    pub endpoint: String,
-    /// Its status.
-    pub status: TaskStatus,
-    /// When it was created.
-    pub submitted_at: SystemTime,
-    /// When its body started.
-    pub started_at: Option<SystemTime>,
-    /// When it ended.
-    pub finished_at: Option<SystemTime>,
-    /// The error message, if it failed.
-    pub error: Option<String>,
-    /// The last progress its body reported.
-    pub progress: Option<Progress>,
-    /// Whether the result is retained for waiters (false for tasks behind a sync call).
-    pub awaitable: bool,
-}
+pub use crate::info::{Progress, TaskInfo, TaskStatus};
 
 /// What a finished task produced, kept for its waiters.
 pub(crate) enum TaskOutcome {
@@ -269,22 +175,7 @@ pub(crate) struct Tasks {
     capacity: usize,
 }
 
-/// Default retention of finished tasks.
-///
-/// ```
-/// use shared_tensor_runtime::{config::Config, task::DEFAULT_TASK_TTL};
-/// assert_eq!(DEFAULT_TASK_TTL.as_secs(), 3600);
-/// let config = Config::default().task_ttl(DEFAULT_TASK_TTL * 24); // keep results for a day
-/// ```
-pub const DEFAULT_TASK_TTL: Duration = Duration::from_secs(3600);
-/// Default number of tasks retained.
-///
-/// ```
-/// use shared_tensor_runtime::{config::Config, task::DEFAULT_TASK_CAPACITY};
-/// assert_eq!(DEFAULT_TASK_CAPACITY, 1000);
-/// let config = Config::default().task_capacity(DEFAULT_TASK_CAPACITY * 10);
-/// ```
-pub const DEFAULT_TASK_CAPACITY: usize = 1000;
+pub use crate::config::{DEFAULT_TASK_CAPACITY, DEFAULT_TASK_TTL};
 
 impl Tasks {
     pub(crate) fn new(ttl: Duration, capacity: usize) -> Tasks {

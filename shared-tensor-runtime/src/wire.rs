@@ -16,19 +16,17 @@
 //!
 //! Tensors are never in a frame by value: a value's tensors are IPC descriptors.
 
+use std::fmt;
 use std::io::Read;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::auth::Bytes32;
-use crate::endpoint::EndpointInfo;
 use crate::error::{Error, Result};
-use crate::ipc::ProcessId;
-use crate::managed::ObjectInfo;
-use crate::payload::{PackedPayload, WirePayload};
-use crate::server::ServerInfo;
-use crate::task::{TaskInfo, TaskStatus};
+use crate::info::{EndpointInfo, ObjectInfo, ProcessId, ServerInfo, TaskInfo, TaskStatus};
+#[cfg(feature = "cuda")]
+use crate::payload::WirePayload;
 
 /// Version of this protocol; both sides must speak the same.
 ///
@@ -351,6 +349,7 @@ pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T> {
 /// Call arguments holding one shared `f32[4]` tensor (16 bytes at offset 0 of a storage
 /// on device 0) over the IPC `handle`, lent as lease 1..: sample input for the decoder
 /// fuzzer, the property tests and the protocol tests. `root` refers to it as `Tensor(0)`.
+#[cfg(feature = "cuda")]
 #[doc(hidden)]
 pub fn one_shared_f32x4(handle: Vec<u8>, producer: crate::ipc::ProcessId, root: crate::payload::Node) -> WirePayload {
     use crate::ipc::{DType, GpuId, StorageDescriptor, TensorView};
@@ -384,6 +383,7 @@ pub fn one_shared_f32x4(handle: Vec<u8>, producer: crate::ipc::ProcessId, root: 
 
 /// Reads every frame of `bytes` and decodes each as both message kinds, discarding the
 /// outcome: the fuzzers' entry point. Any result but a panic is correct.
+#[cfg(feature = "cuda")]
 #[doc(hidden)]
 pub fn fuzz_decode(bytes: &[u8]) {
     let mut cursor = std::io::Cursor::new(bytes);
@@ -403,10 +403,95 @@ pub fn fuzz_decode(bytes: &[u8]) {
         }
     }
     let _ = decode::<ClientMessage>(bytes);
-    let _ = crate::payload::PackedPayload::from_bytes(bytes.to_vec()).unpack();
+    let _ = PackedPayload::from_bytes(bytes.to_vec()).unpack();
 }
 
-#[cfg(test)]
+/// A [`WirePayload`] as it travels: one MessagePack binary in a compact fixed layout
+/// (tag bytes and fixed-width fields, see `docs/architecture.md`), which is what call
+/// arguments and results carry. A sender packs straight from its own tables (a cached
+/// result is lent without copying them); [`PackedPayload::unpack`] checks every length,
+/// tag and dtype, so a corrupt payload is an error naming what is wrong and where.
+///
+/// ```
+/// # fn main() -> shared_tensor_runtime::Result<()> {
+/// use shared_tensor_runtime::payload::{Node, PackedPayload, WirePayload};
+/// let value = WirePayload::plain(Node::Seq(vec![Node::Unit, Node::Opt(None)]));
+/// let packed = PackedPayload::pack(&value)?;
+/// assert_eq!(packed.unpack()?, value);
+/// assert!(PackedPayload::from_bytes(vec![9, 9]).unpack().is_err());
+/// # Ok(()) }
+/// ```
+#[derive(Clone, PartialEq, Eq)]
+pub struct PackedPayload(pub(crate) Vec<u8>);
+
+impl PackedPayload {
+    /// The packed bytes.
+    ///
+    /// ```
+    /// use shared_tensor_runtime::payload::{Node, PackedPayload, WirePayload};
+    /// let packed = PackedPayload::pack(&WirePayload::plain(Node::Unit)).unwrap();
+    /// assert_eq!(packed.as_bytes().last(), Some(&0)); // the unit node's tag
+    /// ```
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// Wraps bytes received some other way (unchecked until [`PackedPayload::unpack`]).
+    ///
+    /// ```
+    /// use shared_tensor_runtime::payload::{Node, PackedPayload, WirePayload};
+    /// let packed = PackedPayload::pack(&WirePayload::plain(Node::Unit)).unwrap();
+    /// let copy = PackedPayload::from_bytes(packed.as_bytes().to_vec());
+    /// assert_eq!(copy, packed);
+    /// ```
+    pub fn from_bytes(bytes: Vec<u8>) -> PackedPayload {
+        PackedPayload(bytes)
+    }
+}
+
+impl fmt::Debug for PackedPayload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PackedPayload({} bytes)", self.0.len())
+    }
+}
+
+impl Serialize for PackedPayload {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for PackedPayload {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        struct Bytes;
+        impl<'de> serde::de::Visitor<'de> for Bytes {
+            type Value = PackedPayload;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a packed payload (binary)")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, bytes: &[u8]) -> std::result::Result<PackedPayload, E> {
+                Ok(PackedPayload(bytes.to_vec()))
+            }
+            fn visit_byte_buf<E: serde::de::Error>(self, bytes: Vec<u8>) -> std::result::Result<PackedPayload, E> {
+                Ok(PackedPayload(bytes))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> std::result::Result<PackedPayload, A::Error> {
+                // Formats without a binary type (JSON) carry the bytes as a sequence.
+                let mut bytes = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 16));
+                while let Some(b) = seq.next_element::<u8>()? {
+                    bytes.push(b);
+                }
+                Ok(PackedPayload(bytes))
+            }
+        }
+        deserializer.deserialize_bytes(Bytes)
+    }
+}
+
+#[cfg(all(test, feature = "cuda"))]
 mod tests {
     use super::*;
     use crate::payload::Node;

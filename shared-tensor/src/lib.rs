@@ -61,6 +61,7 @@
 /// let other = pending.wait()?;
 /// # Ok(()) }
 /// ```
+#[cfg(feature = "cuda")]
 pub use shared_tensor_macros::share;
 
 /// Makes your struct or enum a [`Payload`](trait@Payload): a user module that crosses
@@ -90,24 +91,32 @@ pub use shared_tensor_macros::share;
 ///     }
 /// }
 /// ```
+#[cfg(feature = "cuda")]
 pub use shared_tensor_macros::Payload;
+#[cfg(feature = "cuda")]
 #[doc(hidden)]
 pub use shared_tensor_runtime::diagnostics;
 
+#[cfg(feature = "cuda")]
 pub use shared_tensor_runtime::handle::{Managed, Output, TaskHandle};
+#[cfg(feature = "cuda")]
 pub use shared_tensor_runtime::payload::{Argument, Payload};
+#[cfg(feature = "cuda")]
 pub use shared_tensor_runtime::private::BoxFuture;
+#[cfg(feature = "cuda")]
 pub use shared_tensor_runtime::runtime::{
     cancel_task, catch_stop_signals, client, configure, invalidate_cache_key, invalidate_endpoint_cache,
     list_endpoints, list_objects, list_tasks, object_info, ping, release_many, role, serve_in_background,
     serve_until_signal, serve_until_signal_async, serve_while_server, server_info, task, task_info, wait_for_server,
     wait_for_task,
 };
+#[cfg(feature = "cuda")]
 pub use shared_tensor_runtime::task::report_progress;
-pub use shared_tensor_runtime::{
-    auth, client, config, control, cuda, endpoint, ipc, managed, payload, server, task, wire,
-};
+pub use shared_tensor_runtime::{auth, config, control, info, wire};
+#[cfg(feature = "cuda")]
+pub use shared_tensor_runtime::{client, cuda, endpoint, ipc, managed, payload, server, task};
 pub use shared_tensor_runtime::{Error, Result};
 
+#[cfg(feature = "cuda")]
 #[doc(hidden)]
 pub use shared_tensor_runtime::private as __private;

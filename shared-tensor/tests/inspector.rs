@@ -27,8 +27,14 @@ fn port() -> u16 {
     })
 }
 
+/// The inspector under test: the libtorch-free build that `cargo xtask test` makes
+/// (`SHARED_TENSOR_INSPECTOR`), else the one cargo built for this package.
+fn inspector() -> std::path::PathBuf {
+    std::env::var_os("SHARED_TENSOR_INSPECTOR").map_or_else(|| env!("CARGO_BIN_EXE_shared-tensor").into(), Into::into)
+}
+
 fn inspect(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_shared-tensor"))
+    let out = Command::new(inspector())
         .args(["--base-port", &port().to_string(), "--device", "0"])
         .args(args)
         .output()
@@ -106,7 +112,7 @@ fn the_inspector_reads_a_live_server() {
 #[test]
 fn no_server_is_one_clear_message() {
     let nowhere = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let out = Command::new(env!("CARGO_BIN_EXE_shared-tensor"))
+    let out = Command::new(inspector())
         .args(["--base-port", &nowhere.to_string(), "--device", "0", "ping"])
         .output()
         .unwrap();

@@ -85,15 +85,24 @@ fn run(cmd: Cmd) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Test { args } => {
+            eprintln!("xtask: step 1/4: the inspector without libtorch (--no-default-features --features cli)");
+            let inspector = inspector_without_libtorch(&lt)?;
             let mut cmd = cargo(&lt);
-            // `cli`: the inspector and its tests.
+            // `cli`: the inspector and its tests, which run the libtorch-free build above.
             cmd.args(["test", "--workspace", "--features", "shared-tensor/cli"]).args(args);
-            eprintln!("xtask: step 1/2: cargo test --workspace");
+            cmd.env("SHARED_TENSOR_INSPECTOR", &inspector);
+            eprintln!("xtask: step 2/4: cargo test --workspace");
+            if status_of(cmd)? != ExitCode::SUCCESS {
+                return Ok(ExitCode::FAILURE);
+            }
+            eprintln!("xtask: step 3/4: the runtime's control plane alone (--no-default-features): its tests");
+            let mut cmd = cargo(&lt);
+            cmd.args(["test", "--package", "shared-tensor-runtime", "--no-default-features", "--lib"]);
             if status_of(cmd)? != ExitCode::SUCCESS {
                 return Ok(ExitCode::FAILURE);
             }
             eprintln!(
-                "xtask: step 2/2: a user's own crate (tests/fixtures/own-crate) built by path, run with no environment"
+                "xtask: step 4/4: a user's own crate (tests/fixtures/own-crate) built by path, run with no environment"
             );
             own_crate(&lt)
         }
@@ -153,6 +162,67 @@ fn own_crate(lt: &Libtorch) -> Result<ExitCode, String> {
             out.status
         ))
     }
+}
+
+/// Builds the inspector as `cargo install --path shared-tensor --no-default-features
+/// --features cli` would (no `cuda`: the control plane alone), copies it out of cargo's
+/// way to `target/inspector/shared-tensor` (the workspace build of the same binary, with
+/// `cuda`, lands on cargo's path) and checks it links nothing of libtorch or CUDA: the
+/// dynamic loader's list of what it would load (`LD_TRACE_LOADED_OBJECTS`) names none, and
+/// with an empty environment `--help` works and `ping` to no server says so (exit 3).
+fn inspector_without_libtorch(lt: &Libtorch) -> Result<PathBuf, String> {
+    let exes = build_executables(
+        lt,
+        &["--package", "shared-tensor", "--no-default-features", "--features", "cli", "--bin", "shared-tensor"],
+    )?;
+    let (_, _, built) = exes
+        .into_iter()
+        .find(|(name, kind, _)| name == "shared-tensor" && kind == "bin")
+        .ok_or("cargo built no inspector")?;
+    let root = std::env::current_dir().map_err(|e| format!("cannot read the current folder: {e}"))?;
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
+    let dir = target.join("inspector");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let exe = dir.join("shared-tensor");
+    std::fs::copy(&built, &exe).map_err(|e| format!("cannot copy {} to {}: {e}", built.display(), exe.display()))?;
+    let run = |args: &[&str], trace: bool| {
+        let mut cmd = Command::new(&exe);
+        cmd.env_clear().args(args);
+        if trace {
+            cmd.env("LD_TRACE_LOADED_OBJECTS", "1");
+        }
+        cmd.output().map_err(|e| format!("cannot run {}: {e}", exe.display()))
+    };
+    let loads = run(&[], true)?;
+    let loads = String::from_utf8_lossy(&loads.stdout).into_owned();
+    let torch: Vec<&str> = loads
+        .lines()
+        .map(str::trim)
+        .filter(|l| ["libtorch", "libc10", "libcudart", "libcuda."].iter().any(|lib| l.contains(lib)))
+        .collect();
+    if !torch.is_empty() {
+        return Err(format!("the inspector built without `cuda` still loads {torch:?}:\n{loads}"));
+    }
+    let help = run(&["--help"], false)?;
+    if !help.status.success() || !String::from_utf8_lossy(&help.stdout).contains("Usage: shared-tensor") {
+        return Err(format!("`shared-tensor --help` with an empty environment failed ({})", help.status));
+    }
+    let nowhere = std::net::TcpListener::bind("127.0.0.1:0")
+        .map_err(|e| e.to_string())?
+        .local_addr()
+        .map_err(|e| e.to_string())?;
+    let ping = run(&["--base-port", &nowhere.port().to_string(), "ping"], false)?;
+    let said = String::from_utf8_lossy(&ping.stderr).into_owned();
+    if ping.status.code() != Some(3) || !said.contains("no shared-tensor server at") {
+        return Err(format!("`shared-tensor ping` to no server with an empty environment: {} {said}", ping.status));
+    }
+    eprintln!(
+        "xtask: {} loads {} libraries, none of libtorch or CUDA; --help and ping (exit 3, no server) work with an \
+         empty environment",
+        exe.display(),
+        loads.lines().count()
+    );
+    Ok(exe)
 }
 
 fn shell_quote(s: &str) -> String {

@@ -189,23 +189,7 @@ pub struct WirePayload {
     pub root: Node,
 }
 
-/// A [`WirePayload`] as it travels: one MessagePack binary in a compact fixed layout
-/// (tag bytes and fixed-width fields, see `docs/architecture.md`), which is what call
-/// arguments and results carry. A sender packs straight from its own tables (a cached
-/// result is lent without copying them); [`PackedPayload::unpack`] checks every length,
-/// tag and dtype, so a corrupt payload is an error naming what is wrong and where.
-///
-/// ```
-/// # fn main() -> shared_tensor_runtime::Result<()> {
-/// use shared_tensor_runtime::payload::{Node, PackedPayload, WirePayload};
-/// let value = WirePayload::plain(Node::Seq(vec![Node::Unit, Node::Opt(None)]));
-/// let packed = PackedPayload::pack(&value)?;
-/// assert_eq!(packed.unpack()?, value);
-/// assert!(PackedPayload::from_bytes(vec![9, 9]).unpack().is_err());
-/// # Ok(()) }
-/// ```
-#[derive(Clone, PartialEq, Eq)]
-pub struct PackedPayload(Vec<u8>);
+pub use crate::wire::PackedPayload;
 
 impl PackedPayload {
     /// Packs a payload. Fails only for a value nested deeper than 256 levels.
@@ -239,71 +223,6 @@ impl PackedPayload {
         let payload = packed::unpack(&self.0).map_err(|e| Error::Protocol(format!("malformed payload: {e}")))?;
         payload.check().map_err(|e| Error::Protocol(format!("malformed payload: {e}")))?;
         Ok(payload)
-    }
-
-    /// The packed bytes.
-    ///
-    /// ```
-    /// use shared_tensor_runtime::payload::{Node, PackedPayload, WirePayload};
-    /// let packed = PackedPayload::pack(&WirePayload::plain(Node::Unit)).unwrap();
-    /// assert_eq!(packed.as_bytes().last(), Some(&0)); // the unit node's tag
-    /// ```
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.0
-    }
-
-    /// Wraps bytes received some other way (unchecked until [`PackedPayload::unpack`]).
-    ///
-    /// ```
-    /// use shared_tensor_runtime::payload::{Node, PackedPayload, WirePayload};
-    /// let packed = PackedPayload::pack(&WirePayload::plain(Node::Unit)).unwrap();
-    /// let copy = PackedPayload::from_bytes(packed.as_bytes().to_vec());
-    /// assert_eq!(copy, packed);
-    /// ```
-    pub fn from_bytes(bytes: Vec<u8>) -> PackedPayload {
-        PackedPayload(bytes)
-    }
-}
-
-impl fmt::Debug for PackedPayload {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "PackedPayload({} bytes)", self.0.len())
-    }
-}
-
-impl Serialize for PackedPayload {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
-        serializer.serialize_bytes(&self.0)
-    }
-}
-
-impl<'de> Deserialize<'de> for PackedPayload {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
-        struct Bytes;
-        impl<'de> serde::de::Visitor<'de> for Bytes {
-            type Value = PackedPayload;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a packed payload (binary)")
-            }
-            fn visit_bytes<E: serde::de::Error>(self, bytes: &[u8]) -> std::result::Result<PackedPayload, E> {
-                Ok(PackedPayload(bytes.to_vec()))
-            }
-            fn visit_byte_buf<E: serde::de::Error>(self, bytes: Vec<u8>) -> std::result::Result<PackedPayload, E> {
-                Ok(PackedPayload(bytes))
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut seq: A,
-            ) -> std::result::Result<PackedPayload, A::Error> {
-                // Formats without a binary type (JSON) carry the bytes as a sequence.
-                let mut bytes = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 16));
-                while let Some(b) = seq.next_element::<u8>()? {
-                    bytes.push(b);
-                }
-                Ok(PackedPayload(bytes))
-            }
-        }
-        deserializer.deserialize_bytes(Bytes)
     }
 }
 

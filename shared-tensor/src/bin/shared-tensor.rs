@@ -20,8 +20,7 @@ use clap::{Parser, Subcommand};
 use serde::Serialize;
 use shared_tensor::config::Config;
 use shared_tensor::control::{Control, ControlClient};
-use shared_tensor::endpoint::EndpointInfo;
-use shared_tensor::task::{TaskInfo, TaskStatus};
+use shared_tensor::info::{EndpointInfo, TaskInfo, TaskStatus};
 use shared_tensor::Error;
 
 #[derive(Parser)]
@@ -367,7 +366,7 @@ fn run(cli: &Cli) -> shared_tensor::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shared_tensor::endpoint::Execution;
+    use shared_tensor::info::Execution;
 
     fn info(cache: bool, singleflight: bool, cache_key: Option<&str>, keep: bool) -> EndpointInfo {
         EndpointInfo {
