@@ -21,6 +21,7 @@
 //! This crate has no dependencies and does not touch libtorch itself.
 
 #![warn(missing_docs)]
+#![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 use std::process::Command;

@@ -1,6 +1,8 @@
 //! Procedural macros of [shared-tensor](https://docs.rs/shared-tensor). Use them through the
 //! `shared_tensor` crate, which re-exports them with their documentation.
 
+#![forbid(unsafe_code)]
+
 use proc_macro::TokenStream;
 
 mod errors;

@@ -14,7 +14,13 @@
 //!   requests, declared once for every client, and a client that carries no tensor;
 //! - [`handle`]: managed-object and task handles;
 //! - [`config`], [`runtime`]: roles, ports, and the process runtime;
+//! - [`info`]: the plain data of control replies (endpoints, tasks, objects, counters);
 //! - [`error`]: the error type.
+//!
+//! Everything that moves tensors needs the `cuda` feature (the default). Without it the
+//! crate is the control plane alone ([`config`], [`auth`], [`wire`], [`info`],
+//! [`control`]), with no libtorch to build or load: what the `shared-tensor` inspector
+//! uses.
 //!
 //! ```no_run
 //! let exported = shared_tensor_runtime::ipc::export(&tch::Tensor::ones(
@@ -26,6 +32,8 @@
 //! ```
 
 #![warn(missing_docs)]
+// Unsafe code lives in `ffi` alone, and the compiler holds every other module to it.
+#![deny(unsafe_code)]
 
 pub mod auth;
 #[cfg(feature = "cuda")]
@@ -42,6 +50,7 @@ pub mod endpoint;
 pub mod error;
 #[cfg(feature = "cuda")]
 pub mod exec;
+#[allow(unsafe_code)]
 mod ffi;
 #[cfg(feature = "cuda")]
 pub mod handle;

@@ -18,6 +18,7 @@
 //! - Every fallible call returns [`Result`]; each [`Error`] variant says what to do.
 
 #![warn(missing_docs)]
+#![forbid(unsafe_code)]
 
 /// Turns a free function into an endpoint.
 ///
