@@ -350,3 +350,48 @@ fn async_calls_and_awaitable_tasks() {
         assert!(matches!(fails::call_async("no".into()).await, Err(Error::Endpoint { .. })));
     });
 }
+
+/// The tensor-free client answers what the full one answers, keeps its connection through
+/// a server-side error, and refuses a call (it carries no tensors).
+#[test]
+fn the_control_client_speaks_every_control_request_and_no_call() {
+    use shared_tensor::control::{Control, ControlClient};
+    use shared_tensor::wire::{Request, Response};
+    let port = setup();
+    let full = client_with(|c| c);
+    let control = ControlClient::connect(&config(port)).unwrap();
+    assert_eq!(control.addr().port(), port);
+    assert_eq!(control.server_id(), shared_tensor::server_info().unwrap().server_id);
+    let names = |e: Vec<shared_tensor::info::EndpointInfo>| e.into_iter().map(|e| e.name).collect::<Vec<_>>();
+    assert_eq!(names(control.list_endpoints().unwrap()), names(full.list_endpoints().unwrap()));
+    assert_eq!(control.server_info().unwrap().pid, std::process::id());
+    assert!(control.ping().unwrap() < Duration::from_secs(1));
+    // A task submitted by the full client is seen, by id, through the other connection.
+    let task = slow_task::submit(1).unwrap();
+    let seen = control.task_info(task.id()).unwrap();
+    assert_eq!((seen.id, seen.endpoint.as_str()), (task.id(), "slow_task"));
+    task.wait().unwrap();
+    // The server's own error is an error, and the connection goes on.
+    match control.invalidate_endpoint_cache("no_such_endpoint") {
+        Err(Error::UnknownEndpoint { name, .. }) => assert_eq!(name, "no_such_endpoint"),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(control.control(Request::Ping).unwrap(), Response::Pong));
+    let call =
+        Request::Submit { endpoint: "noop".into(), args: shared_tensor::wire::PackedPayload::from_bytes(vec![]) };
+    let err = control.control(call).unwrap_err().to_string();
+    assert!(err.contains("carries no tensors"), "{err}");
+    assert_eq!(control.object_info(u64::MAX).unwrap(), None);
+}
+
+/// No server: one clear error at connect, not at the first request.
+#[test]
+fn the_control_client_says_when_no_server_answers() {
+    use shared_tensor::control::ControlClient;
+    let nowhere = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    match ControlClient::connect(&Config::default().base_port(nowhere).device_index(0).connect_timeout(Duration::ZERO))
+    {
+        Err(Error::ServerUnreachable { addr, .. }) => assert_eq!(addr, format!("127.0.0.1:{nowhere}")),
+        other => panic!("{other:?}"),
+    }
+}
