@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 fn main() {
     println!("cargo:rerun-if-changed=csrc/st_ipc.cpp");
+    println!("cargo:rerun-if-changed=csrc/st_ipc.h");
     // Without the `cuda` feature the crate is the control plane only: no C++, no libtorch.
     if env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;

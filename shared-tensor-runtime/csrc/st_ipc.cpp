@@ -12,6 +12,8 @@
 //   st_storage_free(). No heap object of ours wraps it, so handing a storage to Rust,
 //   cloning and dropping it allocate nothing.
 
+#include "st_ipc.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <c10/core/StorageImpl.h>
@@ -49,9 +51,6 @@ int warp_size();
 }
 }  // namespace at
 
-// `st_storage` is never defined: the pointer is the StorageImpl itself (see above).
-struct st_storage;
-
 namespace {
 
 c10::StorageImpl* impl_of(const st_storage* s) {
@@ -70,62 +69,6 @@ c10::Storage storage_of(const st_storage* s) {
 
 }  // namespace
 
-extern "C" {
-
-struct st_init_info {
-  int32_t device_count;
-  int32_t warp_size;
-};
-
-struct st_tensor_meta {
-  int32_t defined;
-  int32_t device_type;  // c10::DeviceType as int (0 = CPU, 1 = CUDA)
-  int32_t device_index;
-  int32_t scalar_type;  // c10::ScalarType as int
-  int32_t requires_grad;
-  int32_t ndim;
-  int64_t storage_offset;  // in elements
-  uint64_t storage_base;   // address of the storage's first byte (0 when empty)
-  uint64_t storage_nbytes;
-  uint64_t import_cookie;  // non-zero when the storage was created by st_regions_import
-  uint64_t import_part;    // then: the storage's index among its region's parts
-};
-
-struct st_alloc_stats {
-  uint64_t allocated_bytes;
-  uint64_t reserved_bytes;
-  uint64_t free_bytes;   // cudaMemGetInfo
-  uint64_t total_bytes;  // cudaMemGetInfo
-};
-
-// One region to import: [offset, offset + nbytes) of the block behind `handle`, mapped once
-// and released (under `cookie`) when the last storage over one of its parts goes.
-struct st_import_spec {
-  const uint8_t* handle;
-  uint64_t handle_len;
-  int64_t offset;
-  uint64_t nbytes;
-  int32_t device;
-  uint64_t producer;
-  uint64_t cookie;
-};
-
-// One storage to build over a region: [offset, offset + nbytes) of region `region`; `index`
-// is its place among that region's parts (what the producer's lease knows it by).
-struct st_part_spec {
-  uint64_t region;
-  uint64_t offset;
-  uint64_t nbytes;
-  uint64_t index;
-};
-
-// Called when the last reference to an imported storage goes, with the stream the
-// dropping thread had current on the storage's device (as an integer): the lender may
-// reuse the memory only once that stream's queued work is done, which the receiver of
-// this call sees to (st_stream_settled) before it tells the lender.
-typedef void (*st_release_fn)(uint64_t cookie, int32_t device, uint64_t stream);
-
-}  // extern "C"
 
 namespace {
 
@@ -525,7 +468,7 @@ const char* st_device_uuid(int32_t device, uint8_t out[16]) {
 // Reads a tensor's device, dtype, view and storage. `sizes`/`strides` have room for
 // `cap` dimensions; `meta->ndim` tells how many there are (the caller retries if more).
 // When `storage_out` is not null it receives an owning reference to the storage.
-const char* st_tensor_inspect(const at::Tensor* t, st_tensor_meta* meta, int64_t* sizes,
+const char* st_tensor_inspect(const st_tensor* t, st_tensor_meta* meta, int64_t* sizes,
                               int64_t* strides, int32_t cap, st_storage** storage_out) {
   ST_TRY
   std::memset(meta, 0, sizeof(*meta));
@@ -736,7 +679,7 @@ const char* st_regions_import(const st_import_spec* regions, uint64_t n_regions,
 // imported CUDA storage is never resizable, so `set_` refused it too.
 const char* st_tensor_from_storage(const st_storage* s, int32_t scalar_type, const int64_t* sizes,
                                    const int64_t* strides, int32_t ndim, int64_t storage_offset,
-                                   int32_t requires_grad, at::Tensor** out) {
+                                   int32_t requires_grad, st_tensor** out) {
   ST_TRY
   if (s == nullptr) {
     return dup_error("no storage to build a tensor over");

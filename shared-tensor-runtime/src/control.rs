@@ -9,8 +9,8 @@
 //!   libtorch: a program that talks to a server only through it (the `shared-tensor`
 //!   inspector) starts and works on a machine without libtorch or a GPU.
 //!
-//! Both open their connection the same way ([`open_stream`]: connect within a window,
-//! then the authenticated handshake of [`auth`](crate::auth)) and speak the same frames
+//! Both open their connection the same way (connect within a window, then the
+//! authenticated handshake of [`auth`](mod@crate::auth)) and speak the same frames
 //! ([`wire`]).
 //!
 //! ```no_run

@@ -133,7 +133,7 @@ impl std::str::FromStr for TaskStatus {
     }
 }
 
-/// Progress an endpoint body reported with [`report_progress`].
+/// Progress an endpoint body reported with `task::report_progress`.
 ///
 /// ```
 /// use shared_tensor_runtime::task::Progress;

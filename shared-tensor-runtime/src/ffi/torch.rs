@@ -1,4 +1,6 @@
-//! The C ABI of `csrc/st_ipc.cpp` and safe wrappers around it (the `cuda` feature).
+//! The C ABI of `csrc/st_ipc.cpp` and safe wrappers around it (the `cuda` feature). The
+//! ABI is declared once in `csrc/st_ipc.h`, which the C++ includes; the declarations here
+//! mirror it, and the struct layouts are asserted at compile time on both sides.
 //!
 //! Rules every wrapper keeps:
 //! - The C++ side never throws across the boundary: each function returns null on success
@@ -109,6 +111,22 @@ pub(crate) struct ImportError {
     pub allocation: Option<u64>,
     pub message: String,
 }
+
+// The layouts of the structs above, as `csrc/st_ipc.h` asserts them on the C++ side (the
+// header is the one declaration of this ABI; keep the two lists equal).
+const _: () = {
+    use std::mem::{offset_of, size_of};
+    assert!(size_of::<InitInfo>() == 8);
+    assert!(size_of::<TensorMeta>() == 64);
+    assert!(offset_of!(TensorMeta, ndim) == 20);
+    assert!(offset_of!(TensorMeta, storage_offset) == 24);
+    assert!(offset_of!(TensorMeta, import_part) == 56);
+    assert!(size_of::<AllocStats>() == 32);
+    assert!(size_of::<ImportSpec>() == 56);
+    assert!(offset_of!(ImportSpec, device) == 32);
+    assert!(offset_of!(ImportSpec, producer) == 40);
+    assert!(size_of::<Part>() == 32);
+};
 
 /// Opaque `st_storage`: a `c10::StorageImpl`, through a pointer that owns one reference.
 #[repr(C)]
