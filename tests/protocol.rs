@@ -186,8 +186,11 @@ fn bad_calls_get_error_replies_on_a_connection_that_stays_up() {
     let not_a_seq = WirePayload::plain(Node::Unit);
     assert!(matches!(call(&mut s, 3, "noop", not_a_seq, &mut released), Err(Error::BadArguments { .. })));
     // A descriptor whose IPC handle is garbage is refused before any tensor is built.
-    let bogus =
-        wire::one_shared_f32x4(vec![7; 66], ProcessId { pid: 1, instance: 1 }, Node::Seq(vec![Node::Tensor(0)]));
+    let bogus = shared_tensor::payload::one_shared_f32x4(
+        vec![7; 66],
+        ProcessId { pid: 1, instance: 1 },
+        Node::Seq(vec![Node::Tensor(0)]),
+    );
     match call(&mut s, 4, "identity", bogus, &mut released) {
         Err(Error::CudaUnavailable { .. } | Error::Cuda { .. } | Error::DeviceNotVisible { .. }) => {}
         other => panic!("{other:?}"),

@@ -2,5 +2,5 @@
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    shared_tensor_runtime::wire::fuzz_decode(data);
+    shared_tensor_runtime::payload::fuzz_decode(data);
 });
