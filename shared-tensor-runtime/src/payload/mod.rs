@@ -1547,6 +1547,13 @@ pub fn fuzz_decode(bytes: &[u8]) {
     let _ = PackedPayload::from_bytes(bytes.to_vec()).unpack();
 }
 
+/// A contiguous `f32` vector of `n` elements from the start of its storage (test data).
+#[cfg(test)]
+fn f32_vector(n: i64, requires_grad: bool) -> TensorView {
+    let dims = |v: i64| ipc::Dims::from_slice(&[v]);
+    TensorView { dtype: crate::ipc::DType::F32, sizes: dims(n), strides: dims(1), storage_offset: 0, requires_grad }
+}
+
 /// Frames that carry payloads, corrupted: decoding them never panics.
 #[cfg(test)]
 mod frames {
@@ -1805,7 +1812,7 @@ mod tests {
     /// whether the decoder tries again or not.
     #[test]
     fn a_message_that_cannot_be_opened_gives_every_lease_back_once() {
-        use crate::ipc::{DType, ProcessId};
+        use crate::ipc::ProcessId;
         let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
         let sink = seen.clone();
         let link = Link::new(Box::new(move |lease, _| sink.lock().push(lease)));
@@ -1819,13 +1826,7 @@ mod tests {
             },
             lease,
         };
-        let view = TensorView {
-            dtype: DType::F32,
-            sizes: vec![16].into(),
-            strides: vec![1].into(),
-            storage_offset: 0,
-            requires_grad: false,
-        };
+        let view = f32_vector(16, false);
         let mut msg = WirePayload::plain(Node::Seq(vec![Node::Tensor(0), Node::Tensor(1)]));
         // Region 9 is named by no storage: it is never opened, and goes back too.
         msg.regions = vec![region(7), region(8), region(9)];
@@ -2076,7 +2077,6 @@ mod tests {
 #[cfg(test)]
 mod cpu_costs {
     use super::*;
-    use crate::ipc::DType;
     use std::collections::BTreeMap;
     use std::collections::HashMap;
     use std::time::Instant;
@@ -2105,13 +2105,7 @@ mod cpu_costs {
             names(n).into_iter().enumerate().map(|(i, k)| (k, Node::Tensor(i as u32))).collect(),
         ));
         msg.storages = (0..n as u32).map(|part| WireStorage::Returned { lease, part }).collect();
-        let view = TensorView {
-            dtype: DType::F32,
-            sizes: vec![4].into(),
-            strides: vec![1].into(),
-            storage_offset: 0,
-            requires_grad: true,
-        };
+        let view = f32_vector(4, true);
         msg.tensors = (0..n as u32).map(|storage| WireTensor { storage, view: view.clone() }).collect();
         PackedPayload::pack(&msg).unwrap()
     }
@@ -2163,13 +2157,7 @@ mod cpu_costs {
         });
         let holds: Vec<ffi::OwnedStorage> =
             keep.iter().map(|t| ffi::inspect(t, true).unwrap().storage.unwrap()).collect();
-        let view = TensorView {
-            dtype: DType::F32,
-            sizes: vec![4].into(),
-            strides: vec![1].into(),
-            storage_offset: 0,
-            requires_grad: true,
-        };
+        let view = f32_vector(4, true);
         let build = p50(|| {
             for h in &holds {
                 drop(ipc::view_tensor(h, &view).unwrap());
