@@ -236,7 +236,7 @@ pub fn build_executables(lt: &Libtorch, args: &[&str]) -> Result<Vec<(String, St
     let mut cmd = cargo(lt);
     cmd.arg("build").args(args).arg("--message-format=json-render-diagnostics");
     cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
-    eprintln!("xtask: cargo build {} (the first build compiles libtorch bindings: minutes)", args.join(" "));
+    eprintln!("xtask: cargo build {} (a first build takes minutes: it compiles the libtorch bindings unless --no-default-features)", args.join(" "));
     let out = cmd.output().map_err(|e| format!("cannot run cargo build: {e}"))?;
     if !out.status.success() {
         return Err(format!("cargo build {} failed (cargo's messages are above)", args.join(" ")));
