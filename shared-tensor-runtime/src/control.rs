@@ -236,7 +236,7 @@ pub trait Control {
 }
 
 /// A reply of the wrong kind.
-pub(crate) fn unexpected(what: &str, got: &Response) -> Error {
+fn unexpected(what: &str, got: &Response) -> Error {
     Error::Protocol(format!("the server answered {what} with {got:?}"))
 }
 

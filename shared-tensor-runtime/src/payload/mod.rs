@@ -628,7 +628,8 @@ fn group_blocks(
         }
     };
     let mut groups: rustc_hash::FxHashMap<Group, u32> = Default::default();
-    let mut region_of: Vec<u32> = Vec::with_capacity(storages.len());
+    // Each storage's region and its byte range in its group, placed once.
+    let mut placed: Vec<(u32, i64, u64)> = Vec::with_capacity(storages.len());
     let mut spans: Vec<Span> = Vec::new();
     for s in &storages {
         let (group, start, nbytes) = place(s.source);
@@ -639,7 +640,7 @@ fn group_blocks(
                 span.start = span.start.min(start);
                 span.end = span.end.max(end);
                 span.parts += 1;
-                region_of.push(r);
+                placed.push((r, start, nbytes));
             }
             None => {
                 let r = spans.len() as u32;
@@ -647,7 +648,7 @@ fn group_blocks(
                 if let Some(g) = group {
                     groups.insert(g, r);
                 }
-                region_of.push(r);
+                placed.push((r, start, nbytes));
             }
         }
     }
@@ -655,8 +656,7 @@ fn group_blocks(
     let mut parts = Vec::with_capacity(storages.len());
     let mut holds: Vec<Vec<ffi::OwnedStorage>> = spans.iter().map(|s| Vec::with_capacity(s.parts as usize)).collect();
     let mut bytes = vec![0u64; spans.len()];
-    for (s, &r) in storages.into_iter().zip(&region_of) {
-        let (_, start, nbytes) = place(s.source);
+    for (s, &(r, start, nbytes)) in storages.into_iter().zip(&placed) {
         let home = match s.source {
             Source::Imported { part, .. } => part,
             Source::Own(_) => 0,
