@@ -61,4 +61,11 @@ fn roles_ports_and_timeouts_come_from_the_environment() {
     assert_eq!(bad(&[("SHARED_TENSOR_CALL_TIMEOUT_MS", "0")]), ("SHARED_TENSOR_CALL_TIMEOUT_MS".into(), "0".into()));
     let message = with_env(&[("SHARED_TENSOR_BASE_PORT", "x")], Config::from_env).unwrap_err().to_string();
     assert_eq!(message, "SHARED_TENSOR_BASE_PORT=\"x\" is not valid: expected a port number from 1 to 65535");
+
+    use shared_tensor::transport::Transport;
+    assert_eq!(c.get_transport(), Transport::Auto, "the default");
+    let c = with_env(&[("SHARED_TENSOR_TRANSPORT", "TCP")], Config::from_env).unwrap();
+    assert_eq!(c.get_transport(), Transport::Tcp);
+    let message = with_env(&[("SHARED_TENSOR_TRANSPORT", "udp")], Config::from_env).unwrap_err().to_string();
+    assert_eq!(message, "SHARED_TENSOR_TRANSPORT=\"udp\" is not valid: expected `auto`, `unix` or `tcp`");
 }

@@ -17,7 +17,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -28,11 +28,12 @@ use futures::task::AtomicWaker;
 use parking_lot::{Condvar, Mutex};
 
 use crate::config::Config;
-use crate::control::{self, Control};
+use crate::control::Control;
 use crate::error::{Error, Result};
 use crate::handle::{from_answer, Backend, Output, TaskHandle};
 use crate::lease::{Link, UsedOn};
 use crate::payload::{Args, Encoded, Encoder, Node, Received};
+use crate::transport::{self, Stream, Transport};
 use crate::wire::{self, ClientMessage, Request, Response, ServerMessage, Welcome};
 
 /// A reply as the reader hands it over: a value's storages already pinned.
@@ -318,7 +319,7 @@ const IDLE_AFTER: Duration = Duration::from_millis(1);
 /// The read side of the socket, held by whichever thread reads: frames are read into
 /// one buffer with as few reads as the data allows.
 struct FrameReader {
-    stream: TcpStream,
+    stream: Stream,
     buf: Vec<u8>,
     /// First byte not yet consumed.
     start: usize,
@@ -332,7 +333,7 @@ struct FrameAt {
 }
 
 impl FrameReader {
-    fn new(stream: TcpStream) -> FrameReader {
+    fn new(stream: Stream) -> FrameReader {
         FrameReader { stream, buf: vec![0; 64 * 1024], start: 0, end: 0 }
     }
 
@@ -384,7 +385,7 @@ impl FrameReader {
             }
         }
         loop {
-            match self.stream.read(&mut self.buf[self.end..]) {
+            match (&self.stream).read(&mut self.buf[self.end..]) {
                 Ok(0) => return Err("the server closed the connection".into()),
                 Ok(n) => {
                     self.end += n;
@@ -402,7 +403,8 @@ impl FrameReader {
 
 struct Connection {
     addr: SocketAddr,
-    writer: Mutex<TcpStream>,
+    transport: Transport,
+    writer: Mutex<Stream>,
     link: Arc<Link>,
     pending: Mutex<HashMap<u64, Arc<Slot>>>,
     next_id: AtomicU64,
@@ -425,8 +427,9 @@ struct Connection {
 }
 
 impl Connection {
-    fn open(addr: SocketAddr, window: Duration, shared_token: Option<&str>) -> Result<Arc<Connection>> {
-        let (stream, welcome) = control::open_stream(addr, window, shared_token)?;
+    fn open(addr: SocketAddr, config: &Config, window: Duration) -> Result<Arc<Connection>> {
+        let (stream, welcome) =
+            transport::open_stream(addr.port(), config.transport, window, config.shared_token.as_deref())?;
         stream.set_read_timeout(Some(READ_SLICE)).map_err(|e| Error::io("configuring the socket", &e))?;
         let reader = stream.try_clone().map_err(|e| Error::io("cloning the socket", &e))?;
         let watcher = stream.try_clone().map_err(|e| Error::io("cloning the socket", &e))?;
@@ -435,6 +438,7 @@ impl Connection {
         let link = Link::new(Box::new(move |lease, used| sink.push(|q| q.leases.push((lease, used)))));
         let conn = Arc::new(Connection {
             addr,
+            transport: stream.transport(),
             writer: Mutex::new(stream),
             link,
             pending: Mutex::new(HashMap::new()),
@@ -589,8 +593,7 @@ impl Connection {
     /// The idle reader: reads what arrives while no caller is reading (releases, replies
     /// to async callers and to calls that timed out). It stays out of the way of a busy
     /// client, whose callers read for themselves.
-    fn idle_loop(&self, watcher: &TcpStream) {
-        let mut probe = [0u8; 1];
+    fn idle_loop(&self, watcher: &Stream) {
         while !self.dead.load(Ordering::Acquire) {
             let since_read =
                 self.epoch.elapsed().saturating_sub(Duration::from_nanos(self.last_read.load(Ordering::Acquire)));
@@ -600,7 +603,7 @@ impl Connection {
                 self.idle_cv.wait_for(&mut guard, IDLE_AFTER);
                 continue;
             }
-            match watcher.peek(&mut probe) {
+            match watcher.peek_byte() {
                 Ok(0) => return self.fail("the server closed the connection"),
                 Ok(_) => {
                     let Some(mut rd) = self.reader.try_lock() else {
@@ -644,7 +647,7 @@ impl Connection {
             return;
         }
         tracing::debug!(addr = %self.addr, reason, "connection lost");
-        let _ = self.writer.lock().shutdown(Shutdown::Both);
+        let _ = self.writer.lock().shutdown();
         self.link.close();
         crate::ipc::forget_producer(&self.welcome.server);
         let mut pending = self.pending.lock();
@@ -804,7 +807,7 @@ impl Client {
     /// # Ok(()) }
     /// ```
     pub fn new(config: &Config) -> Result<Client> {
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, config.port()?));
+        let addr = transport::tcp_addr(config.port()?);
         Ok(Client::at(addr, config.clone()))
     }
 
@@ -831,6 +834,20 @@ impl Client {
         self.inner.addr
     }
 
+    /// The stream of the live connection ([`Transport::Unix`] or [`Transport::Tcp`]);
+    /// `None` before the first connection and after a loss.
+    ///
+    /// ```no_run
+    /// # fn demo(client: &shared_tensor_runtime::client::Client) -> shared_tensor_runtime::Result<()> {
+    /// client.connect()?;
+    /// println!("connected over {:?}", client.transport());
+    /// # Ok(()) }
+    /// ```
+    pub fn transport(&self) -> Option<Transport> {
+        let conn = self.inner.conn.lock();
+        conn.as_ref().filter(|c| !c.dead.load(Ordering::Acquire)).map(|c| c.transport)
+    }
+
     fn connection(&self) -> Result<Arc<Connection>> {
         self.connection_within(None)
     }
@@ -852,7 +869,7 @@ impl Client {
         } else {
             self.inner.config.connect_timeout
         });
-        let conn = match Connection::open(self.inner.addr, window, self.inner.config.shared_token.as_deref()) {
+        let conn = match Connection::open(self.inner.addr, &self.inner.config, window) {
             Ok(conn) => conn,
             // The server this client talked to went away between two calls: for the
             // caller that is the same event as losing it during one. Not for an explicit

@@ -25,11 +25,13 @@
 //! | `SHARED_TENSOR_TASK_TTL_S` | how long finished tasks are kept | 3600 |
 //! | `SHARED_TENSOR_TASK_CAPACITY` | how many tasks are kept | 1000 |
 //! | `SHARED_TENSOR_TOKEN` | a secret shared on purpose with other users (see [`auth`](crate::auth)) | unset: same user only |
-//! | `SHARED_TENSOR_RUNTIME_DIR` | where servers write their token files | `$XDG_RUNTIME_DIR/shared-tensor` or `/tmp/shared-tensor-<uid>` |
+//! | `SHARED_TENSOR_TRANSPORT` | `auto` (the server's Unix socket when reachable, else TCP), `unix` or `tcp` (see [`transport`](crate::transport)) | `auto` |
+//! | `SHARED_TENSOR_RUNTIME_DIR` | where servers write their token files and Unix sockets | `$XDG_RUNTIME_DIR/shared-tensor` or `/tmp/shared-tensor-<uid>` |
 
 use std::time::Duration;
 
 use crate::error::{Error, Result};
+pub use crate::transport::Transport;
 
 /// Default retention of finished tasks.
 ///
@@ -126,6 +128,7 @@ pub struct Config {
     pub(crate) task_capacity: usize,
     pub(crate) cache_bytes: Option<u64>,
     pub(crate) shared_token: Option<String>,
+    pub(crate) transport: Transport,
 }
 
 impl Default for Config {
@@ -140,6 +143,7 @@ impl Default for Config {
             task_capacity: DEFAULT_TASK_CAPACITY,
             cache_bytes: None,
             shared_token: None,
+            transport: Transport::Auto,
         }
     }
 }
@@ -198,6 +202,10 @@ impl Config {
             config.task_capacity = n;
         }
         config.shared_token = env_var("SHARED_TENSOR_TOKEN").filter(|t| !t.is_empty());
+        if let Some(value) = env_var("SHARED_TENSOR_TRANSPORT") {
+            config.transport =
+                value.parse().map_err(|expected: String| Error::config("SHARED_TENSOR_TRANSPORT", &value, expected))?;
+        }
         Ok(config)
     }
 
@@ -314,6 +322,30 @@ impl Config {
     pub fn call_timeout(mut self, timeout: Duration) -> Self {
         self.call_timeout = timeout;
         self
+    }
+
+    /// Which stream clients open and servers offer (default [`Transport::Auto`]: a server
+    /// listens on its Unix socket and on TCP, a client takes the socket when it can reach
+    /// it). See [`transport`](crate::transport).
+    ///
+    /// ```
+    /// use shared_tensor_runtime::config::{Config, Transport};
+    /// let config = Config::default().transport(Transport::Tcp);
+    /// assert_ne!(config, Config::default());
+    /// ```
+    pub fn transport(mut self, transport: Transport) -> Self {
+        self.transport = transport;
+        self
+    }
+
+    /// The configured transport.
+    ///
+    /// ```
+    /// use shared_tensor_runtime::config::{Config, Transport};
+    /// assert_eq!(Config::default().get_transport(), Transport::Auto);
+    /// ```
+    pub fn get_transport(&self) -> Transport {
+        self.transport
     }
 
     /// The configured role.

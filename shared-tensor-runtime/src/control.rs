@@ -22,16 +22,16 @@
 //! ```
 
 use std::io::Write;
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use crate::auth::{self, Side};
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::info::{EndpointInfo, ObjectInfo, ProcessId, ServerInfo, TaskInfo, TaskStatus};
-use crate::wire::{self, ClientMessage, Hello, Request, Response, ServerMessage, Welcome};
+use crate::info::{EndpointInfo, ObjectInfo, ServerInfo, TaskInfo, TaskStatus};
+use crate::transport::{self, Stream, Transport};
+use crate::wire::{self, ClientMessage, Request, Response, ServerMessage, Welcome};
 
 /// The answer's one expected variant, or a protocol error naming the request.
 macro_rules! expect_reply {
@@ -240,95 +240,6 @@ fn unexpected(what: &str, got: &Response) -> Error {
     Error::Protocol(format!("the server answered {what} with {got:?}"))
 }
 
-/// Connects to `addr`, retrying for `window` while the server starts (logging once, at
-/// info level, past a second), then runs the handshake. The stream has no read timeout.
-pub(crate) fn open_stream(
-    addr: SocketAddr,
-    window: Duration,
-    shared_token: Option<&str>,
-) -> Result<(TcpStream, Welcome)> {
-    let started = Instant::now();
-    let mut said = false;
-    let stream = loop {
-        let left = window.saturating_sub(started.elapsed()).clamp(Duration::from_millis(50), Duration::from_secs(1));
-        match TcpStream::connect_timeout(&addr, left) {
-            Ok(s) => break s,
-            Err(e) if started.elapsed() >= window => {
-                return Err(Error::ServerUnreachable {
-                    addr: addr.to_string(),
-                    reason: e.to_string(),
-                    waited_ms: started.elapsed().as_millis() as u64,
-                })
-            }
-            Err(e) => {
-                // Said once, so that a long orchestrated wait does not look like a hang.
-                if !said && started.elapsed() >= Duration::from_secs(1) {
-                    said = true;
-                    tracing::info!(
-                        "waiting for the shared-tensor server at {addr} ({e}); trying for up to {} ms",
-                        window.as_millis()
-                    );
-                }
-                std::thread::sleep(Duration::from_millis(25));
-            }
-        }
-    };
-    let _ = stream.set_nodelay(true);
-    let welcome = handshake(&stream, addr, shared_token)?;
-    Ok((stream, welcome))
-}
-
-/// Hello, Challenge, Auth, Welcome (see [`auth`](crate::auth)).
-fn handshake(stream: &TcpStream, addr: SocketAddr, shared_token: Option<&str>) -> Result<Welcome> {
-    let mut writer = stream;
-    let mut reader = stream;
-    let send = |msg: &ClientMessage, w: &mut &TcpStream| -> Result<()> {
-        let mut buf = Vec::new();
-        wire::write_frame(msg, &mut buf)?;
-        w.write_all(&buf).map_err(|e| Error::io("sending the handshake", &e))
-    };
-    let mut buf = Vec::new();
-    let mut receive = |r: &mut &TcpStream| -> Result<ServerMessage> {
-        wire::read_frame(r, &mut buf).map_err(|e| Error::ServerGone {
-            addr: addr.to_string(),
-            reason: format!("no answer to the handshake: {e}"),
-        })?;
-        wire::decode::<ServerMessage>(&buf)
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-    let nonce = auth::nonce();
-    send(
-        &ClientMessage::Hello(Hello { protocol: wire::PROTOCOL_VERSION, client: ProcessId::current(), nonce }),
-        &mut writer,
-    )?;
-    let challenge = match receive(&mut reader)? {
-        ServerMessage::Challenge(c) if c.protocol == wire::PROTOCOL_VERSION => c,
-        ServerMessage::Challenge(c) => {
-            return Err(Error::ProtocolMismatch { ours: wire::PROTOCOL_VERSION, theirs: c.protocol })
-        }
-        ServerMessage::Refused(e) => return Err(e),
-        _ => return Err(Error::Protocol("the server did not answer Hello with a challenge".into())),
-    };
-    // Read the secret now: the server wrote its token before it began to accept.
-    let secret = auth::client_secret(addr.port(), shared_token)?;
-    if !challenge.proofs.iter().any(|p| secret.verify(Side::Server, &nonce, p)) {
-        return Err(Error::Unauthorized {
-            reason: format!(
-                "the process at {addr} could not prove it is a shared-tensor server of this user (another user's \
-                 server, or another program on the port); nothing was sent to it"
-            ),
-        });
-    }
-    send(&ClientMessage::Auth(secret.proof(Side::Client, &challenge.nonce)), &mut writer)?;
-    let welcome = match receive(&mut reader)? {
-        ServerMessage::Welcome(w) => w,
-        ServerMessage::Refused(e) => return Err(e),
-        _ => return Err(Error::Protocol("the server did not answer Auth with Welcome".into())),
-    };
-    let _ = stream.set_read_timeout(None);
-    Ok(welcome)
-}
-
 /// A connection to a server for control requests only: no tensor crosses it, and
 /// nothing of libtorch or CUDA is reached through it. Requests are answered in order,
 /// one at a time (a `&self` method waits for the one before it).
@@ -348,13 +259,14 @@ fn handshake(stream: &TcpStream, addr: SocketAddr, shared_token: Option<&str>) -
 /// ```
 pub struct ControlClient {
     addr: SocketAddr,
+    transport: Transport,
     welcome: Welcome,
     timeout: Duration,
     conn: Mutex<ControlConn>,
 }
 
 struct ControlConn {
-    stream: TcpStream,
+    stream: Stream,
     buf: Vec<u8>,
     next_id: u64,
     /// Set once a request failed on the socket: the stream's state is unknown after it.
@@ -384,13 +296,17 @@ impl ControlClient {
     /// # Ok(()) }
     /// ```
     pub fn connect(config: &Config) -> Result<ControlClient> {
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, config.port_of(config.get_device_index().unwrap_or(0))?));
-        let (stream, welcome) = open_stream(addr, config.connect_timeout, config.shared_token.as_deref())?;
+        let port = config.port_of(config.get_device_index().unwrap_or(0))?;
+        let (stream, welcome) =
+            transport::open_stream(port, config.transport, config.connect_timeout, config.shared_token.as_deref())?;
+        let transport = stream.transport();
         let conn = ControlConn { stream, buf: Vec::new(), next_id: 1, broken: None };
-        Ok(ControlClient { addr, welcome, timeout: config.call_timeout, conn: Mutex::new(conn) })
+        let addr = transport::tcp_addr(port);
+        Ok(ControlClient { addr, transport, welcome, timeout: config.call_timeout, conn: Mutex::new(conn) })
     }
 
-    /// The server's address.
+    /// The server's address (its TCP address, which names it even when the connection
+    /// is its Unix socket: see [`ControlClient::transport`]).
     ///
     /// ```no_run
     /// # fn demo(server: &shared_tensor_runtime::control::ControlClient) {
@@ -399,6 +315,17 @@ impl ControlClient {
     /// ```
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The stream this connection is on: [`Transport::Unix`] or [`Transport::Tcp`].
+    ///
+    /// ```no_run
+    /// # fn demo(server: &shared_tensor_runtime::control::ControlClient) {
+    /// println!("connected over {}", server.transport());
+    /// # }
+    /// ```
+    pub fn transport(&self) -> Transport {
+        self.transport
     }
 
     /// The id of the server this connection reached (another id later means a restart).

@@ -275,8 +275,11 @@ pub struct ServerInfo {
     pub pid: u32,
     /// Milliseconds since the server started.
     pub uptime_ms: u64,
-    /// Listening address.
+    /// Listening address (TCP loopback).
     pub address: String,
+    /// The Unix socket it also listens on, if any (see [`transport`](crate::transport)).
+    #[serde(default)]
+    pub unix_socket: Option<String>,
     /// The CUDA device index the port was derived from.
     pub device_index: u32,
     /// The endpoints served.

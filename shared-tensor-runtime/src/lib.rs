@@ -7,7 +7,8 @@
 //! - [`cuda`]: CUDA initialisation, devices, memory statistics;
 //! - [`ipc`]: the CUDA IPC codec (descriptors, export, import);
 //! - [`payload`]: what may cross an endpoint, and its wire form;
-//! - [`wire`]: the protocol between client and server processes;
+//! - [`wire`]: the protocol between client and server processes; [`transport`]: the streams it
+//!   travels on (a Unix socket, or TCP loopback);
 //! - [`endpoint`], [`exec`], [`task`], [`managed`]: endpoints and their semantics (cache,
 //!   singleflight, serialized execution, tasks, managed objects);
 //! - [`server`], [`client`]: the two ends of a connection; [`control`]: the control
@@ -18,7 +19,7 @@
 //! - [`error`]: the error type.
 //!
 //! Everything that moves tensors needs the `cuda` feature (the default). Without it the
-//! crate is the control plane alone ([`config`], [`auth`], [`wire`], [`info`],
+//! crate is the control plane alone ([`config`], [`auth`], [`wire`], [`transport`], [`info`],
 //! [`control`]), with no libtorch to build or load: what the `shared-tensor` inspector
 //! uses.
 //!
@@ -74,6 +75,7 @@ pub mod runtime;
 pub mod server;
 #[cfg(feature = "cuda")]
 pub mod task;
+pub mod transport;
 pub mod wire;
 
 pub use error::{Error, Result};

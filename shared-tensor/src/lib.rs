@@ -113,7 +113,7 @@ pub use shared_tensor_runtime::runtime::{
 };
 #[cfg(feature = "cuda")]
 pub use shared_tensor_runtime::task::report_progress;
-pub use shared_tensor_runtime::{auth, config, control, info, wire};
+pub use shared_tensor_runtime::{auth, config, control, info, transport, wire};
 #[cfg(feature = "cuda")]
 pub use shared_tensor_runtime::{client, cuda, endpoint, ipc, managed, payload, server, task};
 pub use shared_tensor_runtime::{Error, Result};

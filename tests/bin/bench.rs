@@ -1,5 +1,6 @@
 //! The shared-tensor benchmark: a real server process, real client processes, every hot
-//! path against the loopback floor measured in the same run.
+//! path against the floors measured in the same run (TCP and Unix socket echoes; calls
+//! go over the server's Unix socket, as a user's do, and a ping and an identity over TCP).
 //!
 //! `bench` starts the server (`endpoint_server` in the server role), measures, prints a
 //! table with each figure's ratio to the floor and writes JSON to `$OUT/bench.json` (or
@@ -108,11 +109,34 @@ fn floor(n: usize) -> Vec<f64> {
     })
 }
 
-/// The floor over `n` echoes: its figure and its p50.
-fn floor_figure(n: usize) -> (Figure, f64) {
+/// The same echo over a Unix domain socket: the floor of the default transport.
+fn unix_floor(n: usize) -> Vec<f64> {
+    use std::os::unix::net::UnixStream;
+    let (mut s, mut peer) = UnixStream::pair().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; FLOOR_FRAME];
+        while peer.read_exact(&mut buf).is_ok() {
+            if peer.write_all(&buf).is_err() {
+                break;
+            }
+        }
+    });
+    let out = [7u8; FLOOR_FRAME];
+    let mut back = [0u8; FLOOR_FRAME];
+    measure(n, 200, || {
+        s.write_all(&out).unwrap();
+        s.read_exact(&mut back).unwrap();
+    })
+}
+
+/// The floors over `n` echoes (TCP, Unix socket) and the TCP floor's p50, which the
+/// ratios are to.
+fn floor_figures(n: usize) -> (Vec<Figure>, f64) {
     let times = floor(n);
     let p50 = percentile(&times, 0.5);
-    (figure(&format!("floor: TCP echo {FLOOR_FRAME} B"), &times, p50), p50)
+    let tcp = figure(&format!("floor: TCP echo {FLOOR_FRAME} B"), &times, p50);
+    let unix = figure(&format!("floor: Unix socket echo {FLOOR_FRAME} B"), &unix_floor(n), p50);
+    (vec![tcp, unix], p50)
 }
 
 fn figure(name: &str, times: &[f64], floor_p50: f64) -> Figure {
@@ -760,8 +784,7 @@ fn main() -> shared_tensor::Result<()> {
     let _ = importer.wait();
     drop(exported);
 
-    let (floor, floor_p50) = floor_figure(n.max(1000));
-    let mut figures = vec![floor];
+    let (mut figures, floor_p50) = floor_figures(n.max(1000));
 
     figures.push(figure(
         "no-op call (direct, no arguments)",
@@ -782,6 +805,27 @@ fn main() -> shared_tensor::Result<()> {
         }),
         floor_p50,
     ));
+    // The same over TCP loopback, for the clients that cannot reach the server's socket.
+    let tcp = shared_tensor::client::Client::new(
+        &Config::default().base_port(port).transport(shared_tensor::transport::Transport::Tcp),
+    )?;
+    {
+        use shared_tensor::control::Control;
+        figures.push(figure(
+            "ping, TCP transport",
+            &measure(n, 100, || {
+                tcp.ping().unwrap();
+            }),
+            floor_p50,
+        ));
+    }
+    let times = measure(n, 50, || {
+        let y: Tensor = tcp.call("identity", (x16.shallow_clone(),)).unwrap();
+        sync();
+        drop(y);
+    });
+    figures.push(figure("identity 16 B, TCP transport", &times, floor_p50));
+    drop(tcp);
     for (label, numel) in [("16 B", 4i64), ("4 MiB", 1 << 20), ("256 MiB", 1 << 26), ("1 GiB", 1 << 28)] {
         let x = Tensor::ones([numel], (Kind::Float, device));
         let times = measure(n, 50, || {
@@ -911,8 +955,7 @@ fn main() -> shared_tensor::Result<()> {
 /// `bench models [--quick]`: only the LLM-shaped rows (and the floor, for the ratios);
 /// writes `$OUT/bench-models.json`.
 fn models_only(port: u16, quick: bool, mut report: Report) -> Report {
-    let (floor, floor_p50) = floor_figure(1000);
-    let mut figures = vec![floor];
+    let (mut figures, floor_p50) = floor_figures(1000);
     report.models = llm_rows(port, quick, floor_p50, &mut figures);
     report.figures = figures;
     write_report(&report, "bench-models.json");

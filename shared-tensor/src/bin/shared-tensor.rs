@@ -215,11 +215,13 @@ fn run(cli: &Cli) -> shared_tensor::Result<()> {
         Cmd::Ping => {
             let rtt = client.ping()?;
             if cli.json {
-                print_json(
-                    &serde_json::json!({ "address": client.addr().to_string(), "rtt_us": rtt.as_secs_f64() * 1e6 }),
-                )?;
+                print_json(&serde_json::json!({
+                    "address": client.addr().to_string(),
+                    "transport": client.transport().to_string(),
+                    "rtt_us": rtt.as_secs_f64() * 1e6,
+                }))?;
             } else {
-                println!("pong from {} in {:.0} µs", client.addr(), rtt.as_secs_f64() * 1e6);
+                println!("pong from {} ({}) in {:.0} µs", client.addr(), client.transport(), rtt.as_secs_f64() * 1e6);
             }
         }
         Cmd::Info => {
@@ -242,6 +244,7 @@ fn run(cli: &Cli) -> shared_tensor::Result<()> {
                 &["", ""],
                 vec![
                     vec!["address".into(), i.address.clone()],
+                    vec!["unix socket".into(), i.unix_socket.clone().unwrap_or_else(|| "none (TCP only)".into())],
                     vec!["server id".into(), format!("{:016x}", i.server_id)],
                     vec!["version".into(), format!("shared-tensor {} (protocol {})", i.version, i.protocol)],
                     vec!["pid".into(), i.pid.to_string()],
