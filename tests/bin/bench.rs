@@ -8,6 +8,9 @@
 //! are this binary again (`bench child ...`). GPU timings stop after the consumer's
 //! stream has the data (a stream synchronize inside the timed region).
 //!
+//! `bench transports [rounds]` runs the same calls over the Unix socket and over TCP in
+//! turn, with both echo floors: the transports compared at the same moment.
+//!
 //! `bench models [--quick]` runs only the LLM-shaped rows (an embedding model, decoders,
 //! state dicts; they also end a full run) and writes `$OUT/bench-models.json`.
 //!
@@ -676,6 +679,102 @@ fn print_llm_rows(rows: &ModelRows) {
 /// the server and (except for `throughput`, whose load runs in 8 child processes) the
 /// client, this process, are sampled; folded stacks go to
 /// `$OUT/{client,server}-<workload>.folded`. Needs `--features profile`.
+/// `bench transports [calls]`: the same calls over the server's Unix socket and over TCP
+/// loopback, one of each in turn (the order swapped every round), so that both see the
+/// same host at the same moment; with the two echo floors measured the same way.
+fn transports(args: &[String]) -> shared_tensor::Result<()> {
+    use shared_tensor::client::Client;
+    use shared_tensor::control::Control;
+    use shared_tensor::transport::Transport;
+    let rounds: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(2000);
+    let device = shared_tensor::cuda::device()?;
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let server = start_server(port, &[]);
+    let config = Config::default().role(Role::Client).base_port(port);
+    shared_tensor::configure(config.clone())?;
+    let clients = [
+        ("unix", Client::new(&config.clone().transport(Transport::Unix))?),
+        ("tcp", Client::new(&config.transport(Transport::Tcp))?),
+    ];
+    let x = Tensor::ones([4], (Kind::Float, device));
+    type Step<'a> = Box<dyn Fn(&Client) + 'a>;
+    let steps: Vec<(&str, Step)> = vec![
+        (
+            "ping",
+            Box::new(|c: &Client| {
+                c.ping().unwrap();
+            }),
+        ),
+        ("no-op call (direct)", Box::new(|c: &Client| c.call::<(), _>("noop", ()).unwrap())),
+        (
+            "identity 16 B (direct, by reference)",
+            Box::new(|c: &Client| {
+                let y: Tensor = c.call("identity_ref", (&x,)).unwrap();
+                sync();
+                drop(y);
+            }),
+        ),
+        (
+            "identity 16 B (task)",
+            Box::new(|c: &Client| {
+                let y: Tensor = c.call("identity", (x.shallow_clone(),)).unwrap();
+                sync();
+                drop(y);
+            }),
+        ),
+        (
+            "cached 4 MiB result",
+            Box::new(|c: &Client| {
+                let y: Tensor = c.call("cached_tensor", ()).unwrap();
+                sync();
+                drop(y);
+            }),
+        ),
+    ];
+    println!("\nshared-tensor transports, {rounds} rounds, Unix socket and TCP in turn");
+    println!("| figure | Unix p50 µs | TCP p50 µs | Unix p99 µs | TCP p99 µs |");
+    println!("| --- | ---: | ---: | ---: | ---: |");
+    let (tcp_floor, unix_floor) = (floor(rounds), unix_floor(rounds));
+    println!(
+        "| floor: echo {FLOOR_FRAME} B | {:.1} | {:.1} | {:.1} | {:.1} |",
+        percentile(&unix_floor, 0.5),
+        percentile(&tcp_floor, 0.5),
+        percentile(&unix_floor, 0.99),
+        percentile(&tcp_floor, 0.99)
+    );
+    for (name, step) in &steps {
+        let mut times = [Vec::with_capacity(rounds), Vec::with_capacity(rounds)];
+        for (_, c) in &clients {
+            for _ in 0..100 {
+                step(c);
+            }
+        }
+        for round in 0..rounds {
+            for k in [round % 2, 1 - round % 2] {
+                let t = Instant::now();
+                step(&clients[k].1);
+                times[k].push(t.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+        for t in &mut times {
+            t.sort_by(f64::total_cmp);
+        }
+        println!(
+            "| {name} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            percentile(&times[0], 0.5),
+            percentile(&times[1], 0.5),
+            percentile(&times[0], 0.99),
+            percentile(&times[1], 0.99)
+        );
+    }
+    for (name, c) in &clients {
+        assert_eq!(c.transport().map(|t| t.to_string()).as_deref(), Some(*name), "each client kept its transport");
+    }
+    drop(clients);
+    drop(server);
+    Ok(())
+}
+
 fn profile(args: &[String]) -> shared_tensor::Result<()> {
     let workload = args.first().map(String::as_str).unwrap_or("model").to_string();
     let secs: f64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(5.0);
@@ -735,6 +834,9 @@ fn main() -> shared_tensor::Result<()> {
     }
     if args.first().map(String::as_str) == Some("profile") {
         return profile(&args[1..]);
+    }
+    if args.first().map(String::as_str) == Some("transports") {
+        return transports(&args[1..]);
     }
     let quick = args.iter().any(|a| a == "--quick");
     let n = if quick { 200 } else { 1000 };
