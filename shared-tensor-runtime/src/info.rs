@@ -218,7 +218,7 @@ pub struct ObjectInfo {
 pub struct CacheEntryInfo {
     /// The endpoint.
     pub endpoint: String,
-    /// The key (see [`KeyPart`](crate::endpoint::KeyPart) for the default one).
+    /// The key (see [`KeyPart`](crate::exec::endpoint::KeyPart) for the default one).
     pub key: String,
     /// Bytes of GPU memory the result holds.
     pub bytes: u64,
@@ -277,7 +277,7 @@ pub struct ServerInfo {
     pub uptime_ms: u64,
     /// Listening address (TCP loopback).
     pub address: String,
-    /// The Unix socket it also listens on, if any (see [`transport`](crate::transport)).
+    /// The Unix socket it also listens on, if any (see [`transport`](crate::protocol::transport)).
     #[serde(default)]
     pub unix_socket: Option<String>,
     /// The CUDA device index the port was derived from.

@@ -36,46 +36,33 @@
 // Unsafe code lives in `ffi` alone, and the compiler holds every other module to it.
 #![deny(unsafe_code)]
 
-pub mod auth;
-#[cfg(feature = "cuda")]
-pub mod client;
-pub mod config;
-pub mod control;
-#[cfg(feature = "cuda")]
-pub mod cuda;
-#[cfg(feature = "cuda")]
-#[doc(hidden)]
-pub mod diagnostics;
-#[cfg(feature = "cuda")]
-pub mod endpoint;
 pub mod error;
+pub mod info;
+
+#[cfg(feature = "cuda")]
+pub mod api;
+pub mod device;
 #[cfg(feature = "cuda")]
 pub mod exec;
-#[allow(unsafe_code)]
-mod ffi;
 #[cfg(feature = "cuda")]
-pub mod handle;
-pub mod info;
-#[cfg(feature = "cuda")]
-pub mod ipc;
-#[cfg(feature = "cuda")]
-mod lease;
-#[cfg(feature = "cuda")]
-pub mod managed;
+pub mod net;
 #[cfg(feature = "cuda")]
 pub mod payload;
-#[cfg(feature = "cuda")]
-mod pool;
+pub mod protocol;
+
+// The modules by their short names, as users know them (each also under its layer).
 #[cfg(feature = "cuda")]
 #[doc(hidden)]
-pub mod private;
+pub use api::{diagnostics, private};
+#[doc(no_inline)]
+pub use protocol::{auth, config, control, transport, wire};
 #[cfg(feature = "cuda")]
-pub mod runtime;
-#[cfg(feature = "cuda")]
-pub mod server;
-#[cfg(feature = "cuda")]
-pub mod task;
-pub mod transport;
-pub mod wire;
+#[doc(no_inline)]
+pub use {
+    api::{handle, runtime},
+    device::{cuda, ipc},
+    exec::{endpoint, managed, task},
+    net::{client, server},
+};
 
 pub use error::{Error, Result};

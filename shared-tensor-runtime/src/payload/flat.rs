@@ -40,8 +40,8 @@ use std::collections::BTreeMap;
 
 use tch::{Device, Kind, Tensor};
 
+use crate::device::ffi;
 use crate::error::{Error, Result};
-use crate::ffi;
 
 /// Each buffer starts every storage at a multiple of this many bytes (what CUDA's
 /// allocator and vectorised kernels expect of a tensor's start).
@@ -162,8 +162,8 @@ struct View {
     tensor: Tensor,
     /// In elements.
     offset: i64,
-    sizes: crate::ipc::Dims,
-    strides: crate::ipc::Dims,
+    sizes: crate::device::ipc::Dims,
+    strides: crate::device::ipc::Dims,
 }
 
 fn unsupported(path: &str, reason: String) -> Error {

@@ -34,10 +34,10 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
+use crate::device::ffi;
+use crate::device::ipc::{self, EventHandle, GpuId, StorageDescriptor, TensorView};
+use crate::device::lease::{self, Link, Origin};
 use crate::error::{Error, Result};
-use crate::ffi;
-use crate::ipc::{self, EventHandle, GpuId, StorageDescriptor, TensorView};
-use crate::lease::{self, Link, Origin};
 
 /// One value on the wire.
 ///
@@ -189,7 +189,7 @@ pub struct WirePayload {
     pub root: Node,
 }
 
-pub use crate::wire::PackedPayload;
+pub use crate::protocol::wire::PackedPayload;
 
 impl PackedPayload {
     /// Packs a payload. Fails only for a value nested deeper than 256 levels.
@@ -857,7 +857,7 @@ impl Encoder {
     pub fn tensor(&mut self, t: &Tensor) -> Result<Node> {
         // The path is formatted only for an error (no copy of it per tensor).
         let ins = ipc::inspect(t, &|| self.path.to_string())?;
-        crate::cuda::require()?;
+        crate::device::cuda::require()?;
         let key = (ins.meta.storage_base, ins.meta.storage_nbytes, ins.meta.device_index);
         let storage = match self.storage_index.get(&key) {
             Some(index) => *index,
@@ -1493,8 +1493,8 @@ impl Payload for Tensor {
 /// on device 0) over the IPC `handle`, lent as lease 1..: sample input for the decoder
 /// fuzzer, the property tests and the protocol tests. `root` refers to it as `Tensor(0)`.
 #[doc(hidden)]
-pub fn one_shared_f32x4(handle: Vec<u8>, producer: crate::ipc::ProcessId, root: Node) -> WirePayload {
-    use crate::ipc::{DType, GpuId, StorageDescriptor, TensorView};
+pub fn one_shared_f32x4(handle: Vec<u8>, producer: crate::device::ipc::ProcessId, root: Node) -> WirePayload {
+    use crate::device::ipc::{DType, GpuId, StorageDescriptor, TensorView};
     WirePayload {
         regions: vec![WireRegion {
             storage: StorageDescriptor {
@@ -1528,7 +1528,7 @@ pub fn one_shared_f32x4(handle: Vec<u8>, producer: crate::ipc::ProcessId, root: 
 pub fn fuzz_decode(bytes: &[u8]) {
     let mut cursor = std::io::Cursor::new(bytes);
     let mut buf = Vec::new();
-    use crate::wire::{decode, read_frame, ClientMessage, Request, Response, ServerMessage, MAX_FRAME_BYTES};
+    use crate::protocol::wire::{decode, read_frame, ClientMessage, Request, Response, ServerMessage, MAX_FRAME_BYTES};
     while read_frame(&mut cursor, &mut buf).is_ok() {
         assert!(buf.len() <= MAX_FRAME_BYTES);
         if let Ok(ClientMessage::Request {
@@ -1551,18 +1551,24 @@ pub fn fuzz_decode(bytes: &[u8]) {
 #[cfg(test)]
 fn f32_vector(n: i64, requires_grad: bool) -> TensorView {
     let dims = |v: i64| ipc::Dims::from_slice(&[v]);
-    TensorView { dtype: crate::ipc::DType::F32, sizes: dims(n), strides: dims(1), storage_offset: 0, requires_grad }
+    TensorView {
+        dtype: crate::device::ipc::DType::F32,
+        sizes: dims(n),
+        strides: dims(1),
+        storage_offset: 0,
+        requires_grad,
+    }
 }
 
 /// Frames that carry payloads, corrupted: decoding them never panics.
 #[cfg(test)]
 mod frames {
     use super::*;
-    use crate::wire::{write_frame, ClientMessage, Request};
+    use crate::protocol::wire::{write_frame, ClientMessage, Request};
 
     /// A valid request frame to corrupt.
     fn sample_frames() -> Vec<u8> {
-        let producer = crate::ipc::ProcessId { pid: 1, instance: 2 };
+        let producer = crate::device::ipc::ProcessId { pid: 1, instance: 2 };
         let args = one_shared_f32x4(
             vec![2, b'c', 9, 9, 9],
             producer,
@@ -1657,7 +1663,7 @@ mod tests {
     /// An imported region (cookie 9) with parts at the given (offset, nbytes) of a region
     /// that starts 4096 bytes into its block.
     fn import_of(parts: Vec<(u64, u64)>) -> Import {
-        use crate::ipc::ProcessId;
+        use crate::device::ipc::ProcessId;
         let descriptor = StorageDescriptor {
             handle: b"\x02cI".to_vec(),
             offset: 4096,
@@ -1735,7 +1741,7 @@ mod tests {
     /// as (the same StorageImpl), while a part of another region stays apart.
     #[test]
     fn parts_come_home_as_their_own_storages() {
-        use crate::ipc::DType;
+        use crate::device::ipc::DType;
         let cpu = (tch::Kind::Float, tch::Device::Cpu);
         let (a, b, c) = (Tensor::arange(16, cpu), Tensor::arange(8, cpu), Tensor::arange(4, cpu));
         let mut blocks = ipc::BlockHandles::default();
@@ -1812,7 +1818,7 @@ mod tests {
     /// whether the decoder tries again or not.
     #[test]
     fn a_message_that_cannot_be_opened_gives_every_lease_back_once() {
-        use crate::ipc::ProcessId;
+        use crate::device::ipc::ProcessId;
         let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
         let sink = seen.clone();
         let link = Link::new(Box::new(move |lease, _| sink.lock().push(lease)));
@@ -1848,7 +1854,7 @@ mod tests {
         //! The decoder refuses every descriptor that points outside its storage, naming
         //! the storage or tensor and the field; and accepts exactly the views that fit.
         use super::super::*;
-        use crate::ipc::{DType, ProcessId, DTYPES};
+        use crate::device::ipc::{DType, ProcessId, DTYPES};
         use proptest::prelude::*;
 
         /// A storage entry of a test message: a region lent whole (one part over all of

@@ -23,7 +23,7 @@
 //! left before allocating, refuses unknown tags and dtypes, and bounds the tree's depth,
 //! so a corrupt or hostile frame is an error, never a panic or a huge allocation.
 
-use crate::ipc::{DType, Dims, EventHandle, GpuId, ProcessId, StorageDescriptor, TensorView};
+use crate::device::ipc::{DType, Dims, EventHandle, GpuId, ProcessId, StorageDescriptor, TensorView};
 
 use super::{Node, WirePayload, WireRegion, WireStorage, WireTensor};
 
@@ -498,7 +498,7 @@ mod tests {
             |(storage, d, sizes, strides, storage_offset, requires_grad)| WireTensor {
                 storage,
                 view: TensorView {
-                    dtype: crate::ipc::DTYPES[d].0,
+                    dtype: crate::device::ipc::DTYPES[d].0,
                     sizes: sizes.into(),
                     strides: strides.into(),
                     storage_offset,

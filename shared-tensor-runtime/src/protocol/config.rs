@@ -24,14 +24,14 @@
 //! | `SHARED_TENSOR_CACHE_BYTES` | GPU memory cached results may hold; past it the least recently used unmanaged entries are evicted (managed and kept entries count toward it but are never evicted) | unset: unlimited |
 //! | `SHARED_TENSOR_TASK_TTL_S` | how long finished tasks are kept | 3600 |
 //! | `SHARED_TENSOR_TASK_CAPACITY` | how many tasks are kept | 1000 |
-//! | `SHARED_TENSOR_TOKEN` | a secret shared on purpose with other users (see [`auth`](crate::auth)) | unset: same user only |
-//! | `SHARED_TENSOR_TRANSPORT` | `auto` (the server's Unix socket when reachable, else TCP), `unix` or `tcp` (see [`transport`](crate::transport)) | `auto` |
+//! | `SHARED_TENSOR_TOKEN` | a secret shared on purpose with other users (see [`auth`](crate::protocol::auth)) | unset: same user only |
+//! | `SHARED_TENSOR_TRANSPORT` | `auto` (the server's Unix socket when reachable, else TCP), `unix` or `tcp` (see [`transport`](crate::protocol::transport)) | `auto` |
 //! | `SHARED_TENSOR_RUNTIME_DIR` | where servers write their token files and Unix sockets | `$XDG_RUNTIME_DIR/shared-tensor` or `/tmp/shared-tensor-<uid>` |
 
 use std::time::Duration;
 
 use crate::error::{Error, Result};
-pub use crate::transport::Transport;
+pub use crate::protocol::transport::Transport;
 
 /// Default retention of finished tasks.
 ///
@@ -62,7 +62,7 @@ pub const DEFAULT_BASE_PORT: u16 = 2537;
 /// How long a client tries to connect before [`Error::ServerUnreachable`]: short, so that
 /// a missing server is reported at once rather than looking like a hang. Waiting longer
 /// (a server that starts alongside) is explicit: `SHARED_TENSOR_CONNECT_TIMEOUT_MS`,
-/// [`Config::connect_timeout`] or [`Client::wait_for_server`](crate::client::Client::wait_for_server).
+/// [`Config::connect_timeout`] or [`Client::wait_for_server`](crate::net::client::Client::wait_for_server).
 ///
 /// ```
 /// use shared_tensor_runtime::config::DEFAULT_CONNECT_TIMEOUT;
@@ -326,7 +326,7 @@ impl Config {
 
     /// Which stream clients open and servers offer (default [`Transport::Auto`]: a server
     /// listens on its Unix socket and on TCP, a client takes the socket when it can reach
-    /// it). See [`transport`](crate::transport).
+    /// it). See [`transport`](crate::protocol::transport).
     ///
     /// ```
     /// use shared_tensor_runtime::config::{Config, Transport};
@@ -383,7 +383,7 @@ impl Config {
         match self.device_index {
             Some(index) => Ok(index),
             #[cfg(feature = "cuda")]
-            None => crate::cuda::current_device(),
+            None => crate::device::cuda::current_device(),
             #[cfg(not(feature = "cuda"))]
             None => Err(Error::config(
                 "SHARED_TENSOR_DEVICE",

@@ -1,7 +1,7 @@
 //! The byte streams between a client and a server, and how a client opens one.
 //!
 //! A server listens on TCP loopback, `127.0.0.1:port`, and on the Unix domain socket
-//! `<runtime dir>/server-<port>.sock`, next to its token file (see [`auth`](crate::auth)
+//! `<runtime dir>/server-<port>.sock`, next to its token file (see [`auth`]
 //! for the runtime dir). The port stays the one address users configure: the socket is
 //! found from it. A client takes the socket when it is there, TCP otherwise
 //! ([`Transport::Auto`], the default): a round trip over a Unix socket skips the TCP
@@ -27,10 +27,10 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use crate::auth::{self, Side};
 use crate::error::{Error, Result};
 use crate::info::ProcessId;
-use crate::wire::{self, ClientMessage, Hello, ServerMessage, Welcome};
+use crate::protocol::auth::{self, Side};
+use crate::protocol::wire::{self, ClientMessage, Hello, ServerMessage, Welcome};
 
 /// Which stream a client opens to its server (`SHARED_TENSOR_TRANSPORT`).
 ///
@@ -265,7 +265,7 @@ pub(crate) fn open_stream(
     Ok((stream, welcome))
 }
 
-/// Hello, Challenge, Auth, Welcome (see [`auth`](crate::auth)).
+/// Hello, Challenge, Auth, Welcome (see [`auth`](crate::protocol::auth)).
 fn handshake(stream: &Stream, addr: SocketAddr, shared_token: Option<&str>) -> Result<Welcome> {
     let send = |msg: &ClientMessage| -> Result<()> {
         let mut buf = Vec::new();

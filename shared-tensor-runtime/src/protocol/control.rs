@@ -3,14 +3,14 @@
 //! tasks, drop cache entries), declared once in [`Control`] for every kind of client.
 //!
 //! Two clients implement it:
-//! - [`Client`](crate::client::Client), the full client, which also calls endpoints and
+//! - [`Client`](crate::net::client::Client), the full client, which also calls endpoints and
 //!   receives tensors;
 //! - [`ControlClient`], a connection that carries no tensor and reaches nothing of
 //!   libtorch: a program that talks to a server only through it (the `shared-tensor`
 //!   inspector) starts and works on a machine without libtorch or a GPU.
 //!
 //! Both open their connection the same way (connect within a window, then the
-//! authenticated handshake of [`auth`](mod@crate::auth)) and speak the same frames
+//! authenticated handshake of [`auth`](mod@crate::protocol::auth)) and speak the same frames
 //! ([`wire`]).
 //!
 //! ```no_run
@@ -27,11 +27,11 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::info::{EndpointInfo, ObjectInfo, ServerInfo, TaskInfo, TaskStatus};
-use crate::transport::{self, Stream, Transport};
-use crate::wire::{self, ClientMessage, Request, Response, ServerMessage, Welcome};
+use crate::protocol::config::Config;
+use crate::protocol::transport::{self, Stream, Transport};
+use crate::protocol::wire::{self, ClientMessage, Request, Response, ServerMessage, Welcome};
 
 /// The answer's one expected variant, or a protocol error naming the request.
 macro_rules! expect_reply {
@@ -58,7 +58,7 @@ macro_rules! expect_reply {
 pub trait Control {
     /// Sends one control request and waits for its answer (within the client's call
     /// timeout). A call request (`Call`, `Submit`) is not a control request: use
-    /// [`Client::call`](crate::client::Client::call) for those.
+    /// [`Client::call`](crate::net::client::Client::call) for those.
     ///
     /// ```no_run
     /// # fn demo(server: &impl shared_tensor_runtime::control::Control) -> shared_tensor_runtime::Result<()> {

@@ -1,6 +1,7 @@
 //! The wire protocol between a client process and a server process.
 //!
-//! One TCP connection per client process, on loopback only. Every message is a frame: a
+//! One connection per client process, local only: the server's Unix socket or TCP
+//! loopback (see [`transport`](crate::protocol::transport)). Every message is a frame: a
 //! 4-byte big-endian length, then a MessagePack body. A frame longer than
 //! [`MAX_FRAME_BYTES`] is refused from its length prefix alone, before any buffer is
 //! allocated for it. The connection is multiplexed: requests carry ids, replies come back
@@ -9,7 +10,7 @@
 //! The conversation:
 //! 1. the handshake: `Hello`, `Challenge`, `Auth`, then `Welcome` (or `Refused` with the
 //!    reason, and the connection closes); both sides prove they share a secret (see
-//!    [`auth`](crate::auth)) before anything else is served;
+//!    [`auth`](crate::protocol::auth)) before anything else is served;
 //! 2. the client sends `Request`s; the server answers each with one `Reply`;
 //! 3. either side sends `Release` when it has dropped the last tensor over storages the
 //!    other side lent it (leases).
@@ -22,9 +23,9 @@ use std::io::Read;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::auth::Bytes32;
 use crate::error::{Error, Result};
 use crate::info::{EndpointInfo, ObjectInfo, ProcessId, ServerInfo, TaskInfo, TaskStatus};
+use crate::protocol::auth::Bytes32;
 
 /// Version of this protocol; both sides must speak the same.
 ///
@@ -62,7 +63,7 @@ pub struct Hello {
     pub protocol: u32,
     /// The client process.
     pub client: ProcessId,
-    /// The client's challenge to the server (see [`auth`](crate::auth)).
+    /// The client's challenge to the server (see [`auth`](crate::protocol::auth)).
     pub nonce: Bytes32,
 }
 
@@ -130,7 +131,7 @@ pub enum Request {
         /// How long the caller waits, in milliseconds from when the server reads the
         /// request: past it, a call still pending there (queued, or waiting for a
         /// serialized endpoint) is cancelled, and a running body sees
-        /// [`task::is_cancelled`](crate::task::is_cancelled). `None`: no deadline.
+        /// [`task::is_cancelled`](crate::exec::task::is_cancelled). `None`: no deadline.
         #[serde(default)]
         deadline_ms: Option<u64>,
     },

@@ -33,8 +33,8 @@ use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
+use crate::device::ffi;
 use crate::error::{Error, Result};
-use crate::ffi;
 
 /// A 32-byte random value or proof.
 ///

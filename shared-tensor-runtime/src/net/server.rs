@@ -8,7 +8,7 @@
 //! everything lent to it is released: its leases, and its references to managed objects.
 //!
 //! Start one with the server role (`SHARED_TENSOR_ROLE=server`), or in code with
-//! [`Server::builder`] (manual mode; [`serve_in_background`](crate::runtime::serve_in_background)
+//! [`Server::builder`] (manual mode; [`serve_in_background`](crate::api::runtime::serve_in_background)
 //! is its shortest form). Both give a [`ServerHandle`].
 //!
 //! ## Stopping
@@ -20,12 +20,12 @@
 //! pending tasks its clients submitted, and waits up to the grace period
 //! ([`ServerBuilder::grace`], 10 s by default) for the calls and tasks already running
 //! and for every connection's clean-up (leases returned, mappings closed). Running bodies
-//! see the stop through [`task::is_cancelled`](crate::task::is_cancelled) and may return
+//! see the stop through [`task::is_cancelled`](crate::exec::task::is_cancelled) and may return
 //! early. A stop touches only this server's own calls and tasks: tasks that the process
 //! submitted itself (`submit` in the local role) and other servers' tasks in the same
 //! process run on. Clients then
 //! see their connection close: their calls fail with [`Error::ServerGone`]. The library
-//! never installs a signal handler by itself: [`serve_until_signal`](crate::runtime::serve_until_signal)
+//! never installs a signal handler by itself: [`serve_until_signal`](crate::api::runtime::serve_until_signal)
 //! is the opt-in that stops the process's servers on SIGINT or SIGTERM.
 
 pub use crate::info::{CacheEntryInfo, ServerInfo};
@@ -46,17 +46,18 @@ use tokio::net::{tcp, unix, TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{watch, Notify};
 use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
 
-use crate::auth::{self, Secret, Side};
-use crate::endpoint::{EndpointDef, Registry};
+use crate::device::ipc::ProcessId;
+use crate::device::lease::{self, Link, UsedOn};
 use crate::error::{Error, Result};
-use crate::exec::{Core, Outcome, Prepared};
-use crate::ipc::ProcessId;
-use crate::lease::{self, Link, UsedOn};
-use crate::managed::Holder;
+use crate::exec::endpoint::{EndpointDef, Registry};
+use crate::exec::engine::Core;
+use crate::exec::managed::Holder;
+use crate::exec::task::{StopSignal, TaskStatus};
+use crate::exec::value::{Outcome, Prepared};
 use crate::payload::{Decoder, PackedPayload, Received};
-use crate::task::{StopSignal, TaskStatus};
-use crate::transport::{self, Transport};
-use crate::wire::{self, Challenge, ClientMessage, Request, Response, ServerMessage, Welcome};
+use crate::protocol::auth::{self, Secret, Side};
+use crate::protocol::transport::{self, Transport};
+use crate::protocol::wire::{self, Challenge, ClientMessage, Request, Response, ServerMessage, Welcome};
 
 /// Connection ids, unique in the process: every server of a process shares one `Core`,
 /// whose managed references are held by `Holder::Connection(id)`, so two servers must
@@ -161,13 +162,13 @@ impl ServerState {
             managed_objects: self.core.objects.count() as u64,
             live_leases: links.iter().map(|l| l.live_leases() as u64).sum(),
             imported_storages: lease::live_imports() as u64,
-            ipc_mappings: crate::ipc::open_mappings(),
+            ipc_mappings: crate::device::ipc::open_mappings(),
             connections: links.len() as u64,
             cache_entries: self.core.cache_len() as u64,
             cache: self.core.cache_entries(),
             cache_budget_bytes: self.core.cache_budget(),
-            gpu_memory: (crate::cuda::device_count() > 0)
-                .then(|| crate::cuda::memory_stats(self.device_index).ok())
+            gpu_memory: (crate::device::cuda::device_count() > 0)
+                .then(|| crate::device::cuda::memory_stats(self.device_index).ok())
                 .flatten(),
             host_rss_bytes: resident_bytes(),
         }
@@ -345,23 +346,8 @@ impl ServerBuilder {
         self
     }
 
-    /// Starts serving in the background through this process's runtime (created from
-    /// the environment if it is not yet). Any role may serve this way.
-    ///
-    /// ```no_run
-    /// let server = shared_tensor_runtime::server::Server::builder().start()?;
-    /// println!("{}", server.info().endpoints.len());
-    /// # Ok::<(), shared_tensor_runtime::Error>(())
-    /// ```
-    pub fn start(self) -> Result<ServerHandle> {
-        let rt = crate::runtime::global()?;
-        let handle = self.start_on(rt.config(), rt.core().clone())?;
-        rt.adopt(handle.clone());
-        Ok(handle)
-    }
-
     /// Starts on `core`, taking what was not set from `config`.
-    pub(crate) fn start_on(self, config: &crate::config::Config, core: Arc<Core>) -> Result<ServerHandle> {
+    pub(crate) fn start_on(self, config: &crate::protocol::config::Config, core: Arc<Core>) -> Result<ServerHandle> {
         let device = match self.device {
             Some(device) => device,
             None => config.resolved_device_index()?,
@@ -382,7 +368,7 @@ impl ServerBuilder {
         };
         let transport = self.transport.unwrap_or(config.transport);
         let listen = Listen { port, transport, shared_token: shared.as_deref() };
-        start(crate::runtime::TOKIO.handle(), core, registry, listen, device, self.grace)
+        start(crate::exec::pool::TOKIO.handle(), core, registry, listen, device, self.grace)
     }
 }
 
@@ -455,7 +441,7 @@ impl ServerHandle {
     }
 
     /// The Unix socket it also listens on, `<runtime dir>/server-<port>.sock` (see
-    /// [`transport`](crate::transport)); `None` when the transport is TCP only.
+    /// [`transport`]); `None` when the transport is TCP only.
     ///
     /// ```no_run
     /// # fn demo(server: &shared_tensor_runtime::server::ServerHandle) {
@@ -547,7 +533,7 @@ impl ServerHandle {
     }
 
     /// Blocks until the server has stopped (through [`shutdown`](Self::shutdown) on any
-    /// clone, or [`serve_until_signal`](crate::runtime::serve_until_signal)).
+    /// clone, or [`serve_until_signal`](crate::api::runtime::serve_until_signal)).
     ///
     /// ```no_run
     /// # fn demo(server: shared_tensor_runtime::server::ServerHandle) {
@@ -622,7 +608,7 @@ pub(crate) fn start(
     device_index: u32,
     grace: Option<Duration>,
 ) -> Result<ServerHandle> {
-    if let Err(e) = crate::ffi::raise_open_files_limit() {
+    if let Err(e) = crate::device::ffi::raise_open_files_limit() {
         tracing::warn!(error = %e, "cannot raise the open-files limit; many clients may exhaust it");
     }
     let want = transport::tcp_addr(listen.port);
@@ -1106,7 +1092,7 @@ async fn read_frames(mut r: Reader) {
                 if let Some(call) = r.conn.handle(id, request) {
                     let conn = r.conn.clone();
                     let busy = Busy::new(&conn.state, true);
-                    crate::pool::spawn(Box::new(move || {
+                    crate::exec::pool::spawn(Box::new(move || {
                         conn.run_call(call);
                         drop(busy);
                     }));
@@ -1130,7 +1116,7 @@ async fn read_frames(mut r: Reader) {
     conn.link.close();
     conn.state.core.release_holder(Holder::Connection(conn.id));
     // Keep no mapping of a departed client's memory alive for it.
-    crate::ipc::forget_producer(&r.peer);
+    crate::device::ipc::forget_producer(&r.peer);
     // Calls still running write their replies; the socket closes when the last is done.
     conn.writer.close();
 }
@@ -1143,7 +1129,7 @@ async fn handshake_message(frames: &mut FramedRead<ReadHalf, LengthDelimitedCode
     }
 }
 
-/// Hello, Challenge, Auth (see [`auth`](crate::auth)). `Err(Some(e))` is refused with a
+/// Hello, Challenge, Auth (see [`auth`](crate::protocol::auth)). `Err(Some(e))` is refused with a
 /// reason, `Err(None)` is a client that went silent or away.
 async fn handshake(
     state: &ServerState,
@@ -1301,7 +1287,7 @@ impl Conn {
             // the call pool: nothing here waits or runs endpoint code.
             // The task belongs to this server: its stop cancels it while pending, and its
             // body sees the stop through `task::is_cancelled()`.
-            let result = crate::task::with_stop(Some(self.state.stopping.clone()), || {
+            let result = crate::exec::task::with_stop(Some(self.state.stopping.clone()), || {
                 decode(def, received).and_then(|p| self.state.core.submit(def, p.key, p.body))
             });
             self.reply(id, result.map(Response::Task));
@@ -1340,8 +1326,8 @@ impl Conn {
         }
         self.answer(call.id, || {
             let stop = Some(self.state.stopping.clone());
-            crate::task::with_stop(stop, || {
-                crate::task::with_deadline(call.deadline, || match (call.prepare)() {
+            crate::exec::task::with_stop(stop, || {
+                crate::exec::task::with_deadline(call.deadline, || match (call.prepare)() {
                     Ok(prepared) => match self.state.core.call(call.def, prepared.key, self.holder(), prepared.body) {
                         Ok(outcome) => (self.respond(call.def.name, &outcome), Some(outcome)),
                         Err(e) => (Err(e), None),

@@ -6,18 +6,18 @@ use std::fmt::Display;
 pub use inventory;
 pub use serde;
 
-pub use crate::endpoint::{CallKey, Concurrency, EndpointDef, EndpointOptions, Execution, KeyPart, Registration};
-pub use crate::exec::Prepared;
-pub use crate::handle::{Output, TaskHandle};
+pub use crate::api::handle::{Output, TaskHandle};
+pub use crate::exec::endpoint::{CallKey, Concurrency, EndpointDef, EndpointOptions, Execution, KeyPart, Registration};
+pub use crate::exec::value::Prepared;
 pub use crate::payload::{Argument, Decoder, Encoder, Node};
 
-use crate::config::Role;
+use crate::api::handle::{from_answer, from_outcome, Backend};
+use crate::api::runtime;
 use crate::error::{Error, Result};
-use crate::exec::AnyPayload;
-use crate::handle::{from_answer, from_outcome, Backend};
-use crate::managed::Holder;
+use crate::exec::managed::Holder;
+use crate::exec::value::AnyPayload;
 use crate::payload::Encoded;
-use crate::runtime;
+use crate::protocol::config::Role;
 
 /// Encodes one argument; errors name the parameter.
 pub fn encode_arg<V, A: Argument<V>>(enc: &mut Encoder, name: &str, value: &A) -> Result<Node> {
@@ -176,7 +176,7 @@ pub fn submit<O: Output, A>(
             let answer = client.request(request, Some(client.call_timeout()))?;
             drop(encoded);
             match answer {
-                crate::client::Answer::Other(crate::wire::Response::Task(id)) => {
+                crate::net::client::Answer::Other(crate::protocol::wire::Response::Task(id)) => {
                     Ok(TaskHandle::new(id, def.name, Backend::remote(client.clone())))
                 }
                 _ => Err(Error::Protocol(format!("the server answered a submit of {} without a task id", def.name))),

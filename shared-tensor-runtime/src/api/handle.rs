@@ -12,14 +12,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::client::{Answer, Client};
-use crate::control::Control;
 use crate::error::{Error, Result};
-use crate::exec::{Core, Outcome};
-use crate::managed::{Holder, ObjectInfo};
-use crate::payload::{Decoder, Payload};
-use crate::task::TaskInfo;
-use crate::wire::Request;
+use crate::exec::engine::Core;
+use crate::exec::managed::{Holder, ObjectInfo};
+use crate::exec::task::TaskInfo;
+use crate::exec::value::Outcome;
+use crate::net::client::{Answer, Client};
+use crate::payload::{Args, Decoder, Payload};
+use crate::protocol::control::Control;
+use crate::protocol::wire::Request;
 
 /// Where handles send their requests: this process's core, or a server through a client.
 #[doc(hidden)]
@@ -476,8 +477,8 @@ impl<O: Output> TaskHandle<O> {
     /// thread (up to the connect timeout for a first connection; one short attempt after
     /// a lost one). To keep that off an
     /// executor thread, connect at start-up on a blocking thread with
-    /// [`wait_for_server`](crate::runtime::wait_for_server) (or
-    /// [`Client::connect`](crate::client::Client::connect)).
+    /// [`wait_for_server`](crate::api::runtime::wait_for_server) (or
+    /// [`Client::connect`](crate::net::client::Client::connect)).
     ///
     /// ```no_run
     /// # use shared_tensor_runtime::{handle::TaskHandle, Result};
@@ -496,5 +497,55 @@ impl<O: Output> IntoFuture for TaskHandle<O> {
     type IntoFuture = Pin<Box<dyn Future<Output = Result<O>> + Send>>;
     fn into_future(self) -> Self::IntoFuture {
         Box::pin(async move { self.wait_async().await })
+    }
+}
+
+// Typed calls on a client: defined here, over the client, since their results are this
+// layer's handles and outputs.
+impl Client {
+    /// Calls an endpoint by name with typed arguments (manual mode: no need to link the
+    /// endpoint's definition). `O` is the result type, or `Managed<result>` for a managed
+    /// endpoint.
+    ///
+    /// ```no_run
+    /// # fn demo(client: &shared_tensor_runtime::client::Client, x: &tch::Tensor) -> shared_tensor_runtime::Result<()> {
+    /// let y: tch::Tensor = client.call("identity", (x,))?;
+    /// # Ok(()) }
+    /// ```
+    pub fn call<O: Output, V>(&self, endpoint: &str, args: impl Args<V>) -> Result<O> {
+        let (answer, encoded) = self.call_parts(endpoint, args)?;
+        drop(encoded);
+        from_answer(answer, &Backend::remote(self.clone()), endpoint)
+    }
+
+    /// Submits an endpoint call by name as a task.
+    ///
+    /// ```no_run
+    /// # fn demo(client: &shared_tensor_runtime::client::Client) -> shared_tensor_runtime::Result<()> {
+    /// use shared_tensor_runtime::handle::TaskHandle;
+    /// let task: TaskHandle<tch::Tensor> = client.submit("train_step", (4i64,))?;
+    /// println!("submitted task {}", task.id());
+    /// let loss = task.wait()?;
+    /// # let _ = loss;
+    /// # Ok(()) }
+    /// ```
+    pub fn submit<O: Output, V>(&self, endpoint: &str, args: impl Args<V>) -> Result<TaskHandle<O>> {
+        let id = self.submit_id(endpoint, args)?;
+        Ok(TaskHandle::new(id, endpoint, Backend::remote(self.clone())))
+    }
+
+    /// A handle to a task known by id.
+    ///
+    /// ```no_run
+    /// # fn demo(client: &shared_tensor_runtime::client::Client) -> shared_tensor_runtime::Result<()> {
+    /// // A task submitted elsewhere (another thread or process), known by its id.
+    /// let handle = client.task::<tch::Tensor>(42)?;
+    /// let result = handle.wait()?;
+    /// # let _ = result;
+    /// # Ok(()) }
+    /// ```
+    pub fn task<O: Output>(&self, task: u64) -> Result<TaskHandle<O>> {
+        let endpoint = self.task_info(task)?.endpoint;
+        Ok(TaskHandle::new(task, &endpoint, Backend::remote(self.clone())))
     }
 }

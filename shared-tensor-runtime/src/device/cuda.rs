@@ -7,8 +7,8 @@
 
 use once_cell::sync::OnceCell;
 
+use crate::device::ffi;
 use crate::error::{Error, Result};
-use crate::ffi;
 pub use crate::info::MemoryStats;
 
 static INIT: OnceCell<std::result::Result<ffi::InitInfo, String>> = OnceCell::new();

@@ -27,14 +27,13 @@ use std::time::{Duration, Instant};
 use futures::task::AtomicWaker;
 use parking_lot::{Condvar, Mutex};
 
-use crate::config::Config;
-use crate::control::Control;
+use crate::device::lease::{Link, UsedOn};
 use crate::error::{Error, Result};
-use crate::handle::{from_answer, Backend, Output, TaskHandle};
-use crate::lease::{Link, UsedOn};
 use crate::payload::{Args, Encoded, Encoder, Node, Received};
-use crate::transport::{self, Stream, Transport};
-use crate::wire::{self, ClientMessage, Request, Response, ServerMessage, Welcome};
+use crate::protocol::config::Config;
+use crate::protocol::control::Control;
+use crate::protocol::transport::{self, Stream, Transport};
+use crate::protocol::wire::{self, ClientMessage, Request, Response, ServerMessage, Welcome};
 
 /// A reply as the reader hands it over: a value's storages already pinned.
 pub(crate) enum Answer {
@@ -649,7 +648,7 @@ impl Connection {
         tracing::debug!(addr = %self.addr, reason, "connection lost");
         let _ = self.writer.lock().shutdown();
         self.link.close();
-        crate::ipc::forget_producer(&self.welcome.server);
+        crate::device::ipc::forget_producer(&self.welcome.server);
         let mut pending = self.pending.lock();
         for (_, slot) in pending.drain() {
             slot.fill(Err(self.gone(reason)));
@@ -996,21 +995,6 @@ impl Client {
         Ok(enc.finish(Node::Seq(nodes)))
     }
 
-    /// Calls an endpoint by name with typed arguments (manual mode: no need to link the
-    /// endpoint's definition). `O` is the result type, or `Managed<result>` for a managed
-    /// endpoint.
-    ///
-    /// ```no_run
-    /// # fn demo(client: &shared_tensor_runtime::client::Client, x: &tch::Tensor) -> shared_tensor_runtime::Result<()> {
-    /// let y: tch::Tensor = client.call("identity", (x,))?;
-    /// # Ok(()) }
-    /// ```
-    pub fn call<O: Output, V>(&self, endpoint: &str, args: impl Args<V>) -> Result<O> {
-        let (answer, encoded) = self.call_parts(endpoint, args)?;
-        drop(encoded);
-        from_answer(answer, &Backend::remote(self.clone()), endpoint)
-    }
-
     /// A call's answer, not yet decoded, and its encoded arguments (kept until then).
     pub(crate) fn call_parts<V>(&self, endpoint: &str, args: impl Args<V>) -> Result<(Answer, Encoded)> {
         let encoded = Self::encode(&args)?;
@@ -1020,40 +1004,15 @@ impl Client {
         Ok((answer, encoded))
     }
 
-    /// Submits an endpoint call by name as a task.
-    ///
-    /// ```no_run
-    /// # fn demo(client: &shared_tensor_runtime::client::Client) -> shared_tensor_runtime::Result<()> {
-    /// use shared_tensor_runtime::handle::TaskHandle;
-    /// let task: TaskHandle<tch::Tensor> = client.submit("train_step", (4i64,))?;
-    /// println!("submitted task {}", task.id());
-    /// let loss = task.wait()?;
-    /// # let _ = loss;
-    /// # Ok(()) }
-    /// ```
-    pub fn submit<O: Output, V>(&self, endpoint: &str, args: impl Args<V>) -> Result<TaskHandle<O>> {
+    /// Submits an endpoint call as a task; the task's id.
+    pub(crate) fn submit_id<V>(&self, endpoint: &str, args: impl Args<V>) -> Result<u64> {
         let encoded = Self::encode(&args)?;
         drop(args);
         let request = self.call_request(endpoint, &encoded, true)?;
         match self.request(request, Some(self.call_timeout()))? {
-            Answer::Other(Response::Task(id)) => Ok(TaskHandle::new(id, endpoint, Backend::remote(self.clone()))),
+            Answer::Other(Response::Task(id)) => Ok(id),
             _ => Err(Error::Protocol(format!("the server answered a submit of {endpoint} without a task id"))),
         }
-    }
-
-    /// A handle to a task known by id.
-    ///
-    /// ```no_run
-    /// # fn demo(client: &shared_tensor_runtime::client::Client) -> shared_tensor_runtime::Result<()> {
-    /// // A task submitted elsewhere (another thread or process), known by its id.
-    /// let handle = client.task::<tch::Tensor>(42)?;
-    /// let result = handle.wait()?;
-    /// # let _ = result;
-    /// # Ok(()) }
-    /// ```
-    pub fn task<O: Output>(&self, task: u64) -> Result<TaskHandle<O>> {
-        let endpoint = self.task_info(task)?.endpoint;
-        Ok(TaskHandle::new(task, &endpoint, Backend::remote(self.clone())))
     }
 }
 

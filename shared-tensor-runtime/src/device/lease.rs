@@ -22,8 +22,8 @@ use parking_lot::Mutex;
 // Lease ids and cookies are counters: FxHash is enough, and cheaper than SipHash per storage.
 use rustc_hash::FxHashMap as HashMap;
 
-use crate::ffi;
-use crate::ipc::StorageDescriptor;
+use crate::device::ffi;
+use crate::device::ipc::StorageDescriptor;
 
 /// One side's view of one connection: what it lent to the peer, and where releases of
 /// the peer's leases go.
@@ -307,8 +307,8 @@ mod tests {
             handle: vec![1],
             offset: 0,
             nbytes: 4,
-            device: crate::ipc::GpuId { index: 0, uuid: [0; 16] },
-            producer: crate::ipc::ProcessId { pid: 1, instance: 2 },
+            device: crate::device::ipc::GpuId { index: 0, uuid: [0; 16] },
+            producer: crate::device::ipc::ProcessId { pid: 1, instance: 2 },
         }
     }
 

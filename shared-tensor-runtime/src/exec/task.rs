@@ -20,7 +20,7 @@ use parking_lot::{Condvar, Mutex};
 use tokio::sync::watch;
 
 use crate::error::{Error, Result};
-use crate::exec::Value;
+use crate::exec::value::Value;
 pub use crate::info::{Progress, TaskInfo, TaskStatus};
 
 /// What a finished task produced, kept for its waiters.
@@ -175,7 +175,7 @@ pub(crate) struct Tasks {
     capacity: usize,
 }
 
-pub use crate::config::{DEFAULT_TASK_CAPACITY, DEFAULT_TASK_TTL};
+pub use crate::protocol::config::{DEFAULT_TASK_CAPACITY, DEFAULT_TASK_TTL};
 
 impl Tasks {
     pub(crate) fn new(ttl: Duration, capacity: usize) -> Tasks {
@@ -347,7 +347,7 @@ pub(crate) fn past_deadline() -> bool {
 
 /// Whether the endpoint body running on this thread should stop early: its caller's
 /// deadline passed (the client stopped waiting; deadlines travel with each call), the
-/// server that runs it is stopping ([`ServerHandle::shutdown`](crate::server::ServerHandle::shutdown),
+/// server that runs it is stopping ([`ServerHandle::shutdown`](crate::net::server::ServerHandle::shutdown),
 /// or a signal), or it runs as a task that was cancelled. A cheap check (a thread-local and a clock read):
 /// call it between steps of long work and return early when it says so; what the body
 /// returns then reaches nobody. False outside an endpoint body.

@@ -33,9 +33,9 @@
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-use crate::cuda;
+use crate::device::cuda;
+use crate::device::ffi;
 use crate::error::{Error, Result};
-use crate::ffi;
 pub use crate::info::ProcessId;
 
 /// Element types that can cross, with c10's `ScalarType` numbering underneath.
@@ -212,7 +212,7 @@ pub struct StorageDescriptor {
     pub producer: ProcessId,
 }
 
-pub use crate::ffi::Dims;
+pub use crate::device::ffi::Dims;
 
 /// How a tensor looks at its storage.
 ///

@@ -51,6 +51,17 @@ struct Worker {
     wake: Condvar,
 }
 
+/// The tokio runtime behind servers and background tasks (created on first need).
+pub(crate) static TOKIO: Lazy<tokio::runtime::Runtime> = Lazy::new(|| {
+    let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(2, 8);
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .thread_name("shared-tensor")
+        .enable_all()
+        .build()
+        .expect("cannot start the shared-tensor tokio runtime (out of threads or file descriptors)")
+});
+
 static POOL: Lazy<Arc<Pool>> = Lazy::new(Pool::new);
 
 /// Runs `job` on a pool thread.
@@ -92,7 +103,7 @@ impl Pool {
     }
 
     fn work(&self) {
-        let _runtime = crate::runtime::TOKIO.enter();
+        let _runtime = TOKIO.enter();
         let me = Arc::new(Worker::default());
         loop {
             let job = {

@@ -364,7 +364,7 @@ pub(crate) fn import_regions(regions: &[Import<'_>], parts: &[Part]) -> Result<V
     // SAFETY: `specs` holds `specs.len()` entries whose handle pointers borrow `regions`
     // for the call; `parts` is read only; `out` has room for one storage per part;
     // `failed`/`alloc_bytes` are valid out-pointers. CUDA was initialised by the caller
-    // (crate::cuda::require), which getIpcDevPtr needs. On error the C++ side frees
+    // (crate::device::cuda::require), which getIpcDevPtr needs. On error the C++ side frees
     // whatever it built and leaves `out`.
     let res = check(unsafe {
         st_regions_import(

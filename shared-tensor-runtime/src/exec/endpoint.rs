@@ -11,7 +11,7 @@ use std::fmt;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::exec::Prepared;
+use crate::exec::value::Prepared;
 pub use crate::info::{Concurrency, EndpointInfo, Execution};
 use crate::payload::Decoder;
 

@@ -16,7 +16,7 @@ use std::time::SystemTime;
 
 use parking_lot::Mutex;
 
-use crate::exec::Value;
+use crate::exec::value::Value;
 pub use crate::info::ObjectInfo;
 
 /// Who holds references to managed objects.

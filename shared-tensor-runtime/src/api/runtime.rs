@@ -20,28 +20,18 @@ use std::time::Duration;
 use once_cell::sync::{Lazy, OnceCell};
 use parking_lot::Mutex;
 
-use crate::client::Client;
-use crate::config::{Config, Role};
-use crate::control::Control;
-use crate::endpoint::{EndpointDef, EndpointInfo, Registry};
+use crate::api::handle::{Backend, Output, TaskHandle};
+use crate::device::ipc::ProcessId;
 use crate::error::{Error, Result};
-use crate::exec::Core;
-use crate::handle::{Backend, Output, TaskHandle};
-use crate::ipc::ProcessId;
-use crate::managed::ObjectInfo;
-use crate::server::{Server, ServerHandle, ServerInfo};
-use crate::task::{TaskInfo, TaskStatus, Tasks};
-
-/// The tokio runtime behind servers and background tasks (created on first need).
-pub(crate) static TOKIO: Lazy<tokio::runtime::Runtime> = Lazy::new(|| {
-    let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(2, 8);
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        .thread_name("shared-tensor")
-        .enable_all()
-        .build()
-        .expect("cannot start the shared-tensor tokio runtime (out of threads or file descriptors)")
-});
+use crate::exec::endpoint::{EndpointDef, EndpointInfo, Registry};
+use crate::exec::engine::Core;
+use crate::exec::managed::ObjectInfo;
+use crate::exec::pool::TOKIO;
+use crate::exec::task::{TaskInfo, TaskStatus, Tasks};
+use crate::net::client::Client;
+use crate::net::server::{Server, ServerHandle, ServerInfo};
+use crate::protocol::config::{Config, Role};
+use crate::protocol::control::Control;
 
 /// A process's runtime.
 ///
@@ -98,8 +88,8 @@ pub fn global() -> Result<Arc<Runtime>> {
 
 impl Runtime {
     fn start(config: Config) -> Result<Arc<Runtime>> {
-        crate::lease::init();
-        let spawn = Box::new(crate::pool::spawn);
+        crate::device::lease::init();
+        let spawn = Box::new(crate::exec::pool::spawn);
         let core = Arc::new(Core::new(
             ProcessId::current().instance,
             Tasks::new(config.task_ttl, config.task_capacity),
@@ -109,7 +99,7 @@ impl Runtime {
         let runtime = Arc::new(Runtime { config, core, servers: Mutex::new(Vec::new()), client: OnceCell::new() });
         if runtime.config.role == Role::Server {
             // A server shares CUDA memory: without a GPU there is nothing to serve.
-            crate::cuda::require()?;
+            crate::device::cuda::require()?;
             // The same server object as manual mode, with the configuration's choices.
             let handle = Server::builder().start_on(&runtime.config, runtime.core.clone())?;
             runtime.adopt(handle);
@@ -321,7 +311,7 @@ pub fn catch_stop_signals() -> Result<()> {
             let (mut int, mut term) = (listen(SignalKind::interrupt())?, listen(SignalKind::terminate())?);
             TOKIO.spawn(async move {
                 tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
-                crate::ffi::restore_default_stop_signals();
+                crate::device::ffi::restore_default_stop_signals();
                 tracing::info!("stop signal received: stopping the servers (a second signal ends the process)");
                 STOP.caught.store(true, std::sync::atomic::Ordering::SeqCst);
                 STOP.notify.notify_waiters();
@@ -579,6 +569,25 @@ pub fn serve_in_background(endpoints: Option<&[&'static EndpointDef]>) -> Result
     Ok(builder.start()?.addr())
 }
 
+// Defined here, over the server layer: starting through the process's runtime is what
+// the API layer adds to a server.
+impl crate::net::server::ServerBuilder {
+    /// Starts serving in the background through this process's runtime (created from
+    /// the environment if it is not yet). Any role may serve this way.
+    ///
+    /// ```no_run
+    /// let server = shared_tensor_runtime::server::Server::builder().start()?;
+    /// println!("{}", server.info().endpoints.len());
+    /// # Ok::<(), shared_tensor_runtime::Error>(())
+    /// ```
+    pub fn start(self) -> Result<ServerHandle> {
+        let rt = global()?;
+        let handle = self.start_on(rt.config(), rt.core().clone())?;
+        rt.adopt(handle.clone());
+        Ok(handle)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -586,8 +595,11 @@ mod tests {
     /// A runtime of the local role with one server on a free port (no endpoints, no GPU).
     fn runtime_with_a_server() -> (Runtime, ServerHandle) {
         let config = Config::default().role(Role::Local).device_index(0);
-        let core =
-            Arc::new(Core::new(7, Tasks::new(config.task_ttl, config.task_capacity), Box::new(crate::pool::spawn)));
+        let core = Arc::new(Core::new(
+            7,
+            Tasks::new(config.task_ttl, config.task_capacity),
+            Box::new(crate::exec::pool::spawn),
+        ));
         let rt = Runtime { config, core, servers: Mutex::new(Vec::new()), client: OnceCell::new() };
         let server = Server::builder().endpoints([]).device(0).port(0).start_on(&rt.config, rt.core.clone()).unwrap();
         rt.adopt(server.clone());

@@ -5,9 +5,9 @@ use std::time::Instant;
 
 use tch::Tensor;
 
+use crate::device::ffi;
+use crate::device::ipc::{self, EventHandle, TensorDescriptor};
 use crate::error::{Error, Result};
-use crate::ffi;
-use crate::ipc::{self, EventHandle, TensorDescriptor};
 
 /// Median microseconds of `n` runs of `f`.
 fn p50(n: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
@@ -40,7 +40,7 @@ pub fn export_steps(t: &Tensor, n: usize) -> Result<Vec<(&'static str, f64)>> {
             p50(n, || ffi::export_storage(&ins.storage).map(drop).map_err(|m| Error::cuda("export", m)))?,
         ),
         ("record interprocess event", p50(n, || EventHandle::record(device).map(drop))?),
-        ("stream synchronize (idle stream)", p50(n, || crate::cuda::synchronize_stream(device))?),
+        ("stream synchronize (idle stream)", p50(n, || crate::device::cuda::synchronize_stream(device))?),
         ("tensor over a local storage", p50(n, || ipc::view_tensor(&ins.storage, &view).map(drop))?),
         ("whole ipc::export", p50(n, || ipc::export(t).map(drop))?),
     ])
@@ -67,7 +67,7 @@ pub fn import_steps(desc: &TensorDescriptor, n: usize) -> Result<Vec<(&'static s
             "wait for the (long completed) ready event, then synchronize the stream",
             p50(n, || {
                 ready.wait(device)?;
-                crate::cuda::synchronize_stream(device)
+                crate::device::cuda::synchronize_stream(device)
             })?,
         ),
         ("tensor over the mapped storage", p50(n, || ipc::view_tensor(&first, &desc.view).map(drop))?),
@@ -95,8 +95,8 @@ pub fn import_steps(desc: &TensorDescriptor, n: usize) -> Result<Vec<(&'static s
 /// }
 /// # Ok(()) }
 /// ```
-pub fn call_steps<O: crate::handle::Output, V, A: crate::payload::Args<V>>(
-    client: &crate::client::Client,
+pub fn call_steps<O: crate::api::handle::Output, V, A: crate::payload::Args<V>>(
+    client: &crate::net::client::Client,
     endpoint: &str,
     args: impl Fn() -> A,
     n: usize,
@@ -106,7 +106,8 @@ pub fn call_steps<O: crate::handle::Output, V, A: crate::payload::Args<V>>(
         let t0 = Instant::now();
         let (answer, encoded) = client.call_parts(endpoint, args())?;
         let t1 = Instant::now();
-        let value: O = crate::handle::from_answer(answer, &crate::handle::Backend::remote(client.clone()), endpoint)?;
+        let value: O =
+            crate::api::handle::from_answer(answer, &crate::api::handle::Backend::remote(client.clone()), endpoint)?;
         drop(encoded);
         let t2 = Instant::now();
         drop(value);
