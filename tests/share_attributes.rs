@@ -44,6 +44,35 @@ fn cached_eight(a: i64, b: i64, c: i64, d: i64, e: i64, f: i64, g: i64, h: i64) 
     let _ = a + b + c + d + e + f + g + h;
 }
 
+/// A crate that re-exports shared-tensor to its users, as an SDK would.
+mod sdk {
+    pub use ::shared_tensor as st;
+}
+
+/// Generated code reaches the runtime through the re-export (`crate = ...`); a path
+/// that does not lead to it is a compile error (`ui/crate_path.rs`).
+#[share(crate = "crate::sdk::st", execution = "direct", cache = false)]
+fn through_a_reexport(n: i64) {
+    let _ = n;
+}
+
+/// The derive takes the same option.
+#[derive(shared_tensor::Payload)]
+#[payload(container, crate = "crate::sdk::st")]
+struct Reexported {
+    weights: Vec<tch::Tensor>,
+    steps: i64,
+}
+
+#[test]
+fn the_crate_option_names_the_runtime_by_a_reexport() {
+    assert_eq!(through_a_reexport::endpoint().params, &["n"]);
+    fn is_payload<P: sdk::st::Payload>() {}
+    is_payload::<Reexported>();
+    let r = Reexported { weights: Vec::new(), steps: 3 };
+    let _ = (r.weights.len(), r.steps);
+}
+
 #[test]
 fn a_configured_out_endpoint_is_not_registered_and_a_configured_in_one_is() {
     let names = shared_tensor::endpoint::Registry::linked().unwrap().names();

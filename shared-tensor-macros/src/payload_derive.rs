@@ -7,7 +7,9 @@
 //!   `#[payload(data)]` (the derive adds the matching bounds);
 //! - `#[payload(skip)]` fields are not sent and are rebuilt with `Default`;
 //! - the value is checked as a module (at least one CUDA tensor, one GPU) unless the
-//!   type has `#[payload(container)]`.
+//!   type has `#[payload(container)]`;
+//! - `#[payload(crate = "my_sdk::shared_tensor")]` names the runtime for a crate that
+//!   re-exports shared-tensor (default `::shared_tensor`).
 
 use proc_macro2::TokenStream;
 use quote::{format_ident, quote};
@@ -102,9 +104,9 @@ fn encode_field(f: &FieldSpec, value: TokenStream) -> Option<TokenStream> {
     let name = &f.name;
     let call = match f.mode {
         Mode::Skip => return None,
-        Mode::Auto => quote!(::shared_tensor::__private::encode_arg(__enc, #name, #value)?),
+        Mode::Auto => quote!(__shared_tensor::__private::encode_arg(__enc, #name, #value)?),
         Mode::Payload => {
-            quote!(__enc.field(#name, |__enc| ::shared_tensor::Payload::encode(#value, __enc))?)
+            quote!(__enc.field(#name, |__enc| __shared_tensor::Payload::encode(#value, __enc))?)
         }
         Mode::Data => quote!(__enc.field(#name, |__enc| __enc.data(#value))?),
     };
@@ -126,8 +128,8 @@ fn decode_field(f: &FieldSpec) -> TokenStream {
 fn alias_field(f: &FieldSpec, value: TokenStream) -> TokenStream {
     match f.mode {
         Mode::Skip => quote!(::core::default::Default::default()),
-        Mode::Auto => quote!(::shared_tensor::__private::owned_arg(#value)?),
-        Mode::Payload => quote!(::shared_tensor::Payload::alias(#value)?),
+        Mode::Auto => quote!(__shared_tensor::__private::owned_arg(#value)?),
+        Mode::Payload => quote!(__shared_tensor::Payload::alias(#value)?),
         Mode::Data => quote!(::core::clone::Clone::clone(#value)),
     }
 }
@@ -183,15 +185,15 @@ fn shape(path: TokenStream, fields: &Fields, specs: &[FieldSpec]) -> Shape {
     let binds = bindings(specs);
     let entries: Vec<TokenStream> = specs.iter().zip(&binds).filter_map(|(f, b)| encode_field(f, quote!(#b))).collect();
     let encode = match fields {
-        Fields::Unit => quote!(::shared_tensor::payload::Node::Unit),
-        _ => quote!(::shared_tensor::payload::Node::Map(::std::vec![#(#entries),*])),
+        Fields::Unit => quote!(__shared_tensor::payload::Node::Unit),
+        _ => quote!(__shared_tensor::payload::Node::Map(::std::vec![#(#entries),*])),
     };
     let decode_values = specs.iter().map(decode_field).collect();
     let construct_decoded = construct(path.clone(), fields, specs, decode_values);
     let decode = match fields {
         Fields::Unit => quote!(#construct_decoded),
         _ => quote!({
-            let mut __fields = ::shared_tensor::payload::nn::Fields::new(__node, __dec)?;
+            let mut __fields = __shared_tensor::payload::nn::Fields::new(__node, __dec)?;
             #construct_decoded
         }),
     };
@@ -207,13 +209,23 @@ pub fn derive(input: TokenStream) -> TokenStream {
     };
     let mut errors = Errors::default();
     let mut container = false;
+    let mut krate: syn::Path = syn::parse_quote!(::shared_tensor);
     for attr in input.attrs.iter().filter(|a| a.path().is_ident("payload")) {
         let result = attr.parse_nested_meta(|meta| {
             if meta.path.is_ident("container") {
                 container = true;
                 Ok(())
+            } else if meta.path.is_ident("crate") {
+                let s: syn::LitStr = meta.value()?.parse()?;
+                krate = s.parse().map_err(|_| {
+                    syn::Error::new(
+                        s.span(),
+                        format!("`crate` expects a path such as \"my_sdk::shared_tensor\"; {:?} is not one", s.value()),
+                    )
+                })?;
+                Ok(())
             } else {
-                Err(meta.error("unknown type option; expected `container`"))
+                Err(meta.error("unknown type option; expected `container` or `crate = \"...\"`"))
             }
         });
         if let Err(e) = result {
@@ -235,9 +247,9 @@ pub fn derive(input: TokenStream) -> TokenStream {
             }
             let ty = &f.ty;
             bounds.push(match f.mode {
-                Mode::Payload | Mode::Auto => quote!(#ty: ::shared_tensor::Payload),
-                Mode::Data => quote!(#ty: ::shared_tensor::__private::serde::Serialize
-                    + ::shared_tensor::__private::serde::de::DeserializeOwned
+                Mode::Payload | Mode::Auto => quote!(#ty: __shared_tensor::Payload),
+                Mode::Data => quote!(#ty: __shared_tensor::__private::serde::Serialize
+                    + __shared_tensor::__private::serde::de::DeserializeOwned
                     + ::core::clone::Clone),
                 Mode::Skip => quote!(#ty: ::core::default::Default),
             });
@@ -269,21 +281,21 @@ pub fn derive(input: TokenStream) -> TokenStream {
                 let pat = pattern(quote!(#name::#vname), &v.fields, &specs);
                 let sh = shape(quote!(#name::#vname), &v.fields, &specs);
                 let (encode, decode, alias) = (sh.encode, sh.decode, sh.alias);
-                encode_arms.push(quote!(#pat => __enc.field(#vstr, |__enc| ::core::result::Result::Ok::<_, ::shared_tensor::Error>(
-                    ::shared_tensor::payload::Node::Variant(::std::string::String::from(#vstr), ::std::boxed::Box::new(#encode))
+                encode_arms.push(quote!(#pat => __enc.field(#vstr, |__enc| ::core::result::Result::Ok::<_, __shared_tensor::Error>(
+                    __shared_tensor::payload::Node::Variant(::std::string::String::from(#vstr), ::std::boxed::Box::new(#encode))
                 ))?));
                 decode_arms.push(quote!(#vstr => __dec.field(#vstr, |__dec| {
                     let __node = *__inner;
-                    ::core::result::Result::Ok::<_, ::shared_tensor::Error>(#decode)
+                    ::core::result::Result::Ok::<_, __shared_tensor::Error>(#decode)
                 })?));
                 alias_arms.push(quote!(#pat => #alias));
             }
             (
                 quote!(match self { #(#encode_arms,)* }),
                 quote!(match __node {
-                    ::shared_tensor::payload::Node::Variant(__variant, __inner) => ::core::result::Result::Ok(match __variant.as_str() {
+                    __shared_tensor::payload::Node::Variant(__variant, __inner) => ::core::result::Result::Ok(match __variant.as_str() {
                         #(#decode_arms,)*
-                        __other => return ::core::result::Result::Err(::shared_tensor::Error::Protocol(::std::format!(
+                        __other => return ::core::result::Result::Err(__shared_tensor::Error::Protocol(::std::format!(
                             "{}: {} has no variant {:?}", __dec.path(), #name_str, __other
                         ))),
                     }),
@@ -309,18 +321,22 @@ pub fn derive(input: TokenStream) -> TokenStream {
     let mut where_preds: Vec<TokenStream> =
         where_clause.map(|w| w.predicates.iter().map(|p| quote!(#p)).collect()).unwrap_or_default();
     where_preds.extend(bounds);
+    // Everything generated names the runtime through `__shared_tensor`, the `crate` path.
     quote! {
+        const _: () = {
+        use #krate as __shared_tensor;
         #[allow(unused_variables, clippy::needless_update)]
-        impl #impl_generics ::shared_tensor::Payload for #name #ty_generics where #(#where_preds),* {
-            fn encode(&self, __enc: &mut ::shared_tensor::payload::Encoder) -> ::shared_tensor::Result<::shared_tensor::payload::Node> {
+        impl #impl_generics __shared_tensor::Payload for #name #ty_generics where #(#where_preds),* {
+            fn encode(&self, __enc: &mut __shared_tensor::payload::Encoder) -> __shared_tensor::Result<__shared_tensor::payload::Node> {
                 #encode
             }
-            fn decode(__node: ::shared_tensor::payload::Node, __dec: &mut ::shared_tensor::payload::Decoder) -> ::shared_tensor::Result<Self> {
+            fn decode(__node: __shared_tensor::payload::Node, __dec: &mut __shared_tensor::payload::Decoder) -> __shared_tensor::Result<Self> {
                 #decode_body
             }
-            fn alias(&self) -> ::shared_tensor::Result<Self> {
+            fn alias(&self) -> __shared_tensor::Result<Self> {
                 #alias_body
             }
         }
+        };
     }
 }

@@ -38,6 +38,7 @@
 /// | `managed` | flag | off | results come back as [`Managed`] handles with counted release |
 /// | `keep` | flag (managed, cached) | off | the cached object stays alive with no handles until `NAME::invalidate(..)` |
 /// | `name` | `"..."` | the function's name | the endpoint's name on the wire |
+/// | `crate` | `"path"` | `::shared_tensor` | the path generated code reaches shared-tensor by, for a crate that re-exports it (`crate = "my_sdk::shared_tensor"`) |
 ///
 /// Parameters are payloads (CUDA tensors, modules, containers of them), taken by value or
 /// by `&`, or plain serde values. The result must be a payload, or `Result<payload, E>`

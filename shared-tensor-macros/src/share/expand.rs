@@ -50,9 +50,10 @@ impl Generator<'_> {
 
     /// `Out`: what the stub returns inside `Result`.
     fn out_ty(&self) -> TokenStream {
+        let krate = &self.opts.krate;
         let value = &self.sig.value_ty;
         if self.opts.managed {
-            quote!(::shared_tensor::Managed<#value>)
+            quote!(#krate::Managed<#value>)
         } else {
             quote!(#value)
         }
@@ -77,6 +78,7 @@ impl Generator<'_> {
     /// place keys are computed. Every key parameter must be a `KeyPart` (errors point at
     /// its type): tensors and modules cannot key a call.
     fn key_fn(&self) -> TokenStream {
+        let krate = &self.opts.krate;
         if !self.opts.keyed() {
             return TokenStream::new();
         }
@@ -90,7 +92,7 @@ impl Generator<'_> {
             Some(template) => {
                 let checks = params.iter().map(|p| {
                     let n = &p.name;
-                    quote_spanned! {p.ty.span()=> ::shared_tensor::__private::assert_key_part(#n); }
+                    quote_spanned! {p.ty.span()=> #krate::__private::assert_key_part(#n); }
                 });
                 quote! {
                     #(#checks)*
@@ -104,7 +106,7 @@ impl Generator<'_> {
                     quote_spanned! {p.ty.span()=> __key.part(#n); }
                 });
                 quote! {
-                    let mut __key = ::shared_tensor::__private::CallKey::new(#name);
+                    let mut __key = #krate::__private::CallKey::new(#name);
                     #(#parts)*
                     __key.finish()
                 }
@@ -115,7 +117,7 @@ impl Generator<'_> {
             #inherited
             #[doc(hidden)]
             #[allow(clippy::ptr_arg, clippy::trivially_copy_pass_by_ref)]
-            fn #ident(#(#decls),*) -> ::shared_tensor::Result<::std::string::String> {
+            fn #ident(#(#decls),*) -> #krate::Result<::std::string::String> {
                 #body
             }
         }
@@ -152,12 +154,13 @@ impl Generator<'_> {
 
     /// `|__enc, __args| encoded arguments`.
     fn encode_closure(&self) -> TokenStream {
+        let krate = &self.opts.krate;
         let names = self.names();
         let encode = self.sig.params.iter().map(|p| {
             let name = &p.name;
             let name_str = name.to_string();
             let value = if p.by_ref { quote!(*#name) } else { quote!(#name) };
-            quote!(::shared_tensor::__private::encode_arg(__enc, #name_str, #value)?)
+            quote!(#krate::__private::encode_arg(__enc, #name_str, #value)?)
         });
         quote!(|__enc, __args| {
             let (#(#names,)*) = __args;
@@ -167,10 +170,11 @@ impl Generator<'_> {
 
     /// The body called with `args`, as a `shared_tensor::Result<value>`.
     fn call_body(&self, args: &[TokenStream], body_path: TokenStream) -> TokenStream {
+        let krate = &self.opts.krate;
         let call = quote!(#body_path(#(#args),*));
         if self.sig.fallible {
             let name = self.endpoint_name();
-            quote!(::shared_tensor::__private::body_result(#name, #call))
+            quote!(#krate::__private::body_result(#name, #call))
         } else {
             quote!(::core::result::Result::Ok(#call))
         }
@@ -189,10 +193,11 @@ impl Generator<'_> {
 
     /// `|__args| Box<dyn FnOnce() -> ..>`: owned arguments moved into a later body call.
     fn detach_closure(&self, body_path: TokenStream) -> TokenStream {
+        let krate = &self.opts.krate;
         let names = self.names();
         let owned = self.sig.params.iter().filter(|p| p.by_ref).map(|p| {
             let name = &p.name;
-            quote!(let #name = ::shared_tensor::__private::owned_arg(#name)?;)
+            quote!(let #name = #krate::__private::owned_arg(#name)?;)
         });
         let args: Vec<TokenStream> = self
             .sig
@@ -246,6 +251,7 @@ impl Generator<'_> {
 
     /// The stub that replaces the function.
     fn stub(&self) -> TokenStream {
+        let krate = &self.opts.krate;
         let item = self.item;
         // Everything but the lint levels as written; those as every generated item has them.
         let lints = Self::lint_attrs(&item.attrs);
@@ -265,8 +271,8 @@ impl Generator<'_> {
             #(#attrs)*
             #inherited
             #[allow(dead_code)]
-            #vis fn #name(#inputs) -> ::shared_tensor::Result<#out> {
-                ::shared_tensor::__private::call::<#out, _>(&#static_ident, (#(#names,)*), #key, #encode, #local)
+            #vis fn #name(#inputs) -> #krate::Result<#out> {
+                #krate::__private::call::<#out, _>(&#static_ident, (#(#names,)*), #key, #encode, #local)
             }
         }
     }
@@ -291,6 +297,7 @@ impl Generator<'_> {
 
     /// The companions module.
     fn companions(&self) -> TokenStream {
+        let krate = &self.opts.krate;
         let item = self.item;
         let vis = &item.vis;
         let name = &self.sig.name;
@@ -322,8 +329,8 @@ impl Generator<'_> {
                 use super::*;
 
                 /// Submits a call as a task and returns its handle at once.
-                pub fn submit(#inputs) -> ::shared_tensor::Result<::shared_tensor::TaskHandle<#out>> {
-                    ::shared_tensor::__private::submit::<#out, _>(&super::#static_ident, (#(#names,)*), #key, #encode, #detach)
+                pub fn submit(#inputs) -> #krate::Result<#krate::TaskHandle<#out>> {
+                    #krate::__private::submit::<#out, _>(&super::#static_ident, (#(#names,)*), #key, #encode, #detach)
                 }
 
                 /// The call, as a future for async code: the request is sent now; the future
@@ -336,12 +343,12 @@ impl Generator<'_> {
                 /// before the future is returned. To keep that off an executor thread, connect
                 /// at start-up on a blocking thread: `shared_tensor::wait_for_server(timeout)`
                 /// (or `shared_tensor::client()?.connect()`), e.g. in `spawn_blocking`.
-                pub fn call_async(#inputs) -> ::shared_tensor::BoxFuture<::shared_tensor::Result<#out>> {
-                    ::shared_tensor::__private::call_async::<#out, _>(&super::#static_ident, (#(#names,)*), #key, #encode, #local)
+                pub fn call_async(#inputs) -> #krate::BoxFuture<#krate::Result<#out>> {
+                    #krate::__private::call_async::<#out, _>(&super::#static_ident, (#(#names,)*), #key, #encode, #local)
                 }
 
                 /// This endpoint's definition (for serving chosen endpoints in manual mode).
-                pub fn endpoint() -> &'static ::shared_tensor::__private::EndpointDef {
+                pub fn endpoint() -> &'static #krate::__private::EndpointDef {
                     &super::#static_ident
                 }
 
@@ -352,6 +359,7 @@ impl Generator<'_> {
 
     /// `invalidate(params the key is made of)`.
     fn invalidate(&self) -> TokenStream {
+        let krate = &self.opts.krate;
         let static_ident = self.static_ident();
         let params = self.key_params();
         let decls = params.iter().map(|p| {
@@ -366,16 +374,17 @@ impl Generator<'_> {
         quote! {
             /// Drops the cache entry these arguments map to; true if it existed. Handles
             /// already issued stay valid.
-            pub fn invalidate(#(#decls),*) -> ::shared_tensor::Result<bool> {
+            pub fn invalidate(#(#decls),*) -> #krate::Result<bool> {
                 #(#refs)*
                 let __key: ::core::option::Option<::std::string::String> = #key;
-                ::shared_tensor::__private::invalidate(&super::#static_ident, __key.unwrap_or_default())
+                #krate::__private::invalidate(&super::#static_ident, __key.unwrap_or_default())
             }
         }
     }
 
     /// The endpoint definition, its registration and its dispatch function.
     fn registration(&self) -> TokenStream {
+        let krate = &self.opts.krate;
         let static_ident = self.static_ident();
         let dispatch_ident = self.dispatch_ident();
         let body_ident = self.body_ident();
@@ -402,7 +411,7 @@ impl Generator<'_> {
         let decode = self.sig.params.iter().map(|p| {
             let (n, t) = (&p.name, &p.owned_ty);
             let s = n.to_string();
-            quote!(let #n: #t = ::shared_tensor::__private::decode_arg(__dec, __def, #s, __nodes.next())?;)
+            quote!(let #n: #t = #krate::__private::decode_arg(__dec, __def, #s, __nodes.next())?;)
         });
         let args: Vec<TokenStream> = self
             .sig
@@ -425,12 +434,12 @@ impl Generator<'_> {
             #[doc(hidden)]
             #inherited
             #[allow(non_upper_case_globals)]
-            static #static_ident: ::shared_tensor::__private::EndpointDef = ::shared_tensor::__private::EndpointDef {
+            static #static_ident: #krate::__private::EndpointDef = #krate::__private::EndpointDef {
                 name: #endpoint,
                 path: ::core::concat!(::core::module_path!(), "::", #fn_name),
-                options: ::shared_tensor::__private::EndpointOptions {
-                    execution: ::shared_tensor::__private::Execution::#execution,
-                    concurrency: ::shared_tensor::__private::Concurrency::#concurrency,
+                options: #krate::__private::EndpointOptions {
+                    execution: #krate::__private::Execution::#execution,
+                    concurrency: #krate::__private::Concurrency::#concurrency,
                     cache: #cache,
                     cache_key: #cache_key,
                     singleflight: #singleflight,
@@ -444,19 +453,19 @@ impl Generator<'_> {
             #[doc(hidden)]
             #inherited
             fn #dispatch_ident(
-                __dec: &mut ::shared_tensor::__private::Decoder,
-            ) -> ::shared_tensor::Result<::shared_tensor::__private::Prepared> {
+                __dec: &mut #krate::__private::Decoder,
+            ) -> #krate::Result<#krate::__private::Prepared> {
                 let __def = &#static_ident;
-                let mut __nodes = ::shared_tensor::__private::decode_args(__dec, __def)?;
+                let mut __nodes = #krate::__private::decode_args(__dec, __def)?;
                 #(#decode)*
                 let __key: ::core::option::Option<::std::string::String> = #key;
-                ::core::result::Result::Ok(::shared_tensor::__private::Prepared::new::<#value_ty>(__key, move || #call))
+                ::core::result::Result::Ok(#krate::__private::Prepared::new::<#value_ty>(__key, move || #call))
             }
 
             #inherited
             const _: () = {
-                ::shared_tensor::__private::inventory::submit! {
-                    ::shared_tensor::__private::Registration(&#static_ident)
+                #krate::__private::inventory::submit! {
+                    #krate::__private::Registration(&#static_ident)
                 }
             };
         }
@@ -465,17 +474,18 @@ impl Generator<'_> {
     /// Compile-time checks with the errors at the offending types: the result must be a
     /// payload and every parameter an argument.
     fn assertions(&self) -> TokenStream {
+        let krate = &self.opts.krate;
         let value_ty = &self.sig.value_ty;
         let ret_span = match &self.item.sig.output {
             syn::ReturnType::Type(_, t) => t.span(),
             syn::ReturnType::Default => Span::call_site(),
         };
         let result_check = quote_spanned! {ret_span=>
-            ::shared_tensor::__private::assert_payload::<#value_ty>();
+            #krate::__private::assert_payload::<#value_ty>();
         };
         let arg_checks = self.sig.params.iter().map(|p| {
             let t = &p.owned_ty;
-            quote_spanned! {p.ty.span()=> ::shared_tensor::__private::assert_argument::<_, #t>(); }
+            quote_spanned! {p.ty.span()=> #krate::__private::assert_argument::<_, #t>(); }
         });
         let inherited = self.inherited();
         quote! {

@@ -28,6 +28,9 @@ pub struct Options {
     pub keep: bool,
     pub cache_key: Option<LitStr>,
     pub name: Option<LitStr>,
+    /// The path generated code reaches the runtime by (`crate = "..."`; default
+    /// `::shared_tensor`), for crates that re-export shared-tensor under another name.
+    pub krate: syn::Path,
 }
 
 impl Options {
@@ -41,7 +44,7 @@ impl Options {
     }
 }
 
-const KNOWN: &str = "execution, concurrency, cache, cache_key, singleflight, managed, keep, name";
+const KNOWN: &str = "execution, concurrency, cache, cache_key, singleflight, managed, keep, name, crate";
 
 fn string_value(expr: &Expr, option: &str, expected: &str, errors: &mut Errors) -> Option<LitStr> {
     match expr {
@@ -74,6 +77,7 @@ pub fn parse(args: Punctuated<Meta, Token![,]>, errors: &mut Errors) -> Options 
         keep: false,
         cache_key: None,
         name: None,
+        krate: syn::parse_quote!(::shared_tensor),
     };
     let mut seen: Vec<String> = Vec::new();
     let mut keep_span = None;
@@ -133,6 +137,15 @@ pub fn parse(args: Punctuated<Meta, Token![,]>, errors: &mut Errors) -> Options 
                     }
                 }
             }
+            ("crate", Meta::NameValue(nv)) => {
+                let expected = "the path of the shared_tensor crate, such as \"my_sdk::shared_tensor\"";
+                if let Some(s) = string_value(&nv.value, "crate", expected, errors) {
+                    match s.parse::<syn::Path>() {
+                        Ok(path) => o.krate = path,
+                        Err(_) => errors.push(&s, format!("`crate` expects {expected}; {:?} is not a path", s.value())),
+                    }
+                }
+            }
             ("cache_format_key", _) => errors.push(
                 path,
                 "`cache_format_key` is spelled `cache_key` here: #[share(cache_key = \"model:{hidden_size}\")]",
@@ -140,7 +153,7 @@ pub fn parse(args: Punctuated<Meta, Token![,]>, errors: &mut Errors) -> Options 
             ("managed" | "keep", _) => {
                 errors.push(&meta, format!("`{ident}` is a flag: write `{ident}` or `{ident} = true`"))
             }
-            ("cache" | "singleflight" | "execution" | "concurrency" | "cache_key" | "name", _) => {
+            ("cache" | "singleflight" | "execution" | "concurrency" | "cache_key" | "name" | "crate", _) => {
                 errors.push(&meta, format!("`{ident}` needs a value: `{ident} = ...`"))
             }
             (other, _) => errors.push(path, format!("unknown option `{other}`; expected one of: {KNOWN}")),
