@@ -300,7 +300,9 @@ fn tasks_run_in_the_background_report_status_and_push_completion() {
 fn a_pending_task_can_be_cancelled_and_a_running_one_cannot() {
     setup();
     let first = serialized_task::submit(1).unwrap();
-    thread::sleep(Duration::from_millis(80));
+    shared_tensor_tests::wait_until("the first task to run", || {
+        first.status().unwrap().status == TaskStatus::Running
+    });
     let second = serialized_task::submit(2).unwrap(); // waits for the serialized endpoint
     assert_eq!(second.status().unwrap().status, TaskStatus::Pending);
     assert!(second.cancel().unwrap());
@@ -308,7 +310,10 @@ fn a_pending_task_can_be_cancelled_and_a_running_one_cannot() {
     first.wait().unwrap();
     assert!(matches!(second.wait(), Err(Error::Cancelled { .. })));
     assert_eq!(second.status().unwrap().status, TaskStatus::Cancelled);
-    thread::sleep(Duration::from_millis(400));
+    // A later task of the same serialized endpoint has run to its end: the cancelled one,
+    // queued before it, would have run by then.
+    serialized_task::submit(3).unwrap().wait().unwrap();
+    assert_eq!(runs("serialized_task", Some(3)).len(), 1);
     assert_eq!(runs("serialized_task", Some(2)).len(), 0, "the cancelled body never ran");
 }
 

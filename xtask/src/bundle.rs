@@ -28,6 +28,9 @@ const EXAMPLES: &[(&str, &str, &str)] = &[
     ("own_crate", "own-crate", "own-crate"),
 ];
 
+/// The runtime library's unit tests in the bundle (their GPU tests are ignored on CPU).
+const UNIT_TESTS: &str = "gpu_runtime_unit";
+
 /// The fixture crate's binary (not an example of the workspace).
 const OWN_CRATE: &str = "own-crate";
 
@@ -73,6 +76,15 @@ pub fn build(lt: &Libtorch) -> Result<ExitCode, String> {
         ],
     )?;
     exes.extend(fixture.into_iter().filter(|(name, _, _)| name == OWN_CRATE).map(|(n, _, p)| (n, "example".into(), p)));
+    // The runtime's own unit tests, with their GPU ones (ignored on CPU): the test
+    // harness of its lib travels as `gpu_runtime_unit`.
+    let unit =
+        crate::build_executables(lt, &["--profile", "gpu", "--package", "shared-tensor-runtime", "--lib", "--tests"])?;
+    exes.extend(
+        unit.into_iter()
+            .filter(|(_, kind, _)| kind == "lib")
+            .map(|(_, _, p)| (UNIT_TESTS.to_string(), "test".into(), p)),
+    );
     let root = Path::new(BUNDLE_DIR);
     if root.exists() {
         fs::remove_dir_all(root).map_err(|e| format!("cannot clear {BUNDLE_DIR}: {e}"))?;
@@ -190,7 +202,8 @@ for t in "$here"/tests/*; do
   # Straight to the log: a stray child holding a pipe open cannot stall the run.
   # gpu_load makes 6.4 million mixed calls (about 6 minutes on an H100); the rest take seconds.
   limit=300; [[ "$name" == gpu_load || "$name" == gpu_shutdown ]] && limit=570
-  timeout $limit "$t" --include-ignored --test-threads=1 --show-output >>"$log" 2>&1
+  # Measurements run by hand (`measure_*`) are left out: they assert nothing.
+  timeout $limit "$t" --include-ignored --test-threads=1 --show-output --skip measure_ >>"$log" 2>&1
   rc=$?
   section=$(sed -n "/^=== test binary $name\$/,\$p" "$log")
   say "$name: exit $rc; $(grep -E '^test result' <<<"$section" | tail -n 1)"

@@ -2130,7 +2130,7 @@ mod cpu_costs {
 
     #[test]
     #[ignore = "a measurement, run by hand"]
-    fn cpu_costs() {
+    fn measure_cpu_costs() {
         let link = Link::new(Box::new(|_, _| {}));
         let mut keep = Vec::new();
         let n = 290;
@@ -2214,7 +2214,7 @@ mod cpu_profile {
 
     #[test]
     #[ignore = "a measurement, run by hand"]
-    fn decode_map_x50() {
+    fn measure_decode_map_x50() {
         let (link, _keep, packed) = setup(290);
         for _ in 0..50 {
             let mut dec = Decoder::new(packed.unpack().unwrap().receive(&link), "result");
@@ -2226,7 +2226,7 @@ mod cpu_profile {
 
     #[test]
     #[ignore = "a measurement, run by hand"]
-    fn decode_store_x50() {
+    fn measure_decode_store_x50() {
         let (link, _keep, packed) = setup(290);
         for _ in 0..50 {
             let mut dec = Decoder::new(packed.unpack().unwrap().receive(&link), "result");

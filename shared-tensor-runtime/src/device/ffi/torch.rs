@@ -718,12 +718,10 @@ mod tests {
         times[times.len() / 2]
     }
 
-    /// Rebuilds views of a CUDA tensor over its storage (a no-op without a GPU, as here).
+    /// Rebuilds views of a CUDA tensor over its storage.
     #[test]
-    fn rebuilds_cuda_views_when_a_gpu_is_present() {
-        if !tch::Cuda::is_available() {
-            return;
-        }
+    #[ignore = "GPU: runs in the GPU bundle (cargo xtask gpu-bundle)"]
+    fn gpu_rebuilds_cuda_views() {
         let base = Tensor::arange(64, (Kind::Float, Device::Cuda(0))).reshape([8, 8]);
         for t in [base.shallow_clone(), base.transpose(0, 1), base.narrow(0, 2, 3).narrow(1, 1, 4), base.get(5).get(6)]
         {
@@ -740,9 +738,10 @@ mod tests {
 
     /// Prints what building a tensor over a storage costs here (CPU, and CUDA when there
     /// is a GPU; this profile's optimisation level); asserts nothing about time.
-    /// `--nocapture` shows it.
+    /// `--ignored --nocapture` shows it.
     #[test]
-    fn micro_timing_of_tensor_from_storage() {
+    #[ignore = "a measurement, run by hand"]
+    fn measure_tensor_from_storage() {
         let mut devices = vec![Device::Cpu];
         if tch::Cuda::is_available() {
             devices.push(Device::Cuda(0));
