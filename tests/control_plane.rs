@@ -300,9 +300,7 @@ fn tasks_run_in_the_background_report_status_and_push_completion() {
 fn a_pending_task_can_be_cancelled_and_a_running_one_cannot() {
     setup();
     let first = serialized_task::submit(1).unwrap();
-    shared_tensor_tests::wait_until("the first task to run", || {
-        first.status().unwrap().status == TaskStatus::Running
-    });
+    shared_tensor_tests::wait_until("the first task to run", || first.status().unwrap().status == TaskStatus::Running);
     let second = serialized_task::submit(2).unwrap(); // waits for the serialized endpoint
     assert_eq!(second.status().unwrap().status, TaskStatus::Pending);
     assert!(second.cancel().unwrap());

@@ -18,6 +18,32 @@ use std::time::SystemTime;
 use once_cell::sync::Lazy;
 use serde::{Deserialize, Serialize};
 
+/// `as_str` and `Display` for a unit enum: the lower-case names the inspector prints, the
+/// server's task counts use as keys and `FromStr` reads back (no `Debug` text as data).
+macro_rules! names {
+    ($ty:ident { $($variant:ident => $name:literal),+ $(,)? }) => {
+        impl $ty {
+            /// Its name, lower case.
+            ///
+            /// ```
+            #[doc = concat!("use shared_tensor_runtime::info::", stringify!($ty), ";")]
+            $(#[doc = concat!("assert_eq!(", stringify!($ty), "::", stringify!($variant), ".as_str(), \"", $name, "\");")])+
+            /// ```
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($ty::$variant => $name),+
+                }
+            }
+        }
+
+        impl std::fmt::Display for $ty {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
 /// How an endpoint's body runs.
 ///
 /// ```
@@ -118,6 +144,16 @@ impl TaskStatus {
         matches!(self, TaskStatus::Completed | TaskStatus::Failed | TaskStatus::Cancelled)
     }
 }
+
+names!(Execution { Direct => "direct", Task => "task" });
+names!(Concurrency { Parallel => "parallel", Serialized => "serialized" });
+names!(TaskStatus {
+    Pending => "pending",
+    Running => "running",
+    Completed => "completed",
+    Failed => "failed",
+    Cancelled => "cancelled",
+});
 
 impl std::str::FromStr for TaskStatus {
     type Err = String;
@@ -360,5 +396,21 @@ impl ProcessId {
     /// ```
     pub fn current() -> ProcessId {
         *CURRENT_PROCESS
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_status_names_read_back() {
+        use TaskStatus::*;
+        for status in [Pending, Running, Completed, Failed, Cancelled] {
+            assert_eq!(status.as_str().parse::<TaskStatus>(), Ok(status));
+            assert_eq!(status.to_string(), status.as_str());
+        }
+        assert_eq!("canceled".parse::<TaskStatus>(), Ok(Cancelled), "the American spelling too");
+        assert_eq!(format!("{} {}", Execution::Direct, Concurrency::Serialized), "direct serialized");
     }
 }

@@ -256,7 +256,7 @@ impl Tasks {
     pub(crate) fn count_by_status(&self) -> BTreeMap<String, u64> {
         let mut counts = BTreeMap::new();
         for info in self.list(None) {
-            *counts.entry(format!("{:?}", info.status).to_lowercase()).or_insert(0) += 1;
+            *counts.entry(info.status.as_str().to_string()).or_insert(0) += 1;
         }
         counts
     }

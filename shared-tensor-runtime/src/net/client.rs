@@ -936,7 +936,7 @@ impl Client {
         match request {
             Request::Call { endpoint, .. } | Request::Submit { endpoint, .. } => endpoint.clone(),
             Request::WaitTask(task) => format!("task {task}"),
-            other => format!("{other:?}").split(['(', ' ', '{']).next().unwrap_or("request").to_string(),
+            other => other.kind().to_string(),
         }
     }
 

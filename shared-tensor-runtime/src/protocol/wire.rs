@@ -175,6 +175,35 @@ pub enum Request {
     },
 }
 
+impl Request {
+    /// The request's kind, as errors and logs name it (`"Ping"`, `"ListTasks"`, ...).
+    ///
+    /// ```
+    /// use shared_tensor_runtime::wire::Request;
+    /// assert_eq!(Request::ListTasks(None).kind(), "ListTasks");
+    /// assert_eq!(Request::InvalidateKey { endpoint: "m".into(), key: "k".into() }.kind(), "InvalidateKey");
+    /// ```
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Request::Call { .. } => "Call",
+            Request::Submit { .. } => "Submit",
+            Request::Ping => "Ping",
+            Request::ServerInfo => "ServerInfo",
+            Request::ListEndpoints => "ListEndpoints",
+            Request::TaskInfo(_) => "TaskInfo",
+            Request::WaitTask(_) => "WaitTask",
+            Request::CancelTask(_) => "CancelTask",
+            Request::ListTasks(_) => "ListTasks",
+            Request::ReleaseObjects(_) => "ReleaseObjects",
+            Request::DropObjects(_) => "DropObjects",
+            Request::ObjectInfo(_) => "ObjectInfo",
+            Request::ListObjects => "ListObjects",
+            Request::InvalidateEndpoint(_) => "InvalidateEndpoint",
+            Request::InvalidateKey { .. } => "InvalidateKey",
+        }
+    }
+}
+
 /// What a server answers.
 ///
 /// ```

@@ -146,8 +146,8 @@ fn endpoint_row(e: EndpointInfo) -> Vec<String> {
     vec![
         e.name,
         e.params.join(", "),
-        format!("{:?}", e.execution).to_lowercase(),
-        format!("{:?}", e.concurrency).to_lowercase(),
+        e.execution.to_string(),
+        e.concurrency.to_string(),
         yes(e.cache),
         e.cache_key.unwrap_or_else(|| if keyed { "(endpoint + arguments)".into() } else { "-".into() }),
         yes(e.singleflight),
@@ -286,7 +286,7 @@ fn run(cli: &Cli) -> shared_tensor::Result<()> {
                         vec![
                             t.id.to_string(),
                             t.endpoint.clone(),
-                            format!("{:?}", t.status).to_lowercase(),
+                            t.status.to_string(),
                             ago(Some(t.submitted_at)),
                             ago(t.started_at),
                             ago(t.finished_at),
