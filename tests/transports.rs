@@ -110,3 +110,24 @@ fn a_socket_left_by_a_dead_server_is_replaced_and_never_trusted() {
     assert!(server.shutdown().is_clean());
     assert!(std::fs::metadata(&path).is_err());
 }
+
+#[test]
+fn a_client_started_before_its_server_ends_on_the_socket() {
+    // The client retries while the server starts; whether it first reaches the port
+    // before the socket exists or after, it ends on the socket.
+    for _ in 0..3 {
+        setup();
+        let port = shared_tensor_tests::free_port();
+        let early = std::thread::spawn(move || {
+            let client = Client::new(&loopback_config(port)).unwrap();
+            client.connect().unwrap();
+            client
+        });
+        let server = server().port(port).start().unwrap();
+        let client = early.join().unwrap();
+        assert_eq!(client.transport(), Some(Transport::Unix));
+        assert_eq!(echo(&client, "early"), "early");
+        drop(client);
+        assert!(server.shutdown().is_clean());
+    }
+}

@@ -262,6 +262,19 @@ pub(crate) fn open_stream(
         }
     };
     let welcome = handshake(&stream, addr, shared_token)?;
+    // A server listens on TCP a moment before its socket exists (the port is its lock),
+    // and answers a handshake only once both are up: a client that raced its start and
+    // got TCP takes the socket now that it is there, and keeps TCP if it cannot.
+    if transport == Transport::Auto && matches!(stream, Stream::Tcp(_)) {
+        if let Some(path) = socket_path(port).filter(|p| p.exists()) {
+            if let Ok(unix) = UnixStream::connect(&path).map(Stream::Unix) {
+                match handshake(&unix, addr, shared_token) {
+                    Ok(again) if again.server_id == welcome.server_id => return Ok((unix, again)),
+                    _ => {}
+                }
+            }
+        }
+    }
     Ok((stream, welcome))
 }
 
