@@ -197,13 +197,24 @@ impl Write for Stream {
     }
 }
 
+/// Connects to a Unix socket without ever blocking: a connect to a socket whose backlog
+/// is full (a server that stopped accepting) waits without bound when blocking, where this
+/// fails with `WouldBlock` for the caller's retry loop, as a TCP connect times out.
+fn connect_unix(path: &std::path::Path) -> std::io::Result<UnixStream> {
+    let socket = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)?;
+    socket.set_nonblocking(true)?;
+    socket.connect(&socket2::SockAddr::unix(path)?)?;
+    socket.set_nonblocking(false)?;
+    Ok(UnixStream::from(std::os::fd::OwnedFd::from(socket)))
+}
+
 /// One attempt to reach the server on `port` by `transport`. With `Auto`, a socket that
 /// is missing, refuses (a server that died and left it) or is closed to this user falls
 /// back to TCP.
 fn connect_once(port: u16, transport: Transport, timeout: Duration) -> std::io::Result<Stream> {
     if transport != Transport::Tcp {
         let unix = match socket_path(port) {
-            Some(path) => UnixStream::connect(&path)
+            Some(path) => connect_unix(&path)
                 .map_err(|e| std::io::Error::new(e.kind(), format!("Unix socket {}: {e}", path.display()))),
             None => Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
@@ -267,7 +278,7 @@ pub(crate) fn open_stream(
     // got TCP takes the socket now that it is there, and keeps TCP if it cannot.
     if transport == Transport::Auto && matches!(stream, Stream::Tcp(_)) {
         if let Some(path) = socket_path(port).filter(|p| p.exists()) {
-            if let Ok(unix) = UnixStream::connect(&path).map(Stream::Unix) {
+            if let Ok(unix) = connect_unix(&path).map(Stream::Unix) {
                 match handshake(&unix, addr, shared_token) {
                     Ok(again) if again.server_id == welcome.server_id => return Ok((unix, again)),
                     _ => {}
@@ -337,6 +348,30 @@ mod tests {
         }
         assert_eq!(" TCP ".parse::<Transport>().unwrap(), Transport::Tcp);
         assert!("udp".parse::<Transport>().unwrap_err().contains("`tcp`"));
+    }
+
+    #[test]
+    fn a_unix_connect_to_a_full_backlog_fails_at_once_instead_of_blocking() {
+        let dir = std::env::temp_dir().join(format!("st-backlog-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sock");
+        let _ = std::fs::remove_file(&path);
+        // A listener that never accepts: its backlog fills, then connects would block.
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let mut held = Vec::new();
+        let refused = loop {
+            match connect_unix(&path) {
+                Ok(s) => held.push(s),
+                Err(e) => break e,
+            }
+            assert!(held.len() < 100_000, "the backlog never filled");
+        };
+        assert_eq!(refused.kind(), std::io::ErrorKind::WouldBlock, "{refused}");
+        assert!(!held.is_empty(), "connects succeed while the backlog has room");
+        // A connected stream is blocking again (reads wait for data).
+        assert!(!socket2::SockRef::from(&held[0]).nonblocking().unwrap());
+        drop((held, listener));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
