@@ -31,10 +31,39 @@ fn run_caught<F: FnOnce() -> Result<Box<dyn AnyPayload>>>(endpoint: &str, body: 
 }
 
 /// One execution of a serialized endpoint at a time.
+///
+/// Invariants: `busy` is true exactly while a [`GateGuard`] lives. A waiter sleeps on `cv`
+/// with no timeout except its call's deadline, and is woken by: the guard's drop (every
+/// waiter wakes and one takes the gate), a cancellation or a stop (`task` calls
+/// [`wake_gates`] after setting its flag, taking each gate's lock before notifying, so a
+/// waiter either sees the flag before it sleeps or is asleep when the notification
+/// comes), or its deadline. Nothing polls.
 #[derive(Default)]
 struct Gate {
     busy: Mutex<bool>,
     cv: Condvar,
+}
+
+/// Every gate of the process, for [`wake_gates`].
+static GATES: Mutex<Vec<std::sync::Weak<Gate>>> = Mutex::new(Vec::new());
+
+/// Wakes every gate's waiters to look at their cancellation, stop and deadline again.
+fn wake_gates() {
+    let mut gates = GATES.lock();
+    gates.retain(|g| g.strong_count() > 0);
+    for gate in gates.iter().filter_map(std::sync::Weak::upgrade) {
+        let _busy = gate.busy.lock();
+        gate.cv.notify_all();
+    }
+}
+
+impl Gate {
+    fn registered() -> Arc<Gate> {
+        let gate = Arc::new(Gate::default());
+        GATES.lock().push(Arc::downgrade(&gate));
+        task::set_waker(wake_gates);
+        gate
+    }
 }
 
 struct GateGuard<'a>(&'a Gate);
@@ -42,7 +71,9 @@ struct GateGuard<'a>(&'a Gate);
 impl Drop for GateGuard<'_> {
     fn drop(&mut self) {
         *self.0.busy.lock() = false;
-        self.0.cv.notify_one();
+        // All of them: a woken waiter may give up (cancelled, stopped, past its deadline)
+        // instead of taking the gate, and must not leave the others asleep.
+        self.0.cv.notify_all();
     }
 }
 
@@ -51,6 +82,7 @@ impl Gate {
     /// so does a client's call whose deadline passes or whose server stops.
     fn enter(&self, endpoint: &str) -> Result<GateGuard<'_>> {
         let current = task::current();
+        let deadline = task::deadline();
         let mut busy = self.busy.lock();
         while *busy {
             // A server that stops lets no waiting call in.
@@ -63,7 +95,12 @@ impl Gate {
             if task::past_deadline() {
                 return Err(Error::DeadlinePassed { endpoint: endpoint.into() });
             }
-            self.cv.wait_for(&mut busy, Duration::from_millis(20));
+            match deadline {
+                Some(d) => {
+                    self.cv.wait_until(&mut busy, d);
+                }
+                None => self.cv.wait(&mut busy),
+            }
         }
         *busy = true;
         Ok(GateGuard(self))
@@ -303,7 +340,7 @@ impl Core {
         F: FnOnce() -> Result<Box<dyn AnyPayload>>,
     {
         let gate = (def.options.concurrency == Concurrency::Serialized)
-            .then(|| self.gates.lock().entry(def.name).or_default().clone());
+            .then(|| self.gates.lock().entry(def.name).or_insert_with(Gate::registered).clone());
         let _guard = match &gate {
             Some(gate) => Some(gate.enter(def.name)?),
             None => None,
@@ -705,6 +742,57 @@ mod tests {
     use crate::payload::Decoder;
     use crate::payload::Encoded;
     use std::any::Any;
+
+    /// A waiter at a held gate gives up as soon as its task is cancelled or its server
+    /// stops, while the gate is still held: it is woken (nothing polls; a broken wake
+    /// fails this test after 30 s).
+    #[test]
+    fn gate_waiters_wake_on_cancel_and_on_stop_while_the_gate_is_held() {
+        // The waiter's result, failing (not hanging) if it is never woken.
+        fn woken(waiter: std::thread::JoinHandle<Result<()>>) -> Result<()> {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !waiter.is_finished() {
+                assert!(Instant::now() < deadline, "the waiter at the gate was never woken");
+                std::thread::yield_now();
+            }
+            waiter.join().unwrap()
+        }
+        let gate = Gate::registered();
+        let held = gate.enter("e").unwrap();
+        let tasks = task::Tasks::new(crate::protocol::config::DEFAULT_TASK_TTL, 10);
+        let (record, _) = tasks.create("e", true).unwrap();
+        let (entered_tx, entered_rx) = std::sync::mpsc::channel();
+        let cancelled = {
+            let (gate, record) = (gate.clone(), record.clone());
+            std::thread::spawn(move || {
+                task::with_current(&record, || {
+                    entered_tx.send(()).unwrap();
+                    gate.enter("e").map(|_| ())
+                })
+            })
+        };
+        entered_rx.recv().unwrap();
+        // Whether the waiter is asleep yet or not, the cancel reaches it.
+        assert!(record.cancel());
+        assert!(matches!(woken(cancelled), Err(Error::Cancelled { .. })));
+
+        let stop = task::StopSignal::new("127.0.0.1:1".into());
+        let (entered_tx, entered_rx) = std::sync::mpsc::channel();
+        let stopped = {
+            let (gate, stop) = (gate.clone(), stop.clone());
+            std::thread::spawn(move || {
+                task::with_stop(Some(stop), || {
+                    entered_tx.send(()).unwrap();
+                    gate.enter("e").map(|_| ())
+                })
+            })
+        };
+        entered_rx.recv().unwrap();
+        assert!(stop.set());
+        assert!(matches!(woken(stopped), Err(Error::ServerGone { .. })));
+        drop(held);
+        assert!(gate.enter("e").is_ok(), "the gate is free again");
+    }
 
     /// A result that says how much GPU memory it holds, without a GPU.
     struct Blob(u64);

@@ -88,6 +88,8 @@ impl TaskRecord {
         drop(info);
         *self.outcome.lock() = Some(TaskOutcome::Cancelled);
         self.notify_done();
+        // It may be waiting for a serialized endpoint: that wait gives up now.
+        wake_waiters();
         true
     }
 
@@ -270,6 +272,23 @@ thread_local! {
 }
 
 /// A server's stopping flag, as the calls and tasks it runs see it.
+/// What wakes the calls and tasks that wait on behalf of their caller (at a serialized
+/// endpoint's gate) to look at their cancellation and stop again: set once by the
+/// execution core, which owns the gates (this module sits below it).
+static WAKE_WAITERS: once_cell::sync::OnceCell<fn()> = once_cell::sync::OnceCell::new();
+
+/// Installs [`wake_waiters`]'s function (the first one stays).
+pub(crate) fn set_waker(wake: fn()) {
+    let _ = WAKE_WAITERS.set(wake);
+}
+
+/// Wakes every waiter (see [`WAKE_WAITERS`]) after a cancellation or a stop was flagged.
+fn wake_waiters() {
+    if let Some(wake) = WAKE_WAITERS.get() {
+        wake();
+    }
+}
+
 pub(crate) struct StopSignal {
     stopping: AtomicBool,
     addr: String,
@@ -284,9 +303,12 @@ impl StopSignal {
         self.stopping.load(Ordering::SeqCst)
     }
 
-    /// Sets the flag; true for the first caller.
+    /// Sets the flag; true for the first caller. Calls of the server waiting for a
+    /// serialized endpoint give up at once.
     pub(crate) fn set(&self) -> bool {
-        !self.stopping.swap(true, Ordering::SeqCst)
+        let first = !self.stopping.swap(true, Ordering::SeqCst);
+        wake_waiters();
+        first
     }
 
     /// The answer to a call that the stop kept from running.
