@@ -103,8 +103,7 @@ pub fn call<O: Output, A>(
             let client = rt.client()?;
             let encoded = encode_args(&args, encode)?;
             drop(args);
-            let request = client.call_request(def.name, &encoded, false)?;
-            let answer = client.request(request, Some(client.call_timeout()))?;
+            let answer = client.call_encoded(def.name, &encoded)?;
             drop(encoded);
             from_answer(answer, &Backend::remote(client.clone()), def.name)
         }
@@ -172,15 +171,9 @@ pub fn submit<O: Output, A>(
             let client = rt.client()?;
             let encoded = encode_args(&args, encode)?;
             drop(args);
-            let request = client.call_request(def.name, &encoded, true)?;
-            let answer = client.request(request, Some(client.call_timeout()))?;
+            let id = client.submit_encoded(def.name, &encoded)?;
             drop(encoded);
-            match answer {
-                crate::net::client::Answer::Other(crate::protocol::wire::Response::Task(id)) => {
-                    Ok(TaskHandle::new(id, def.name, Backend::remote(client.clone())))
-                }
-                _ => Err(Error::Protocol(format!("the server answered a submit of {} without a task id", def.name))),
-            }
+            Ok(TaskHandle::new(id, def.name, Backend::remote(client.clone())))
         }
         Role::Server | Role::Local => {
             let core = rt.core();

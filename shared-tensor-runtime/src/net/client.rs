@@ -999,16 +999,27 @@ impl Client {
     pub(crate) fn call_parts<V>(&self, endpoint: &str, args: impl Args<V>) -> Result<(Answer, Encoded)> {
         let encoded = Self::encode(&args)?;
         drop(args);
-        let request = self.call_request(endpoint, &encoded, false)?;
-        let answer = self.request(request, Some(self.call_timeout()))?;
+        let answer = self.call_encoded(endpoint, &encoded)?;
         Ok((answer, encoded))
+    }
+
+    /// Calls `endpoint` with arguments already encoded and waits for the answer. Keep
+    /// `encoded` alive until the answer is decoded: it holds what the request lends.
+    pub(crate) fn call_encoded(&self, endpoint: &str, encoded: &Encoded) -> Result<Answer> {
+        let request = self.call_request(endpoint, encoded, false)?;
+        self.request(request, Some(self.call_timeout()))
     }
 
     /// Submits an endpoint call as a task; the task's id.
     pub(crate) fn submit_id<V>(&self, endpoint: &str, args: impl Args<V>) -> Result<u64> {
         let encoded = Self::encode(&args)?;
         drop(args);
-        let request = self.call_request(endpoint, &encoded, true)?;
+        self.submit_encoded(endpoint, &encoded)
+    }
+
+    /// Submits `endpoint` with arguments already encoded as a task; the task's id.
+    pub(crate) fn submit_encoded(&self, endpoint: &str, encoded: &Encoded) -> Result<u64> {
+        let request = self.call_request(endpoint, encoded, true)?;
         match self.request(request, Some(self.call_timeout()))? {
             Answer::Other(Response::Task(id)) => Ok(id),
             _ => Err(Error::Protocol(format!("the server answered a submit of {endpoint} without a task id"))),
