@@ -743,6 +743,56 @@ mod tests {
     use crate::payload::Encoded;
     use std::any::Any;
 
+    /// A stress run: under contention (8 threads, 300 entries each, every seventh as a
+    /// task cancelled meanwhile), one holder at a time, and every entry either gets in or
+    /// gives up at its cancel (a run that stalls fails at 60 s).
+    #[test]
+    fn a_contended_gate_admits_one_at_a_time_and_loses_no_waiter() {
+        use std::sync::atomic::{AtomicBool, AtomicUsize};
+        let gate = Gate::registered();
+        let inside = Arc::new(AtomicBool::new(false));
+        let (entered, gave_up) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let tasks = Arc::new(task::Tasks::new(crate::protocol::config::DEFAULT_TASK_TTL, 10_000));
+        let started = Instant::now();
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let (gate, inside, entered, gave_up, tasks) =
+                    (gate.clone(), inside.clone(), entered.clone(), gave_up.clone(), tasks.clone());
+                std::thread::spawn(move || {
+                    for i in 0..300 {
+                        // Every seventh entry runs as a task that another thread cancels.
+                        if (t * 300 + i) % 7 == 0 {
+                            let (record, _) = tasks.create("e", false).unwrap();
+                            let canceller = {
+                                let record = record.clone();
+                                std::thread::spawn(move || record.cancel())
+                            };
+                            match task::with_current(&record, || gate.enter("e").map(drop)) {
+                                Ok(_) => entered.fetch_add(1, Ordering::Relaxed),
+                                Err(_) => gave_up.fetch_add(1, Ordering::Relaxed),
+                            };
+                            canceller.join().unwrap();
+                            continue;
+                        }
+                        let _guard = gate.enter("e").unwrap();
+                        assert!(!inside.swap(true, Ordering::AcqRel), "two holders at once");
+                        std::hint::spin_loop();
+                        inside.store(false, Ordering::Release);
+                        entered.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            while !t.is_finished() {
+                assert!(started.elapsed() < Duration::from_secs(60), "a waiter at the gate was never woken");
+                std::thread::yield_now();
+            }
+            t.join().unwrap();
+        }
+        assert_eq!(entered.load(Ordering::Relaxed) + gave_up.load(Ordering::Relaxed), 8 * 300);
+    }
+
     /// A waiter at a held gate gives up as soon as its task is cancelled or its server
     /// stops, while the gate is still held: it is woken (nothing polls; a broken wake
     /// fails this test after 30 s).
