@@ -794,7 +794,7 @@ mod tests {
     }
 
     /// A waiter at a held gate gives up as soon as its task is cancelled or its server
-    /// stops, while the gate is still held: it is woken (nothing polls; a broken wake
+    /// stops, or when its call's deadline passes, while the gate is still held: it is woken (nothing polls; a broken wake
     /// fails this test after 30 s).
     #[test]
     fn gate_waiters_wake_on_cancel_and_on_stop_while_the_gate_is_held() {
@@ -840,6 +840,15 @@ mod tests {
         entered_rx.recv().unwrap();
         assert!(stop.set());
         assert!(matches!(woken(stopped), Err(Error::ServerGone { .. })));
+
+        // A call with a deadline gives up when it passes (its own timed wait).
+        let timed = {
+            let gate = gate.clone();
+            std::thread::spawn(move || {
+                task::with_deadline(Some(Instant::now() + Duration::from_millis(20)), || gate.enter("e").map(drop))
+            })
+        };
+        assert!(matches!(woken(timed), Err(Error::DeadlinePassed { .. })));
         drop(held);
         assert!(gate.enter("e").is_ok(), "the gate is free again");
     }
