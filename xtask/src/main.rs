@@ -3,6 +3,8 @@
 //! environment tch needs.
 
 mod bundle;
+#[cfg(test)]
+mod layers;
 mod libtorch;
 
 use std::ffi::OsString;
