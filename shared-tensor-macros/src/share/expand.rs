@@ -2,8 +2,11 @@
 //!
 //! For `fn NAME(params) -> R` it emits:
 //! - `fn NAME(params) -> shared_tensor::Result<Out>`: the stub, the same line in every role
-//!   (`Out` is `R`, or `Managed<R>` for a managed endpoint);
-//! - `mod NAME { submit, call_async, invalidate, endpoint }`: the companions;
+//!   (`Out` is `R`, or `Managed<R>` for a managed endpoint): one call with
+//! - `struct __shared_tensor_args_NAME { params }`, hidden, implementing
+//!   `__private::CallArgs` (the key, the encoding, the body now or later);
+//! - `mod NAME { submit, call_async, invalidate, endpoint }`: the companions, each one
+//!   call with the same arguments struct;
 //! - a hidden body function holding the original body;
 //! - a hidden endpoint definition registered through `inventory`, with a dispatch
 //!   function that decodes a client's arguments.
@@ -141,33 +144,6 @@ impl Generator<'_> {
         quote!(::core::option::Option::Some(#path #ident(#(#args),*)?))
     }
 
-    /// `|__args| key`: destructures `&(params)` and computes the key.
-    fn key_closure(&self, path: TokenStream) -> TokenStream {
-        let names = self.names();
-        let key = self.key_value(true, path);
-        quote!(|__args| {
-            #[allow(unused_variables)]
-            let (#(#names,)*) = __args;
-            ::core::result::Result::Ok(#key)
-        })
-    }
-
-    /// `|__enc, __args| encoded arguments`.
-    fn encode_closure(&self) -> TokenStream {
-        let krate = &self.opts.krate;
-        let names = self.names();
-        let encode = self.sig.params.iter().map(|p| {
-            let name = &p.name;
-            let name_str = name.to_string();
-            let value = if p.by_ref { quote!(*#name) } else { quote!(#name) };
-            quote!(#krate::__private::encode_arg(__enc, #name_str, #value)?)
-        });
-        quote!(|__enc, __args| {
-            let (#(#names,)*) = __args;
-            ::core::result::Result::Ok(::std::vec![#(#encode),*])
-        })
-    }
-
     /// The body called with `args`, as a `shared_tensor::Result<value>`.
     fn call_body(&self, args: &[TokenStream], body_path: TokenStream) -> TokenStream {
         let krate = &self.opts.krate;
@@ -180,28 +156,45 @@ impl Generator<'_> {
         }
     }
 
-    /// `|__args| body(args...)` for a call on the caller's thread.
-    fn local_closure(&self, body_path: TokenStream) -> TokenStream {
-        let names = self.names();
-        let args: Vec<TokenStream> = names.iter().map(|n| quote!(#n)).collect();
-        let call = self.call_body(&args, body_path);
-        quote!(|__args| {
-            let (#(#names,)*) = __args;
-            #call
-        })
+    fn args_ident(&self) -> Ident {
+        format_ident!("__shared_tensor_args_{}", self.sig.name)
     }
 
-    /// `|__args| Box<dyn FnOnce() -> ..>`: owned arguments moved into a later body call.
-    fn detach_closure(&self, body_path: TokenStream) -> TokenStream {
+    /// The call's arguments as a hidden struct implementing `__private::CallArgs` (its
+    /// key, its encoding, the body run now or later): the stub and the companions are each
+    /// one call with it. Borrowed parameters make it borrow (`'__st`).
+    fn args_struct(&self) -> TokenStream {
         let krate = &self.opts.krate;
+        let ident = self.args_ident();
+        let params = &self.sig.params;
+        let lifetime = params.iter().any(|p| p.by_ref).then(|| quote!(<'__st>));
+        let fields = params.iter().map(|p| {
+            let (n, t) = (&p.name, &p.owned_ty);
+            if p.by_ref {
+                quote!(#n: &'__st #t)
+            } else {
+                quote!(#n: #t)
+            }
+        });
         let names = self.names();
-        let owned = self.sig.params.iter().filter(|p| p.by_ref).map(|p| {
+        let value_ty = &self.sig.value_ty;
+        let static_ident = self.static_ident();
+        let body_ident = self.body_ident();
+        let key = self.key_value(true, quote!());
+        // Bound by reference (`&self`): a borrowed parameter is `&&T` here.
+        let encode = params.iter().map(|p| {
+            let name = &p.name;
+            let name_str = name.to_string();
+            let value = if p.by_ref { quote!(*#name) } else { quote!(#name) };
+            quote!(#krate::__private::encode_arg(__enc, #name_str, #value)?)
+        });
+        let run_args: Vec<TokenStream> = names.iter().map(|n| quote!(#n)).collect();
+        let run = self.call_body(&run_args, quote!(#body_ident));
+        let owned = params.iter().filter(|p| p.by_ref).map(|p| {
             let name = &p.name;
             quote!(let #name = #krate::__private::owned_arg(#name)?;)
         });
-        let args: Vec<TokenStream> = self
-            .sig
-            .params
+        let later_args: Vec<TokenStream> = params
             .iter()
             .map(|p| {
                 let name = &p.name;
@@ -212,12 +205,47 @@ impl Generator<'_> {
                 }
             })
             .collect();
-        let call = self.call_body(&args, body_path);
-        quote!(|__args| {
-            let (#(#names,)*) = __args;
-            #(#owned)*
-            ::core::result::Result::Ok(::std::boxed::Box::new(move || #call))
-        })
+        let later = self.call_body(&later_args, quote!(#body_ident));
+        let inherited = self.inherited();
+        quote! {
+            #[doc(hidden)]
+            #inherited
+            #[allow(non_camel_case_types)]
+            struct #ident #lifetime { #(#fields,)* }
+
+            #inherited
+            #[allow(unused_variables, clippy::needless_pass_by_value)]
+            impl #lifetime #krate::__private::CallArgs for #ident #lifetime {
+                type Value = #value_ty;
+                fn def(&self) -> &'static #krate::__private::EndpointDef {
+                    &#static_ident
+                }
+                fn key(&self) -> #krate::Result<::core::option::Option<::std::string::String>> {
+                    let Self { #(#names),* } = self;
+                    ::core::result::Result::Ok(#key)
+                }
+                fn encode(
+                    &self,
+                    __enc: &mut #krate::__private::Encoder,
+                ) -> #krate::Result<::std::vec::Vec<#krate::__private::Node>> {
+                    let Self { #(#names),* } = self;
+                    ::core::result::Result::Ok(::std::vec![#(#encode),*])
+                }
+                fn run(self) -> #krate::Result<#value_ty> {
+                    let Self { #(#names),* } = self;
+                    #run
+                }
+                fn detach(
+                    self,
+                ) -> #krate::Result<
+                    ::std::boxed::Box<dyn ::core::ops::FnOnce() -> #krate::Result<#value_ty> + ::core::marker::Send>,
+                > {
+                    let Self { #(#names),* } = self;
+                    #(#owned)*
+                    ::core::result::Result::Ok(::std::boxed::Box::new(move || #later))
+                }
+            }
+        }
     }
 
     fn lint_attrs(attrs: &[Attribute]) -> Vec<&Attribute> {
@@ -261,18 +289,14 @@ impl Generator<'_> {
         let name = &self.sig.name;
         let inputs = &item.sig.inputs;
         let out = self.out_ty();
-        let static_ident = self.static_ident();
         let names = self.names();
-        let key = self.key_closure(quote!());
-        let encode = self.encode_closure();
-        let body_ident = self.body_ident();
-        let local = self.local_closure(quote!(#body_ident));
+        let args_ident = self.args_ident();
         quote! {
             #(#attrs)*
             #inherited
             #[allow(dead_code)]
             #vis fn #name(#inputs) -> #krate::Result<#out> {
-                #krate::__private::call::<#out, _>(&#static_ident, (#(#names,)*), #key, #encode, #local)
+                #krate::__private::call::<#out, _>(#args_ident { #(#names),* })
             }
         }
     }
@@ -304,12 +328,8 @@ impl Generator<'_> {
         let inputs = &item.sig.inputs;
         let out = self.out_ty();
         let static_ident = self.static_ident();
-        let body_ident = self.body_ident();
         let names = self.names();
-        let key = self.key_closure(quote!(super::));
-        let encode = self.encode_closure();
-        let detach = self.detach_closure(quote!(super::#body_ident));
-        let local = self.local_closure(quote!(super::#body_ident));
+        let args_ident = self.args_ident();
         let doc = format!(
             "Companions of [`{name}`](fn@{name}): `submit` (run as a task), `call_async`, \
              `endpoint`{}.",
@@ -330,7 +350,7 @@ impl Generator<'_> {
 
                 /// Submits a call as a task and returns its handle at once.
                 pub fn submit(#inputs) -> #krate::Result<#krate::TaskHandle<#out>> {
-                    #krate::__private::submit::<#out, _>(&super::#static_ident, (#(#names,)*), #key, #encode, #detach)
+                    #krate::__private::submit::<#out, _>(super::#args_ident { #(#names),* })
                 }
 
                 /// The call, as a future for async code: the request is sent now; the future
@@ -344,7 +364,7 @@ impl Generator<'_> {
                 /// at start-up on a blocking thread: `shared_tensor::wait_for_server(timeout)`
                 /// (or `shared_tensor::client()?.connect()`), e.g. in `spawn_blocking`.
                 pub fn call_async(#inputs) -> #krate::BoxFuture<#krate::Result<#out>> {
-                    #krate::__private::call_async::<#out, _>(&super::#static_ident, (#(#names,)*), #key, #encode, #local)
+                    #krate::__private::call_async::<#out, _>(super::#args_ident { #(#names),* })
                 }
 
                 /// This endpoint's definition (for serving chosen endpoints in manual mode).
@@ -498,6 +518,7 @@ impl Generator<'_> {
     }
 
     pub fn generate(&self) -> TokenStream {
+        let args = self.args_struct();
         let stub = self.stub();
         let body = self.body();
         let companions = self.companions();
@@ -506,6 +527,7 @@ impl Generator<'_> {
         let key_fn = self.key_fn();
         quote! {
             #stub
+            #args
             #key_fn
             #body
             #companions

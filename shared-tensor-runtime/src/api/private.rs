@@ -69,9 +69,27 @@ pub fn body_result<T, E: Display>(endpoint: &str, result: std::result::Result<T,
     result.map_err(|e| Error::Endpoint { endpoint: endpoint.into(), message: e.to_string() })
 }
 
-fn encode_args<A>(args: &A, encode: impl FnOnce(&mut Encoder, &A) -> Result<Vec<Node>>) -> Result<Encoded> {
+/// One call of a `#[share]` function: the hidden arguments type `#[share]` generates for
+/// each endpoint (`__shared_tensor_args_NAME`, one field per parameter) implements it, so
+/// that the stub and every companion are one call into this module.
+pub trait CallArgs: Sized {
+    /// What the body produces (the endpoint's value, before `Managed`).
+    type Value;
+    /// The endpoint.
+    fn def(&self) -> &'static EndpointDef;
+    /// The call's cache key; `None` for an endpoint neither cached nor singleflight.
+    fn key(&self) -> Result<Option<String>>;
+    /// The argument nodes, one per parameter (client role).
+    fn encode(&self, enc: &mut Encoder) -> Result<Vec<Node>>;
+    /// Runs the body on this thread (server and local roles).
+    fn run(self) -> Result<Self::Value>;
+    /// The body with owned arguments, to run later (`submit` in the server and local roles).
+    fn detach(self) -> Result<Box<dyn FnOnce() -> Result<Self::Value> + Send>>;
+}
+
+fn encode_args(args: &impl CallArgs) -> Result<Encoded> {
     let mut enc = Encoder::new("");
-    let nodes = encode(&mut enc, args)?;
+    let nodes = args.encode(&mut enc)?;
     Ok(enc.finish(Node::Seq(nodes)))
 }
 
@@ -88,20 +106,15 @@ pub fn assert_key_part<K: KeyPart + ?Sized>(_: &K) {}
 /// Compile-time check that a parameter type can be an argument.
 pub fn assert_argument<V, A: Argument<V>>() {}
 
-/// A call of a `#[share]` function, in whatever role this process has: `key` and `local`
-/// run in the server and local roles, `encode` in the client role.
-pub fn call<O: Output, A>(
-    def: &'static EndpointDef,
-    args: A,
-    key: impl FnOnce(&A) -> Result<Option<String>>,
-    encode: impl FnOnce(&mut Encoder, &A) -> Result<Vec<Node>>,
-    local: impl FnOnce(A) -> Result<O::Value>,
-) -> Result<O> {
+/// A call of a `#[share]` function, in whatever role this process has: the body runs
+/// here in the server and local roles, the arguments are encoded and sent in the client role.
+pub fn call<O: Output, A: CallArgs<Value = O::Value>>(args: A) -> Result<O> {
+    let def = args.def();
     let rt = runtime::global()?;
     match rt.role() {
         Role::Client => {
             let client = rt.client()?;
-            let encoded = encode_args(&args, encode)?;
+            let encoded = encode_args(&args)?;
             drop(args);
             let answer = client.call_encoded(def.name, &encoded)?;
             drop(encoded);
@@ -109,8 +122,8 @@ pub fn call<O: Output, A>(
         }
         Role::Server | Role::Local => {
             let core = rt.core();
-            let key = key(&args)?;
-            let body = move || local(args).map(|v| Box::new(v) as Box<dyn AnyPayload>);
+            let key = args.key()?;
+            let body = move || args.run().map(|v| Box::new(v) as Box<dyn AnyPayload>);
             let outcome = core.call(def, key, Holder::Local, body)?;
             from_outcome(outcome, &Backend::local(core.clone()), def.name)
         }
@@ -123,27 +136,19 @@ pub fn call<O: Output, A>(
 /// future is ready. Connecting is synchronous: a client that is not connected yet
 /// connects here, on the calling thread, blocking it up to the connect timeout (see the
 /// generated `NAME::call_async` docs for how to connect at start-up instead).
-pub fn call_async<O: Output, A>(
-    def: &'static EndpointDef,
-    args: A,
-    key: impl FnOnce(&A) -> Result<Option<String>>,
-    encode: impl FnOnce(&mut Encoder, &A) -> Result<Vec<Node>>,
-    local: impl FnOnce(A) -> Result<O::Value>,
-) -> BoxFuture<Result<O>> {
+pub fn call_async<O: Output, A: CallArgs<Value = O::Value>>(args: A) -> BoxFuture<Result<O>> {
+    let def = args.def();
     let client = match runtime::global().and_then(|rt| match rt.role() {
         Role::Client => rt.client().cloned().map(Some),
         _ => Ok(None),
     }) {
         Ok(Some(client)) => client,
-        Ok(None) => {
-            let result = call::<O, A>(def, args, key, encode, local);
-            return Box::pin(std::future::ready(result));
-        }
+        Ok(None) => return Box::pin(std::future::ready(call::<O, A>(args))),
         Err(e) => return Box::pin(std::future::ready(Err(e))),
     };
     // Sent now, as the sync call would; the future only waits for the reply (on any
     // executor) and, dropped early, releases what the reply lends.
-    let sent = encode_args(&args, encode).and_then(|encoded| {
+    let sent = encode_args(&args).and_then(|encoded| {
         let request = client.call_request(def.name, &encoded, false)?;
         Ok((encoded, client.request_async(request, Some(client.call_timeout()))?))
     });
@@ -156,20 +161,15 @@ pub fn call_async<O: Output, A>(
     })
 }
 
-/// Submits a call of a `#[share]` function as a task. In the server and local roles,
-/// `detach` turns the arguments into an owned body that runs in the background.
-pub fn submit<O: Output, A>(
-    def: &'static EndpointDef,
-    args: A,
-    key: impl FnOnce(&A) -> Result<Option<String>>,
-    encode: impl FnOnce(&mut Encoder, &A) -> Result<Vec<Node>>,
-    detach: impl FnOnce(A) -> Result<Box<dyn FnOnce() -> Result<O::Value> + Send>>,
-) -> Result<TaskHandle<O>> {
+/// Submits a call of a `#[share]` function as a task. In the server and local roles the
+/// body, with owned arguments ([`CallArgs::detach`]), runs in the background.
+pub fn submit<O: Output, A: CallArgs<Value = O::Value>>(args: A) -> Result<TaskHandle<O>> {
+    let def = args.def();
     let rt = runtime::global()?;
     match rt.role() {
         Role::Client => {
             let client = rt.client()?;
-            let encoded = encode_args(&args, encode)?;
+            let encoded = encode_args(&args)?;
             drop(args);
             let id = client.submit_encoded(def.name, &encoded)?;
             drop(encoded);
@@ -177,8 +177,8 @@ pub fn submit<O: Output, A>(
         }
         Role::Server | Role::Local => {
             let core = rt.core();
-            let key = key(&args)?;
-            let body = detach(args)?;
+            let key = args.key()?;
+            let body = args.detach()?;
             let body = Box::new(move || body().map(|v| Box::new(v) as Box<dyn AnyPayload>));
             let id = core.submit(def, key, body)?;
             Ok(TaskHandle::new(id, def.name, Backend::local(core.clone())))
