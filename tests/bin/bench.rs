@@ -88,48 +88,39 @@ fn sync() {
     shared_tensor::cuda::synchronize_stream(0).expect("stream synchronize");
 }
 
-/// A plain Rust loopback TCP echo of one frame each way: the floor for any RPC.
-fn floor(n: usize) -> Vec<f64> {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
+/// `n` round trips of one frame each way through `client`, echoed back by `server` on
+/// its own thread: plain Rust sockets, the floor for any RPC over them.
+fn echo_times<S: Read + Write + Send + 'static>(n: usize, mut client: S, mut server: S) -> Vec<f64> {
     std::thread::spawn(move || {
-        let (mut s, _) = listener.accept().unwrap();
-        s.set_nodelay(true).unwrap();
         let mut buf = [0u8; FLOOR_FRAME];
-        while s.read_exact(&mut buf).is_ok() {
-            if s.write_all(&buf).is_err() {
+        while server.read_exact(&mut buf).is_ok() {
+            if server.write_all(&buf).is_err() {
                 break;
             }
         }
     });
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_nodelay(true).unwrap();
     let out = [7u8; FLOOR_FRAME];
     let mut back = [0u8; FLOOR_FRAME];
     measure(n, 200, || {
-        s.write_all(&out).unwrap();
-        s.read_exact(&mut back).unwrap();
+        client.write_all(&out).unwrap();
+        client.read_exact(&mut back).unwrap();
     })
+}
+
+/// The echo over loopback TCP (`TCP_NODELAY` on both ends).
+fn floor(n: usize) -> Vec<f64> {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (server, _) = listener.accept().unwrap();
+    client.set_nodelay(true).unwrap();
+    server.set_nodelay(true).unwrap();
+    echo_times(n, client, server)
 }
 
 /// The same echo over a Unix domain socket: the floor of the default transport.
 fn unix_floor(n: usize) -> Vec<f64> {
-    use std::os::unix::net::UnixStream;
-    let (mut s, mut peer) = UnixStream::pair().unwrap();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; FLOOR_FRAME];
-        while peer.read_exact(&mut buf).is_ok() {
-            if peer.write_all(&buf).is_err() {
-                break;
-            }
-        }
-    });
-    let out = [7u8; FLOOR_FRAME];
-    let mut back = [0u8; FLOOR_FRAME];
-    measure(n, 200, || {
-        s.write_all(&out).unwrap();
-        s.read_exact(&mut back).unwrap();
-    })
+    let (client, server) = std::os::unix::net::UnixStream::pair().unwrap();
+    echo_times(n, client, server)
 }
 
 /// The floors over `n` echoes (TCP, Unix socket) and the TCP floor's p50, which the

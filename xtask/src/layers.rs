@@ -91,10 +91,13 @@ pub fn violations(src: &Path) -> Result<Vec<String>, String> {
     let mut files = Vec::new();
     rust_files(src, &mut files)?;
     files.sort();
+    let texts = files
+        .iter()
+        .map(|file| fs::read_to_string(file).map_err(|e| format!("cannot read {}: {e}", file.display())))
+        .collect::<Result<Vec<String>, String>>()?;
     // `#[macro_export]` macros live at the root whatever file defines them.
     let mut macros = Vec::new();
-    for file in &files {
-        let text = fs::read_to_string(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+    for text in &texts {
         for (at, _) in text.match_indices("macro_rules!") {
             let name: String = text[at + "macro_rules!".len()..]
                 .trim_start()
@@ -105,8 +108,8 @@ pub fn violations(src: &Path) -> Result<Vec<String>, String> {
         }
     }
     let mut found = Vec::new();
-    for file in files {
-        let rel = file.strip_prefix(src).unwrap_or(&file);
+    for (file, text) in files.iter().zip(&texts) {
+        let rel = file.strip_prefix(src).unwrap_or(file);
         if rel == Path::new("lib.rs") {
             continue;
         }
@@ -116,9 +119,8 @@ pub fn violations(src: &Path) -> Result<Vec<String>, String> {
             found.push(format!("{}: `{module}` is in no layer (add it to xtask's LAYERS)", rel.display()));
             continue;
         };
-        let text = fs::read_to_string(&file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
         let mut seen = Vec::new();
-        for target in imported_modules(&text) {
+        for target in imported_modules(text) {
             if target == module || seen.contains(&target) || macros.contains(&target) {
                 continue;
             }

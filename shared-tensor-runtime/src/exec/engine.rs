@@ -38,7 +38,6 @@ fn run_caught<F: FnOnce() -> Result<Box<dyn AnyPayload>>>(endpoint: &str, body: 
 /// [`wake_gates`] after setting its flag, taking each gate's lock before notifying, so a
 /// waiter either sees the flag before it sleeps or is asleep when the notification
 /// comes), or its deadline. Nothing polls.
-#[derive(Default)]
 struct Gate {
     busy: Mutex<bool>,
     cv: Condvar,
@@ -57,15 +56,6 @@ fn wake_gates() {
     }
 }
 
-impl Gate {
-    fn registered() -> Arc<Gate> {
-        let gate = Arc::new(Gate::default());
-        GATES.lock().push(Arc::downgrade(&gate));
-        task::set_waker(wake_gates);
-        gate
-    }
-}
-
 struct GateGuard<'a>(&'a Gate);
 
 impl Drop for GateGuard<'_> {
@@ -78,6 +68,15 @@ impl Drop for GateGuard<'_> {
 }
 
 impl Gate {
+    /// A new gate, known to [`wake_gates`] (the only way to make one, so that no gate
+    /// misses a cancellation or a stop).
+    fn registered() -> Arc<Gate> {
+        let gate = Arc::new(Gate { busy: Mutex::new(false), cv: Condvar::new() });
+        GATES.lock().push(Arc::downgrade(&gate));
+        task::set_waker(wake_gates);
+        gate
+    }
+
     /// Waits for the gate. A submitted task that is cancelled while waiting gives up, and
     /// so does a client's call whose deadline passes or whose server stops.
     fn enter(&self, endpoint: &str) -> Result<GateGuard<'_>> {

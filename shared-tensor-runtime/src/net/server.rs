@@ -638,23 +638,20 @@ pub(crate) fn start(
             }
         }
     };
+    let (unix, socket_file) = socket.unzip();
     let state = Arc::new(ServerState {
         core,
         secrets,
         registry,
         addr,
-        socket: socket.as_ref().map(|(_, file)| file.path.clone()),
-        socket_file: Mutex::new(None),
+        socket: socket_file.as_ref().map(|file| file.path.clone()),
+        socket_file: Mutex::new(socket_file),
         device_index,
         links: Mutex::new(HashMap::new()),
         stopping: StopSignal::new(addr.to_string()),
         stop: watch::channel(false).0,
         active: Mutex::new(Active::default()),
         idle: Condvar::new(),
-    });
-    let unix = socket.map(|(listener, file)| {
-        *state.socket_file.lock() = Some(file);
-        listener
     });
     rt.spawn(accept_loop(listener, unix, state.clone(), state.stop.subscribe()));
     let endpoints = state.registry.names().len();
@@ -682,10 +679,8 @@ impl SocketFile {
     /// Binds the Unix socket of `port`. The caller holds the TCP port, so no other live
     /// server owns the path: a file left there by one that died is replaced.
     fn bind(port: u16) -> Result<(UnixListener, SocketFile)> {
-        let path = transport::socket_path(port).ok_or_else(|| Error::Bind {
-            addr: auth::runtime_dir().join(format!("server-{port}.sock")).display().to_string(),
-            reason: "the path is too long for a Unix socket: set SHARED_TENSOR_RUNTIME_DIR to a shorter folder".into(),
-        })?;
+        let path = transport::usable_socket_path(port)
+            .map_err(|e| Error::Bind { addr: format!("the Unix socket of port {port}"), reason: e.to_string() })?;
         let failed = |e: std::io::Error| Error::Bind { addr: path.display().to_string(), reason: e.to_string() };
         match std::fs::remove_file(&path) {
             Ok(()) => {}

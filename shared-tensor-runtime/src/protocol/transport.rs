@@ -92,6 +92,21 @@ pub fn socket_path(port: u16) -> Option<PathBuf> {
     (path.as_os_str().len() <= MAX_SOCKET_PATH).then_some(path)
 }
 
+/// [`socket_path`], or the error that says why the port has no socket (and what to do),
+/// for the server that would bind it and the client that would connect to it.
+pub(crate) fn usable_socket_path(port: u16) -> std::io::Result<PathBuf> {
+    socket_path(port).ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "the runtime folder {} is too long a path for a Unix socket (at most {MAX_SOCKET_PATH} bytes): set \
+                 SHARED_TENSOR_RUNTIME_DIR to a shorter one",
+                auth::runtime_dir().display()
+            ),
+        )
+    })
+}
+
 /// The loopback TCP address of the server on `port`.
 pub(crate) fn tcp_addr(port: u16) -> SocketAddr {
     SocketAddr::from((Ipv4Addr::LOCALHOST, port))
@@ -213,18 +228,10 @@ fn connect_unix(path: &std::path::Path) -> std::io::Result<UnixStream> {
 /// back to TCP.
 fn connect_once(port: u16, transport: Transport, timeout: Duration) -> std::io::Result<Stream> {
     if transport != Transport::Tcp {
-        let unix = match socket_path(port) {
-            Some(path) => connect_unix(&path)
-                .map_err(|e| std::io::Error::new(e.kind(), format!("Unix socket {}: {e}", path.display()))),
-            None => Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!(
-                    "the runtime folder {} is too long a path for a Unix socket (at most {MAX_SOCKET_PATH} bytes): \
-                     set SHARED_TENSOR_RUNTIME_DIR to a shorter one",
-                    auth::runtime_dir().display()
-                ),
-            )),
-        };
+        let unix = usable_socket_path(port).and_then(|path| {
+            connect_unix(&path)
+                .map_err(|e| std::io::Error::new(e.kind(), format!("Unix socket {}: {e}", path.display())))
+        });
         match unix {
             Ok(s) => return Ok(Stream::Unix(s)),
             Err(e) if transport == Transport::Unix => return Err(e),
