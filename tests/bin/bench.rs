@@ -666,10 +666,6 @@ fn print_llm_rows(rows: &ModelRows) {
     }
 }
 
-/// `bench profile <model|identity|identity256|throughput> <seconds>`: one workload in a loop while
-/// the server and (except for `throughput`, whose load runs in 8 child processes) the
-/// client, this process, are sampled; folded stacks go to
-/// `$OUT/{client,server}-<workload>.folded`. Needs `--features profile`.
 /// `bench transports [calls]`: the same calls over the server's Unix socket and over TCP
 /// loopback, one of each in turn (the order swapped every round), so that both see the
 /// same host at the same moment; with the two echo floors measured the same way.
@@ -766,6 +762,10 @@ fn transports(args: &[String]) -> shared_tensor::Result<()> {
     Ok(())
 }
 
+/// `bench profile <model|identity|identity256|statedict|throughput> <seconds>`: one workload in a loop while
+/// the server and (except for `throughput`, whose load runs in 8 child processes) the
+/// client, this process, are sampled; folded stacks go to
+/// `$OUT/{client,server}-<workload>.folded`. Needs `--features profile`.
 fn profile(args: &[String]) -> shared_tensor::Result<()> {
     let workload = args.first().map(String::as_str).unwrap_or("model").to_string();
     let secs: f64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(5.0);
@@ -793,7 +793,9 @@ fn profile(args: &[String]) -> shared_tensor::Result<()> {
             let xs: Vec<Tensor> = (0..256).map(|_| Tensor::ones([4], (Kind::Float, device))).collect();
             Box::new(move || drop(endpoints::identity_many(xs.iter().map(Tensor::shallow_clone).collect()).unwrap()))
         }
-        other => panic!("unknown workload {other:?}: model, identity, identity256 or throughput"),
+        // The cached fetch of the N=32 decoder's state dict (290 tensors, one allocation each).
+        "statedict" => Box::new(|| drop(endpoints::decoder_state_dict(32).unwrap())),
+        other => panic!("unknown workload {other:?}: model, identity, identity256, statedict or throughput"),
     };
     let run_for = |step: &mut dyn FnMut(), secs: f64| {
         let (t, mut calls) = (Instant::now(), 0u64);
