@@ -773,10 +773,18 @@ fn profile(args: &[String]) -> shared_tensor::Result<()> {
     let warmup = 1.0;
     let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let server_file = out.join(format!("server-{workload}.folded")).display().to_string();
-    let _server = start_server(port, &[("ST_PROFILE", server_file), ("ST_PROFILE_SECS", (warmup + secs).to_string())]);
+    let server_secs = if workload == "throughput" { warmup + secs } else { secs };
+    let mut server = start_server(port, &[("ST_PROFILE", server_file), ("ST_PROFILE_SECS", server_secs.to_string())]);
+    // The server samples from this line on, for `server_secs`.
+    let start_server_profile = move || {
+        let stdin = server.0.stdin.as_mut().expect("the server's stdin is piped");
+        writeln!(stdin, "PROFILE").and_then(|()| stdin.flush()).expect("ask the server to profile");
+        server
+    };
     shared_tensor::configure(Config::default().role(Role::Client).base_port(port))?;
     if workload == "throughput" {
         // The throughput figure's load (8 processes × 4 threads); only the server is sampled.
+        let _server = start_server_profile();
         let rate = throughput(port, warmup + secs);
         println!("profile throughput: {rate:.0} calls/s under the server's profile");
         std::thread::sleep(Duration::from_millis(1500)); // the server's profile ends meanwhile
@@ -806,7 +814,9 @@ fn profile(args: &[String]) -> shared_tensor::Result<()> {
         }
         calls
     };
+    // Also the first call, which may build what later calls fetch (the decoder: seconds).
     run_for(&mut step, warmup);
+    let _server = start_server_profile();
     let profile =
         profiling::Profile::start(out.join(format!("client-{workload}.folded"))).unwrap_or_else(|e| panic!("{e}"));
     let calls = run_for(&mut step, secs);

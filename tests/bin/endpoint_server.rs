@@ -26,20 +26,29 @@ mod endpoints;
 #[path = "profiling.rs"]
 mod profiling;
 
-use std::io::Read;
+use std::io::{BufRead, Read};
 
 use shared_tensor::config::{Config, Role};
 
-/// Exits the process when stdin reaches end of file (the parent is gone).
+/// Exits the process when stdin reaches end of file (the parent is gone). A line
+/// `PROFILE` on stdin starts [`profile_for_a_while`] (the parent says when its calls begin).
 fn exit_with_parent() {
     std::thread::spawn(|| {
-        let _ = std::io::stdin().read_to_end(&mut Vec::new());
+        // Lines as bytes: whatever else arrives is read and ignored until end of file.
+        for line in std::io::stdin().lock().split(b'\n') {
+            match line {
+                Ok(line) if line.trim_ascii() == b"PROFILE" => profile_for_a_while(),
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
         std::process::exit(0);
     });
 }
 
-/// `ST_PROFILE=<file>`: profiles this process for `ST_PROFILE_SECS` (default 8) seconds
-/// from now, then writes the folded stacks to the file (`bench profile`).
+/// With `ST_PROFILE=<file>`: profiles this process for `ST_PROFILE_SECS` (default 8)
+/// seconds from now, then writes the folded stacks to the file (`bench profile`, which
+/// asks once the workload's first, possibly long, call has been made).
 fn profile_for_a_while() {
     let Some(path) = std::env::var_os("ST_PROFILE") else { return };
     let secs: f64 = std::env::var("ST_PROFILE_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(8.0);
@@ -119,7 +128,6 @@ fn main() -> shared_tensor::Result<()> {
         return Ok(());
     }
     let info = shared_tensor::server_info()?; // starts the runtime, and with it the server
-    profile_for_a_while();
     println!("READY {}", info.address.rsplit(':').next().unwrap_or_default());
     exit_with_parent();
     shared_tensor::serve_while_server()
