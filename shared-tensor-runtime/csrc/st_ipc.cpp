@@ -193,16 +193,24 @@ struct ImportContext {
 // A region of another process's block that this process imported: the mapping it lies
 // in, whom to tell when the last storage over one of its parts goes, and its parts'
 // contexts (sized once, never moved).
+//
+// Made with std::make_shared (one allocation for the region and its count); its destructor
+// gives the region back (release_region), so it runs when the last part goes.
 struct ImportRegion {
   std::shared_ptr<void> mapping;  // from open_mapping: closes the mapping with the last owner
   uint64_t cookie;
   int device;
   std::unique_ptr<ImportContext[]> contexts;
+
+  ImportRegion(std::shared_ptr<void> m, uint64_t c, int d) : mapping(std::move(m)), cookie(c), device(d) {}
+  ImportRegion(const ImportRegion&) = delete;
+  ImportRegion& operator=(const ImportRegion&) = delete;
+  ~ImportRegion();
 };
 
-// Runs when the last part of a region goes (the shared_ptr's deleter). Never throws.
-void release_region(ImportRegion* raw) {
-  std::unique_ptr<ImportRegion> region(raw);
+// Gives a region back when its last part goes (from ~ImportRegion, which is the only
+// caller): drops its mapping and contexts, then tells the lender. Never throws.
+void release_region(ImportRegion* region) {
   // Only the exit flag here (a cudaGetDevice per storage was a measurable share of
   // dropping a model): nothing below needs a live runtime, and closing the mapping, the
   // one step that does, checks `cuda_usable()` itself.
@@ -229,11 +237,15 @@ void release_region(ImportRegion* raw) {
       cudaStreamSynchronize(stream);
     }
   }
-  region.reset();
+  // The mapping reference and the contexts go before the lender hears of the release.
+  region->mapping.reset();
+  region->contexts.reset();
   if (fn != nullptr && cookie != 0) {
     fn(cookie, device, reinterpret_cast<uint64_t>(stream));
   }
 }
+
+ImportRegion::~ImportRegion() { release_region(this); }
 
 void import_deleter(void* raw) {
   auto* ctx = static_cast<ImportContext*>(raw);
@@ -350,7 +362,10 @@ std::pair<std::shared_ptr<void>, uint64_t> open_mapping(std::string_view handle,
   uint64_t bytes = 0;
   {
     std::unique_lock<std::mutex> lock(c.mu);
-    const std::string key(handle);
+    // The lookup key, in a buffer this thread reuses: no allocation per region on a hit
+    // (C++17's unordered_map cannot look a std::string key up by a string_view).
+    thread_local std::string key;
+    key.assign(handle.data(), handle.size());
     for (;;) {
       auto it = c.entries.find(key);
       if (it == c.entries.end()) {
@@ -373,12 +388,12 @@ std::pair<std::shared_ptr<void>, uint64_t> open_mapping(std::string_view handle,
       // Opening maps into the current device's context; a cached mapping needs no guard.
       c10::cuda::CUDAGuard guard(device);
       auto c10_mapping = std::make_unique<std::shared_ptr<void>>(
-          c10::cuda::CUDACachingAllocator::getIpcDevPtr(key));
+          c10::cuda::CUDACachingAllocator::getIpcDevPtr(std::string(handle)));
       g_mappings_opened.fetch_add(1);
       void* ptr = c10_mapping->get();
       // Asked once per mapping; a failure drops the mapping (c10 closes it).
       bytes = allocation_bytes_from(ptr);
-      result = std::shared_ptr<void>(ptr, [mapping = c10_mapping.release(), key](void*) {
+      result = std::shared_ptr<void>(ptr, [mapping = c10_mapping.release(), key = std::string(handle)](void*) {
         MappingCache& cache = mapping_cache();
         std::unique_lock<std::mutex> l(cache.mu);
         auto found = cache.entries.find(key);
@@ -392,7 +407,7 @@ std::pair<std::shared_ptr<void>, uint64_t> open_mapping(std::string_view handle,
         l.unlock();
         cache.cv.notify_all();
       });
-      c.entries[key] = MappingCache::Entry{result, result, producer, ++c.clock, bytes};
+      c.entries[std::string(handle)] = MappingCache::Entry{result, result, producer, ++c.clock, bytes};
       ++c.strong_count;
     }
     while (c.strong_count > MappingCache::kMaxStrong) {
@@ -587,6 +602,7 @@ const char* st_regions_import(const st_import_spec* regions, uint64_t n_regions,
   try {
     std::vector<std::shared_ptr<ImportRegion>> opened(n_regions);
     std::unordered_map<std::string_view, std::pair<std::shared_ptr<void>, uint64_t>> by_handle;
+    by_handle.reserve(n_regions);
     for (at = 0; at < n_regions; ++at) {
       const st_import_spec& sp = regions[at];
       std::shared_ptr<void> mapping;
@@ -611,8 +627,7 @@ const char* st_regions_import(const st_import_spec* regions, uint64_t n_regions,
       }
       // Its deleter tells the producer: until every storage is built (and Rust has
       // registered the cookie), a region dropped on error tells nobody.
-      opened[at] = std::shared_ptr<ImportRegion>(
-          new ImportRegion{std::move(mapping), sp.cookie, sp.device, nullptr}, &release_region);
+      opened[at] = std::make_shared<ImportRegion>(std::move(mapping), sp.cookie, sp.device);
     }
     at = UINT64_MAX;
     // Each region's contexts, one array per region, sized by its part count.
