@@ -182,9 +182,10 @@ struct ImportRegion;
 
 // Context of the DataPtr of every storage we build over an imported region: one per part
 // (one per storage of the producer), each holding the region. They live in their
-// region's `contexts` array (one allocation per region, not one per storage): a context's
-// `region` is a reference of the region to itself, which the part's deleter moves out and
-// drops, so the region (and the array) goes with its last part.
+// region (inline for a region of one part, else in its `contexts` array: never one
+// allocation per storage): a context's `region` is a reference of the region to itself,
+// which the part's deleter moves out and drops, so the region (and its contexts) goes
+// with its last part.
 struct ImportContext {
   std::shared_ptr<ImportRegion> region;
   uint64_t part;
@@ -200,6 +201,9 @@ struct ImportRegion {
   std::shared_ptr<void> mapping;  // from open_mapping: closes the mapping with the last owner
   uint64_t cookie;
   int device;
+  // The contexts of its parts: `only` for a region of one part (most regions: a block
+  // that holds one tensor's storage), else the `contexts` array.
+  ImportContext only;
   std::unique_ptr<ImportContext[]> contexts;
 
   ImportRegion(std::shared_ptr<void> m, uint64_t c, int d) : mapping(std::move(m)), cookie(c), device(d) {}
@@ -237,7 +241,8 @@ void release_region(ImportRegion* region) {
       cudaStreamSynchronize(stream);
     }
   }
-  // The mapping reference and the contexts go before the lender hears of the release.
+  // The mapping reference and the contexts go before the lender hears of the release
+  // (`only` holds no reference by now: its part's deleter moved it out).
   region->mapping.reset();
   region->contexts.reset();
   if (fn != nullptr && cookie != 0) {
@@ -601,26 +606,21 @@ const char* st_regions_import(const st_import_spec* regions, uint64_t n_regions,
   *alloc_bytes = UINT64_MAX;
   try {
     std::vector<std::shared_ptr<ImportRegion>> opened(n_regions);
-    std::unordered_map<std::string_view, std::pair<std::shared_ptr<void>, uint64_t>> by_handle;
-    by_handle.reserve(n_regions);
     for (at = 0; at < n_regions; ++at) {
       const st_import_spec& sp = regions[at];
       std::shared_ptr<void> mapping;
       if (sp.handle_len != 0) {
+        // Regions of one block (one handle) share a mapping through the mapping cache: the
+        // first one's mapping is held in `opened`, so a later one finds it there.
         std::string_view h(reinterpret_cast<const char*>(sp.handle), sp.handle_len);
-        auto found = by_handle.find(h);
-        if (found == by_handle.end()) {
-          auto mapped = open_mapping(h, sp.producer, static_cast<c10::DeviceIndex>(sp.device));
-          found = by_handle.emplace(h, std::move(mapped)).first;
-        }
+        auto [mapped, bytes] = open_mapping(h, sp.producer, static_cast<c10::DeviceIndex>(sp.device));
         uint64_t end = 0;
-        if (sp.offset < 0 || c10::add_overflows(static_cast<uint64_t>(sp.offset), sp.nbytes, &end) ||
-            end > found->second.second) {
+        if (sp.offset < 0 || c10::add_overflows(static_cast<uint64_t>(sp.offset), sp.nbytes, &end) || end > bytes) {
           *failed = at;
-          *alloc_bytes = found->second.second;
+          *alloc_bytes = bytes;
           return dup_error("the storage lies outside the producer's allocation");
         }
-        mapping = found->second.first;
+        mapping = std::move(mapped);
       } else if (sp.nbytes != 0) {
         *failed = at;
         return dup_error("a region with bytes but no IPC handle");
@@ -630,7 +630,7 @@ const char* st_regions_import(const st_import_spec* regions, uint64_t n_regions,
       opened[at] = std::make_shared<ImportRegion>(std::move(mapping), sp.cookie, sp.device);
     }
     at = UINT64_MAX;
-    // Each region's contexts, one array per region, sized by its part count.
+    // Each region's contexts: its `only` one, or one array sized by its part count.
     std::vector<uint64_t> used(n_regions, 0);
     for (uint64_t k = 0; k < n_parts; ++k) {
       if (parts[k].region < n_regions) {
@@ -638,11 +638,11 @@ const char* st_regions_import(const st_import_spec* regions, uint64_t n_regions,
       }
     }
     for (uint64_t r = 0; r < n_regions; ++r) {
-      if (used[r] != 0) {
+      if (used[r] > 1) {
         opened[r]->contexts.reset(new ImportContext[used[r]]);
       }
-      used[r] = 0;
     }
+    std::vector<uint64_t> next(n_regions, 0);
     built.reserve(n_parts);
     for (uint64_t k = 0; k < n_parts; ++k) {
       const st_part_spec& part = parts[k];
@@ -656,7 +656,7 @@ const char* st_regions_import(const st_import_spec* regions, uint64_t n_regions,
       c10::Device dev(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(sp.device));
       const std::shared_ptr<ImportRegion>& region = opened[part.region];
       void* ptr = region->mapping ? static_cast<char*>(region->mapping.get()) + sp.offset + part.offset : nullptr;
-      ImportContext* ctx = &region->contexts[used[part.region]++];
+      ImportContext* ctx = used[part.region] == 1 ? &region->only : &region->contexts[next[part.region]++];
       ctx->region = region;
       ctx->part = part.index;
       c10::DataPtr data_ptr(ptr, ctx, &import_deleter, dev);
