@@ -25,6 +25,11 @@ use rustc_hash::FxHashMap as HashMap;
 use crate::device::ffi;
 use crate::device::ipc::StorageDescriptor;
 
+/// Each part's (byte offset in its region, nbytes), in part order: inline for the usual
+/// region of one part (a block holding one tensor's storage), so that importing a state
+/// dict allocates nothing per region for it.
+pub(crate) type PartPlaces = smallvec::SmallVec<[(u64, u64); 1]>;
+
 /// One side's view of one connection: what it lent to the peer, and where releases of
 /// the peer's leases go.
 ///
@@ -85,14 +90,22 @@ impl UsedOn {
         UsedOn::distinct(used).into_iter().for_each(UsedOn::settle);
     }
 
-    /// Splits released leases into those whose streams have finished their work (each
-    /// stream asked once), ready to send, and the others.
-    pub(crate) fn split_settled(leases: Vec<(u64, UsedOn)>) -> (Vec<u64>, Vec<(u64, UsedOn)>) {
+    /// Takes out of `leases` those whose streams have finished their work (each stream
+    /// asked once), ready to send, and leaves the others in place: the queue keeps its
+    /// allocation from one batch to the next.
+    pub(crate) fn take_settled(leases: &mut Vec<(u64, UsedOn)>) -> Vec<u64> {
         let idle: Vec<(UsedOn, bool)> =
             UsedOn::distinct(leases.iter().map(|&(_, u)| u)).into_iter().map(|u| (u, u.idle())).collect();
         let is_idle = |used: &UsedOn| idle.iter().any(|(u, i)| u == used && *i);
-        let (ready, busy): (Vec<_>, Vec<_>) = leases.into_iter().partition(|(_, used)| is_idle(used));
-        (ready.into_iter().map(|(lease, _)| lease).collect(), busy)
+        let mut ready = Vec::with_capacity(leases.len());
+        leases.retain(|(lease, used)| {
+            let done = is_idle(used);
+            if done {
+                ready.push(*lease);
+            }
+            !done
+        });
+        ready
     }
 }
 
@@ -176,7 +189,7 @@ struct ImportRecord {
     lease: u64,
     descriptor: StorageDescriptor,
     /// Each part's (byte offset in the region, nbytes), in part order.
-    parts: Vec<(u64, u64)>,
+    parts: PartPlaces,
 }
 
 /// A region just imported, to register: its cookie, the peer's lease, its descriptor and
@@ -185,7 +198,7 @@ pub(crate) struct NewImport {
     pub cookie: u64,
     pub lease: u64,
     pub descriptor: StorageDescriptor,
-    pub parts: Vec<(u64, u64)>,
+    pub parts: PartPlaces,
 }
 
 static IMPORTS: Lazy<Mutex<HashMap<u64, ImportRecord>>> = Lazy::new(|| {
@@ -216,7 +229,7 @@ pub(crate) fn register_imports(link: &Arc<Link>, records: Vec<NewImport>) {
 #[cfg(test)]
 fn register_new(link: &Arc<Link>, lease: u64, descriptor: StorageDescriptor, parts: Vec<(u64, u64)>) -> u64 {
     let cookie = new_cookies(1);
-    register_imports(link, vec![NewImport { cookie, lease, descriptor, parts }]);
+    register_imports(link, vec![NewImport { cookie, lease, descriptor, parts: parts.into() }]);
     cookie
 }
 
@@ -254,7 +267,7 @@ pub(crate) fn origins(cookies: impl Iterator<Item = u64>, link: &Arc<Link>) -> V
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct ImportedRegion {
     pub descriptor: StorageDescriptor,
-    pub parts: Vec<(u64, u64)>,
+    pub parts: PartPlaces,
 }
 
 /// The imported region `cookie` (to send its parts back to its lender, or forward them to
@@ -344,7 +357,7 @@ mod tests {
         assert!(matches!(origin(c, &other), Origin::Elsewhere));
         // Its parts can be forwarded: the region's descriptor and the parts' places in it.
         let found = imported_region(c).expect("registered");
-        assert_eq!(found, ImportedRegion { descriptor: region, parts: vec![(0, 4), (1024, 64)] });
+        assert_eq!(found, ImportedRegion { descriptor: region, parts: smallvec::smallvec![(0, 4), (1024, 64)] });
         assert_eq!(imported_region(c + 1_000_000), None, "an unknown cookie");
         release_cookie(c, UsedOn::NOTHING);
         assert_eq!(*seen.lock(), vec![5]);

@@ -274,8 +274,7 @@ impl ReleaseQueue {
     /// work (each stream asked once), into `out`. Returns whether releases on busy
     /// streams are left for the release thread, which waits for those streams.
     fn drain_ready(&mut self, out: &mut Vec<u8>) -> Result<bool> {
-        let (ready, busy) = UsedOn::split_settled(std::mem::take(&mut self.leases));
-        self.leases = busy;
+        let ready = UsedOn::take_settled(&mut self.leases);
         if !ready.is_empty() {
             wire::write_frame(&ClientMessage::Release(ready), out)?;
         }

@@ -1191,7 +1191,8 @@ impl Conn {
         drop(keep);
         // Releases whose streams are done go in the same write; the others once their
         // streams are (the reply does not wait for them).
-        let (ready, busy) = UsedOn::split_settled(capture.finish());
+        let mut busy = capture.finish();
+        let ready = UsedOn::take_settled(&mut busy);
         let mut st = self.writer.state.lock();
         if !ready.is_empty() {
             frame_into(&ServerMessage::Release(ready), &mut st.outbox);
