@@ -5,7 +5,8 @@
 //! [`require_gpu`], so a GPU run on a machine without CUDA fails instead of passing.
 //!
 //! Two-process tests start helper binaries of this package ([`helper_bin`]) and talk to
-//! them over stdin/stdout with length-prefixed MessagePack frames ([`send`], [`recv`]).
+//! them over stdin/stdout in the protocol's own frames ([`send`], [`recv`], through
+//! `wire::write_frame` and `wire::read_frame`).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::PathBuf;
@@ -178,21 +179,19 @@ impl Drop for Peer {
     }
 }
 
-/// Writes one length-prefixed MessagePack frame.
+/// Writes one frame, in the protocol's own format and codec (`wire::write_frame`).
 pub fn send<T: Serialize>(w: &mut impl Write, msg: &T) -> std::io::Result<()> {
-    let body = rmp_serde::to_vec_named(msg).map_err(std::io::Error::other)?;
-    w.write_all(&(body.len() as u32).to_le_bytes())?;
-    w.write_all(&body)?;
+    let mut frame = Vec::new();
+    shared_tensor::wire::write_frame(msg, &mut frame).map_err(std::io::Error::other)?;
+    w.write_all(&frame)?;
     w.flush()
 }
 
-/// Reads one length-prefixed MessagePack frame.
+/// Reads one frame, in the protocol's own format and codec (`wire::read_frame`).
 pub fn recv<T: DeserializeOwned>(r: &mut impl Read) -> std::io::Result<T> {
-    let mut len = [0u8; 4];
-    r.read_exact(&mut len)?;
-    let mut body = vec![0u8; u32::from_le_bytes(len) as usize];
-    r.read_exact(&mut body)?;
-    rmp_serde::from_slice(&body).map_err(std::io::Error::other)
+    let mut body = Vec::new();
+    shared_tensor::wire::read_frame(r, &mut body)?;
+    shared_tensor::wire::decode(&body).map_err(std::io::Error::other)
 }
 
 /// Messages of the two-process CUDA IPC proof (`tests/ipc_proof.rs` and `bin/ipc_peer.rs`).

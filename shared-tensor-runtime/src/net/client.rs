@@ -32,6 +32,7 @@ use crate::error::{Error, Result};
 use crate::payload::{Args, Encoded, Encoder, Node, Received};
 use crate::protocol::config::Config;
 use crate::protocol::control::Control;
+use crate::protocol::frame::FrameBuf;
 use crate::protocol::transport::{self, Stream, Transport};
 use crate::protocol::wire::{self, ClientMessage, Request, Response, ServerMessage, Welcome};
 
@@ -315,78 +316,25 @@ const READ_SLICE: Duration = Duration::from_millis(20);
 const IDLE_AFTER: Duration = Duration::from_millis(1);
 
 /// The read side of the socket, held by whichever thread reads: frames are read into
-/// one buffer with as few reads as the data allows.
+/// one buffer ([`FrameBuf`], the protocol's codec) with as few reads as the data allows.
 struct FrameReader {
     stream: Stream,
-    buf: Vec<u8>,
-    /// First byte not yet consumed.
-    start: usize,
-    /// End of the bytes read.
-    end: usize,
-}
-
-/// A frame's body in a [`FrameReader`]'s buffer.
-struct FrameAt {
-    body: std::ops::Range<usize>,
+    frames: FrameBuf,
 }
 
 impl FrameReader {
     fn new(stream: Stream) -> FrameReader {
-        FrameReader { stream, buf: vec![0; 64 * 1024], start: 0, end: 0 }
-    }
-
-    /// The next complete frame already read, if any.
-    fn next_frame(&mut self) -> std::result::Result<Option<FrameAt>, String> {
-        let have = self.end - self.start;
-        if have < 4 {
-            return Ok(None);
-        }
-        let mut prefix = [0u8; 4];
-        prefix.copy_from_slice(&self.buf[self.start..self.start + 4]);
-        let len = u32::from_be_bytes(prefix) as usize;
-        if len > wire::MAX_FRAME_BYTES {
-            return Err(format!(
-                "the server announced a {len}-byte frame, over the {}-byte limit",
-                wire::MAX_FRAME_BYTES
-            ));
-        }
-        if have < 4 + len {
-            return Ok(None);
-        }
-        let body = self.start + 4..self.start + 4 + len;
-        self.start = body.end;
-        Ok(Some(FrameAt { body }))
-    }
-
-    /// Whether part of a frame has been read.
-    fn partial(&self) -> bool {
-        self.end > self.start
+        FrameReader { stream, frames: FrameBuf::new(64 * 1024) }
     }
 
     /// Reads once (blocking for at most [`READ_SLICE`]); `Ok(false)` when nothing came.
     fn fill(&mut self) -> std::result::Result<bool, String> {
-        if self.start == self.end {
-            self.start = 0;
-            self.end = 0;
-        } else if self.start > 0 && self.end == self.buf.len() {
-            self.buf.copy_within(self.start..self.end, 0);
-            self.end -= self.start;
-            self.start = 0;
-        }
-        // Room for the whole frame being read, once its length is known.
-        if self.end - self.start >= 4 {
-            let mut prefix = [0u8; 4];
-            prefix.copy_from_slice(&self.buf[self.start..self.start + 4]);
-            let need = self.start + 4 + u32::from_be_bytes(prefix) as usize;
-            if need > self.buf.len() {
-                self.buf.resize(need, 0);
-            }
-        }
+        let spare = self.frames.spare().map_err(|e| format!("the server sent a bad frame: {e}"))?;
         loop {
-            match (&self.stream).read(&mut self.buf[self.end..]) {
+            match (&self.stream).read(spare) {
                 Ok(0) => return Err("the server closed the connection".into()),
                 Ok(n) => {
-                    self.end += n;
+                    self.frames.filled(n);
                     return Ok(true);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -507,8 +455,8 @@ impl Connection {
 
     /// Dispatches every complete frame already read.
     fn dispatch_buffered(&self, rd: &mut FrameReader) -> std::result::Result<(), String> {
-        while let Some(frame) = rd.next_frame()? {
-            self.dispatch(&rd.buf[frame.body])?;
+        while let Some(body) = rd.frames.next_frame().map_err(|e| format!("the server sent a bad frame: {e}"))? {
+            self.dispatch(body)?;
         }
         Ok(())
     }
@@ -632,7 +580,7 @@ impl Connection {
         rd.fill()?;
         loop {
             self.dispatch_buffered(rd)?;
-            if !rd.partial() || self.dead.load(Ordering::Acquire) {
+            if !rd.frames.partial() || self.dead.load(Ordering::Acquire) {
                 return Ok(());
             }
             rd.fill()?;

@@ -44,7 +44,7 @@ use parking_lot::{Condvar, Mutex, MutexGuard};
 use tokio::io::AsyncRead;
 use tokio::net::{tcp, unix, TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{watch, Notify};
-use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
+use tokio_util::codec::FramedRead;
 
 use crate::device::ipc::ProcessId;
 use crate::device::lease::{self, Link, UsedOn};
@@ -56,6 +56,7 @@ use crate::exec::task::{StopSignal, TaskStatus};
 use crate::exec::value::{Outcome, Prepared};
 use crate::payload::{Decoder, PackedPayload, Received};
 use crate::protocol::auth::{self, Secret, Side};
+use crate::protocol::frame::FrameCodec;
 use crate::protocol::transport::{self, Transport};
 use crate::protocol::wire::{self, Challenge, ClientMessage, Request, Response, ServerMessage, Welcome};
 
@@ -779,10 +780,6 @@ async fn until_stopped(stopped: &mut watch::Receiver<bool>) {
     let _ = stopped.wait_for(|s| *s).await;
 }
 
-fn codec() -> LengthDelimitedCodec {
-    LengthDelimitedCodec::builder().length_field_length(4).max_frame_length(wire::MAX_FRAME_BYTES).new_codec()
-}
-
 /// Appends a message's frame to `out`. Only a reply can be too large to frame: it is
 /// answered with the error instead.
 fn frame_into(msg: &ServerMessage, out: &mut Vec<u8>) {
@@ -1011,7 +1008,7 @@ async fn connection(
     _busy: Busy,
 ) {
     let id = NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed);
-    let mut frames = FramedRead::new(rd, codec());
+    let mut frames = FramedRead::new(rd, FrameCodec);
     let writer = Writer::new(wr);
 
     let mut stop = stopped.clone();
@@ -1052,7 +1049,7 @@ async fn connection(
 
 /// The reading side of one connection.
 struct Reader {
-    frames: FramedRead<ReadHalf, LengthDelimitedCodec>,
+    frames: FramedRead<ReadHalf, FrameCodec>,
     stopped: watch::Receiver<bool>,
     conn: Conn,
     peer: ProcessId,
@@ -1117,7 +1114,7 @@ async fn read_frames(mut r: Reader) {
 }
 
 /// The next frame of the handshake, decoded; `None` if the client went silent or away.
-async fn handshake_message(frames: &mut FramedRead<ReadHalf, LengthDelimitedCodec>) -> Option<Result<ClientMessage>> {
+async fn handshake_message(frames: &mut FramedRead<ReadHalf, FrameCodec>) -> Option<Result<ClientMessage>> {
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, frames.next()).await {
         Ok(Some(Ok(body))) => Some(wire::decode::<ClientMessage>(&body)),
         _ => None,
@@ -1128,7 +1125,7 @@ async fn handshake_message(frames: &mut FramedRead<ReadHalf, LengthDelimitedCode
 /// reason, `Err(None)` is a client that went silent or away.
 async fn handshake(
     state: &ServerState,
-    frames: &mut FramedRead<ReadHalf, LengthDelimitedCodec>,
+    frames: &mut FramedRead<ReadHalf, FrameCodec>,
     writer: &Writer,
 ) -> std::result::Result<ProcessId, Option<Error>> {
     let hello = match handshake_message(frames).await.ok_or(None)? {

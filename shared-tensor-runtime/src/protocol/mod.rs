@@ -3,7 +3,8 @@
 //!
 //! - [`config`]: roles, ports, timeouts and the transport, from the environment;
 //! - [`auth`]: the same-user token and the handshake's proofs;
-//! - [`wire`]: the messages and their frames;
+//! - [`wire`]: the messages, and (from `frame`, the one codec both ends and the tests
+//!   use) their frames;
 //! - [`transport`]: the streams (Unix socket or TCP loopback) and the client's handshake;
 //! - [`control`]: the control requests, declared once for every client, and a client
 //!   that carries no tensor.
@@ -19,5 +20,6 @@
 pub mod auth;
 pub mod config;
 pub mod control;
+pub(crate) mod frame;
 pub mod transport;
 pub mod wire;

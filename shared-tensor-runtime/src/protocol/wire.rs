@@ -2,7 +2,8 @@
 //!
 //! One connection per client process, local only: the server's Unix socket or TCP
 //! loopback (see [`transport`](crate::protocol::transport)). Every message is a frame: a
-//! 4-byte big-endian length, then a MessagePack body. A frame longer than
+//! 4-byte big-endian length, then a MessagePack body, written by [`write_frame`] and read
+//! by one codec on both ends ([`frame_len`] is its rule). A frame longer than
 //! [`MAX_FRAME_BYTES`] is refused from its length prefix alone, before any buffer is
 //! allocated for it. The connection is multiplexed: requests carry ids, replies come back
 //! in any order, and many threads call at once over one connection.
@@ -18,7 +19,6 @@
 //! Tensors are never in a frame by value: a value's tensors are IPC descriptors.
 
 use std::fmt;
-use std::io::Read;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -36,16 +36,7 @@ use crate::protocol::auth::Bytes32;
 /// ```
 pub const PROTOCOL_VERSION: u32 = 5;
 
-/// Largest frame accepted, in bytes (64 MiB). Descriptors are small: a frame near this
-/// limit is a bug or an attack, not a tensor.
-///
-/// ```
-/// use shared_tensor_runtime::wire::{read_frame, MAX_FRAME_BYTES};
-/// let prefix = (MAX_FRAME_BYTES as u32 + 1).to_be_bytes();
-/// let err = read_frame(&mut prefix.as_slice(), &mut Vec::new()).unwrap_err();
-/// assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
-/// ```
-pub const MAX_FRAME_BYTES: usize = 64 * 1024 * 1024;
+pub use super::frame::{frame_len, read_frame, write_frame, FrameTooLarge, MAX_FRAME_BYTES, PREFIX_BYTES};
 
 /// The client's first message.
 ///
@@ -306,59 +297,6 @@ pub enum ServerMessage {
     Release(Vec<u64>),
 }
 
-/// Appends one frame (length prefix and MessagePack body) to `out`.
-///
-/// ```
-/// # fn main() -> shared_tensor_runtime::Result<()> {
-/// use shared_tensor_runtime::wire::{write_frame, ClientMessage, Request};
-/// let mut out = Vec::new();
-/// write_frame(&ClientMessage::Request { id: 1, request: Request::Ping }, &mut out)?;
-/// assert_eq!(u32::from_be_bytes(out[..4].try_into().unwrap()) as usize, out.len() - 4);
-/// # Ok(()) }
-/// ```
-pub fn write_frame<T: Serialize>(msg: &T, out: &mut Vec<u8>) -> Result<()> {
-    let start = out.len();
-    out.extend_from_slice(&[0; 4]);
-    rmp_serde::encode::write(out, msg).map_err(|e| Error::Protocol(format!("cannot encode a message: {e}")))?;
-    let len = out.len() - start - 4;
-    if len > MAX_FRAME_BYTES {
-        out.truncate(start);
-        return Err(Error::Protocol(format!(
-            "a message of {len} bytes exceeds the {MAX_FRAME_BYTES}-byte frame limit"
-        )));
-    }
-    out[start..start + 4].copy_from_slice(&(len as u32).to_be_bytes());
-    Ok(())
-}
-
-/// Reads one frame's body into `buf` (blocking). The length is checked against
-/// [`MAX_FRAME_BYTES`] before anything is allocated.
-///
-/// ```
-/// # fn main() -> std::io::Result<()> {
-/// use shared_tensor_runtime::wire::{read_frame, write_frame, ClientMessage};
-/// let mut bytes = Vec::new();
-/// write_frame(&ClientMessage::Release(vec![7]), &mut bytes).unwrap();
-/// let (mut stream, mut body) = (bytes.as_slice(), Vec::new()); // a TcpStream in practice
-/// read_frame(&mut stream, &mut body)?;
-/// assert_eq!(body.len(), bytes.len() - 4);
-/// # Ok(()) }
-/// ```
-pub fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> std::io::Result<()> {
-    let mut len = [0u8; 4];
-    r.read_exact(&mut len)?;
-    let len = u32::from_be_bytes(len) as usize;
-    if len > MAX_FRAME_BYTES {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("the peer announced a {len}-byte frame, over the {MAX_FRAME_BYTES}-byte limit"),
-        ));
-    }
-    buf.clear();
-    buf.resize(len, 0);
-    r.read_exact(buf)
-}
-
 /// Decodes a frame body.
 ///
 /// ```
@@ -486,20 +424,7 @@ mod tests {
     }
 
     #[test]
-    fn an_oversized_length_prefix_is_refused_before_allocating() {
-        let mut bytes = (u32::MAX).to_be_bytes().to_vec();
-        bytes.extend_from_slice(&[0; 16]);
-        let mut buf = Vec::new();
-        let err = read_frame(&mut std::io::Cursor::new(bytes), &mut buf).unwrap_err();
-        assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
-        assert!(buf.capacity() < 1024, "nothing was allocated for the announced frame");
-    }
-
-    #[test]
-    fn truncated_and_malformed_frames_are_errors() {
-        let mut buf = Vec::new();
-        let short = [0u8, 0, 0, 10, 1, 2];
-        assert!(read_frame(&mut std::io::Cursor::new(short), &mut buf).is_err());
+    fn malformed_messages_are_errors() {
         assert!(matches!(decode::<ClientMessage>(&[0xc1, 0xff, 0x00]), Err(Error::Protocol(_))));
     }
 }
