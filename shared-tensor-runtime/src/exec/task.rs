@@ -35,8 +35,40 @@ pub(crate) enum TaskOutcome {
     Cancelled,
 }
 
-/// Finished tasks in the order they finished: eviction takes from the front.
-type FinishOrder = Mutex<VecDeque<(u64, SystemTime)>>;
+/// The monotonic time finished tasks age by: the system's, or (in tests) a clock moved by
+/// hand, so that retention is tested without sleeping. Wall-clock changes never age a task.
+#[derive(Clone, Default)]
+pub(crate) struct Clock(Option<Arc<Mutex<Instant>>>);
+
+impl Clock {
+    /// A clock that stands still until [`Clock::advance`] moves it.
+    #[cfg(test)]
+    pub(crate) fn manual() -> Clock {
+        Clock(Some(Arc::new(Mutex::new(Instant::now()))))
+    }
+
+    pub(crate) fn now(&self) -> Instant {
+        match &self.0 {
+            None => Instant::now(),
+            Some(manual) => *manual.lock(),
+        }
+    }
+
+    /// Moves a manual clock forward (the system clock moves by itself).
+    #[cfg(test)]
+    pub(crate) fn advance(&self, by: Duration) {
+        if let Some(manual) = &self.0 {
+            *manual.lock() += by;
+        }
+    }
+}
+
+/// Finished tasks in the order they finished, with when (on `clock`): eviction takes from
+/// the front.
+struct FinishOrder {
+    clock: Clock,
+    queue: Mutex<VecDeque<(u64, Instant)>>,
+}
 
 pub(crate) struct TaskRecord {
     info: Mutex<TaskInfo>,
@@ -125,11 +157,8 @@ impl TaskRecord {
     }
 
     fn notify_done(&self) {
-        let (id, at) = {
-            let info = self.info.lock();
-            (info.id, info.finished_at.unwrap_or_else(SystemTime::now))
-        };
-        self.finished.lock().push_back((id, at));
+        let id = self.info.lock().id;
+        self.finished.queue.lock().push_back((id, self.finished.clock.now()));
         *self.done.lock() = true;
         self.done_cv.notify_all();
         self.done_tx.send_replace(true);
@@ -181,10 +210,15 @@ pub use crate::protocol::config::{DEFAULT_TASK_CAPACITY, DEFAULT_TASK_TTL};
 
 impl Tasks {
     pub(crate) fn new(ttl: Duration, capacity: usize) -> Tasks {
+        Tasks::with_clock(ttl, capacity, Clock::default())
+    }
+
+    /// A task table whose finished tasks age by `clock`.
+    pub(crate) fn with_clock(ttl: Duration, capacity: usize, clock: Clock) -> Tasks {
         Tasks {
             next_id: AtomicU64::new(1),
             records: Mutex::new(HashMap::new()),
-            finished: Arc::new(Mutex::new(VecDeque::new())),
+            finished: Arc::new(FinishOrder { clock, queue: Mutex::new(VecDeque::new()) }),
             ttl,
             capacity: capacity.max(1),
         }
@@ -194,13 +228,13 @@ impl Tasks {
     /// which it returns for clean-up. Fails when every retained task is live.
     pub(crate) fn create(&self, endpoint: &str, awaitable: bool) -> Result<(Arc<TaskRecord>, Vec<Arc<TaskRecord>>)> {
         let mut records = self.records.lock();
-        let now = SystemTime::now();
+        let now = self.finished.clock.now();
         let mut evicted = Vec::new();
         {
             // Oldest finished first: expired ones, then as many as the capacity needs.
-            let mut finished = self.finished.lock();
+            let mut finished = self.finished.queue.lock();
             while let Some(&(id, at)) = finished.front() {
-                let expired = now.duration_since(at).is_ok_and(|age| age >= self.ttl);
+                let expired = now.saturating_duration_since(at) >= self.ttl;
                 if !expired && records.len() < self.capacity {
                     break;
                 }
@@ -218,7 +252,7 @@ impl Tasks {
                 id,
                 endpoint: endpoint.into(),
                 status: TaskStatus::Pending,
-                submitted_at: now,
+                submitted_at: SystemTime::now(),
                 started_at: None,
                 finished_at: None,
                 error: None,
@@ -432,7 +466,6 @@ mod tests {
         let (b, _) = tasks.create("e", true).unwrap();
         assert!(matches!(tasks.create("e", true), Err(Error::TaskCapacity { capacity: 2 })));
         b.finish(None);
-        std::thread::sleep(Duration::from_millis(5));
         a.finish(None);
         let (_c, evicted) = tasks.create("e", true).unwrap();
         assert_eq!(evicted.len(), 1);
@@ -441,14 +474,23 @@ mod tests {
     }
 
     #[test]
-    fn expired_tasks_are_evicted() {
-        let tasks = Tasks::new(Duration::from_millis(10), 100);
+    fn finished_tasks_are_evicted_once_their_ttl_has_passed_and_not_before() {
+        let clock = Clock::manual();
+        let tasks = Tasks::with_clock(Duration::from_secs(10), 100, clock.clone());
         let (a, _) = tasks.create("e", true).unwrap();
+        let (live, _) = tasks.create("e", true).unwrap();
+        clock.advance(Duration::from_secs(60));
+        // Age counts from the end, not from the submit.
         a.finish(None);
-        std::thread::sleep(Duration::from_millis(20));
+        clock.advance(Duration::from_secs(10) - Duration::from_nanos(1));
+        let (b, evicted) = tasks.create("e", true).unwrap();
+        assert!(evicted.is_empty(), "a task 1 ns short of its TTL was evicted");
+        clock.advance(Duration::from_nanos(1));
+        b.finish(None);
         let (_, evicted) = tasks.create("e", true).unwrap();
-        assert_eq!(evicted.len(), 1);
+        assert_eq!(evicted.iter().map(|r| r.id()).collect::<Vec<_>>(), [a.id()], "only the expired task goes");
         assert!(matches!(tasks.get(a.id()), Err(Error::UnknownTask { .. })));
+        assert!(tasks.get(b.id()).is_ok() && tasks.get(live.id()).is_ok(), "a live task never expires");
     }
 
     #[test]
