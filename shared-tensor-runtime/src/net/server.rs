@@ -74,6 +74,9 @@ pub const DEFAULT_GRACE: Duration = Duration::from_secs(10);
 pub(crate) struct ServerState {
     core: Arc<Core>,
     secrets: Vec<Secret>,
+    /// Whether a shared token admits other users (else a Unix peer of another uid is
+    /// refused from its socket credentials, before the handshake's proofs).
+    shared_token: bool,
     registry: Registry,
     addr: SocketAddr,
     /// The Unix socket it also listens on (none with [`Transport::Tcp`]).
@@ -643,6 +646,7 @@ pub(crate) fn start(
     let state = Arc::new(ServerState {
         core,
         secrets,
+        shared_token: listen.shared_token.is_some(),
         registry,
         addr,
         socket: socket_file.as_ref().map(|file| file.path.clone()),
@@ -756,14 +760,19 @@ async fn accept_loop(
     let mut stop = stopped.clone();
     loop {
         let accepted = tokio::select! {
-            accepted = tcp.accept() => accepted.map(|(s, _)| tcp_halves(s)),
-            accepted = accept_unix(unix.as_ref()) => accepted.map(unix_halves),
+            accepted = tcp.accept() => accepted.map(|(s, _)| (tcp_halves(s), None)),
+            accepted = accept_unix(unix.as_ref()) => accepted.map(|s| {
+                // The peer's user, from the kernel (SO_PEERCRED): the same-user check
+                // needs no proof from a Unix peer. Unreadable: the proofs still decide.
+                let uid = s.peer_cred().map(|c| c.uid()).map_err(|e| tracing::debug!(error = %e, "no peer credentials"));
+                (unix_halves(s), uid.ok())
+            }),
             _ = until_stopped(&mut stop) => break,
         };
         match accepted {
-            Ok(halves) => {
+            Ok((halves, peer_uid)) => {
                 let busy = Busy::new(&state, false);
-                tokio::spawn(connection(state.clone(), halves, stopped.clone(), busy));
+                tokio::spawn(connection(state.clone(), halves, peer_uid, stopped.clone(), busy));
             }
             Err(e) => {
                 // Out of file descriptors and the like: back off, keep serving.
@@ -1000,10 +1009,12 @@ impl Drop for Capture<'_> {
     }
 }
 
-/// Serves one connection; `_busy` counts it until its clean-up is done.
+/// Serves one connection; `_busy` counts it until its clean-up is done. `peer_uid` is the
+/// peer's user as the socket reports it (Unix sockets only).
 async fn connection(
     state: Arc<ServerState>,
     (rd, wr): (ReadHalf, WriteHalf),
+    peer_uid: Option<u32>,
     stopped: watch::Receiver<bool>,
     _busy: Busy,
 ) {
@@ -1013,7 +1024,7 @@ async fn connection(
 
     let mut stop = stopped.clone();
     let shaken = tokio::select! {
-        shaken = handshake(&state, &mut frames, &writer) => shaken,
+        shaken = handshake(&state, &mut frames, &writer, peer_uid) => shaken,
         _ = until_stopped(&mut stop) => Err(None),
     };
     let peer = match shaken {
@@ -1127,6 +1138,7 @@ async fn handshake(
     state: &ServerState,
     frames: &mut FramedRead<ReadHalf, FrameCodec>,
     writer: &Writer,
+    peer_uid: Option<u32>,
 ) -> std::result::Result<ProcessId, Option<Error>> {
     let hello = match handshake_message(frames).await.ok_or(None)? {
         Ok(ClientMessage::Hello(h)) if h.protocol == wire::PROTOCOL_VERSION => h,
@@ -1136,6 +1148,10 @@ async fn handshake(
         Ok(_) => return Err(Some(Error::Protocol("the first message must be Hello".into()))),
         Err(e) => return Err(Some(e)),
     };
+    // Refused in answer to Hello (what the client reads next), before any proof is made.
+    if let Some(uid) = peer_uid {
+        auth::check_peer_user(uid, crate::device::ffi::effective_uid(), state.shared_token).map_err(Some)?;
+    }
     let nonce = auth::nonce();
     let proofs = state.secrets.iter().map(|s| s.proof(Side::Server, &hello.nonce)).collect();
     let challenge = Challenge { protocol: wire::PROTOCOL_VERSION, nonce, proofs };

@@ -292,7 +292,16 @@ impl<'a> Reader<'a> {
     fn dims(&mut self, what: &str) -> Result<Dims, String> {
         let n = self.count(8, what)?;
         let raw = self.take(n * 8, what)?;
-        Ok(raw.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8-byte chunks"))).collect())
+        let dim = |c: &[u8]| i64::from_le_bytes(c.try_into().expect("8-byte chunks"));
+        let mut inline = [0i64; 6];
+        if n <= inline.len() {
+            // The usual tensor: filled on the stack, no per-element capacity checks.
+            for (d, c) in inline.iter_mut().zip(raw.chunks_exact(8)) {
+                *d = dim(c);
+            }
+            return Ok(Dims::from_buf_and_len(inline, n));
+        }
+        Ok(raw.chunks_exact(8).map(dim).collect())
     }
 
     fn gpu(&mut self) -> Result<GpuId, String> {

@@ -11,6 +11,13 @@
 //! 3. client → `Auth { HMAC-SHA256(secret, "client" ‖ nonce_s) }`; the server checks it and
 //!    answers `Welcome`, or `Refused` and closes.
 //!
+//! On the Unix socket the server also reads the peer's user from the kernel
+//! (`SO_PEERCRED`) and refuses another user in answer to `Hello`, before any proof, with a
+//! reason that names both users and the fix. The socket lives in the private runtime
+//! folder, so another user cannot normally reach it at all; this check keeps the rule
+//! should the folder's mode ever be loosened. Over TCP the kernel reports no user, and
+//! the proofs are the whole check.
+//!
 //! The token itself never crosses the connection. To let chosen other users in, give
 //! server and clients the same `SHARED_TENSOR_TOKEN` (any string): the server accepts it
 //! besides its own token.
@@ -251,9 +258,39 @@ pub fn client_secret(port: u16, shared: Option<&str>) -> Result<Secret> {
     Ok(Secret(token))
 }
 
+/// The same-user rule for a peer whose user the socket itself reports (a Unix socket's
+/// `SO_PEERCRED`, which the peer cannot forge): another user is refused before the
+/// handshake, with a reason that says how to let them in, unless the server accepts a
+/// shared token (`SHARED_TENSOR_TOKEN`), which is how other users are admitted on purpose.
+/// Over TCP the kernel reports no user, and the token's proof is the whole check.
+pub(crate) fn check_peer_user(peer_uid: u32, server_uid: u32, shared_token: bool) -> Result<()> {
+    if peer_uid == server_uid || shared_token {
+        return Ok(());
+    }
+    Err(unauthorized(format!(
+        "the client runs as uid {peer_uid}, and this server (uid {server_uid}) serves only its own user; to share \
+         it with other users on purpose, give the server and its clients the same SHARED_TENSOR_TOKEN"
+    )))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn another_user_is_refused_unless_a_shared_token_admits_them() {
+        assert!(check_peer_user(1000, 1000, false).is_ok());
+        assert!(check_peer_user(1001, 1000, true).is_ok(), "a shared token admits other users on purpose");
+        match check_peer_user(1001, 1000, false) {
+            Err(Error::Unauthorized { reason }) => {
+                assert!(reason.contains("uid 1001") && reason.contains("(uid 1000)"), "{reason}");
+                assert!(reason.contains("SHARED_TENSOR_TOKEN"), "the fix is named: {reason}");
+            }
+            other => panic!("another user was not refused: {other:?}"),
+        }
+        // Root is another user too: it could read the token, but the rule is the user's.
+        assert!(check_peer_user(0, 1000, false).is_err());
+    }
 
     #[test]
     fn proofs_bind_the_side_the_nonce_and_the_secret() {
