@@ -150,12 +150,23 @@ fn make_executable(path: &Path) -> Result<(), String> {
 
 const RUNNER: &str = r#"#!/usr/bin/env bash
 # Runs the shared-tensor GPU bundle on a machine with a CUDA GPU and python3's torch 2.11.
-# Usage: run.sh [filter]   (filter: a substring of the test binary or example names to run)
+# Usage: run.sh [filter]   (filter: substrings of the test binary or example names to run,
+#                          separated by commas: `run.sh gpu_cache,gpu_models,own_crate`)
 #        run.sh bench [--quick]   (the benchmark; writes $OUT/bench.json)
 # Logs go to $OUT/gpu-bundle.log when OUT is set, else next to this script.
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
 filter=${1:-}
+# Whether a test binary or example named $1 is selected by the filter.
+selected() {
+  [[ -z "$filter" ]] && return 0
+  local part
+  IFS=, read -ra parts <<<"$filter"
+  for part in "${parts[@]}"; do
+    [[ -n "$part" && "$1" == *"$part"* ]] && return 0
+  done
+  return 1
+}
 if [[ -f "$here/binaries.tar.gz" ]]; then
   tar -xzf "$here/binaries.tar.gz" -C "$here" && rm -f "$here/binaries.tar.gz" || {
     echo "gpu-bundle: cannot unpack $here/binaries.tar.gz"; exit 4; }
@@ -192,7 +203,7 @@ not_run=()
 gpus=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 for t in "$here"/tests/*; do
   name=$(basename "$t")
-  [[ -n "$filter" && "$name" != *"$filter"* ]] && continue
+  selected "$name" || continue
   if [[ "$name" == gpu_two_gpus && "$gpus" -lt 2 ]]; then
     say "$name: NOT RUN (needs 2 GPUs, this machine has $gpus)"
     not_run+=("$name")
@@ -213,7 +224,7 @@ done
 port=$(( ${SHARED_TENSOR_BASE_PORT:-2537} ))
 for spec in @EXAMPLES@; do
   IFS=: read -r name server_bin client_bin <<<"$spec"
-  [[ -n "$filter" && "$name" != *"$filter"* ]] && continue
+  selected "$name" || continue
   exe="$here/examples/$client_bin"
   say "=== example $name (server: $server_bin, client: $client_bin)"
   SHARED_TENSOR_ROLE=server "$here/examples/$server_bin" >>"$log" 2>&1 &
