@@ -68,4 +68,12 @@ fn roles_ports_and_timeouts_come_from_the_environment() {
     assert_eq!(c.get_transport(), Transport::Tcp);
     let message = with_env(&[("SHARED_TENSOR_TRANSPORT", "udp")], Config::from_env).unwrap_err().to_string();
     assert_eq!(message, "SHARED_TENSOR_TRANSPORT=\"udp\" is not valid: expected `auto`, `unix` or `tcp`");
+
+    let c = with_env(&[("SHARED_TENSOR_SPIN_US", "250")], Config::from_env).unwrap();
+    assert_eq!(c.get_spin(), Duration::from_micros(250));
+    let c = with_env(&[("SHARED_TENSOR_SPIN_US", "0")], Config::from_env).unwrap();
+    assert_eq!(c.get_spin(), Duration::ZERO, "0 never spins");
+    assert_eq!(bad(&[("SHARED_TENSOR_SPIN_US", "-1")]), ("SHARED_TENSOR_SPIN_US".into(), "-1".into()));
+    let message = with_env(&[("SHARED_TENSOR_SPIN_US", "1ms")], Config::from_env).unwrap_err().to_string();
+    assert_eq!(message, "SHARED_TENSOR_SPIN_US=\"1ms\" is not valid: expected microseconds (0 never spins)");
 }

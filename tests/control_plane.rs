@@ -20,8 +20,12 @@ use tch::Tensor;
 
 static PORT: OnceLock<u16> = OnceLock::new();
 
+/// Spinning on, whatever the host's default: every test here runs with the server's call
+/// threads and the clients' readers looking for their next call or reply before sleeping.
+const SPIN: Duration = Duration::from_micros(200);
+
 fn config(port: u16) -> Config {
-    Config::default().base_port(port).device_index(0).connect_timeout(Duration::from_secs(5))
+    Config::default().base_port(port).device_index(0).connect_timeout(Duration::from_secs(5)).spin(SPIN)
 }
 
 /// Configures this process as a client of a server it runs itself, once.
@@ -82,6 +86,42 @@ fn many_threads_call_at_once_over_one_connection() {
     }
     let after = shared_tensor::server_info().unwrap().counters.requests;
     assert!(after - before >= 800, "{} requests counted", after - before);
+}
+
+#[test]
+fn spinning_and_sleeping_callers_get_every_reply_quick_or_slow() {
+    use shared_tensor::control::Control;
+    setup();
+    // A reply within the spin window, one long past it, from one caller and from four
+    // threads sharing a connection (one reads and spins, the others are handed replies),
+    // with a client that spins and one that never does.
+    for spin in [SPIN, Duration::ZERO] {
+        let client = client_with(|c| c.spin(spin));
+        for _ in 0..200 {
+            client.call::<(), _>("noop", ()).unwrap();
+        }
+        let start = std::time::Instant::now();
+        client.call::<(), _>("sleepy", (20u64,)).unwrap();
+        assert!(start.elapsed() >= Duration::from_millis(20), "the reply came before the body ended");
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let client = client.clone();
+                thread::spawn(move || {
+                    for i in 0..50 {
+                        if (i + t) % 10 == 0 {
+                            client.call::<(), _>("sleepy", (2u64,)).unwrap();
+                        } else {
+                            client.call::<(), _>("noop", ()).unwrap();
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert!(client.ping().unwrap() < Duration::from_secs(1));
+    }
 }
 
 #[test]

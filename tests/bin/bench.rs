@@ -9,7 +9,9 @@
 //! stream has the data (a stream synchronize inside the timed region).
 //!
 //! `bench transports [rounds]` runs the same calls over the Unix socket and over TCP in
-//! turn, with both echo floors: the transports compared at the same moment.
+//! turn, with both echo floors: the transports compared at the same moment. `bench spin
+//! [rounds]` does the same with spinning off and on (`SHARED_TENSOR_SPIN_US`), and the
+//! throughput load against each.
 //!
 //! `bench models [--quick]` runs only the LLM-shaped rows (an embedding model, decoders,
 //! state dicts; they also end a full run) and writes `$OUT/bench-models.json`.
@@ -217,10 +219,16 @@ fn child(args: &[String]) -> shared_tensor::Result<()> {
 }
 
 fn spawn_child(port: u16, args: &[&str]) -> std::process::Child {
+    spawn_child_with(port, args, &[])
+}
+
+/// [`spawn_child`], with `env` added to the child's environment.
+fn spawn_child_with(port: u16, args: &[&str], env: &[(&str, String)]) -> std::process::Child {
     Command::new(std::env::current_exe().unwrap())
         .arg("child")
         .args(args)
         .env("SHARED_TENSOR_BASE_PORT", port.to_string())
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .env_remove("SHARED_TENSOR_ROLE")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -258,8 +266,13 @@ fn read_value(child: &mut std::process::Child, prefix: &str) -> f64 {
 /// Calls per second of 8 client processes × 4 threads calling `identity` on 16 B for
 /// `secs` seconds.
 fn throughput(port: u16, secs: f64) -> f64 {
+    throughput_with(port, secs, &[])
+}
+
+/// [`throughput`], with `env` added to the client processes' environment.
+fn throughput_with(port: u16, secs: f64, env: &[(&str, String)]) -> f64 {
     let secs_s = secs.to_string();
-    let mut children: Vec<_> = (0..8).map(|_| spawn_child(port, &["throughput", &secs_s, "4"])).collect();
+    let mut children: Vec<_> = (0..8).map(|_| spawn_child_with(port, &["throughput", &secs_s, "4"], env)).collect();
     for c in children.iter_mut() {
         read_line(c, "READY");
     }
@@ -666,26 +679,16 @@ fn print_llm_rows(rows: &ModelRows) {
     }
 }
 
-/// `bench transports [calls]`: the same calls over the server's Unix socket and over TCP
-/// loopback, one of each in turn (the order swapped every round), so that both see the
-/// same host at the same moment; with the two echo floors measured the same way.
-fn transports(args: &[String]) -> shared_tensor::Result<()> {
+/// One call of an interleaved comparison, made through the client it is given.
+type Step<'a> = Box<dyn Fn(&shared_tensor::client::Client) + 'a>;
+
+/// The calls that `bench transports` and `bench spin` compare: a ping, a no-op call,
+/// identities of a 16 B tensor (direct by reference, and as a task) and a cached 4 MiB
+/// result, each ending when the caller's stream has the data.
+fn compared_calls(x: &Tensor) -> Vec<(&'static str, Step<'_>)> {
     use shared_tensor::client::Client;
     use shared_tensor::control::Control;
-    use shared_tensor::transport::Transport;
-    let rounds: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(2000);
-    let device = shared_tensor::cuda::device()?;
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let server = start_server(port, &[]);
-    let config = Config::default().role(Role::Client).base_port(port);
-    shared_tensor::configure(config.clone())?;
-    let clients = [
-        ("unix", Client::new(&config.clone().transport(Transport::Unix))?),
-        ("tcp", Client::new(&config.transport(Transport::Tcp))?),
-    ];
-    let x = Tensor::ones([4], (Kind::Float, device));
-    type Step<'a> = Box<dyn Fn(&Client) + 'a>;
-    let steps: Vec<(&str, Step)> = vec![
+    vec![
         (
             "ping",
             Box::new(|c: &Client| {
@@ -695,15 +698,15 @@ fn transports(args: &[String]) -> shared_tensor::Result<()> {
         ("no-op call (direct)", Box::new(|c: &Client| c.call::<(), _>("noop", ()).unwrap())),
         (
             "identity 16 B (direct, by reference)",
-            Box::new(|c: &Client| {
-                let y: Tensor = c.call("identity_ref", (&x,)).unwrap();
+            Box::new(move |c: &Client| {
+                let y: Tensor = c.call("identity_ref", (x,)).unwrap();
                 sync();
                 drop(y);
             }),
         ),
         (
             "identity 16 B (task)",
-            Box::new(|c: &Client| {
+            Box::new(move |c: &Client| {
                 let y: Tensor = c.call("identity", (x.shallow_clone(),)).unwrap();
                 sync();
                 drop(y);
@@ -717,21 +720,16 @@ fn transports(args: &[String]) -> shared_tensor::Result<()> {
                 drop(y);
             }),
         ),
-    ];
-    println!("\nshared-tensor transports, {rounds} rounds, Unix socket and TCP in turn");
-    println!("| figure | Unix p50 µs | TCP p50 µs | Unix p99 µs | TCP p99 µs |");
-    println!("| --- | ---: | ---: | ---: | ---: |");
-    let (tcp_floor, unix_floor) = (floor(rounds), unix_floor(rounds));
-    println!(
-        "| floor: echo {FLOOR_FRAME} B | {:.1} | {:.1} | {:.1} | {:.1} |",
-        percentile(&unix_floor, 0.5),
-        percentile(&tcp_floor, 0.5),
-        percentile(&unix_floor, 0.99),
-        percentile(&tcp_floor, 0.99)
-    );
-    for (name, step) in &steps {
+    ]
+}
+
+/// Runs every step through both clients in turn, `rounds` times after 100 warm-up calls
+/// each (the order swapped every round, so that both see the host at the same moment),
+/// and prints a row per step: p50 of each client, then p99 of each.
+fn interleaved(clients: [&shared_tensor::client::Client; 2], steps: &[(&str, Step)], rounds: usize) {
+    for (name, step) in steps {
         let mut times = [Vec::with_capacity(rounds), Vec::with_capacity(rounds)];
-        for (_, c) in &clients {
+        for c in clients {
             for _ in 0..100 {
                 step(c);
             }
@@ -739,7 +737,7 @@ fn transports(args: &[String]) -> shared_tensor::Result<()> {
         for round in 0..rounds {
             for k in [round % 2, 1 - round % 2] {
                 let t = Instant::now();
-                step(&clients[k].1);
+                step(clients[k]);
                 times[k].push(t.elapsed().as_secs_f64() * 1e6);
             }
         }
@@ -754,11 +752,91 @@ fn transports(args: &[String]) -> shared_tensor::Result<()> {
             percentile(&times[1], 0.99)
         );
     }
-    for (name, c) in &clients {
-        assert_eq!(c.transport().map(|t| t.to_string()).as_deref(), Some(*name), "each client kept its transport");
+}
+
+/// Prints the two echo floors, `rounds` each, as a row of the interleaved tables.
+fn print_floors(rounds: usize) {
+    let (tcp_floor, unix_floor) = (floor(rounds), unix_floor(rounds));
+    println!(
+        "| floor: echo {FLOOR_FRAME} B, Unix / TCP (blocking sockets) | {:.1} | {:.1} | {:.1} | {:.1} |",
+        percentile(&unix_floor, 0.5),
+        percentile(&tcp_floor, 0.5),
+        percentile(&unix_floor, 0.99),
+        percentile(&tcp_floor, 0.99)
+    );
+}
+
+/// A free loopback port.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// `bench transports [calls]`: the same calls over the server's Unix socket and over TCP
+/// loopback, one of each in turn (the order swapped every round), so that both see the
+/// same host at the same moment; with the two echo floors measured the same way.
+fn transports(args: &[String]) -> shared_tensor::Result<()> {
+    use shared_tensor::client::Client;
+    use shared_tensor::transport::Transport;
+    let rounds: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(2000);
+    let device = shared_tensor::cuda::device()?;
+    let port = free_port();
+    let server = start_server(port, &[]);
+    let config = Config::default().role(Role::Client).base_port(port);
+    shared_tensor::configure(config.clone())?;
+    let unix = Client::new(&config.clone().transport(Transport::Unix))?;
+    let tcp = Client::new(&config.transport(Transport::Tcp))?;
+    let x = Tensor::ones([4], (Kind::Float, device));
+    println!("\nshared-tensor transports, {rounds} rounds, Unix socket and TCP in turn");
+    println!("| figure | Unix p50 µs | TCP p50 µs | Unix p99 µs | TCP p99 µs |");
+    println!("| --- | ---: | ---: | ---: | ---: |");
+    print_floors(rounds);
+    interleaved([&unix, &tcp], &compared_calls(&x), rounds);
+    for (name, c) in [("unix", &unix), ("tcp", &tcp)] {
+        assert_eq!(c.transport().map(|t| t.to_string()).as_deref(), Some(name), "each client kept its transport");
     }
-    drop(clients);
+    drop((unix, tcp));
     drop(server);
+    Ok(())
+}
+
+/// `bench spin [calls]`: the same calls with spinning off and on ([`Config::spin`]), one
+/// of each in turn: two servers of this host, one started with `SHARED_TENSOR_SPIN_US=0`
+/// and one with the host's default, each called by a client of the same setting. Then
+/// the throughput load (8 processes × 4 threads, identity 16 B) against each server in
+/// turn, three times, its clients with the server's setting.
+fn spin(args: &[String]) -> shared_tensor::Result<()> {
+    use shared_tensor::client::Client;
+    let rounds: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(2000);
+    let device = shared_tensor::cuda::device()?;
+    let on = Config::default().role(Role::Client);
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if on.get_spin().is_zero() {
+        println!("this host ({cpus} CPUs) does not spin by default: both sides are the same");
+    }
+    let off_port = free_port();
+    let on_port = std::iter::repeat_with(free_port).find(|&p| p != off_port).unwrap();
+    let off_env = [("SHARED_TENSOR_SPIN_US", "0".to_string())];
+    let off_server = start_server(off_port, &off_env);
+    let on_server = start_server(on_port, &[]);
+    let on = on.base_port(on_port);
+    shared_tensor::configure(on.clone())?;
+    let off_client = Client::new(&on.clone().base_port(off_port).spin(Duration::ZERO))?;
+    let on_client = Client::new(&on)?;
+    let x = Tensor::ones([4], (Kind::Float, device));
+    println!("\nshared-tensor spin, {rounds} rounds, spinning off and on ({:?}, {cpus} CPUs) in turn", on.get_spin());
+    println!("| figure | off p50 µs | on p50 µs | off p99 µs | on p99 µs |");
+    println!("| --- | ---: | ---: | ---: | ---: |");
+    print_floors(rounds);
+    interleaved([&off_client, &on_client], &compared_calls(&x), rounds);
+    drop((off_client, on_client));
+    println!("\n| throughput, 8 processes × 4 threads, identity 16 B, 3 s | off calls/s | on calls/s |");
+    println!("| --- | ---: | ---: |");
+    for round in 1..=3 {
+        let off = throughput_with(off_port, 3.0, &off_env);
+        let on = throughput_with(on_port, 3.0, &[]);
+        println!("| round {round} | {off:.0} | {on:.0} |");
+    }
+    drop((off_server, on_server));
     Ok(())
 }
 
@@ -771,7 +849,7 @@ fn profile(args: &[String]) -> shared_tensor::Result<()> {
     let secs: f64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(5.0);
     let out = std::env::var_os("OUT").map(std::path::PathBuf::from).unwrap_or_else(|| ".".into());
     let warmup = 1.0;
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = free_port();
     let server_file = out.join(format!("server-{workload}.folded")).display().to_string();
     let server_secs = if workload == "throughput" { warmup + secs } else { secs };
     let mut server = start_server(port, &[("ST_PROFILE", server_file), ("ST_PROFILE_SECS", server_secs.to_string())]);
@@ -841,12 +919,15 @@ fn main() -> shared_tensor::Result<()> {
     if args.first().map(String::as_str) == Some("transports") {
         return transports(&args[1..]);
     }
+    if args.first().map(String::as_str) == Some("spin") {
+        return spin(&args[1..]);
+    }
     let quick = args.iter().any(|a| a == "--quick");
     let n = if quick { 200 } else { 1000 };
     let device = shared_tensor::cuda::device()?;
 
     // The server process.
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = free_port();
     let server = start_server(port, &[]);
     shared_tensor::configure(Config::default().role(Role::Client).base_port(port))?;
 

@@ -13,8 +13,21 @@
 //! blocking threads do, so endpoint code may use `tokio::runtime::Handle::current()`. A
 //! panic in a job is caught and the thread lives on (endpoint bodies catch their own and
 //! turn them into errors before that).
+//!
+//! A thread that just finished a job first looks for the next one for the process's spin
+//! window (see [`protocol::spin`](crate::protocol::spin); [`set_spin`]) before it sleeps:
+//! a busy server's next call usually comes within it, and then reaches a thread without
+//! a wake-up. At most [`Pool::max_spinners`] threads spin at once, and a job goes to an
+//! idle thread that spins before one that sleeps.
+//!
+//! Invariants: a worker's `has_job` flag equals "its slot holds a job" whenever its slot's
+//! lock is free (both change together under that lock), so a spinning worker that sees the
+//! flag finds the job under the lock; a worker is on the idle stack from before it looks
+//! for a job until a spawner pops it, and only the spawner that popped it fills its slot,
+//! so no job is put where nobody takes it.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,6 +44,12 @@ const KEEP_ALIVE: Duration = Duration::from_secs(10);
 
 pub(crate) struct Pool {
     shared: Mutex<Shared>,
+    /// How long an idle thread looks for its next job before it sleeps (nanoseconds).
+    spin_nanos: AtomicU64,
+    /// Threads spinning now.
+    spinners: AtomicUsize,
+    /// Most threads spinning at once.
+    max_spinners: usize,
 }
 
 #[derive(Default)]
@@ -49,7 +68,15 @@ struct Shared {
 struct Worker {
     job: Mutex<Option<Job>>,
     wake: Condvar,
+    /// Its slot holds a job (changed only under the slot's lock): what a spinning worker
+    /// looks at without taking the lock.
+    has_job: AtomicBool,
+    /// It is spinning for its next job (a hint for `spawn`).
+    spinning: AtomicBool,
 }
+
+/// How many idle threads from the top of the stack `spawn` looks at for one that spins.
+const SPINNER_SEARCH: usize = 8;
 
 /// The tokio runtime behind servers and background tasks (created on first need).
 pub(crate) static TOKIO: Lazy<tokio::runtime::Runtime> = Lazy::new(|| {
@@ -69,16 +96,42 @@ pub(crate) fn spawn(job: Job) {
     POOL.spawn(job);
 }
 
+/// Sets how long the process's idle call threads look for their next job before they
+/// sleep ([`Config::spin`](crate::protocol::config::Config::spin)).
+pub(crate) fn set_spin(window: Duration) {
+    POOL.set_spin(window);
+}
+
 impl Pool {
     fn new() -> Arc<Pool> {
-        Arc::new(Pool { shared: Mutex::new(Shared::default()) })
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Arc::new(Pool {
+            shared: Mutex::new(Shared::default()),
+            spin_nanos: AtomicU64::new(0),
+            spinners: AtomicUsize::new(0),
+            // One spinner serves a sequential caller; a few more, concurrent callers.
+            max_spinners: (cpus / 4).clamp(1, 4),
+        })
+    }
+
+    fn set_spin(&self, window: Duration) {
+        self.spin_nanos.store(u64::try_from(window.as_nanos()).unwrap_or(u64::MAX), Ordering::Relaxed);
     }
 
     fn spawn(self: &Arc<Self>, job: Job) {
         let mut shared = self.shared.lock();
-        if let Some(worker) = shared.idle.pop() {
+        // A thread that spins takes the job without a wake-up; else the last to go idle.
+        let top = shared.idle.len();
+        let pick = (top.saturating_sub(SPINNER_SEARCH)..top)
+            .rev()
+            .find(|&i| shared.idle[i].spinning.load(Ordering::Acquire))
+            .or(top.checked_sub(1));
+        if let Some(worker) = pick.map(|i| shared.idle.remove(i)) {
             drop(shared);
-            *worker.job.lock() = Some(job);
+            let mut slot = worker.job.lock();
+            *slot = Some(job);
+            worker.has_job.store(true, Ordering::Release);
+            drop(slot);
             worker.wake.notify_one();
             return;
         }
@@ -126,9 +179,11 @@ impl Pool {
 
     /// Waits on the idle stack for a job; `None` when the thread should end.
     fn next_job(&self, me: &Arc<Worker>) -> Option<Job> {
+        self.spin_for_job(me);
         let mut slot = me.job.lock();
         loop {
             if let Some(job) = slot.take() {
+                me.has_job.store(false, Ordering::Relaxed);
                 return Some(job);
             }
             if me.wake.wait_for(&mut slot, KEEP_ALIVE).timed_out() && slot.is_none() {
@@ -145,6 +200,22 @@ impl Pool {
             }
         }
     }
+
+    /// Looks for a job for the spin window, if fewer than `max_spinners` threads spin.
+    fn spin_for_job(&self, me: &Worker) {
+        let window = Duration::from_nanos(self.spin_nanos.load(Ordering::Relaxed));
+        if window.is_zero() {
+            return;
+        }
+        if self.spinners.fetch_add(1, Ordering::AcqRel) >= self.max_spinners {
+            self.spinners.fetch_sub(1, Ordering::AcqRel);
+            return;
+        }
+        me.spinning.store(true, Ordering::Release);
+        crate::protocol::spin::spin_until(window, || me.has_job.load(Ordering::Acquire));
+        me.spinning.store(false, Ordering::Release);
+        self.spinners.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 #[cfg(test)]
@@ -152,12 +223,9 @@ mod tests {
     use super::*;
     use std::sync::mpsc;
 
-    #[test]
-    fn jobs_run_concurrently_and_idle_threads_are_reused() {
-        let pool = Pool::new();
-        // Eight jobs that wait for each other: they can only finish if each got a thread.
-        let barrier = Arc::new(std::sync::Barrier::new(8));
-        let (done, finished) = mpsc::channel();
+    /// Spawns eight jobs that meet at `barrier` (made for eight), each sending its thread's
+    /// id to `done` once all have arrived: they can only finish if each got a thread.
+    fn rendezvous(pool: &Arc<Pool>, barrier: &Arc<std::sync::Barrier>, done: &mpsc::Sender<std::thread::ThreadId>) {
         for _ in 0..8 {
             let (barrier, done) = (barrier.clone(), done.clone());
             pool.spawn(Box::new(move || {
@@ -165,6 +233,15 @@ mod tests {
                 done.send(std::thread::current().id()).unwrap();
             }));
         }
+    }
+
+    #[test]
+    fn jobs_run_concurrently_and_idle_threads_are_reused() {
+        let pool = Pool::new();
+        // Eight jobs that wait for each other: they can only finish if each got a thread.
+        let barrier = Arc::new(std::sync::Barrier::new(8));
+        let (done, finished) = mpsc::channel();
+        rendezvous(&pool, &barrier, &done);
         let ids: Vec<_> = (0..8).map(|_| finished.recv_timeout(Duration::from_secs(10)).unwrap()).collect();
         assert_eq!(ids.iter().collect::<std::collections::HashSet<_>>().len(), 8);
         // Once they are idle, sequential jobs reuse them instead of starting threads.
@@ -179,6 +256,56 @@ mod tests {
             assert!(ids.contains(&finished.recv_timeout(Duration::from_secs(10)).unwrap()));
         }
         assert_eq!(pool.shared.lock().threads, 8, "no thread was started for sequential jobs");
+    }
+
+    /// Waits (bounded) until `cond` holds of the pool.
+    fn until(pool: &Pool, what: &str, cond: impl Fn(&Pool) -> bool) {
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while !cond(pool) {
+            assert!(std::time::Instant::now() < until, "{what}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn a_spinning_thread_takes_the_next_job_and_spinners_are_bounded() {
+        let pool = Pool::new();
+        // A window far longer than the test: a spinner stays spinning until a job comes.
+        pool.set_spin(Duration::from_secs(60));
+        let barrier = Arc::new(std::sync::Barrier::new(8));
+        let (done, finished) = mpsc::channel();
+        rendezvous(&pool, &barrier, &done);
+        let ids: Vec<_> = (0..8).map(|_| finished.recv_timeout(Duration::from_secs(10)).unwrap()).collect();
+        until(&pool, "the threads never went idle", |p| p.shared.lock().idle.len() == 8);
+        // Eight idle threads, and `max_spinners` of them spin (the others sleep).
+        let spinning = |p: &Pool| p.shared.lock().idle.iter().filter(|w| w.spinning.load(Ordering::Acquire)).count();
+        until(&pool, "the spinners never started", |p| {
+            p.spinners.load(Ordering::Acquire) == p.max_spinners && spinning(p) == p.max_spinners
+        });
+        assert!(pool.max_spinners < 8, "a bound below the idle threads, or this test shows nothing");
+        // A job goes to a spinning thread, which takes it out of its slot.
+        let (ran, on) = mpsc::channel();
+        pool.spawn(Box::new(move || ran.send(()).unwrap()));
+        on.recv_timeout(Duration::from_secs(10)).expect("the job never ran");
+        until(&pool, "the thread never went idle again", |p| p.shared.lock().idle.len() == 8);
+        assert!(pool.shared.lock().idle.iter().all(|w| !w.has_job.load(Ordering::Acquire)), "a stale job flag");
+        // Spinning and sleeping threads alike take jobs: eight that need each other all run.
+        rendezvous(&pool, &barrier, &done);
+        for _ in 0..8 {
+            assert!(ids.contains(&finished.recv_timeout(Duration::from_secs(10)).unwrap()));
+        }
+        assert_eq!(pool.shared.lock().threads, 8, "no thread was started while eight were idle");
+    }
+
+    #[test]
+    fn without_a_window_no_thread_spins() {
+        let pool = Pool::new();
+        pool.set_spin(Duration::ZERO);
+        let (done, finished) = mpsc::channel();
+        pool.spawn(Box::new(move || done.send(()).unwrap()));
+        finished.recv_timeout(Duration::from_secs(10)).unwrap();
+        until(&pool, "the thread never went idle", |p| !p.shared.lock().idle.is_empty());
+        assert_eq!(pool.spinners.load(Ordering::Acquire), 0);
     }
 
     #[test]

@@ -327,6 +327,15 @@ impl FrameReader {
         FrameReader { stream, frames: FrameBuf::new(64 * 1024) }
     }
 
+    /// Looks for data (or the end of the stream) for up to `window` without sleeping (see
+    /// [`spin`](crate::protocol::spin)), so that a reply due within microseconds is read
+    /// with no wake-up; `fill` then takes it at once.
+    fn spin_until_readable(&self, window: Duration) {
+        if !window.is_zero() {
+            crate::protocol::spin::spin_until(window, || self.stream.poll_readable());
+        }
+    }
+
     /// Reads once (blocking for at most [`READ_SLICE`]); `Ok(false)` when nothing came.
     fn fill(&mut self) -> std::result::Result<bool, String> {
         let spare = self.frames.spare().map_err(|e| format!("the server sent a bad frame: {e}"))?;
@@ -370,6 +379,8 @@ struct Connection {
     epoch: Instant,
     idle: Mutex<()>,
     idle_cv: Condvar,
+    /// How long a caller looks for its reply before its read sleeps ([`Config::spin`]).
+    spin: Duration,
 }
 
 impl Connection {
@@ -399,6 +410,7 @@ impl Connection {
             epoch: Instant::now(),
             idle: Mutex::new(()),
             idle_cv: Condvar::new(),
+            spin: config.spin,
         });
         let c = conn.clone();
         std::thread::Builder::new()
@@ -474,6 +486,7 @@ impl Connection {
             if slot.answered() || self.dead.load(Ordering::Acquire) || deadline.is_some_and(|d| Instant::now() >= d) {
                 return Ok(());
             }
+            rd.spin_until_readable(self.spin);
             rd.fill()?;
         }
     }

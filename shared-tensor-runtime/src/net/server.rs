@@ -372,6 +372,7 @@ impl ServerBuilder {
         };
         let transport = self.transport.unwrap_or(config.transport);
         let listen = Listen { port, transport, shared_token: shared.as_deref() };
+        crate::exec::pool::set_spin(config.spin);
         start(crate::exec::pool::TOKIO.handle(), core, registry, listen, device, self.grace)
     }
 }

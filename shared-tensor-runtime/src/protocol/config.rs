@@ -27,6 +27,7 @@
 //! | `SHARED_TENSOR_TOKEN` | a secret shared on purpose with other users (see [`auth`](crate::protocol::auth)) | unset: same user only |
 //! | `SHARED_TENSOR_TRANSPORT` | `auto` (the server's Unix socket when reachable, else TCP), `unix` or `tcp` (see [`transport`](crate::protocol::transport)) | `auto` |
 //! | `SHARED_TENSOR_RUNTIME_DIR` | where servers write their token files and Unix sockets | `$XDG_RUNTIME_DIR/shared-tensor` or `/tmp/shared-tensor-<uid>` |
+//! | `SHARED_TENSOR_SPIN_US` | how long a thread that waits for a reply or a call looks before it sleeps (see [`Config::spin`]); 0 never spins | 100 on hosts with 4 CPUs or more, else 0 |
 
 use std::time::Duration;
 
@@ -69,6 +70,36 @@ pub const DEFAULT_BASE_PORT: u16 = 2537;
 /// assert_eq!(DEFAULT_CONNECT_TIMEOUT.as_millis(), 2000);
 /// ```
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long a waiting thread spins by default on a host with [`SPIN_MIN_CPUS`] CPUs or
+/// more (see [`Config::spin`]): a little longer than a small call's round trip, so that
+/// the next call or reply of a busy caller is seen without a wake-up.
+///
+/// ```
+/// use shared_tensor_runtime::config::{Config, DEFAULT_SPIN, SPIN_MIN_CPUS};
+/// let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+/// let expected = if cpus >= SPIN_MIN_CPUS { DEFAULT_SPIN } else { std::time::Duration::ZERO };
+/// assert_eq!(Config::default().get_spin(), expected);
+/// ```
+pub const DEFAULT_SPIN: Duration = Duration::from_micros(100);
+
+/// Hosts with fewer CPUs than this do not spin by default: there a spinning thread would
+/// share a core with the thread it waits for.
+///
+/// ```
+/// assert_eq!(shared_tensor_runtime::config::SPIN_MIN_CPUS, 4);
+/// ```
+pub const SPIN_MIN_CPUS: usize = 4;
+
+/// The default spin window for this host.
+fn default_spin() -> Duration {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus >= SPIN_MIN_CPUS {
+        DEFAULT_SPIN
+    } else {
+        Duration::ZERO
+    }
+}
 
 /// What this process does with calls to `#[share]` functions.
 ///
@@ -129,6 +160,7 @@ pub struct Config {
     pub(crate) cache_bytes: Option<u64>,
     pub(crate) shared_token: Option<String>,
     pub(crate) transport: Transport,
+    pub(crate) spin: Duration,
 }
 
 impl Default for Config {
@@ -144,6 +176,7 @@ impl Default for Config {
             cache_bytes: None,
             shared_token: None,
             transport: Transport::Auto,
+            spin: default_spin(),
         }
     }
 }
@@ -205,6 +238,9 @@ impl Config {
         if let Some(value) = env_var("SHARED_TENSOR_TRANSPORT") {
             config.transport =
                 value.parse().map_err(|expected: String| Error::config("SHARED_TENSOR_TRANSPORT", &value, expected))?;
+        }
+        if let Some(us) = parse_env::<u64>("SHARED_TENSOR_SPIN_US", "microseconds (0 never spins)")? {
+            config.spin = Duration::from_micros(us);
         }
         Ok(config)
     }
@@ -336,6 +372,39 @@ impl Config {
     pub fn transport(mut self, transport: Transport) -> Self {
         self.transport = transport;
         self
+    }
+
+    /// How long a thread that waits for something due within microseconds looks for it
+    /// before it sleeps: a caller waiting for its reply, and a server's idle call thread
+    /// waiting for the next call (the last server started in a process sets it for the
+    /// process's call threads). Sleeping costs a wake-up, several microseconds on a
+    /// virtual machine, on every call; spinning costs CPU time for at most this long
+    /// after each call, yielding the core to any thread that needs it.
+    ///
+    /// Default: `SHARED_TENSOR_SPIN_US`, else [`DEFAULT_SPIN`] (100 µs) on hosts with
+    /// [`SPIN_MIN_CPUS`] CPUs or more and none on smaller ones. `Duration::ZERO` never
+    /// spins (hosts where every core is taken by other work).
+    ///
+    /// ```
+    /// use shared_tensor_runtime::config::Config;
+    /// use std::time::Duration;
+    /// let config = Config::default().spin(Duration::ZERO);
+    /// assert_eq!(config.get_spin(), Duration::ZERO);
+    /// ```
+    pub fn spin(mut self, window: Duration) -> Self {
+        self.spin = window;
+        self
+    }
+
+    /// The configured spin window (see [`Config::spin`]).
+    ///
+    /// ```
+    /// use shared_tensor_runtime::config::Config;
+    /// use std::time::Duration;
+    /// assert_eq!(Config::default().spin(Duration::from_micros(50)).get_spin(), Duration::from_micros(50));
+    /// ```
+    pub fn get_spin(&self) -> Duration {
+        self.spin
     }
 
     /// The configured transport.

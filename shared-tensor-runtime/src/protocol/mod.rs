@@ -7,7 +7,8 @@
 //!   use) their frames;
 //! - [`transport`]: the streams (Unix socket or TCP loopback) and the client's handshake;
 //! - [`control`]: the control requests, declared once for every client, and a client
-//!   that carries no tensor.
+//!   that carries no tensor;
+//! - `spin`: how a thread that expects an answer within microseconds waits for it.
 //!
 //! It imports the [`device`](crate::device) layer (for the current CUDA device, with the
 //! `cuda` feature), [`error`](crate::error) and [`info`](crate::info).
@@ -21,5 +22,6 @@ pub mod auth;
 pub mod config;
 pub mod control;
 pub(crate) mod frame;
+pub(crate) mod spin;
 pub mod transport;
 pub mod wire;

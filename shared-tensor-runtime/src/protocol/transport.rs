@@ -165,6 +165,21 @@ impl Stream {
         };
         sock.peek(&mut [MaybeUninit::uninit(); 1])
     }
+
+    // The full client's (with the `cuda` feature); the control client needs none of it.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    /// Whether a read would return at once (data, the end of the stream, or an error),
+    /// without waiting and without consuming anything.
+    pub(crate) fn poll_readable(&self) -> bool {
+        let sock = match self {
+            Stream::Unix(s) => socket2::SockRef::from(s),
+            Stream::Tcp(s) => socket2::SockRef::from(s),
+        };
+        match sock.recv_with_flags(&mut [MaybeUninit::uninit(); 1], libc::MSG_PEEK | libc::MSG_DONTWAIT) {
+            Ok(_) => true,
+            Err(e) => !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted),
+        }
+    }
 }
 
 impl Read for &Stream {
@@ -381,14 +396,18 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    #[test]
-    fn peek_sees_data_without_consuming_it_on_both_transports() {
+    /// A connected pair of each transport: (sending end, receiving end).
+    fn connected_pairs() -> [(Stream, Stream); 2] {
         let (a, b) = UnixStream::pair().unwrap();
-        let (a, b) = (Stream::Unix(a), Stream::Unix(b));
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let c = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (d, _) = listener.accept().unwrap();
-        for (tx, rx) in [(&a, &b), (&Stream::Tcp(c), &Stream::Tcp(d))] {
+        [(Stream::Unix(a), Stream::Unix(b)), (Stream::Tcp(c), Stream::Tcp(d))]
+    }
+
+    #[test]
+    fn peek_sees_data_without_consuming_it_on_both_transports() {
+        for (tx, rx) in &connected_pairs() {
             let mut w = tx;
             w.write_all(b"xy").unwrap();
             assert_eq!(rx.peek_byte().unwrap(), 1);
@@ -398,6 +417,27 @@ mod tests {
             assert_eq!(&got, b"xy", "peek consumed nothing");
             tx.shutdown().unwrap();
             assert_eq!(rx.peek_byte().unwrap(), 0, "the end of the stream reads as 0");
+        }
+    }
+
+    #[test]
+    fn poll_readable_tells_data_and_the_end_apart_from_nothing_yet_without_waiting() {
+        use crate::protocol::spin::spin_until;
+        let minute = Duration::from_secs(60);
+        for (tx, rx) in &connected_pairs() {
+            // Blocking streams: it must answer at once rather than wait for data.
+            rx.set_read_timeout(None).unwrap();
+            assert!(!rx.poll_readable(), "nothing sent yet");
+            let mut w = tx;
+            w.write_all(b"xy").unwrap();
+            assert!(spin_until(minute, || rx.poll_readable()), "the data never showed");
+            let mut got = [0u8; 2];
+            let mut r = rx;
+            r.read_exact(&mut got).unwrap();
+            assert_eq!(&got, b"xy", "polling consumed nothing");
+            assert!(!rx.poll_readable(), "everything was read");
+            tx.shutdown().unwrap();
+            assert!(spin_until(minute, || rx.poll_readable()), "the end of the stream never showed");
         }
     }
 }

@@ -1,0 +1,105 @@
+//! Bounded, polite spinning: how a thread that expects an event within microseconds waits
+//! for it before it sleeps.
+//!
+//! A thread asleep in the kernel (a blocking read, a condition variable) is woken by
+//! whoever makes the event happen, and on the GPU hosts, virtual machines, a wake-up of a
+//! thread on an idle core costs several microseconds, as much as the rest of a small call.
+//! A call has two such hand-offs on its path besides the socket's own: the server's
+//! reader handing the call to a pool thread, and the reply waking the calling thread. A
+//! thread that looks again and again for a short window ([`Config::spin`]) instead sees
+//! the event as soon as it happens, and sleeps only when nothing came in the window.
+//!
+//! Invariants of [`spin_until`]: it returns within `window` plus one look (it never
+//! waits without bound: the caller then sleeps the ordinary way), it returns `true`
+//! exactly when the last look saw the event, and between two looks it yields its core, so
+//! a spinning thread never keeps a runnable thread (the one that makes the event, say)
+//! off a busy host's cores.
+//!
+//! [`Config::spin`]: crate::protocol::config::Config::spin
+
+use std::time::{Duration, Instant};
+
+/// Looks at `ready` until it says `true` or `window` has passed; `true` if it did. With a
+/// zero window it looks once.
+// The call pool's and the full client's (with the `cuda` feature).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) fn spin_until(window: Duration, mut ready: impl FnMut() -> bool) -> bool {
+    if ready() {
+        return true;
+    }
+    if window.is_zero() {
+        return false;
+    }
+    let start = Instant::now();
+    loop {
+        std::thread::yield_now();
+        if ready() {
+            return true;
+        }
+        if start.elapsed() >= window {
+            return false;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    #[test]
+    fn a_zero_window_looks_once() {
+        let mut looks = 0;
+        assert!(!spin_until(Duration::ZERO, || {
+            looks += 1;
+            false
+        }));
+        assert_eq!(looks, 1);
+        assert!(spin_until(Duration::ZERO, || true));
+    }
+
+    #[test]
+    fn it_gives_up_after_its_window_and_keeps_looking_until_then() {
+        let window = Duration::from_millis(20);
+        let start = Instant::now();
+        let mut looks = 0u64;
+        assert!(!spin_until(window, || {
+            looks += 1;
+            false
+        }));
+        assert!(start.elapsed() >= window, "returned before its window: {:?}", start.elapsed());
+        assert!(looks > 1, "looked only {looks} time(s) in {window:?}");
+    }
+
+    #[test]
+    fn it_sees_an_event_made_by_another_thread() {
+        let flag = Arc::new(AtomicBool::new(false));
+        let setter = {
+            let flag = flag.clone();
+            std::thread::spawn(move || flag.store(true, Ordering::Release))
+        };
+        setter.join().unwrap();
+        // The event happened before the spin: its first look sees it, whatever the window.
+        assert!(spin_until(Duration::from_secs(60), || flag.load(Ordering::Acquire)));
+        // And one made while spinning: a window of a minute returns as soon as it comes
+        // (a broken look returns `false` after the minute, and the test fails).
+        let flag = Arc::new(AtomicBool::new(false));
+        let (go, started) = std::sync::mpsc::channel();
+        let setter = {
+            let flag = flag.clone();
+            std::thread::spawn(move || {
+                started.recv().unwrap();
+                flag.store(true, Ordering::Release);
+            })
+        };
+        let mut first = true;
+        assert!(spin_until(Duration::from_secs(60), || {
+            if std::mem::take(&mut first) {
+                go.send(()).unwrap();
+            }
+            flag.load(Ordering::Acquire)
+        }));
+        setter.join().unwrap();
+    }
+}
