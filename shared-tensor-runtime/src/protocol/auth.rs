@@ -263,6 +263,8 @@ pub fn client_secret(port: u16, shared: Option<&str>) -> Result<Secret> {
 /// handshake, with a reason that says how to let them in, unless the server accepts a
 /// shared token (`SHARED_TENSOR_TOKEN`), which is how other users are admitted on purpose.
 /// Over TCP the kernel reports no user, and the token's proof is the whole check.
+// The server's (with the `cuda` feature).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub(crate) fn check_peer_user(peer_uid: u32, server_uid: u32, shared_token: bool) -> Result<()> {
     if peer_uid == server_uid || shared_token {
         return Ok(());

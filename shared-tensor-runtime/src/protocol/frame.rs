@@ -147,6 +147,8 @@ pub fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> std::io::Result<()> {
 ///
 /// Invariants: `start <= end <= buf.len()`; `buf[start..end]` are the bytes read and not
 /// yet taken, and they always begin at a frame boundary.
+// The full client's (with the `cuda` feature); the control client reads whole frames.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub(crate) struct FrameBuf {
     buf: Vec<u8>,
     /// First byte not yet taken.
@@ -155,6 +157,7 @@ pub(crate) struct FrameBuf {
     end: usize,
 }
 
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 impl FrameBuf {
     /// A buffer of `capacity` bytes to begin with (it grows for a larger frame).
     pub(crate) fn new(capacity: usize) -> FrameBuf {
@@ -206,6 +209,8 @@ impl FrameBuf {
 
 /// The frame codec as tokio's `FramedRead` uses it (the server's read side): items are
 /// frame bodies.
+// The server's (with the `cuda` feature).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 #[derive(Debug, Default, Clone, Copy)]
 pub(crate) struct FrameCodec;
 
