@@ -637,6 +637,12 @@ impl Connection {
                         break;
                     }
                 }
+                // A lost connection's leases went back with it: nothing more to send, and
+                // the thread ends (it must not go round again: with the connection dead,
+                // the waits above return at once).
+                if self.dead.load(Ordering::Acquire) {
+                    return;
+                }
                 if q.is_empty() {
                     continue;
                 }
