@@ -13,7 +13,9 @@
 //! waits without bound: the caller then sleeps the ordinary way), it returns `true`
 //! exactly when the last look saw the event, and between two looks it yields its core, so
 //! a spinning thread never keeps a runnable thread (the one that makes the event, say)
-//! off a busy host's cores.
+//! off a busy host's cores; once a yield shows that another thread wanted the core (it
+//! returned late), it stops spinning: on a crowded host spinning only takes time from
+//! the threads that do the work.
 //!
 //! [`Config::spin`]: crate::protocol::config::Config::spin
 
@@ -31,16 +33,26 @@ pub(crate) fn spin_until(window: Duration, mut ready: impl FnMut() -> bool) -> b
         return false;
     }
     let start = Instant::now();
+    let mut before = start;
     loop {
         std::thread::yield_now();
         if ready() {
             return true;
         }
-        if start.elapsed() >= window {
+        let now = Instant::now();
+        // A yield that took long gave the core to another thread: the host has more
+        // runnable threads than cores, and a spinner would only take time from them (or
+        // from the very thread it waits for). Sleep instead.
+        if now - start >= window || now - before >= CROWDED {
             return false;
         }
+        before = now;
     }
 }
+
+/// A yield that returns later than this gave the core to another thread (a yield with
+/// nothing else to run takes about a microsecond).
+const CROWDED: Duration = Duration::from_micros(20);
 
 #[cfg(test)]
 mod tests {
