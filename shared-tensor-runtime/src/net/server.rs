@@ -1,10 +1,13 @@
 //! The server: serves a process's endpoints to client processes on loopback.
 //!
-//! A tokio task reads each connection and answers what runs no endpoint code (pings,
-//! cache hits, submits, task and object requests) on the spot. Calls run on the blocking
-//! pool, never on the reactor, so a slow endpoint does not stall other calls, pings or
-//! other clients. Every reply is written by the thread that computed it, with no handoff
-//! to a writer (see `Writer`). When a connection closes (the client exited or was killed),
+//! A tokio task accepts each connection and runs its handshake; then a thread of the
+//! connection's own reads it and answers what runs no endpoint code (pings, cache hits,
+//! submits, task and object requests) on the spot. Calls run on the call pool, never on
+//! the reader, so a slow endpoint does not stall other calls, pings or other clients.
+//! Every reply is written by the thread that computed it, with no handoff to a writer
+//! (see `Writer`). The reader looks for the next request for the spin window
+//! ([`Config::spin`](crate::protocol::config::Config::spin)) before it sleeps in `poll`,
+//! so a busy client's requests are read with no wake-up. When a connection closes (the client exited or was killed),
 //! everything lent to it is released: its leases, and its references to managed objects.
 //!
 //! Start one with the server role (`SHARED_TENSOR_ROLE=server`), or in code with
@@ -31,7 +34,9 @@
 pub use crate::info::{CacheEntryInfo, ServerInfo};
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::io::Read;
 use std::net::{SocketAddr, TcpListener as StdListener};
+use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -56,8 +61,8 @@ use crate::exec::task::{StopSignal, TaskStatus};
 use crate::exec::value::{Outcome, Prepared};
 use crate::payload::{Decoder, PackedPayload, Received};
 use crate::protocol::auth::{self, Secret, Side};
-use crate::protocol::frame::FrameCodec;
-use crate::protocol::transport::{self, Transport};
+use crate::protocol::frame::{FrameBuf, FrameCodec};
+use crate::protocol::transport::{self, Stream, Transport};
 use crate::protocol::wire::{self, Challenge, ClientMessage, Request, Response, ServerMessage, Welcome};
 
 /// Connection ids, unique in the process: every server of a process shares one `Core`,
@@ -73,6 +78,8 @@ pub const DEFAULT_GRACE: Duration = Duration::from_secs(10);
 
 pub(crate) struct ServerState {
     core: Arc<Core>,
+    /// How long a connection's reader looks for the next request before it sleeps.
+    spin: Duration,
     secrets: Vec<Secret>,
     /// Whether a shared token admits other users (else a Unix peer of another uid is
     /// refused from its socket credentials, before the handshake's proofs).
@@ -371,7 +378,7 @@ impl ServerBuilder {
             None => config.shared_token.clone(),
         };
         let transport = self.transport.unwrap_or(config.transport);
-        let listen = Listen { port, transport, shared_token: shared.as_deref() };
+        let listen = Listen { port, transport, shared_token: shared.as_deref(), spin: config.spin };
         crate::exec::pool::set_spin(config.spin);
         start(crate::exec::pool::TOKIO.handle(), core, registry, listen, device, self.grace)
     }
@@ -601,6 +608,8 @@ pub(crate) struct Listen<'a> {
     pub port: u16,
     pub transport: Transport,
     pub shared_token: Option<&'a str>,
+    /// The readers' spin window ([`Config::spin`](crate::protocol::config::Config::spin)).
+    pub spin: Duration,
 }
 
 /// Binds `127.0.0.1:port` (and, unless the transport is TCP only, the Unix socket of the
@@ -646,6 +655,7 @@ pub(crate) fn start(
     let (unix, socket_file) = socket.unzip();
     let state = Arc::new(ServerState {
         core,
+        spin: listen.spin,
         secrets,
         shared_token: listen.shared_token.is_some(),
         registry,
@@ -732,15 +742,26 @@ impl WriteHalf {
     }
 }
 
-fn tcp_halves(stream: TcpStream) -> (ReadHalf, WriteHalf) {
-    let _ = stream.set_nodelay(true);
-    let (rd, wr) = stream.into_split();
-    (Box::pin(rd), WriteHalf::Tcp(wr))
+/// A connection's ends: tokio's read half (for the handshake), its write half, and the
+/// same socket for the connection's reader thread (a second descriptor, nonblocking like
+/// tokio's: the thread waits in `poll`).
+struct Halves {
+    rd: ReadHalf,
+    wr: WriteHalf,
+    reader: Stream,
 }
 
-fn unix_halves(stream: UnixStream) -> (ReadHalf, WriteHalf) {
+fn tcp_halves(stream: TcpStream) -> std::io::Result<Halves> {
+    let _ = stream.set_nodelay(true);
+    let reader = Stream::Tcp(std::net::TcpStream::from(stream.as_fd().try_clone_to_owned()?));
     let (rd, wr) = stream.into_split();
-    (Box::pin(rd), WriteHalf::Unix(wr))
+    Ok(Halves { rd: Box::pin(rd), wr: WriteHalf::Tcp(wr), reader })
+}
+
+fn unix_halves(stream: UnixStream) -> std::io::Result<Halves> {
+    let reader = Stream::Unix(std::os::unix::net::UnixStream::from(stream.as_fd().try_clone_to_owned()?));
+    let (rd, wr) = stream.into_split();
+    Ok(Halves { rd: Box::pin(rd), wr: WriteHalf::Unix(wr), reader })
 }
 
 /// The next connection on the Unix socket; never, when there is none.
@@ -761,12 +782,12 @@ async fn accept_loop(
     let mut stop = stopped.clone();
     loop {
         let accepted = tokio::select! {
-            accepted = tcp.accept() => accepted.map(|(s, _)| (tcp_halves(s), None)),
-            accepted = accept_unix(unix.as_ref()) => accepted.map(|s| {
+            accepted = tcp.accept() => accepted.and_then(|(s, _)| Ok((tcp_halves(s)?, None))),
+            accepted = accept_unix(unix.as_ref()) => accepted.and_then(|s| {
                 // The peer's user, from the kernel (SO_PEERCRED): the same-user check
                 // needs no proof from a Unix peer. Unreadable: the proofs still decide.
                 let uid = s.peer_cred().map(|c| c.uid()).map_err(|e| tracing::debug!(error = %e, "no peer credentials"));
-                (unix_halves(s), uid.ok())
+                Ok((unix_halves(s)?, uid.ok()))
             }),
             _ = until_stopped(&mut stop) => break,
         };
@@ -1014,10 +1035,10 @@ impl Drop for Capture<'_> {
 /// peer's user as the socket reports it (Unix sockets only).
 async fn connection(
     state: Arc<ServerState>,
-    (rd, wr): (ReadHalf, WriteHalf),
+    Halves { rd, wr, reader }: Halves,
     peer_uid: Option<u32>,
     stopped: watch::Receiver<bool>,
-    _busy: Busy,
+    busy: Busy,
 ) {
     let id = NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed);
     let mut frames = FramedRead::new(rd, FrameCodec);
@@ -1055,74 +1076,155 @@ async fn connection(
         }
     }));
     state.links.lock().insert(id, link.clone());
+    let spin = state.spin;
     let conn = Conn { state, id, link, writer };
-    read_frames(Reader { frames, stopped, conn, peer }).await;
+    let mut reader =
+        Reader { stream: reader, frames: FrameBuf::new(64 * 1024), stopped, conn, peer, spin, _busy: busy };
+    // What the handshake's reads took beyond its own frames (nothing, from our clients,
+    // which wait for Welcome) is the reader's first data.
+    if let Err(e) = reader.take_early(frames.read_buffer()) {
+        return reader.refuse_frame(&e.to_string()); // dropping the reader cleans up
+    }
+    drop(frames); // the reader thread reads from here on
+                  // Endpoint code and `spawn_wait` may use the runtime from the reader's thread too.
+    let runtime = tokio::runtime::Handle::current();
+    let started = std::thread::Builder::new().name("shared-tensor-conn".into()).spawn(move || {
+        let _runtime = runtime.enter();
+        let mut reader = reader;
+        reader.read_frames();
+    });
+    if let Err(e) = started {
+        // The reader was dropped with the closure: its clean-up ran, the client sees the
+        // connection close.
+        tracing::warn!(connection = id, error = %e, "cannot start a connection's reader thread; closing it");
+    }
 }
 
-/// The reading side of one connection.
+/// How long a reader's `poll` sleeps before it looks at the stop signal again.
+const READ_SLICE: Duration = Duration::from_millis(20);
+
+/// The reading side of one connection, on a thread of its own. Dropping it (the
+/// connection closed, the server stops, the reader's thread could not start, or it
+/// unwound) releases everything lent to the client, then stops counting the connection.
 struct Reader {
-    frames: FramedRead<ReadHalf, FrameCodec>,
+    stream: Stream,
+    frames: FrameBuf,
     stopped: watch::Receiver<bool>,
     conn: Conn,
     peer: ProcessId,
+    spin: Duration,
+    /// Dropped last, after the clean-up in `drop`: the connection is counted until then.
+    _busy: Busy,
 }
 
-/// Reads and answers a connection's requests until it closes.
-///
-/// Requests that run no endpoint code and never wait are answered here, on the spot. A
-/// call goes to the call pool (`pool`), so that a slow endpoint holds up no other
-/// request; its thread writes the reply itself.
-async fn read_frames(mut r: Reader) {
-    loop {
-        let body = tokio::select! {
-            next = r.frames.next() => match next {
-                Some(Ok(body)) => body,
-                Some(Err(e)) => {
-                    tracing::debug!(connection = r.conn.id, error = %e, "unreadable frame; closing");
-                    let error = Error::Protocol(format!("unreadable frame: {e}"));
-                    r.conn.writer.send(&ServerMessage::Refused(error));
-                    break;
-                }
-                None => break,
-            },
-            _ = until_stopped(&mut r.stopped) => break,
-        };
-        match wire::decode::<ClientMessage>(&body) {
-            Ok(ClientMessage::Release(leases)) => r.conn.link.released(&leases),
-            Ok(ClientMessage::ReleaseObjects(ids)) => {
-                r.conn.state.core.release_objects(&ids, r.conn.holder());
-            }
-            Ok(ClientMessage::Request { id, request }) => {
-                if let Some(call) = r.conn.handle(id, request) {
-                    let conn = r.conn.clone();
-                    let busy = Busy::new(&conn.state, true);
-                    crate::exec::pool::spawn(Box::new(move || {
-                        conn.run_call(call);
-                        drop(busy);
-                    }));
+impl Reader {
+    /// Reads and answers the connection's requests until it closes or the server stops.
+    ///
+    /// Requests that run no endpoint code and never wait are answered here, on the spot. A
+    /// call goes to the call pool (`pool`), so that a slow endpoint holds up no other
+    /// request; its thread writes the reply itself.
+    fn read_frames(&mut self) {
+        loop {
+            loop {
+                let body = match self.frames.next_frame() {
+                    Ok(Some(body)) => body,
+                    Ok(None) => break,
+                    Err(e) => return self.refuse_frame(&e.to_string()),
+                };
+                if !handle_frame(&self.conn, body) {
+                    return;
                 }
             }
-            Ok(ClientMessage::Hello(_) | ClientMessage::Auth(_)) => {
-                let error = Error::Protocol("a handshake message after the handshake".into());
-                r.conn.writer.send(&ServerMessage::Refused(error));
-                break;
+            if *self.stopped.borrow() {
+                return;
             }
-            Err(error) => {
-                tracing::debug!(connection = r.conn.id, %error, "malformed message; closing");
-                r.conn.writer.send(&ServerMessage::Refused(error));
-                break;
+            crate::protocol::spin::spin_until(self.spin, || self.stream.poll_readable());
+            match self.stream.wait_readable(READ_SLICE) {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => {
+                    tracing::debug!(connection = self.conn.id, error = %e, "connection lost");
+                    return;
+                }
+            }
+            let spare = match self.frames.spare() {
+                Ok(spare) => spare,
+                Err(e) => return self.refuse_frame(&e.to_string()),
+            };
+            match (&self.stream).read(spare) {
+                Ok(0) => return, // the client closed the connection
+                Ok(n) => self.frames.filled(n),
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted) => {}
+                Err(e) => {
+                    tracing::debug!(connection = self.conn.id, error = %e, "connection lost");
+                    return;
+                }
             }
         }
     }
-    // Everything lent to this client goes back; its managed references are released.
-    let conn = &r.conn;
-    conn.state.links.lock().remove(&conn.id);
-    conn.link.close();
-    conn.state.core.release_holder(Holder::Connection(conn.id));
-    // Keep no mapping of a departed client's memory alive for it.
-    crate::device::ipc::forget_producer(&r.peer);
-    // Calls still running write their replies; the socket closes when the last is done.
-    conn.writer.close();
+
+    /// Takes bytes already read from the socket as if the reader had read them.
+    fn take_early(&mut self, mut early: &[u8]) -> std::result::Result<(), crate::protocol::frame::FrameTooLarge> {
+        while !early.is_empty() {
+            let spare = self.frames.spare()?;
+            let n = spare.len().min(early.len());
+            spare[..n].copy_from_slice(&early[..n]);
+            self.frames.filled(n);
+            early = &early[n..];
+        }
+        Ok(())
+    }
+
+    fn refuse_frame(&self, reason: &str) {
+        tracing::debug!(connection = self.conn.id, error = reason, "unreadable frame; closing");
+        let error = Error::Protocol(format!("unreadable frame: {reason}"));
+        self.conn.writer.send(&ServerMessage::Refused(error));
+    }
+}
+
+/// Handles one frame of a connection; `false` when the connection must close.
+fn handle_frame(conn: &Conn, body: &[u8]) -> bool {
+    match wire::decode::<ClientMessage>(body) {
+        Ok(ClientMessage::Release(leases)) => conn.link.released(&leases),
+        Ok(ClientMessage::ReleaseObjects(ids)) => {
+            conn.state.core.release_objects(&ids, conn.holder());
+        }
+        Ok(ClientMessage::Request { id, request }) => {
+            if let Some(call) = conn.handle(id, request) {
+                let conn = conn.clone();
+                let busy = Busy::new(&conn.state, true);
+                crate::exec::pool::spawn(Box::new(move || {
+                    conn.run_call(call);
+                    drop(busy);
+                }));
+            }
+        }
+        Ok(ClientMessage::Hello(_) | ClientMessage::Auth(_)) => {
+            let error = Error::Protocol("a handshake message after the handshake".into());
+            conn.writer.send(&ServerMessage::Refused(error));
+            return false;
+        }
+        Err(error) => {
+            tracing::debug!(connection = conn.id, %error, "malformed message; closing");
+            conn.writer.send(&ServerMessage::Refused(error));
+            return false;
+        }
+    }
+    true
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        // Everything lent to this client goes back; its managed references are released.
+        let conn = &self.conn;
+        conn.state.links.lock().remove(&conn.id);
+        conn.link.close();
+        conn.state.core.release_holder(Holder::Connection(conn.id));
+        // Keep no mapping of a departed client's memory alive for it.
+        crate::device::ipc::forget_producer(&self.peer);
+        // Calls still running write their replies; the socket closes when the last is done.
+        conn.writer.close();
+    }
 }
 
 /// The next frame of the handshake, decoded; `None` if the client went silent or away.

@@ -166,6 +166,19 @@ impl Stream {
         sock.peek(&mut [MaybeUninit::uninit(); 1])
     }
 
+    #[cfg(feature = "cuda")]
+    /// Waits up to `timeout` until a read would return at once (data, the end of the
+    /// stream, an error); for a nonblocking stream (a server connection's reader), whose
+    /// reads never wait.
+    pub(crate) fn wait_readable(&self, timeout: Duration) -> std::io::Result<bool> {
+        use std::os::fd::AsFd;
+        let fd = match self {
+            Stream::Unix(s) => s.as_fd(),
+            Stream::Tcp(s) => s.as_fd(),
+        };
+        crate::device::ffi::wait_readable(fd, timeout)
+    }
+
     // The full client's (with the `cuda` feature); the control client needs none of it.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     /// Whether a read would return at once (data, the end of the stream, or an error),

@@ -16,6 +16,30 @@ pub(crate) fn effective_uid() -> u32 {
 }
 
 #[cfg(feature = "cuda")]
+/// Waits until `fd` has data to read (or its end, or an error) or `timeout` passes;
+/// `Ok(true)` when a read would return at once. For a nonblocking socket that a thread
+/// reads while tokio owns its registration (the server's connection readers).
+pub(crate) fn wait_readable(fd: std::os::fd::BorrowedFd<'_>, timeout: std::time::Duration) -> std::io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `pfd` is one valid, initialised pollfd and the count says one; `fd` is a
+    // borrowed, open descriptor for the whole call. poll only writes `revents`.
+    match unsafe { libc::poll(&mut pfd, 1, ms) } {
+        -1 => {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                Ok(false)
+            } else {
+                Err(e)
+            }
+        }
+        0 => Ok(false),
+        _ => Ok(true),
+    }
+}
+
+#[cfg(feature = "cuda")]
 /// Raises this process's open-file limit to its hard limit (a server holds one socket
 /// per client connection); returns the new soft limit.
 pub(crate) fn raise_open_files_limit() -> std::io::Result<u64> {
