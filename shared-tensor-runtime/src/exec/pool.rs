@@ -50,6 +50,8 @@ pub(crate) struct Pool {
     spinners: AtomicUsize,
     /// Most threads spinning at once.
     max_spinners: usize,
+    /// A yield slower than this ends a spin (see `protocol::spin`).
+    crowded: Duration,
 }
 
 #[derive(Default)]
@@ -104,6 +106,10 @@ pub(crate) fn set_spin(window: Duration) {
 
 impl Pool {
     fn new() -> Arc<Pool> {
+        Pool::with_crowding(crate::protocol::spin::CROWDED)
+    }
+
+    fn with_crowding(crowded: Duration) -> Arc<Pool> {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         Arc::new(Pool {
             shared: Mutex::new(Shared::default()),
@@ -111,6 +117,7 @@ impl Pool {
             spinners: AtomicUsize::new(0),
             // One spinner serves a sequential caller; a few more, concurrent callers.
             max_spinners: (cpus / 4).clamp(1, 4),
+            crowded,
         })
     }
 
@@ -212,7 +219,8 @@ impl Pool {
             return;
         }
         me.spinning.store(true, Ordering::Release);
-        crate::protocol::spin::spin_until(window, || me.has_job.load(Ordering::Acquire));
+        let ready = || me.has_job.load(Ordering::Acquire);
+        crate::protocol::spin::spin_with(window, self.crowded, std::thread::yield_now, ready);
         me.spinning.store(false, Ordering::Release);
         self.spinners.fetch_sub(1, Ordering::AcqRel);
     }
@@ -269,7 +277,9 @@ mod tests {
 
     #[test]
     fn a_spinning_thread_takes_the_next_job_and_spinners_are_bounded() {
-        let pool = Pool::new();
+        // Spinners that never give up for a crowded host (a loaded test machine would end
+        // them early, and they would never be seen spinning).
+        let pool = Pool::with_crowding(Duration::MAX);
         // A window far longer than the test: a spinner stays spinning until a job comes.
         pool.set_spin(Duration::from_secs(60));
         let barrier = Arc::new(std::sync::Barrier::new(8));

@@ -21,11 +21,22 @@
 
 use std::time::{Duration, Instant};
 
-/// Looks at `ready` until it says `true` or `window` has passed; `true` if it did. With a
-/// zero window it looks once.
+/// Looks at `ready` until it says `true`, `window` has passed, or the host turned out to be
+/// crowded; `true` if it said `true`. With a zero window it looks once.
 // The call pool's and the full client's (with the `cuda` feature).
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-pub(crate) fn spin_until(window: Duration, mut ready: impl FnMut() -> bool) -> bool {
+pub(crate) fn spin_until(window: Duration, ready: impl FnMut() -> bool) -> bool {
+    spin_with(window, CROWDED, std::thread::yield_now, ready)
+}
+
+/// [`spin_until`] with its crowding threshold and its yield given (tests drive both).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) fn spin_with(
+    window: Duration,
+    crowded: Duration,
+    mut yield_now: impl FnMut(),
+    mut ready: impl FnMut() -> bool,
+) -> bool {
     if ready() {
         return true;
     }
@@ -35,7 +46,7 @@ pub(crate) fn spin_until(window: Duration, mut ready: impl FnMut() -> bool) -> b
     let start = Instant::now();
     let mut before = start;
     loop {
-        std::thread::yield_now();
+        yield_now();
         if ready() {
             return true;
         }
@@ -43,7 +54,7 @@ pub(crate) fn spin_until(window: Duration, mut ready: impl FnMut() -> bool) -> b
         // A yield that took long gave the core to another thread: the host has more
         // runnable threads than cores, and a spinner would only take time from them (or
         // from the very thread it waits for). Sleep instead.
-        if now - start >= window || now - before >= CROWDED {
+        if now - start >= window || now - before >= crowded {
             return false;
         }
         before = now;
@@ -52,7 +63,7 @@ pub(crate) fn spin_until(window: Duration, mut ready: impl FnMut() -> bool) -> b
 
 /// A yield that returns later than this gave the core to another thread (a yield with
 /// nothing else to run takes about a microsecond).
-const CROWDED: Duration = Duration::from_micros(20);
+pub(crate) const CROWDED: Duration = Duration::from_micros(20);
 
 #[cfg(test)]
 mod tests {
@@ -73,15 +84,31 @@ mod tests {
 
     #[test]
     fn it_gives_up_after_its_window_and_keeps_looking_until_then() {
+        // No yield counts as crowded here (a loaded test machine makes some yields slow).
         let window = Duration::from_millis(20);
         let start = Instant::now();
         let mut looks = 0u64;
-        assert!(!spin_until(window, || {
+        assert!(!spin_with(window, Duration::MAX, std::thread::yield_now, || {
             looks += 1;
             false
         }));
         assert!(start.elapsed() >= window, "returned before its window: {:?}", start.elapsed());
         assert!(looks > 1, "looked only {looks} time(s) in {window:?}");
+    }
+
+    #[test]
+    fn a_slow_yield_ends_the_spin_at_once() {
+        // A yield that takes 5 ms (another thread had the core) against a 1 ms threshold:
+        // one look after it, then the spinner gives up, long before its minute.
+        let start = Instant::now();
+        let mut looks = 0u64;
+        let slow_yield = || std::thread::sleep(Duration::from_millis(5));
+        assert!(!spin_with(Duration::from_secs(60), Duration::from_millis(1), slow_yield, || {
+            looks += 1;
+            false
+        }));
+        assert_eq!(looks, 2, "one look before the yield, one after");
+        assert!(start.elapsed() < Duration::from_secs(30), "spun for {:?}", start.elapsed());
     }
 
     #[test]
