@@ -92,6 +92,9 @@ pub(crate) struct ServerState {
     socket_file: Mutex<Option<SocketFile>>,
     device_index: u32,
     links: Mutex<HashMap<u64, Arc<Link>>>,
+    /// Each connection's socket as its reader thread reads it: a stop ends their read
+    /// direction, which wakes the readers at once.
+    readers: Mutex<HashMap<u64, Stream>>,
     /// Set once stopping: no call that arrives after it runs endpoint code, and the calls
     /// and tasks it runs see it (`task::stopped`, `task::is_cancelled`).
     stopping: Arc<StopSignal>,
@@ -497,6 +500,10 @@ impl ServerHandle {
             return self.join();
         }
         self.state.stop.send_replace(true);
+        // Readers waiting for a request wake up now (replies still go out).
+        for stream in self.state.readers.lock().values() {
+            let _ = stream.shutdown_read();
+        }
         // No new client finds this server's socket from here on.
         drop(self.state.socket_file.lock().take());
         // `None`: a grace too long to add to the clock (`Duration::MAX`) waits without bound.
@@ -664,6 +671,7 @@ pub(crate) fn start(
         socket_file: Mutex::new(socket_file),
         device_index,
         links: Mutex::new(HashMap::new()),
+        readers: Mutex::new(HashMap::new()),
         stopping: StopSignal::new(addr.to_string()),
         stop: watch::channel(false).0,
         active: Mutex::new(Active::default()),
@@ -1076,6 +1084,21 @@ async fn connection(
         }
     }));
     state.links.lock().insert(id, link.clone());
+    match reader.try_clone() {
+        Ok(waker) => {
+            state.readers.lock().insert(id, waker);
+        }
+        Err(e) => {
+            tracing::warn!(connection = id, error = %e, "cannot register a connection's reader; closing it");
+            state.links.lock().remove(&id);
+            link.close();
+            return writer.close();
+        }
+    }
+    // A stop that began before it was registered found nothing to wake: see it now.
+    if *stopped.borrow() {
+        let _ = reader.shutdown_read();
+    }
     let spin = state.spin;
     let conn = Conn { state, id, link, writer };
     let mut reader =
@@ -1100,8 +1123,10 @@ async fn connection(
     }
 }
 
-/// How long a reader's `poll` sleeps before it looks at the stop signal again.
-const READ_SLICE: Duration = Duration::from_millis(20);
+/// How long a reader's `poll` sleeps before it looks at the stop signal again (a stop
+/// also ends the read direction of every registered reader's socket, which wakes it at
+/// once: this is the safety net, and what an idle connection costs in wake-ups).
+const READ_SLICE: Duration = Duration::from_secs(1);
 
 /// The reading side of one connection, on a thread of its own. Dropping it (the
 /// connection closed, the server stops, the reader's thread could not start, or it
@@ -1217,6 +1242,7 @@ impl Drop for Reader {
     fn drop(&mut self) {
         // Everything lent to this client goes back; its managed references are released.
         let conn = &self.conn;
+        conn.state.readers.lock().remove(&conn.id);
         conn.state.links.lock().remove(&conn.id);
         conn.link.close();
         conn.state.core.release_holder(Holder::Connection(conn.id));

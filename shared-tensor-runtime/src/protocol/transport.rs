@@ -144,6 +144,16 @@ impl Stream {
         }
     }
 
+    #[cfg(feature = "cuda")]
+    /// Ends the read direction (every clone of the stream sees it): a thread waiting to
+    /// read wakes up and reads the end of the stream; writes still go through.
+    pub(crate) fn shutdown_read(&self) -> std::io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.shutdown(Shutdown::Read),
+            Stream::Tcp(s) => s.shutdown(Shutdown::Read),
+        }
+    }
+
     // The full client's (with the `cuda` feature); the control client needs none of it.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     /// Closes both directions (every clone of the stream sees it).
