@@ -1108,8 +1108,9 @@ async fn connection(
     if let Err(e) = reader.take_early(frames.read_buffer()) {
         return reader.refuse_frame(&e.to_string()); // dropping the reader cleans up
     }
-    drop(frames); // the reader thread reads from here on
-                  // Endpoint code and `spawn_wait` may use the runtime from the reader's thread too.
+    // The reader thread reads from here on. Endpoint code and `spawn_wait` may use the
+    // runtime from its thread too.
+    drop(frames);
     let runtime = tokio::runtime::Handle::current();
     let started = std::thread::Builder::new().name("shared-tensor-conn".into()).spawn(move || {
         let _runtime = runtime.enter();
