@@ -75,5 +75,11 @@ fn roles_ports_and_timeouts_come_from_the_environment() {
     assert_eq!(c.get_spin(), Duration::ZERO, "0 never spins");
     assert_eq!(bad(&[("SHARED_TENSOR_SPIN_US", "-1")]), ("SHARED_TENSOR_SPIN_US".into(), "-1".into()));
     let message = with_env(&[("SHARED_TENSOR_SPIN_US", "1ms")], Config::from_env).unwrap_err().to_string();
-    assert_eq!(message, "SHARED_TENSOR_SPIN_US=\"1ms\" is not valid: expected microseconds (0 never spins)");
+    assert_eq!(
+        message,
+        "SHARED_TENSOR_SPIN_US=\"1ms\" is not valid: expected microseconds from 0 (never spin) to 10000"
+    );
+    assert_eq!(bad(&[("SHARED_TENSOR_SPIN_US", "20000")]), ("SHARED_TENSOR_SPIN_US".into(), "20000".into()));
+    let c = with_env(&[("SHARED_TENSOR_SPIN_US", "10000")], Config::from_env).unwrap();
+    assert_eq!(c.get_spin(), Duration::from_millis(10), "the longest window is allowed");
 }

@@ -154,6 +154,40 @@ mod in_process {
         let _ = caller.join().unwrap();
     }
 
+    /// During a stop the client keeps sending: a request sent while a call still runs is
+    /// answered `ServerGone` (not a broken pipe, not a hang), the running call ends as a
+    /// stop ends it (`ServerGone`, its connection's clean-up having run), and the stop is
+    /// clean once the body returns.
+    #[test]
+    fn requests_sent_during_the_stop_are_refused_and_the_stop_is_clean() {
+        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        setup();
+        let server = one_endpoint(endpoints::sleepy::endpoint()).grace(Duration::from_secs(8)).start().unwrap();
+        let before = server.info().counters.requests;
+        let c = client(&server);
+        let running = {
+            let c = c.clone();
+            std::thread::spawn(move || c.call::<(), _>("sleepy", (1500u64,)))
+        };
+        until("the body to run", || server.info().counters.requests > before);
+        let stopper = {
+            let server = server.clone();
+            std::thread::spawn(move || server.shutdown())
+        };
+        until("the stop to begin", || server.is_stopping());
+        let started = Instant::now();
+        match c.ping() {
+            Err(Error::ServerGone { .. }) => {}
+            other => panic!("a request during the stop: {other:?}"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "the refusal took {:?}", started.elapsed());
+        match running.join().unwrap() {
+            Ok(()) | Err(Error::ServerGone { .. }) => {}
+            other => panic!("the running call: {other:?}"),
+        }
+        assert!(stopper.join().unwrap().is_clean());
+    }
+
     /// A server's stop touches only its own clients' work: another server of the same
     /// process keeps running its body, and the stop does not wait for it.
     #[test]

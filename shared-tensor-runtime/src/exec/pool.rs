@@ -6,8 +6,9 @@
 //! (32 callers) about 40% of the server's CPU time went to that lock.
 //!
 //! Here each thread has its own slot and wakes on its own condition variable. A job is
-//! handed to the thread that went idle last (its caches are warm) under a lock held only
-//! to pop it from the idle stack; nothing spins. Threads start when a job finds none
+//! handed to an idle thread that still spins for work (below), else to the thread that
+//! went idle last (its caches are warm), under a lock held only to pop it from the idle
+//! stack. Threads start when a job finds none
 //! idle, up to [`MAX_THREADS`] (beyond that jobs queue until one frees up), and end after
 //! [`KEEP_ALIVE`] without work. Each enters the tokio runtime's context, as tokio's
 //! blocking threads do, so endpoint code may use `tokio::runtime::Handle::current()`. A

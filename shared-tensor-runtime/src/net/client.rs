@@ -486,7 +486,9 @@ impl Connection {
             if slot.answered() || self.dead.load(Ordering::Acquire) || deadline.is_some_and(|d| Instant::now() >= d) {
                 return Ok(());
             }
-            rd.spin_until_readable(self.spin);
+            // Never past the call's deadline.
+            let spin = deadline.map_or(self.spin, |d| self.spin.min(d.saturating_duration_since(Instant::now())));
+            rd.spin_until_readable(spin);
             rd.fill()?;
         }
     }

@@ -34,13 +34,13 @@
 pub use crate::info::{CacheEntryInfo, ServerInfo};
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -92,9 +92,9 @@ pub(crate) struct ServerState {
     socket_file: Mutex<Option<SocketFile>>,
     device_index: u32,
     links: Mutex<HashMap<u64, Arc<Link>>>,
-    /// Each connection's socket as its reader thread reads it: a stop ends their read
-    /// direction, which wakes the readers at once.
-    readers: Mutex<HashMap<u64, Stream>>,
+    /// Readable once the server stops (a byte is written to `stop_pipe.1` and never
+    /// read): every connection's reader polls it beside its socket and wakes at once.
+    stop_pipe: (std::io::PipeReader, std::io::PipeWriter),
     /// Set once stopping: no call that arrives after it runs endpoint code, and the calls
     /// and tasks it runs see it (`task::stopped`, `task::is_cancelled`).
     stopping: Arc<StopSignal>,
@@ -109,7 +109,8 @@ pub(crate) struct ServerState {
 /// What a stop waits for.
 #[derive(Default)]
 struct Active {
-    /// Connection tasks that have not finished their clean-up.
+    /// Connections (their handshake task, then their reader thread) that have not
+    /// finished their clean-up.
     connections: usize,
     /// Calls (and task collections) between being read and being answered.
     calls: usize,
@@ -382,8 +383,9 @@ impl ServerBuilder {
         };
         let transport = self.transport.unwrap_or(config.transport);
         let listen = Listen { port, transport, shared_token: shared.as_deref(), spin: config.spin };
+        let handle = start(crate::exec::pool::TOKIO.handle(), core, registry, listen, device, self.grace)?;
         crate::exec::pool::set_spin(config.spin);
-        start(crate::exec::pool::TOKIO.handle(), core, registry, listen, device, self.grace)
+        Ok(handle)
     }
 }
 
@@ -500,10 +502,8 @@ impl ServerHandle {
             return self.join();
         }
         self.state.stop.send_replace(true);
-        // Readers waiting for a request wake up now (replies still go out).
-        for stream in self.state.readers.lock().values() {
-            let _ = stream.shutdown_read();
-        }
+        // Readers waiting for a request wake up now (their READ_SLICE is the safety net).
+        let _ = (&self.state.stop_pipe.1).write(&[1]);
         // No new client finds this server's socket from here on.
         drop(self.state.socket_file.lock().take());
         // `None`: a grace too long to add to the clock (`Duration::MAX`) waits without bound.
@@ -660,6 +660,7 @@ pub(crate) fn start(
         }
     };
     let (unix, socket_file) = socket.unzip();
+    let stop_pipe = std::io::pipe().map_err(|e| Error::io("creating the server's stop pipe", &e))?;
     let state = Arc::new(ServerState {
         core,
         spin: listen.spin,
@@ -671,7 +672,7 @@ pub(crate) fn start(
         socket_file: Mutex::new(socket_file),
         device_index,
         links: Mutex::new(HashMap::new()),
-        readers: Mutex::new(HashMap::new()),
+        stop_pipe,
         stopping: StopSignal::new(addr.to_string()),
         stop: watch::channel(false).0,
         active: Mutex::new(Active::default()),
@@ -1084,25 +1085,10 @@ async fn connection(
         }
     }));
     state.links.lock().insert(id, link.clone());
-    match reader.try_clone() {
-        Ok(waker) => {
-            state.readers.lock().insert(id, waker);
-        }
-        Err(e) => {
-            tracing::warn!(connection = id, error = %e, "cannot register a connection's reader; closing it");
-            state.links.lock().remove(&id);
-            link.close();
-            return writer.close();
-        }
-    }
-    // A stop that began before it was registered found nothing to wake: see it now.
-    if *stopped.borrow() {
-        let _ = reader.shutdown_read();
-    }
     let spin = state.spin;
     let conn = Conn { state, id, link, writer };
     let mut reader =
-        Reader { stream: reader, frames: FrameBuf::new(64 * 1024), stopped, conn, peer, spin, _busy: busy };
+        Reader { stream: reader, frames: FrameBuf::new(16 * 1024), stopped, conn, peer, spin, _busy: busy };
     // What the handshake's reads took beyond its own frames (nothing, from our clients,
     // which wait for Welcome) is the reader's first data.
     if let Err(e) = reader.take_early(frames.read_buffer()) {
@@ -1125,9 +1111,19 @@ async fn connection(
 }
 
 /// How long a reader's `poll` sleeps before it looks at the stop signal again (a stop
-/// also ends the read direction of every registered reader's socket, which wakes it at
-/// once: this is the safety net, and what an idle connection costs in wake-ups).
+/// also makes the server's stop pipe readable, which wakes every reader at once: this is
+/// the safety net, and what an idle connection costs in wake-ups).
 const READ_SLICE: Duration = Duration::from_secs(1);
+
+/// Connection readers spinning now, in the process: at most [`max_reader_spinners`].
+static READER_SPINNERS: AtomicUsize = AtomicUsize::new(0);
+
+/// How many connection readers may spin at once: a few busy clients get their requests
+/// read with no wake-up; more would only take cores from the calls.
+fn max_reader_spinners() -> usize {
+    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MAX.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get() / 4).clamp(1, 4))
+}
 
 /// The reading side of one connection, on a thread of its own. Dropping it (the
 /// connection closed, the server stops, the reader's thread could not start, or it
@@ -1164,8 +1160,8 @@ impl Reader {
             if *self.stopped.borrow() {
                 return;
             }
-            crate::protocol::spin::spin_until(self.spin, || self.stream.poll_readable());
-            match self.stream.wait_readable(READ_SLICE) {
+            self.spin_for_data();
+            match self.stream.wait_readable(self.conn.state.stop_pipe.0.as_fd(), READ_SLICE) {
                 Ok(true) => {}
                 Ok(false) => continue,
                 Err(e) => {
@@ -1187,6 +1183,18 @@ impl Reader {
                 }
             }
         }
+    }
+
+    /// Looks for the next request for the spin window, if fewer than
+    /// [`max_reader_spinners`] readers spin.
+    fn spin_for_data(&self) {
+        if self.spin.is_zero() {
+            return;
+        }
+        if READER_SPINNERS.fetch_add(1, Ordering::AcqRel) < max_reader_spinners() {
+            crate::protocol::spin::spin_until(self.spin, || self.stream.poll_readable());
+        }
+        READER_SPINNERS.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// Takes bytes already read from the socket as if the reader had read them.
@@ -1243,7 +1251,6 @@ impl Drop for Reader {
     fn drop(&mut self) {
         // Everything lent to this client goes back; its managed references are released.
         let conn = &self.conn;
-        conn.state.readers.lock().remove(&conn.id);
         conn.state.links.lock().remove(&conn.id);
         conn.link.close();
         conn.state.core.release_holder(Holder::Connection(conn.id));

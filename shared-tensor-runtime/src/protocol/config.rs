@@ -27,7 +27,7 @@
 //! | `SHARED_TENSOR_TOKEN` | a secret shared on purpose with other users (see [`auth`](crate::protocol::auth)) | unset: same user only |
 //! | `SHARED_TENSOR_TRANSPORT` | `auto` (the server's Unix socket when reachable, else TCP), `unix` or `tcp` (see [`transport`](crate::protocol::transport)) | `auto` |
 //! | `SHARED_TENSOR_RUNTIME_DIR` | where servers write their token files and Unix sockets | `$XDG_RUNTIME_DIR/shared-tensor` or `/tmp/shared-tensor-<uid>` |
-//! | `SHARED_TENSOR_SPIN_US` | how long a thread that waits for a reply or a call looks before it sleeps (see [`Config::spin`]); 0 never spins | 100 on hosts with 4 CPUs or more, else 0 |
+//! | `SHARED_TENSOR_SPIN_US` | how long a thread that waits for a reply, a request or a call looks before it sleeps (see [`Config::spin`]); 0 never spins, at most 10000 | 100 on hosts with 4 CPUs or more, else 0 |
 
 use std::time::Duration;
 
@@ -90,6 +90,16 @@ pub const DEFAULT_SPIN: Duration = Duration::from_micros(100);
 /// assert_eq!(shared_tensor_runtime::config::SPIN_MIN_CPUS, 4);
 /// ```
 pub const SPIN_MIN_CPUS: usize = 4;
+
+/// The longest spin window: waits longer than this are not worth a core; the call
+/// sleeps and is woken.
+///
+/// ```
+/// use shared_tensor_runtime::config::{Config, MAX_SPIN};
+/// assert_eq!(MAX_SPIN.as_micros(), 10_000);
+/// assert_eq!(Config::default().spin(MAX_SPIN * 2).get_spin(), MAX_SPIN);
+/// ```
+pub const MAX_SPIN: Duration = Duration::from_millis(10);
 
 /// The default spin window for this host.
 fn default_spin() -> Duration {
@@ -239,7 +249,11 @@ impl Config {
             config.transport =
                 value.parse().map_err(|expected: String| Error::config("SHARED_TENSOR_TRANSPORT", &value, expected))?;
         }
-        if let Some(us) = parse_env::<u64>("SHARED_TENSOR_SPIN_US", "microseconds (0 never spins)")? {
+        const SPIN_EXPECTED: &str = "microseconds from 0 (never spin) to 10000";
+        if let Some(us) = parse_env::<u64>("SHARED_TENSOR_SPIN_US", SPIN_EXPECTED)? {
+            if Duration::from_micros(us) > MAX_SPIN {
+                return Err(Error::config("SHARED_TENSOR_SPIN_US", us.to_string(), SPIN_EXPECTED));
+            }
             config.spin = Duration::from_micros(us);
         }
         Ok(config)
@@ -375,15 +389,19 @@ impl Config {
     }
 
     /// How long a thread that waits for something due within microseconds looks for it
-    /// before it sleeps: a caller waiting for its reply, and a server's idle call thread
-    /// waiting for the next call (the last server started in a process sets it for the
-    /// process's call threads). Sleeping costs a wake-up, several microseconds on a
-    /// virtual machine, on every call; spinning costs CPU time for at most this long
-    /// after each call, yielding the core to any thread that needs it.
+    /// before it sleeps: a caller waiting for its reply (never past the call's deadline),
+    /// a server's connection reader waiting for the next request, and its idle call
+    /// threads waiting for the next call (the last server started in a process sets it
+    /// for the process's call threads). Sleeping costs a wake-up, several microseconds on
+    /// a virtual machine, on every call; spinning costs CPU time for at most this long
+    /// after each call, yielding the core to any thread that needs it and stopping as
+    /// soon as one does. A few threads of a process spin at once at most (a quarter of
+    /// the CPUs, 1 to 4, of the server's readers and as many of its call threads).
     ///
     /// Default: `SHARED_TENSOR_SPIN_US`, else [`DEFAULT_SPIN`] (100 µs) on hosts with
     /// [`SPIN_MIN_CPUS`] CPUs or more and none on smaller ones. `Duration::ZERO` never
-    /// spins (hosts where every core is taken by other work).
+    /// spins (hosts where every core is taken by other work); windows longer than
+    /// [`MAX_SPIN`] are cut to it (the variable refuses them).
     ///
     /// ```
     /// use shared_tensor_runtime::config::Config;
@@ -392,7 +410,7 @@ impl Config {
     /// assert_eq!(config.get_spin(), Duration::ZERO);
     /// ```
     pub fn spin(mut self, window: Duration) -> Self {
-        self.spin = window;
+        self.spin = window.min(MAX_SPIN);
         self
     }
 

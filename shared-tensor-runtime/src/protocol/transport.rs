@@ -144,16 +144,6 @@ impl Stream {
         }
     }
 
-    #[cfg(feature = "cuda")]
-    /// Ends the read direction (every clone of the stream sees it): a thread waiting to
-    /// read wakes up and reads the end of the stream; writes still go through.
-    pub(crate) fn shutdown_read(&self) -> std::io::Result<()> {
-        match self {
-            Stream::Unix(s) => s.shutdown(Shutdown::Read),
-            Stream::Tcp(s) => s.shutdown(Shutdown::Read),
-        }
-    }
-
     // The full client's (with the `cuda` feature); the control client needs none of it.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     /// Closes both directions (every clone of the stream sees it).
@@ -178,15 +168,15 @@ impl Stream {
 
     #[cfg(feature = "cuda")]
     /// Waits up to `timeout` until a read would return at once (data, the end of the
-    /// stream, an error); for a nonblocking stream (a server connection's reader), whose
-    /// reads never wait.
-    pub(crate) fn wait_readable(&self, timeout: Duration) -> std::io::Result<bool> {
+    /// stream, an error; `Ok(true)`) or `stop` is readable (`Ok(false)`); for a
+    /// nonblocking stream (a server connection's reader), whose reads never wait.
+    pub(crate) fn wait_readable(&self, stop: std::os::fd::BorrowedFd<'_>, timeout: Duration) -> std::io::Result<bool> {
         use std::os::fd::AsFd;
         let fd = match self {
             Stream::Unix(s) => s.as_fd(),
             Stream::Tcp(s) => s.as_fd(),
         };
-        crate::device::ffi::wait_readable(fd, timeout)
+        crate::device::ffi::wait_readable(fd, stop, timeout)
     }
 
     // The full client's (with the `cuda` feature); the control client needs none of it.

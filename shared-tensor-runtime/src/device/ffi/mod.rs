@@ -16,16 +16,24 @@ pub(crate) fn effective_uid() -> u32 {
 }
 
 #[cfg(feature = "cuda")]
-/// Waits until `fd` has data to read (or its end, or an error) or `timeout` passes;
-/// `Ok(true)` when a read would return at once. For a nonblocking socket that a thread
-/// reads while tokio owns its registration (the server's connection readers).
-pub(crate) fn wait_readable(fd: std::os::fd::BorrowedFd<'_>, timeout: std::time::Duration) -> std::io::Result<bool> {
+/// Waits until `fd` has data to read (or its end, or an error), `stop` is readable, or
+/// `timeout` passes; `Ok(true)` when a read of `fd` would return at once. For a
+/// nonblocking socket that a thread reads while tokio owns its registration (the server's
+/// connection readers, whose server makes `stop` readable when it stops).
+pub(crate) fn wait_readable(
+    fd: std::os::fd::BorrowedFd<'_>,
+    stop: std::os::fd::BorrowedFd<'_>,
+    timeout: std::time::Duration,
+) -> std::io::Result<bool> {
     use std::os::fd::AsRawFd;
-    let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    let mut fds = [
+        libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        libc::pollfd { fd: stop.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+    ];
     let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
-    // SAFETY: `pfd` is one valid, initialised pollfd and the count says one; `fd` is a
-    // borrowed, open descriptor for the whole call. poll only writes `revents`.
-    match unsafe { libc::poll(&mut pfd, 1, ms) } {
+    // SAFETY: `fds` is an array of two valid, initialised pollfds and the count says two;
+    // both descriptors are borrowed, so open, for the whole call. poll only writes `revents`.
+    match unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) } {
         -1 => {
             let e = std::io::Error::last_os_error();
             if e.kind() == std::io::ErrorKind::Interrupted {
@@ -34,8 +42,7 @@ pub(crate) fn wait_readable(fd: std::os::fd::BorrowedFd<'_>, timeout: std::time:
                 Err(e)
             }
         }
-        0 => Ok(false),
-        _ => Ok(true),
+        _ => Ok(fds[0].revents != 0),
     }
 }
 
