@@ -18,8 +18,8 @@
 //! A thread that just finished a job first looks for the next one for the process's spin
 //! window (see [`protocol::spin`](crate::protocol::spin); [`set_spin`]) before it sleeps:
 //! a busy server's next call usually comes within it, and then reaches a thread without
-//! a wake-up. At most [`Pool::max_spinners`] threads spin at once, and a job goes to an
-//! idle thread that spins before one that sleeps.
+//! a wake-up. At most a quarter of the CPUs (1 to 4) spin at once ([`Spinners`]), and a
+//! job goes to an idle thread that spins before one that sleeps.
 //!
 //! Invariants: a worker's `has_job` flag equals "its slot holds a job" whenever its slot's
 //! lock is free (both change together under that lock), so a spinning worker that sees the
@@ -28,12 +28,14 @@
 //! so no job is put where nobody takes it.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use once_cell::sync::Lazy;
 use parking_lot::{Condvar, Mutex};
+
+use crate::protocol::spin::{self, Spinners};
 
 /// A unit of work.
 pub(crate) type Job = Box<dyn FnOnce() + Send>;
@@ -47,10 +49,8 @@ pub(crate) struct Pool {
     shared: Mutex<Shared>,
     /// How long an idle thread looks for its next job before it sleeps (nanoseconds).
     spin_nanos: AtomicU64,
-    /// Threads spinning now.
-    spinners: AtomicUsize,
-    /// Most threads spinning at once.
-    max_spinners: usize,
+    /// The threads spinning now, and how many may.
+    spinners: Spinners,
     /// A yield slower than this ends a spin (see `protocol::spin`).
     crowded: Duration,
 }
@@ -107,17 +107,14 @@ pub(crate) fn set_spin(window: Duration) {
 
 impl Pool {
     fn new() -> Arc<Pool> {
-        Pool::with_crowding(crate::protocol::spin::CROWDED)
+        Pool::with_crowding(spin::CROWDED)
     }
 
     fn with_crowding(crowded: Duration) -> Arc<Pool> {
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         Arc::new(Pool {
             shared: Mutex::new(Shared::default()),
             spin_nanos: AtomicU64::new(0),
-            spinners: AtomicUsize::new(0),
-            // One spinner serves a sequential caller; a few more, concurrent callers.
-            max_spinners: (cpus / 4).clamp(1, 4),
+            spinners: Spinners::per_host(),
             crowded,
         })
     }
@@ -209,21 +206,17 @@ impl Pool {
         }
     }
 
-    /// Looks for a job for the spin window, if fewer than `max_spinners` threads spin.
+    /// Looks for a job for the spin window, if a place to spin is free.
     fn spin_for_job(&self, me: &Worker) {
         let window = Duration::from_nanos(self.spin_nanos.load(Ordering::Relaxed));
         if window.is_zero() {
             return;
         }
-        if self.spinners.fetch_add(1, Ordering::AcqRel) >= self.max_spinners {
-            self.spinners.fetch_sub(1, Ordering::AcqRel);
-            return;
-        }
+        let Some(_place) = self.spinners.enter() else { return };
         me.spinning.store(true, Ordering::Release);
         let ready = || me.has_job.load(Ordering::Acquire);
-        crate::protocol::spin::spin_with(window, self.crowded, std::thread::yield_now, ready);
+        spin::spin_with(window, self.crowded, std::thread::yield_now, ready);
         me.spinning.store(false, Ordering::Release);
-        self.spinners.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -290,10 +283,9 @@ mod tests {
         until(&pool, "the threads never went idle", |p| p.shared.lock().idle.len() == 8);
         // Eight idle threads, and `max_spinners` of them spin (the others sleep).
         let spinning = |p: &Pool| p.shared.lock().idle.iter().filter(|w| w.spinning.load(Ordering::Acquire)).count();
-        until(&pool, "the spinners never started", |p| {
-            p.spinners.load(Ordering::Acquire) == p.max_spinners && spinning(p) == p.max_spinners
-        });
-        assert!(pool.max_spinners < 8, "a bound below the idle threads, or this test shows nothing");
+        let max = pool.spinners.max();
+        until(&pool, "the spinners never started", |p| p.spinners.now() == max && spinning(p) == max);
+        assert!(max < 8, "a bound below the idle threads, or this test shows nothing");
         // A job goes to a spinning thread, which takes it out of its slot.
         let (ran, on) = mpsc::channel();
         pool.spawn(Box::new(move || ran.send(()).unwrap()));
@@ -316,7 +308,7 @@ mod tests {
         pool.spawn(Box::new(move || done.send(()).unwrap()));
         finished.recv_timeout(Duration::from_secs(10)).unwrap();
         until(&pool, "the thread never went idle", |p| !p.shared.lock().idle.is_empty());
-        assert_eq!(pool.spinners.load(Ordering::Acquire), 0);
+        assert_eq!(pool.spinners.now(), 0);
     }
 
     #[test]

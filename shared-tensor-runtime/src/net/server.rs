@@ -40,7 +40,7 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -62,6 +62,7 @@ use crate::exec::value::{Outcome, Prepared};
 use crate::payload::{Decoder, PackedPayload, Received};
 use crate::protocol::auth::{self, Secret, Side};
 use crate::protocol::frame::{FrameBuf, FrameCodec};
+use crate::protocol::spin::Spinners;
 use crate::protocol::transport::{self, Stream, Transport};
 use crate::protocol::wire::{self, Challenge, ClientMessage, Request, Response, ServerMessage, Welcome};
 
@@ -1115,15 +1116,9 @@ async fn connection(
 /// the safety net, and what an idle connection costs in wake-ups).
 const READ_SLICE: Duration = Duration::from_secs(1);
 
-/// Connection readers spinning now, in the process: at most [`max_reader_spinners`].
-static READER_SPINNERS: AtomicUsize = AtomicUsize::new(0);
-
-/// How many connection readers may spin at once: a few busy clients get their requests
-/// read with no wake-up; more would only take cores from the calls.
-fn max_reader_spinners() -> usize {
-    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *MAX.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get() / 4).clamp(1, 4))
-}
+/// The process's connection readers that spin now: a few busy clients get their
+/// requests read with no wake-up; more spinners would only take cores from the calls.
+static READER_SPINNERS: Spinners = Spinners::per_host();
 
 /// The reading side of one connection, on a thread of its own. Dropping it (the
 /// connection closed, the server stops, the reader's thread could not start, or it
@@ -1185,16 +1180,14 @@ impl Reader {
         }
     }
 
-    /// Looks for the next request for the spin window, if fewer than
-    /// [`max_reader_spinners`] readers spin.
+    /// Looks for the next request for the spin window, if a place to spin is free.
     fn spin_for_data(&self) {
         if self.spin.is_zero() {
             return;
         }
-        if READER_SPINNERS.fetch_add(1, Ordering::AcqRel) < max_reader_spinners() {
+        if let Some(_place) = READER_SPINNERS.enter() {
             crate::protocol::spin::spin_until(self.spin, || self.stream.poll_readable());
         }
-        READER_SPINNERS.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// Takes bytes already read from the socket as if the reader had read them.
