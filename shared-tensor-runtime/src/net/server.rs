@@ -47,7 +47,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use tokio::io::AsyncRead;
-use tokio::net::{tcp, unix, TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{watch, Notify};
 use tokio_util::codec::FramedRead;
 
@@ -727,51 +727,34 @@ impl Drop for SocketFile {
     }
 }
 
-/// A connection's read side, whichever the transport.
+/// A connection's socket as tokio reads it, for the handshake only.
 type ReadHalf = Pin<Box<dyn AsyncRead + Send>>;
 
-/// A connection's write side.
-enum WriteHalf {
-    Tcp(tcp::OwnedWriteHalf),
-    Unix(unix::OwnedWriteHalf),
-}
-
-impl WriteHalf {
-    fn try_write(&self, buf: &[u8]) -> std::io::Result<usize> {
-        match self {
-            WriteHalf::Tcp(h) => h.try_write(buf),
-            WriteHalf::Unix(h) => h.try_write(buf),
-        }
-    }
-
-    async fn writable(&self) -> std::io::Result<()> {
-        match self {
-            WriteHalf::Tcp(h) => h.writable().await,
-            WriteHalf::Unix(h) => h.writable().await,
-        }
-    }
-}
-
-/// A connection's ends: tokio's read half (for the handshake), its write half, and the
-/// same socket for the connection's reader thread (a second descriptor, nonblocking like
-/// tokio's: the thread waits in `poll`).
+/// A connection's ends: the socket as tokio reads it (for the handshake; dropped after
+/// it, which takes the socket out of tokio's epoll), and two more descriptors of the same
+/// socket, nonblocking like tokio's: one for the connection's reader thread (which waits
+/// in `poll`) and one for its [`Writer`]. Once the handshake is over no descriptor of the
+/// connection is in tokio's epoll, so a request arriving or a reply being read wakes no
+/// tokio thread (on a Unix socket, each did, twice a call).
 struct Halves {
     rd: ReadHalf,
-    wr: WriteHalf,
+    wr: Stream,
     reader: Stream,
 }
 
 fn tcp_halves(stream: TcpStream) -> std::io::Result<Halves> {
     let _ = stream.set_nodelay(true);
-    let reader = Stream::Tcp(std::net::TcpStream::from(stream.as_fd().try_clone_to_owned()?));
-    let (rd, wr) = stream.into_split();
-    Ok(Halves { rd: Box::pin(rd), wr: WriteHalf::Tcp(wr), reader })
+    let dup = || std::io::Result::Ok(Stream::Tcp(std::net::TcpStream::from(stream.as_fd().try_clone_to_owned()?)));
+    let (reader, wr) = (dup()?, dup()?);
+    Ok(Halves { rd: Box::pin(stream), wr, reader })
 }
 
 fn unix_halves(stream: UnixStream) -> std::io::Result<Halves> {
-    let reader = Stream::Unix(std::os::unix::net::UnixStream::from(stream.as_fd().try_clone_to_owned()?));
-    let (rd, wr) = stream.into_split();
-    Ok(Halves { rd: Box::pin(rd), wr: WriteHalf::Unix(wr), reader })
+    let dup = || {
+        std::io::Result::Ok(Stream::Unix(std::os::unix::net::UnixStream::from(stream.as_fd().try_clone_to_owned()?)))
+    };
+    let (reader, wr) = (dup()?, dup()?);
+    Ok(Halves { rd: Box::pin(stream), wr, reader })
 }
 
 /// The next connection on the Unix socket; never, when there is none.
@@ -841,8 +824,13 @@ fn frame_into(msg: &ServerMessage, out: &mut Vec<u8>) {
 /// flusher task, which writes it once the socket is writable again (later frames queue
 /// behind it). Releases of the client's leases ride along after the next frame, or are
 /// sent by the flusher when no frame comes.
+///
+/// The socket is in tokio's epoll only while the flusher waits for room (see
+/// [`flush_loop`]): registered for writability, a Unix socket would wake a tokio thread
+/// every time the client reads a reply. The last `Writer` to go ends the sending side of
+/// the socket, so the client reads the end of the stream after the last reply.
 struct Writer {
-    half: WriteHalf,
+    stream: Stream,
     state: Mutex<WriteState>,
     wake: Notify,
 }
@@ -862,8 +850,8 @@ struct WriteState {
 }
 
 impl Writer {
-    fn new(half: WriteHalf) -> Arc<Writer> {
-        let writer = Arc::new(Writer { half, state: Mutex::new(WriteState::default()), wake: Notify::new() });
+    fn new(stream: Stream) -> Arc<Writer> {
+        let writer = Arc::new(Writer { stream, state: Mutex::new(WriteState::default()), wake: Notify::new() });
         tokio::spawn(flush_loop(writer.clone()));
         writer
     }
@@ -896,7 +884,7 @@ impl Writer {
         }
         let mut written = 0;
         while written < st.outbox.len() {
-            match self.half.try_write(&st.outbox[written..]) {
+            match self.stream.try_send(&st.outbox[written..]) {
                 Ok(n) => written += n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     st.outbox.drain(..written);
@@ -958,22 +946,73 @@ async fn flush_loop(w: Arc<Writer>) {
                 st.flushing = true;
                 std::mem::take(&mut st.outbox)
             };
-            let mut written = 0;
-            while written < buf.len() {
-                let result = match w.half.writable().await {
-                    Ok(()) => w.half.try_write(&buf[written..]),
-                    Err(e) => Err(e),
-                };
-                match result {
-                    Ok(n) => written += n,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(_) => {
-                        w.state.lock().broken = true;
-                        return;
-                    }
-                }
+            if write_out(&w.stream, &buf).await.is_err() {
+                w.state.lock().broken = true;
+                return;
             }
         }
+    }
+}
+
+/// Writes all of `buf`, waiting for room in the socket when it has none. Only then is the
+/// socket registered with tokio (a descriptor of its own, dropped once `buf` is written).
+async fn write_out(stream: &Stream, buf: &[u8]) -> std::io::Result<()> {
+    let mut written = 0;
+    let mut room: Option<Registered> = None;
+    while written < buf.len() {
+        let sent = match &room {
+            None => stream.try_send(&buf[written..]),
+            Some(room) => room.send(stream, &buf[written..]).await,
+        };
+        match sent {
+            Ok(n) => written += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && room.is_none() => {
+                room = Some(Registered::new(stream)?);
+            }
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// A connection's socket in tokio's epoll, to wait for room to write.
+enum Registered {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Registered {
+    fn new(stream: &Stream) -> std::io::Result<Registered> {
+        Ok(match stream.try_clone()? {
+            Stream::Tcp(s) => Registered::Tcp(TcpStream::from_std(s)?),
+            Stream::Unix(s) => Registered::Unix(UnixStream::from_std(s)?),
+        })
+    }
+
+    /// Waits until the socket may have room, then writes through `stream` (the same
+    /// socket); a write that finds no room clears tokio's readiness, so the next wait
+    /// waits for the socket's next edge.
+    async fn send(&self, stream: &Stream, buf: &[u8]) -> std::io::Result<usize> {
+        let send = || stream.try_send(buf);
+        match self {
+            Registered::Tcp(s) => {
+                s.writable().await?;
+                s.try_io(tokio::io::Interest::WRITABLE, send)
+            }
+            Registered::Unix(s) => {
+                s.writable().await?;
+                s.try_io(tokio::io::Interest::WRITABLE, send)
+            }
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        // Nothing more will be written: the client reads the end of the stream (the
+        // reader's descriptor may still be open, so closing ours would not tell it).
+        let _ = self.stream.shutdown_write();
     }
 }
 
@@ -1585,5 +1624,55 @@ mod tests {
             seen.push((before, after));
         }
         panic!("64 MiB touched, never seen as 48-80 MiB more resident: {seen:?}");
+    }
+
+    /// A nonblocking socket pair: the server's end as the writer holds it, and the client's.
+    fn pair() -> (super::Stream, std::os::unix::net::UnixStream) {
+        let (server, client) = std::os::unix::net::UnixStream::pair().unwrap();
+        server.set_nonblocking(true).unwrap();
+        (super::Stream::Unix(server), client)
+    }
+
+    #[test]
+    fn a_reply_larger_than_the_socket_takes_waits_for_room_and_arrives_whole() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_io().build().unwrap();
+        let (stream, mut client) = pair();
+        // Far more than a socket buffer (about 200 KiB), with no pattern repeating at its size.
+        let sent: Vec<u8> = (0..8u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+        runtime.block_on(async {
+            let mut write = std::pin::pin!(super::write_out(&stream, &sent));
+            // Nobody reads yet: the first poll fills the socket and waits for room.
+            assert!(futures::poll!(write.as_mut()).is_pending(), "8 MiB cannot fit an unread socket");
+            let reader = std::thread::spawn(move || {
+                let mut got = vec![0u8; 8 << 20];
+                std::io::Read::read_exact(&mut client, &mut got).unwrap();
+                got
+            });
+            write.await.unwrap();
+            assert!(reader.join().unwrap() == sent, "the bytes arrived in order, none lost or repeated");
+        });
+    }
+
+    #[test]
+    fn the_last_writer_to_go_ends_the_stream_though_another_descriptor_stays_open() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let (stream, mut client) = pair();
+        let reader_end = stream.try_clone().unwrap(); // as the connection's reader thread holds it
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            std::io::Read::read_to_end(&mut client, &mut got).map(|_| got)
+        });
+        let got = runtime.block_on(async {
+            let writer = super::Writer::new(stream);
+            writer.send(&super::ServerMessage::Release(vec![7]));
+            writer.close(); // its flusher task lets go of it once the outbox is empty
+            drop(writer);
+            let ended = tokio::task::spawn_blocking(move || reader.join().unwrap());
+            tokio::time::timeout(std::time::Duration::from_secs(20), ended).await
+        });
+        let got = got.expect("the client read the end of the stream").unwrap().unwrap();
+        let frame = crate::protocol::wire::decode::<super::ServerMessage>(&got[4..]);
+        assert!(matches!(frame, Ok(super::ServerMessage::Release(ref l)) if l == &[7]), "{frame:?}");
+        drop(reader_end);
     }
 }

@@ -171,6 +171,24 @@ impl Stream {
         crate::device::ffi::wait_readable(self.as_fd(), stop, timeout)
     }
 
+    #[cfg(feature = "cuda")]
+    /// Writes what the socket takes now, never waiting (`WouldBlock` when it takes
+    /// nothing) and never raising SIGPIPE in a process that did not ignore it (a server
+    /// embedded in a host program): a peer gone is an `Err`, as on any socket.
+    pub(crate) fn try_send(&self, buf: &[u8]) -> std::io::Result<usize> {
+        socket2::SockRef::from(self).send_with_flags(buf, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+    }
+
+    #[cfg(feature = "cuda")]
+    /// Ends this side's sending (every descriptor of the socket sees it): the peer reads
+    /// the end of the stream once it has read what was sent.
+    pub(crate) fn shutdown_write(&self) -> std::io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.shutdown(Shutdown::Write),
+            Stream::Tcp(s) => s.shutdown(Shutdown::Write),
+        }
+    }
+
     // The full client's (with the `cuda` feature); the control client needs none of it.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     /// Whether a read would return at once (data, the end of the stream, or an error),
