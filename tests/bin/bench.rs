@@ -13,6 +13,10 @@
 //! [rounds]` does the same with spinning off and on (`SHARED_TENSOR_SPIN_US`), and the
 //! throughput load against each.
 //!
+//! `bench tensors [calls]` runs only the rows whose cost grows with the tensors of a call:
+//! identity with 1, 16 and 256 tensors, and the cached fetches of the N=32 decoder's state
+//! dict (290 tensors) as a `HashMap` and as a `VarStore`; each row's p50 and p99.
+//!
 //! `bench models [--quick]` runs only the LLM-shaped rows (an embedding model, decoders,
 //! state dicts; they also end a full run) and writes `$OUT/bench-models.json`.
 //!
@@ -799,6 +803,38 @@ fn transports(args: &[String]) -> shared_tensor::Result<()> {
     Ok(())
 }
 
+/// `bench tensors [calls]`: the rows whose cost grows with the tensors of a call (see the
+/// module's documentation), `calls` timed per row after a warm-up.
+fn tensors(args: &[String]) -> shared_tensor::Result<()> {
+    let calls: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(500);
+    let device = shared_tensor::cuda::device()?;
+    let port = free_port();
+    let server = start_server(port, &[]);
+    shared_tensor::configure(Config::default().role(Role::Client).base_port(port))?;
+    println!("\nshared-tensor tensors per call, {calls} calls per row");
+    println!("| figure | p50 µs | p99 µs |\n| --- | ---: | ---: |");
+    let row = |name: &str, times: &[f64]| {
+        println!("| {name} | {:.1} | {:.1} |", percentile(times, 0.5), percentile(times, 0.99));
+    };
+    for count in [1usize, 16, 256] {
+        let xs: Vec<Tensor> = (0..count).map(|_| Tensor::ones([4], (Kind::Float, device))).collect();
+        let times = measure(calls, 50, || {
+            let ys = endpoints::identity_many(xs.iter().map(Tensor::shallow_clone).collect()).unwrap();
+            sync();
+            drop(ys);
+        });
+        row(&format!("identity, {count} tensors in one call"), &times);
+    }
+    // Built (seconds) and cached by the first call; the model stays cached meanwhile.
+    let _model = endpoints::decoder(32)?;
+    let times = measure(calls, 5, || drop(endpoints::decoder_state_dict(32).unwrap()));
+    row("state dict HashMap 290 tensors: cached fetch", &times);
+    let times = measure(calls, 5, || drop(endpoints::decoder_var_store(32).unwrap()));
+    row("state dict VarStore 290 tensors: cached fetch", &times);
+    drop(server);
+    Ok(())
+}
+
 /// `bench spin [calls]`: the same calls with spinning off and on ([`Config::spin`]), one
 /// of each in turn: two servers of this host, one started with `SHARED_TENSOR_SPIN_US=0`
 /// and one with the host's default, each called by a client of the same setting. Then
@@ -921,6 +957,9 @@ fn main() -> shared_tensor::Result<()> {
     }
     if args.first().map(String::as_str) == Some("spin") {
         return spin(&args[1..]);
+    }
+    if args.first().map(String::as_str) == Some("tensors") {
+        return tensors(&args[1..]);
     }
     let quick = args.iter().any(|a| a == "--quick");
     let n = if quick { 200 } else { 1000 };
