@@ -683,12 +683,19 @@ const char* st_regions_import(const st_import_spec* regions, uint64_t n_regions,
   }
 }
 
-namespace {
-
-// The body of st_tensor_from_storage, for one view: null on success (then `*out` is a fresh
-// `new at::Tensor`), else a malloc'ed message. May throw (the callers catch).
-char* build_view(const st_storage* s, int32_t scalar_type, const int64_t* sizes, const int64_t* strides,
-                 int32_t ndim, int64_t storage_offset, int32_t requires_grad, st_tensor** out) {
+// A new tensor over a storage, built directly the way ATen's own from_blob (TensorMaker)
+// builds one: a TensorImpl over the storage, then its sizes, strides and offset. This
+// replaces `at::empty({0}) + set_()`, two trips through the dispatcher (~2 us a tensor).
+//
+// It checks everything `set_` checked, and more: the dtype is a real, non-quantized one,
+// the storage is on CPU or CUDA, no size, stride or offset is negative, and a non-empty
+// view lies inside the storage (computed without overflow). Unlike `set_`, a view too
+// large for a resizable (CPU) storage is refused rather than growing the storage; an
+// imported CUDA storage is never resizable, so `set_` refused it too.
+const char* st_tensor_from_storage(const st_storage* s, int32_t scalar_type, const int64_t* sizes,
+                                   const int64_t* strides, int32_t ndim, int64_t storage_offset,
+                                   int32_t requires_grad, st_tensor** out) {
+  ST_TRY
   if (s == nullptr) {
     return dup_error("no storage to build a tensor over");
   }
@@ -739,60 +746,7 @@ char* build_view(const st_storage* s, int32_t scalar_type, const int64_t* sizes,
     t.set_requires_grad(true);
   }
   *out = new at::Tensor(std::move(t));
-  return nullptr;
-}
-
-}  // namespace
-
-// A new tensor over a storage, built directly the way ATen's own from_blob (TensorMaker)
-// builds one: a TensorImpl over the storage, then its sizes, strides and offset. This
-// replaces `at::empty({0}) + set_()`, two trips through the dispatcher (~2 us a tensor).
-//
-// It checks everything `set_` checked, and more: the dtype is a real, non-quantized one,
-// the storage is on CPU or CUDA, no size, stride or offset is negative, and a non-empty
-// view lies inside the storage (computed without overflow). Unlike `set_`, a view too
-// large for a resizable (CPU) storage is refused rather than growing the storage; an
-// imported CUDA storage is never resizable, so `set_` refused it too.
-const char* st_tensor_from_storage(const st_storage* s, int32_t scalar_type, const int64_t* sizes,
-                                   const int64_t* strides, int32_t ndim, int64_t storage_offset,
-                                   int32_t requires_grad, st_tensor** out) {
-  ST_TRY
-  return build_view(s, scalar_type, sizes, strides, ndim, storage_offset, requires_grad, out);
   ST_CATCH
-}
-
-// The tensors of a whole message in one call: `out[k]` is built from `views[k]` as
-// st_tensor_from_storage builds one. On the first view that fails, `*failed` is its index,
-// the tensors built before it are freed, and every `out[k]` is null.
-const char* st_tensors_from_storages(const st_view_spec* views, uint64_t n, st_tensor** out, uint64_t* failed) {
-  *failed = UINT64_MAX;
-  uint64_t k = 0;
-  const auto unwind = [&](char* err) {
-    *failed = k;
-    for (uint64_t i = 0; i < k; ++i) {
-      delete out[i];
-      out[i] = nullptr;
-    }
-    out[k] = nullptr;
-    return err;
-  };
-  try {
-    for (; k < n; ++k) {
-      const st_view_spec& v = views[k];
-      out[k] = nullptr;
-      if (char* err = build_view(v.storage, v.scalar_type, v.sizes, v.strides, v.ndim, v.storage_offset,
-                                 v.requires_grad, &out[k])) {
-        return unwind(err);
-      }
-    }
-    return nullptr;
-  } catch (const c10::Error& e) {
-    return unwind(dup_error(e.what_without_backtrace()));
-  } catch (const std::exception& e) {
-    return unwind(dup_error(e.what()));
-  } catch (...) {
-    return unwind(dup_error("unknown C++ exception in st_ipc"));
-  }
 }
 
 // Drops the cache's references to a producer's mappings (its connection closed); each

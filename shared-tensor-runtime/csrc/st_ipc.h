@@ -73,18 +73,6 @@ struct st_part_spec {
   uint64_t index;
 };
 
-// One tensor to build over a storage (st_tensors_from_storages): `ndim` sizes and strides.
-struct st_view_spec {
-  const st_storage* storage;
-  const int64_t* sizes;
-  const int64_t* strides;
-  int64_t storage_offset;
-  int32_t scalar_type;
-  int32_t ndim;
-  int32_t requires_grad;
-  int32_t reserved;  // 0
-};
-
 // Called when the last reference to an imported storage goes, with the stream the
 // dropping thread had current on the storage's device (as an integer): the lender may
 // reuse the memory only once that stream's queued work is done, which the receiver of
@@ -108,9 +96,6 @@ ST_ASSERT(sizeof(struct st_import_spec) == 56, "st_import_spec layout");
 ST_ASSERT(offsetof(struct st_import_spec, device) == 32, "st_import_spec.device");
 ST_ASSERT(offsetof(struct st_import_spec, producer) == 40, "st_import_spec.producer");
 ST_ASSERT(sizeof(struct st_part_spec) == 32, "st_part_spec layout");
-ST_ASSERT(sizeof(struct st_view_spec) == 48, "st_view_spec layout");
-ST_ASSERT(offsetof(struct st_view_spec, storage_offset) == 24, "st_view_spec.storage_offset");
-ST_ASSERT(offsetof(struct st_view_spec, requires_grad) == 40, "st_view_spec.requires_grad");
 #undef ST_ASSERT
 
 void st_free_error(char* err);
@@ -134,8 +119,6 @@ uint64_t st_ipc_mappings_opened(void);
 const char* st_tensor_from_storage(const st_storage* s, int32_t scalar_type, const int64_t* sizes,
                                    const int64_t* strides, int32_t ndim, int64_t storage_offset,
                                    int32_t requires_grad, st_tensor** out);
-const char* st_tensors_from_storages(const struct st_view_spec* views, uint64_t n, st_tensor** out,
-                                     uint64_t* failed);
 const char* st_stream_idle(int32_t device, int32_t* idle);
 const char* st_event_record(int32_t device, uint8_t out[64]);
 const char* st_event_wait(int32_t device, const uint8_t handle[64]);

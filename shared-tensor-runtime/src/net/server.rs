@@ -41,7 +41,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -827,12 +827,17 @@ fn frame_into(msg: &ServerMessage, out: &mut Vec<u8>) {
 ///
 /// The socket is in tokio's epoll only while the flusher waits for room (see
 /// [`flush_loop`]): registered for writability, a Unix socket would wake a tokio thread
-/// every time the client reads a reply. The last `Writer` to go ends the sending side of
-/// the socket, so the client reads the end of the stream after the last reply.
+/// every time the client reads a reply. The flusher is not an owner of the writer: it
+/// serves every frame until the last owner lets go (a call still running when the
+/// connection closes included), and while it has bytes to write the writer holds itself
+/// (`WriteState::hold`), so they are never cut off. The last `Writer` to go ends the
+/// sending side of the socket: the client reads the end of the stream after the last reply.
 struct Writer {
     stream: Stream,
     state: Mutex<WriteState>,
-    wake: Notify,
+    wake: Arc<Notify>,
+    /// This writer, for `hold`.
+    me: Weak<Writer>,
 }
 
 #[derive(Default)]
@@ -843,16 +848,23 @@ struct WriteState {
     releases: Vec<u64>,
     /// The flusher owns the outbox until it is empty: nobody else writes.
     flushing: bool,
-    /// The connection is closing: the flusher writes what is left and stops.
-    closing: bool,
+    /// While `flushing`: the writer itself, so that it outlives its owners until the
+    /// flusher has written the outbox (a reference cycle the flusher breaks then).
+    hold: Option<Arc<Writer>>,
     /// The socket failed: nothing more is written.
     broken: bool,
 }
 
 impl Writer {
     fn new(stream: Stream) -> Arc<Writer> {
-        let writer = Arc::new(Writer { stream, state: Mutex::new(WriteState::default()), wake: Notify::new() });
-        tokio::spawn(flush_loop(writer.clone()));
+        let wake = Arc::new(Notify::new());
+        let writer = Arc::new_cyclic(|me| Writer {
+            stream,
+            state: Mutex::new(WriteState::default()),
+            wake: wake.clone(),
+            me: me.clone(),
+        });
+        tokio::spawn(flush_loop(Arc::downgrade(&writer), wake));
         writer
     }
 
@@ -889,6 +901,7 @@ impl Writer {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     st.outbox.drain(..written);
                     st.flushing = true;
+                    st.hold = self.me.upgrade();
                     drop(st);
                     self.wake.notify_one();
                     return;
@@ -915,17 +928,22 @@ impl Writer {
         }
     }
 
-    /// No more frames will be read on this connection: write what is left, then stop.
+    /// No more frames will be read on this connection: what is left goes out now (the
+    /// socket closes once the last holder of the writer lets go of it).
     fn close(&self) {
-        self.state.lock().closing = true;
         self.wake.notify_one();
     }
 }
 
-/// Writes what the socket could not take at once, and releases no frame carried.
-async fn flush_loop(w: Arc<Writer>) {
+/// Writes what the socket could not take at once, and releases no frame carried. Holds the
+/// writer only while it writes; ends once the writer is gone or its socket failed. On a
+/// failure (the client gone, or no descriptor or epoll room to wait for the socket with)
+/// the socket is shut down both ways: the reader thread sees the end and cleans up, the
+/// client sees the connection close, and no reply is silently dropped meanwhile.
+async fn flush_loop(writer: Weak<Writer>, wake: Arc<Notify>) {
     loop {
-        w.wake.notified().await;
+        wake.notified().await;
+        let Some(w) = writer.upgrade() else { return };
         loop {
             let buf = {
                 let mut st = w.state.lock();
@@ -938,16 +956,27 @@ async fn flush_loop(w: Arc<Writer>) {
                 }
                 if st.outbox.is_empty() {
                     st.flushing = false;
-                    if st.closing {
-                        return;
-                    }
+                    let hold = st.hold.take();
+                    drop(st);
+                    drop(hold); // may be the last owner: the writer goes (after `w`)
                     break;
                 }
                 st.flushing = true;
+                if st.hold.is_none() {
+                    st.hold = writer.upgrade();
+                }
                 std::mem::take(&mut st.outbox)
             };
-            if write_out(&w.stream, &buf).await.is_err() {
-                w.state.lock().broken = true;
+            if let Err(e) = write_out(&w.stream, &buf).await {
+                tracing::debug!(error = %e, "a connection's socket failed; closing it");
+                let hold = {
+                    let mut st = w.state.lock();
+                    st.broken = true;
+                    st.outbox.clear();
+                    st.hold.take()
+                };
+                let _ = w.stream.shutdown();
+                drop(hold);
                 return;
             }
         }
@@ -1013,6 +1042,7 @@ impl Drop for Writer {
         // Nothing more will be written: the client reads the end of the stream (the
         // reader's descriptor may still be open, so closing ours would not tell it).
         let _ = self.stream.shutdown_write();
+        self.wake.notify_one(); // the flusher ends
     }
 }
 
@@ -1673,6 +1703,31 @@ mod tests {
         let got = got.expect("the client read the end of the stream").unwrap().unwrap();
         let frame = crate::protocol::wire::decode::<super::ServerMessage>(&got[4..]);
         assert!(matches!(frame, Ok(super::ServerMessage::Release(ref l)) if l == &[7]), "{frame:?}");
+        drop(reader_end);
+    }
+
+    #[test]
+    fn a_reply_that_must_wait_for_room_arrives_whole_though_its_writer_is_let_go_at_once() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let (stream, mut client) = pair();
+        let reader_end = stream.try_clone().unwrap();
+        let leases: Vec<u64> = (0..1_000_000).collect(); // about 5 MB framed: more than the socket takes
+        let got = runtime.block_on(async {
+            let writer = super::Writer::new(stream);
+            writer.close(); // the connection closed while a call still ran
+            writer.send(&super::ServerMessage::Release(leases.clone())); // its reply: partly written
+            drop(writer); // the call's thread lets go; nobody else holds the writer
+            let read = tokio::task::spawn_blocking(move || {
+                let mut got = Vec::new();
+                std::io::Read::read_to_end(&mut client, &mut got).map(|_| got)
+            });
+            tokio::time::timeout(std::time::Duration::from_secs(20), read).await
+        });
+        let got = got.expect("the client read the end of the stream").unwrap().unwrap();
+        let len = u32::from_be_bytes(got[..4].try_into().unwrap()) as usize;
+        assert_eq!(got.len(), 4 + len, "one whole frame, then the end of the stream");
+        let frame = crate::protocol::wire::decode::<super::ServerMessage>(&got[4..]);
+        assert!(matches!(frame, Ok(super::ServerMessage::Release(ref l)) if *l == leases), "the frame arrived intact");
         drop(reader_end);
     }
 }

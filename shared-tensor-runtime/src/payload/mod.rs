@@ -1096,16 +1096,12 @@ pub struct Decoder {
     received: Received,
     waited: bool,
     opened_remote: bool,
-    /// The message's tensors, all built in one FFI call at the first [`Decoder::tensor`]
-    /// and taken from here; empty when that call failed (each is then built on its own,
-    /// which names the tensor that does not fit).
-    built: Vec<Option<Tensor>>,
     path: Path,
 }
 
 impl Decoder {
     pub(crate) fn new(received: Received, root: &str) -> Decoder {
-        Decoder { received, waited: false, opened_remote: false, built: Vec::new(), path: Path::rooted(root) }
+        Decoder { received, waited: false, opened_remote: false, path: Path::rooted(root) }
     }
 
     /// Takes the root node out (leaving `()`).
@@ -1201,14 +1197,8 @@ impl Decoder {
         let Some(storage) = self.received.tensors.get(index as usize).map(|t| t.storage) else {
             return Err(Error::Protocol(format!("{}: tensor #{index} is not in the message", self.path)));
         };
-        if !self.opened_remote {
-            self.wait_ready()?;
-            self.open_remote()?; // once it succeeded, `opened_remote`
-            self.build_all();
-        }
-        if let Some(t) = self.built.get_mut(index as usize).and_then(Option::take) {
-            return Ok(t);
-        }
+        self.wait_ready()?;
+        self.open_remote()?;
         self.open(storage)?;
         let Slot::Open(opened) = &self.received.slots[storage as usize] else { unreachable!("just opened") };
         ipc::view_tensor(opened, &self.received.tensors[index as usize].view).map_err(|e| match e {
@@ -1219,51 +1209,16 @@ impl Decoder {
         })
     }
 
-    /// Builds every tensor of the message whose storage is here, in one FFI call (a
-    /// 256-tensor call crossed it 256 times). Tensors over a storage we no longer hold are
-    /// left to [`Decoder::tensor`], which names them; so is every tensor if one does not
-    /// fit its storage.
-    fn build_all(&mut self) {
-        let received = &mut self.received;
-        for slot in &mut received.slots {
-            if matches!(slot, Slot::Local(_)) {
-                let Slot::Local(storage) = std::mem::replace(slot, Slot::Missing(0)) else { unreachable!() };
-                *slot = Slot::Open(storage);
-            }
-        }
-        let mut views = Vec::with_capacity(received.tensors.len());
-        let mut which = Vec::with_capacity(received.tensors.len());
-        for (k, t) in received.tensors.iter().enumerate() {
-            if let Some(Slot::Open(storage)) = received.slots.get(t.storage as usize) {
-                views.push(ffi::View {
-                    storage,
-                    scalar_type: t.view.dtype.scalar_type(),
-                    sizes: &t.view.sizes,
-                    strides: &t.view.strides,
-                    storage_offset: t.view.storage_offset,
-                    requires_grad: t.view.requires_grad,
-                });
-                which.push(k);
-            }
-        }
-        if views.is_empty() {
-            return;
-        }
-        let Ok(tensors) = ffi::tensors_from_storages(&views) else { return };
-        self.built = std::iter::repeat_with(|| None).take(received.tensors.len()).collect();
-        for (k, t) in which.into_iter().zip(tensors) {
-            self.built[k] = Some(t);
-        }
-    }
-
     fn wait_ready(&mut self) -> Result<()> {
         if self.waited {
             return Ok(());
         }
-        self.waited = true;
+        // Marked only once every wait is queued: after a failed wait, the next tensor
+        // waits again rather than being built before the sender's work is done.
         for (gpu, event) in &self.received.ready {
             event.wait(gpu.local_index()?)?;
         }
+        self.waited = true;
         Ok(())
     }
 
@@ -1977,7 +1932,7 @@ mod tests {
     }
 
     #[test]
-    fn every_tensor_of_a_message_is_built_over_its_own_storage_and_handed_out_once() {
+    fn every_tensor_of_a_message_is_built_over_its_own_storage() {
         let link = Link::new(Box::new(|_, _| {}));
         let mut keep = Vec::new();
         let mut dec = Decoder::new(homecoming(&link, 5, &mut keep, |_| {}), "args");
@@ -1989,13 +1944,13 @@ mod tests {
             assert_eq!((t.size(), t.requires_grad()), (vec![4], i % 2 == 0), "tensor {i}");
             assert_eq!(t.double_value(&[3]), i as f64);
         }
-        // A node naming a tensor already handed out (a hostile frame) gets a new one.
+        // A node naming a tensor again (a hostile frame) gets another view of the storage.
         let again = dec.tensor(Node::Tensor(2)).unwrap();
         assert_eq!(again.data_ptr(), keep[2].data_ptr());
     }
 
     #[test]
-    fn a_tensor_over_a_lease_no_longer_held_is_named_while_the_others_are_built() {
+    fn a_tensor_over_a_lease_no_longer_held_is_named_and_the_others_still_decode() {
         let link = Link::new(Box::new(|_, _| {}));
         let mut keep = Vec::new();
         let received = homecoming(&link, 4, &mut keep, |msg| {

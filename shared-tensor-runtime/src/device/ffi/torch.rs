@@ -92,30 +92,6 @@ pub(crate) struct Part {
     pub index: u64,
 }
 
-/// `st_view_spec`: one tensor to build over a storage (see [`tensors_from_storages`]).
-#[repr(C)]
-struct ViewSpec {
-    storage: *const RawStorage,
-    sizes: *const i64,
-    strides: *const i64,
-    storage_offset: i64,
-    scalar_type: i32,
-    ndim: i32,
-    requires_grad: i32,
-    reserved: i32,
-}
-
-/// One tensor to build over a storage: c10's scalar type, sizes and strides (as many of
-/// each), offset in elements.
-pub(crate) struct View<'a> {
-    pub storage: &'a OwnedStorage,
-    pub scalar_type: i32,
-    pub sizes: &'a [i64],
-    pub strides: &'a [i64],
-    pub storage_offset: i64,
-    pub requires_grad: bool,
-}
-
 /// One region of another process's block to import (see [`import_regions`]).
 pub(crate) struct Import<'a> {
     pub handle: &'a [u8],
@@ -150,9 +126,6 @@ const _: () = {
     assert!(offset_of!(ImportSpec, device) == 32);
     assert!(offset_of!(ImportSpec, producer) == 40);
     assert!(size_of::<Part>() == 32);
-    assert!(size_of::<ViewSpec>() == 48);
-    assert!(offset_of!(ViewSpec, storage_offset) == 24);
-    assert!(offset_of!(ViewSpec, requires_grad) == 40);
 };
 
 /// Opaque `st_storage`: a `c10::StorageImpl`, through a pointer that owns one reference.
@@ -206,12 +179,6 @@ extern "C" {
         storage_offset: i64,
         requires_grad: i32,
         out: *mut *mut C_tensor,
-    ) -> *mut c_char;
-    fn st_tensors_from_storages(
-        views: *const ViewSpec,
-        n: u64,
-        out: *mut *mut C_tensor,
-        failed: *mut u64,
     ) -> *mut c_char;
     fn st_stream_idle(device: i32, idle: *mut i32) -> *mut c_char;
     fn st_event_record(device: i32, out: *mut u8) -> *mut c_char;
@@ -483,49 +450,6 @@ pub(crate) fn tensor_from_storage(
     Ok(unsafe { Tensor::from_ptr(out) })
 }
 
-/// The tensors of `views`, built in one call (as [`tensor_from_storage`] builds each). On
-/// error nothing is built: the index of the first view that failed, and why.
-pub(crate) fn tensors_from_storages(views: &[View<'_>]) -> Result<Vec<Tensor>, (usize, String)> {
-    let mut specs = Vec::with_capacity(views.len());
-    for (k, v) in views.iter().enumerate() {
-        if v.sizes.len() != v.strides.len() {
-            return Err((k, format!("{} sizes but {} strides", v.sizes.len(), v.strides.len())));
-        }
-        let ndim = i32::try_from(v.sizes.len()).map_err(|_| (k, "too many dimensions".to_string()))?;
-        specs.push(ViewSpec {
-            storage: v.storage.0.as_ptr(),
-            sizes: v.sizes.as_ptr(),
-            strides: v.strides.as_ptr(),
-            storage_offset: v.storage_offset,
-            scalar_type: v.scalar_type,
-            ndim,
-            requires_grad: i32::from(v.requires_grad),
-            reserved: 0,
-        });
-    }
-    let mut out: Vec<*mut C_tensor> = vec![std::ptr::null_mut(); views.len()];
-    let mut failed = u64::MAX;
-    // SAFETY: every spec's storage is live (borrowed by `views` for the call) and its
-    // sizes/strides point at `ndim` elements each, only read; `out` has room for one
-    // pointer per spec and `failed` is a valid out-pointer. On error the C++ side has
-    // freed what it built and left every `out` null.
-    let res =
-        check(unsafe { st_tensors_from_storages(specs.as_ptr(), specs.len() as u64, out.as_mut_ptr(), &mut failed) });
-    if let Err(message) = res {
-        return Err((usize::try_from(failed).unwrap_or(usize::MAX), message));
-    }
-    out.into_iter()
-        .map(|t| {
-            if t.is_null() {
-                return Err((usize::MAX, "st_ipc returned no tensor".to_string()));
-            }
-            // SAFETY: each non-null `t` is a fresh `new at::Tensor` that nothing else owns;
-            // tch::Tensor takes ownership and deletes it on drop.
-            Ok(unsafe { Tensor::from_ptr(t) })
-        })
-        .collect()
-}
-
 /// Whether `stream` on `device` has finished its queued work (never waits). Errors count
 /// as finished (see `st_stream_settled`).
 pub(crate) fn stream_settled(device: i32, stream: u64) -> bool {
@@ -708,38 +632,6 @@ mod tests {
         // Complex dtypes can require grad too.
         let c = Tensor::zeros([2], (Kind::ComplexFloat, Device::Cpu));
         assert!(rebuild(&c, true).unwrap().requires_grad());
-    }
-
-    #[test]
-    fn tensors_built_in_one_call_view_their_storages_or_none_is_built() {
-        let a = Tensor::arange(16, (Kind::Float, Device::Cpu));
-        let b = Tensor::arange(8, (Kind::Float, Device::Cpu));
-        let ((sa, _), (sb, _)) = (parts(&a), parts(&b));
-        let view = |storage, sizes: &'static [i64], strides: &'static [i64], storage_offset, requires_grad| View {
-            storage,
-            scalar_type: FLOAT,
-            sizes,
-            strides,
-            storage_offset,
-            requires_grad,
-        };
-        let built = tensors_from_storages(&[
-            view(&sa, &[4, 4], &[1, 4], 0, true),
-            view(&sb, &[3], &[2], 1, false),
-            view(&sa, &[], &[], 15, false),
-        ])
-        .unwrap();
-        assert_eq!((built[0].size(), built[0].stride(), built[0].requires_grad()), (vec![4, 4], vec![1, 4], true));
-        assert!(built[0].equal(&a.view([4, 4]).tr()));
-        assert!(built[1].equal(&Tensor::from_slice(&[1f32, 3., 5.])));
-        assert_eq!((built[2].dim(), built[2].double_value(&[])), (0, 15.0));
-        // The second view reaches past its 32-byte storage: the error names it (the first,
-        // built already, is freed on the C++ side).
-        let err =
-            tensors_from_storages(&[view(&sb, &[8], &[1], 0, false), view(&sb, &[8], &[1], 1, false)]).unwrap_err();
-        assert_eq!(err.0, 1, "{err:?}");
-        assert!(err.1.contains("needs 36 bytes of storage from offset 1 but the storage has 32"), "{err:?}");
-        assert!(tensors_from_storages(&[]).unwrap().is_empty());
     }
 
     #[test]
