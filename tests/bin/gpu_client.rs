@@ -41,13 +41,21 @@ fn load(device: tch::Device, calls: usize) -> shared_tensor::Result<()> {
                 let x = Tensor::ones([4], (Kind::Float, device));
                 let mut failures = 0usize;
                 for i in 0..calls {
-                    let ok = match (i + t) % 4 {
-                        0 => endpoints::identity(x.shallow_clone()).is_ok(),
-                        1 => endpoints::cached_tensor().is_ok(),
-                        2 => endpoints::tied_model().is_ok(),
-                        _ => endpoints::trivial_task::submit().and_then(|task| task.wait()).is_ok(),
+                    let kind = (i + t) % 4;
+                    let result = match kind {
+                        0 => endpoints::identity(x.shallow_clone()).map(drop),
+                        1 => endpoints::cached_tensor().map(drop),
+                        2 => endpoints::tied_model().map(drop),
+                        _ => endpoints::trivial_task::submit().and_then(|task| task.wait()).map(drop),
                     };
-                    failures += usize::from(!ok);
+                    if let Err(e) = result {
+                        // The first few of each thread, so that a failed run says why.
+                        if failures < 5 {
+                            let what = ["identity", "cached_tensor", "tied_model", "trivial_task"][kind];
+                            eprintln!("load: thread {t}, call {i} ({what}) failed: {e}");
+                        }
+                        failures += 1;
+                    }
                 }
                 failures
             })
