@@ -563,7 +563,7 @@ mod tests {
         d.finish(None);
         let (_f, evicted) = tasks.create("e", true).unwrap();
         assert_eq!(evicted.iter().map(|r| r.id()).collect::<Vec<_>>(), [a.id()]);
-        // Collecting again moves nothing.
+        // Collecting twice, or an unfinished task, moves nothing twice.
         d.mark_collected();
         d.mark_collected();
         assert!(tasks.get(d.id()).is_ok());
