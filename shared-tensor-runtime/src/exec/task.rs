@@ -6,15 +6,12 @@
 //! Waiting is pushed: a waiter wakes when the task ends, with no polling interval.
 //!
 //! Retention: finished tasks are kept for a TTL (default 1 h) and up to a capacity
-//! (default 1,000 tasks). Past the capacity, finished tasks whose result a waiter already
-//! collected go first, oldest first, then the oldest finished ones nobody collected yet:
-//! a task that finished while its submitter was about to wait for it is not evicted by the
-//! tasks of other callers that came and went meanwhile (under load, 1,000 tasks end in a
-//! few tens of milliseconds). When every retained task is still live, a submit fails with
+//! (default 1,000 tasks); past the capacity the oldest finished task is evicted first, and
+//! when every retained task is still live, a submit fails with
 //! [`Error::TaskCapacity`](crate::Error).
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -66,40 +63,11 @@ impl Clock {
     }
 }
 
-/// Finished tasks in the order they finished (by a sequence number), with when (on
-/// `clock`), in two lots: those whose result nobody collected yet and those a waiter
-/// collected. Eviction takes the expired of both, then (over capacity) the collected lot
-/// first, each from its oldest.
+/// Finished tasks in the order they finished, with when (on `clock`): eviction takes from
+/// the front.
 struct FinishOrder {
     clock: Clock,
-    lots: Mutex<FinishLots>,
-}
-
-#[derive(Default)]
-struct FinishLots {
-    next: u64,
-    /// Sequence number -> (task id, when it finished).
-    uncollected: BTreeMap<u64, (u64, Instant)>,
-    collected: BTreeMap<u64, (u64, Instant)>,
-}
-
-impl FinishLots {
-    /// The oldest entry of either lot: (which lot is collected, seq, when).
-    fn oldest(&self) -> Option<(bool, u64, Instant)> {
-        let first = |lot: &BTreeMap<u64, (u64, Instant)>| lot.first_key_value().map(|(seq, (_, at))| (*seq, *at));
-        match (first(&self.uncollected), first(&self.collected)) {
-            (Some(u), Some(c)) if c.0 < u.0 => Some((true, c.0, c.1)),
-            (Some(u), _) => Some((false, u.0, u.1)),
-            (None, Some(c)) => Some((true, c.0, c.1)),
-            (None, None) => None,
-        }
-    }
-
-    /// Takes entry `seq` out of its lot; its task id.
-    fn take(&mut self, collected: bool, seq: u64) -> Option<u64> {
-        let lot = if collected { &mut self.collected } else { &mut self.uncollected };
-        lot.remove(&seq).map(|(id, _)| id)
-    }
+    queue: Mutex<VecDeque<(u64, Instant)>>,
 }
 
 pub(crate) struct TaskRecord {
@@ -113,9 +81,6 @@ pub(crate) struct TaskRecord {
     /// The server whose client submitted it (or whose call runs it); `None`: this
     /// process's own (`submit` in the local role). A server's stop touches only its own.
     owner: Option<Arc<StopSignal>>,
-    /// Its place in [`FinishOrder`] once finished (0: not yet), and whether a waiter has
-    /// collected its result; both under the order's lock.
-    place: Mutex<(u64, bool)>,
 }
 
 impl TaskRecord {
@@ -183,7 +148,6 @@ impl TaskRecord {
 
     /// Records the end of a task behind a sync call (its caller took the result).
     pub(crate) fn finish_sync(&self, error: Option<&Error>) {
-        self.place.lock().1 = true;
         let mut info = self.info.lock();
         info.status = if error.is_some() { TaskStatus::Failed } else { TaskStatus::Completed };
         info.error = error.map(|e| e.to_string());
@@ -192,30 +156,9 @@ impl TaskRecord {
         self.notify_done();
     }
 
-    /// Notes that a waiter collected the result: the task moves to the lot evicted first.
-    pub(crate) fn mark_collected(&self) {
-        let mut lots = self.finished.lots.lock();
-        let mut place = self.place.lock();
-        if place.1 {
-            return;
-        }
-        place.1 = true;
-        if let Some(entry) = lots.uncollected.remove(&place.0) {
-            lots.collected.insert(place.0, entry);
-        }
-    }
-
     fn notify_done(&self) {
         let id = self.info.lock().id;
-        {
-            let now = self.finished.clock.now();
-            let mut lots = self.finished.lots.lock();
-            let mut place = self.place.lock();
-            lots.next += 1;
-            place.0 = lots.next;
-            let lot = if place.1 { &mut lots.collected } else { &mut lots.uncollected };
-            lot.insert(place.0, (id, now));
-        }
+        self.finished.queue.lock().push_back((id, self.finished.clock.now()));
         *self.done.lock() = true;
         self.done_cv.notify_all();
         self.done_tx.send_replace(true);
@@ -275,7 +218,7 @@ impl Tasks {
         Tasks {
             next_id: AtomicU64::new(1),
             records: Mutex::new(HashMap::new()),
-            finished: Arc::new(FinishOrder { clock, lots: Mutex::new(FinishLots::default()) }),
+            finished: Arc::new(FinishOrder { clock, queue: Mutex::new(VecDeque::new()) }),
             ttl,
             capacity: capacity.max(1),
         }
@@ -288,25 +231,15 @@ impl Tasks {
         let now = self.finished.clock.now();
         let mut evicted = Vec::new();
         {
-            let mut lots = self.finished.lots.lock();
-            // The expired ones, oldest first.
-            while let Some((collected, seq, at)) = lots.oldest() {
-                if now.saturating_duration_since(at) < self.ttl {
+            // Oldest finished first: expired ones, then as many as the capacity needs.
+            let mut finished = self.finished.queue.lock();
+            while let Some(&(id, at)) = finished.front() {
+                let expired = now.saturating_duration_since(at) >= self.ttl;
+                if !expired && records.len() < self.capacity {
                     break;
                 }
-                let id = lots.take(collected, seq);
-                evicted.extend(id.and_then(|id| records.remove(&id)));
-            }
-            // Then as many as the capacity needs: collected ones first, oldest first.
-            while records.len() >= self.capacity {
-                let next = lots.collected.first_key_value().map(|(seq, _)| (true, *seq));
-                let Some((collected, seq)) =
-                    next.or_else(|| lots.uncollected.first_key_value().map(|(s, _)| (false, *s)))
-                else {
-                    break;
-                };
-                let id = lots.take(collected, seq);
-                evicted.extend(id.and_then(|id| records.remove(&id)));
+                finished.pop_front();
+                evicted.extend(records.remove(&id));
             }
         }
         if records.len() >= self.capacity {
@@ -333,7 +266,6 @@ impl Tasks {
             done_cv: Condvar::new(),
             done_tx,
             owner: current_stop(),
-            place: Mutex::new((0, false)),
         });
         records.insert(id, record.clone());
         Ok((record, evicted))
@@ -539,34 +471,6 @@ mod tests {
         assert_eq!(evicted.len(), 1);
         assert_eq!(evicted[0].id(), b.id(), "the task that finished first goes first");
         assert!(tasks.get(a.id()).is_ok());
-    }
-
-    #[test]
-    fn over_capacity_a_collected_task_goes_before_an_older_one_nobody_collected() {
-        let tasks = Tasks::new(Duration::from_secs(3600), 3);
-        let (a, _) = tasks.create("e", true).unwrap();
-        let (b, _) = tasks.create("e", true).unwrap();
-        let (c, _) = tasks.create("e", true).unwrap();
-        // `a` finished first, while its submitter was about to wait; `b` and `c` were
-        // waited for (their results collected) meanwhile.
-        a.finish(None);
-        b.finish(None);
-        b.mark_collected();
-        c.mark_collected(); // collected as it finishes (a waiter already there)
-        c.finish(None);
-        let (d, evicted) = tasks.create("e", true).unwrap();
-        assert_eq!(evicted.iter().map(|r| r.id()).collect::<Vec<_>>(), [b.id()], "the oldest collected goes first");
-        let (_e, evicted) = tasks.create("e", true).unwrap();
-        assert_eq!(evicted.iter().map(|r| r.id()).collect::<Vec<_>>(), [c.id()]);
-        assert!(tasks.get(a.id()).is_ok(), "the uncollected task is still there for its waiter");
-        // With no collected task left, the oldest finished one goes, collected or not.
-        d.finish(None);
-        let (_f, evicted) = tasks.create("e", true).unwrap();
-        assert_eq!(evicted.iter().map(|r| r.id()).collect::<Vec<_>>(), [a.id()]);
-        // Collecting twice, or an unfinished task, moves nothing twice.
-        d.mark_collected();
-        d.mark_collected();
-        assert!(tasks.get(d.id()).is_ok());
     }
 
     #[test]

@@ -271,8 +271,7 @@ impl Config {
         self
     }
 
-    /// How many tasks are kept (default 1,000; past it, finished tasks whose result was
-    /// collected are evicted first, then the oldest finished ones nobody collected).
+    /// How many tasks are kept (default 1,000; the oldest finished are evicted first).
     ///
     /// ```
     /// use shared_tensor_runtime::config::Config;
