@@ -77,6 +77,17 @@ pub fn sleepy(ms: u64) {
     std::thread::sleep(Duration::from_millis(ms));
 }
 
+/// As `sleepy`, but first prints `SLEEPING` on the server's stdout: a test that reads it
+/// knows the call is running there (no guess of how long it takes to get there).
+#[share(execution = "direct", cache = false)]
+pub fn announced_sleep(ms: u64) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "SLEEPING").and_then(|()| out.flush());
+    drop(out);
+    std::thread::sleep(Duration::from_millis(ms));
+}
+
 #[share(execution = "direct", cache = false)]
 pub fn parallel_work(tag: i64) {
     record("parallel_work", tag, Duration::from_millis(100));

@@ -37,9 +37,9 @@ fn server_death_is_reported_and_a_restarted_server_is_reconnected_to() {
 
     let in_flight = std::thread::spawn(|| {
         let started = Instant::now();
-        (endpoints::sleepy(10_000), started)
+        (endpoints::announced_sleep(10_000), started)
     });
-    std::thread::sleep(Duration::from_millis(300));
+    server.expect_line("SLEEPING"); // the call runs on the server now
     let killed_at = Instant::now();
     server.kill();
     let (result, _) = in_flight.join().unwrap();
