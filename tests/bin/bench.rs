@@ -903,7 +903,9 @@ fn profile(args: &[String]) -> shared_tensor::Result<()> {
         writeln!(stdin, "PROFILE").and_then(|()| stdin.flush()).expect("ask the server to profile");
         server
     };
-    shared_tensor::configure(Config::default().role(Role::Client).base_port(port))?;
+    // From the environment, as the server's: `SHARED_TENSOR_SPIN_US=0` keeps spinning out
+    // of both processes' samples.
+    shared_tensor::configure(Config::from_env()?.role(Role::Client).base_port(port))?;
     if workload == "throughput" {
         // The throughput figure's load (8 processes × 4 threads); only the server is sampled.
         let _server = start_server_profile();
