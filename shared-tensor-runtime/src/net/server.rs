@@ -941,6 +941,9 @@ impl Writer {
 /// the socket is shut down both ways: the reader thread sees the end and cleans up, the
 /// client sees the connection close, and no reply is silently dropped meanwhile.
 async fn flush_loop(writer: Weak<Writer>, wake: Arc<Notify>) {
+    // Dropped with the task (the runtime shuts down mid-flush): the writer lets go of
+    // itself, so it goes, closing its socket, with its last owner.
+    let _release = ReleaseHold(writer.clone());
     loop {
         wake.notified().await;
         let Some(w) = writer.upgrade() else { return };
@@ -979,6 +982,19 @@ async fn flush_loop(writer: Weak<Writer>, wake: Arc<Notify>) {
                 drop(hold);
                 return;
             }
+        }
+    }
+}
+
+/// Breaks the writer's hold on itself when the flusher ends, however it ends.
+struct ReleaseHold(Weak<Writer>);
+
+impl Drop for ReleaseHold {
+    fn drop(&mut self) {
+        if let Some(w) = self.0.upgrade() {
+            let hold = w.state.lock().hold.take();
+            drop(w);
+            drop(hold);
         }
     }
 }
@@ -1729,5 +1745,28 @@ mod tests {
         let frame = crate::protocol::wire::decode::<super::ServerMessage>(&got[4..]);
         assert!(matches!(frame, Ok(super::ServerMessage::Release(ref l)) if *l == leases), "the frame arrived intact");
         drop(reader_end);
+    }
+
+    #[test]
+    fn a_flush_cut_short_by_the_runtime_going_away_lets_the_writer_go() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let (stream, client) = pair();
+        let (reader_end, watcher) = (stream.try_clone().unwrap(), client.try_clone().unwrap());
+        let weak = runtime.block_on(async {
+            let writer = super::Writer::new(stream);
+            writer.send(&super::ServerMessage::Release((0..1_000_000).collect())); // the socket fills
+            let weak = std::sync::Arc::downgrade(&writer);
+            drop(writer);
+            tokio::task::yield_now().await; // the flusher takes over and waits for room
+            weak
+        });
+        assert!(weak.upgrade().is_some(), "while it flushes, the writer holds itself");
+        drop(runtime); // nobody ever reads: the flusher is dropped mid-wait
+        assert!(weak.upgrade().is_none(), "the writer went with its flusher");
+        // Its sending side ended: past what was written, the client reads the end.
+        let mut got = Vec::new();
+        std::io::Read::read_to_end(&mut &watcher, &mut got).unwrap();
+        assert!(!got.is_empty() && got.len() < 5_000_000, "{} bytes, then the end", got.len());
+        drop((reader_end, client));
     }
 }
