@@ -608,7 +608,7 @@ impl Connection {
             return;
         }
         tracing::debug!(addr = %self.addr, reason, "connection lost");
-        let _ = self.writer.lock().shutdown();
+        let _ = self.writer.lock().shutdown(std::net::Shutdown::Both);
         self.link.close();
         crate::device::ipc::forget_producer(&self.welcome.server);
         let mut pending = self.pending.lock();

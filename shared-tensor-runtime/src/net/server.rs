@@ -744,17 +744,13 @@ struct Halves {
 
 fn tcp_halves(stream: TcpStream) -> std::io::Result<Halves> {
     let _ = stream.set_nodelay(true);
-    let dup = || std::io::Result::Ok(Stream::Tcp(std::net::TcpStream::from(stream.as_fd().try_clone_to_owned()?)));
-    let (reader, wr) = (dup()?, dup()?);
-    Ok(Halves { rd: Box::pin(stream), wr, reader })
+    let reader = Stream::Tcp(std::net::TcpStream::from(stream.as_fd().try_clone_to_owned()?));
+    Ok(Halves { wr: reader.try_clone()?, rd: Box::pin(stream), reader })
 }
 
 fn unix_halves(stream: UnixStream) -> std::io::Result<Halves> {
-    let dup = || {
-        std::io::Result::Ok(Stream::Unix(std::os::unix::net::UnixStream::from(stream.as_fd().try_clone_to_owned()?)))
-    };
-    let (reader, wr) = (dup()?, dup()?);
-    Ok(Halves { rd: Box::pin(stream), wr, reader })
+    let reader = Stream::Unix(std::os::unix::net::UnixStream::from(stream.as_fd().try_clone_to_owned()?));
+    Ok(Halves { wr: reader.try_clone()?, rd: Box::pin(stream), reader })
 }
 
 /// The next connection on the Unix socket; never, when there is none.
@@ -978,7 +974,7 @@ async fn flush_loop(writer: Weak<Writer>, wake: Arc<Notify>) {
                     st.outbox.clear();
                     st.hold.take()
                 };
-                let _ = w.stream.shutdown();
+                let _ = w.stream.shutdown(std::net::Shutdown::Both);
                 drop(hold);
                 return;
             }
@@ -1057,7 +1053,7 @@ impl Drop for Writer {
     fn drop(&mut self) {
         // Nothing more will be written: the client reads the end of the stream (the
         // reader's descriptor may still be open, so closing ours would not tell it).
-        let _ = self.stream.shutdown_write();
+        let _ = self.stream.shutdown(std::net::Shutdown::Write);
         self.wake.notify_one(); // the flusher ends
     }
 }

@@ -144,13 +144,16 @@ impl Stream {
         }
     }
 
-    // The full client's (with the `cuda` feature); the control client needs none of it.
+    // The full client's and the server's (with the `cuda` feature); the control client
+    // needs none of it.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    /// Closes both directions (every clone of the stream sees it).
-    pub(crate) fn shutdown(&self) -> std::io::Result<()> {
+    /// Ends `how` of the socket, for every descriptor of it: `Both` closes the connection;
+    /// `Write` ends this side's sending (the peer reads the end of the stream once it has
+    /// read what was sent).
+    pub(crate) fn shutdown(&self, how: Shutdown) -> std::io::Result<()> {
         match self {
-            Stream::Unix(s) => s.shutdown(Shutdown::Both),
-            Stream::Tcp(s) => s.shutdown(Shutdown::Both),
+            Stream::Unix(s) => s.shutdown(how),
+            Stream::Tcp(s) => s.shutdown(how),
         }
     }
 
@@ -177,16 +180,6 @@ impl Stream {
     /// embedded in a host program): a peer gone is an `Err`, as on any socket.
     pub(crate) fn try_send(&self, buf: &[u8]) -> std::io::Result<usize> {
         socket2::SockRef::from(self).send_with_flags(buf, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
-    }
-
-    #[cfg(feature = "cuda")]
-    /// Ends this side's sending (every descriptor of the socket sees it): the peer reads
-    /// the end of the stream once it has read what was sent.
-    pub(crate) fn shutdown_write(&self) -> std::io::Result<()> {
-        match self {
-            Stream::Unix(s) => s.shutdown(Shutdown::Write),
-            Stream::Tcp(s) => s.shutdown(Shutdown::Write),
-        }
     }
 
     // The full client's (with the `cuda` feature); the control client needs none of it.
@@ -446,7 +439,7 @@ mod tests {
             let mut r = rx;
             r.read_exact(&mut got).unwrap();
             assert_eq!(&got, b"xy", "peek consumed nothing");
-            tx.shutdown().unwrap();
+            tx.shutdown(Shutdown::Both).unwrap();
             assert_eq!(rx.peek_byte().unwrap(), 0, "the end of the stream reads as 0");
         }
     }
@@ -471,7 +464,7 @@ mod tests {
             r.read_exact(&mut got).unwrap();
             assert_eq!(&got, b"xy", "polling consumed nothing");
             assert!(!rx.poll_readable(), "everything was read");
-            tx.shutdown().unwrap();
+            tx.shutdown(Shutdown::Both).unwrap();
             assert!(shows(rx), "the end of the stream never showed");
         }
     }

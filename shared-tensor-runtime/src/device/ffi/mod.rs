@@ -18,8 +18,8 @@ pub(crate) fn effective_uid() -> u32 {
 #[cfg(feature = "cuda")]
 /// Waits until `fd` has data to read (or its end, or an error), `stop` is readable, or
 /// `timeout` passes; `Ok(true)` when a read of `fd` would return at once. For a
-/// nonblocking socket that a thread reads while tokio owns its registration (the server's
-/// connection readers, whose server makes `stop` readable when it stops).
+/// nonblocking socket read by a thread of its own (the server's connection readers, whose
+/// server makes `stop` readable when it stops).
 pub(crate) fn wait_readable(
     fd: std::os::fd::BorrowedFd<'_>,
     stop: std::os::fd::BorrowedFd<'_>,
