@@ -811,6 +811,17 @@ fn transports(args: &[String]) -> shared_tensor::Result<()> {
     Ok(())
 }
 
+/// `calls` identity calls of `count` small tensors each (after `warmup`), each until the
+/// caller's stream has the result: µs, sorted.
+fn identity_many_times(device: tch::Device, count: usize, calls: usize, warmup: usize) -> Vec<f64> {
+    let xs: Vec<Tensor> = (0..count).map(|_| Tensor::ones([4], (Kind::Float, device))).collect();
+    measure(calls, warmup, || {
+        let ys = endpoints::identity_many(xs.iter().map(Tensor::shallow_clone).collect()).unwrap();
+        sync();
+        drop(ys);
+    })
+}
+
 /// `bench tensors [calls]`: the rows whose cost grows with the tensors of a call (see the
 /// module's documentation), `calls` timed per row after a warm-up.
 fn tensors(args: &[String]) -> shared_tensor::Result<()> {
@@ -825,13 +836,7 @@ fn tensors(args: &[String]) -> shared_tensor::Result<()> {
         println!("| {name} | {:.1} | {:.1} |", percentile(times, 0.5), percentile(times, 0.99));
     };
     for count in [1usize, 16, 256] {
-        let xs: Vec<Tensor> = (0..count).map(|_| Tensor::ones([4], (Kind::Float, device))).collect();
-        let times = measure(calls, 50, || {
-            let ys = endpoints::identity_many(xs.iter().map(Tensor::shallow_clone).collect()).unwrap();
-            sync();
-            drop(ys);
-        });
-        row(&format!("identity, {count} tensors in one call"), &times);
+        row(&format!("identity, {count} tensors in one call"), &identity_many_times(device, count, calls, 50));
     }
     // Built (seconds) and cached by the first call; the model stays cached meanwhile.
     let _model = endpoints::decoder(32)?;
@@ -1116,12 +1121,7 @@ fn main() -> shared_tensor::Result<()> {
 
     // Scaling with tensors per call.
     for count in [1usize, 16, 256] {
-        let xs: Vec<Tensor> = (0..count).map(|_| Tensor::ones([4], (Kind::Float, device))).collect();
-        let times = measure(if count == 256 { n / 2 } else { n }, 20, || {
-            let ys = endpoints::identity_many(xs.iter().map(Tensor::shallow_clone).collect()).unwrap();
-            sync();
-            drop(ys);
-        });
+        let times = identity_many_times(device, count, if count == 256 { n / 2 } else { n }, 20);
         report.scaling_tensor_count.push((count, percentile(&times, 0.5)));
     }
 
