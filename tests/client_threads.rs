@@ -44,7 +44,9 @@ fn a_dropped_clients_threads_end_and_leave_no_cpu_behind() {
     for round in 0..3 {
         let client = Client::new(&config.clone().role(Role::Client)).unwrap();
         client.call::<(), _>("noop", ()).unwrap();
-        assert_eq!(threads_named(CLIENT), before + 2, "round {round}: a connected client reads and releases");
+        // A new thread takes its name once it first runs: wait for both to have started.
+        let started = until_threads(CLIENT, before + 2);
+        assert_eq!(started, before + 2, "round {round}: a connected client reads and releases");
         drop(client);
         let left = until_threads(CLIENT, before);
         assert_eq!(left, before, "round {round}: a dropped client's threads ran on for 10 s");
