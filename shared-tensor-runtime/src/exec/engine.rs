@@ -575,6 +575,9 @@ impl Core {
     pub(crate) fn collect(&self, record: &TaskRecord, holder: Holder) -> Result<Outcome> {
         let task = record.id();
         let mut outcome = record.outcome.lock();
+        if outcome.is_some() {
+            record.mark_collected();
+        }
         match outcome.as_mut() {
             None if record.info().awaitable => Err(Error::Protocol(format!("task {task} has not finished"))),
             None => Err(Error::NotAwaitable { task }),

@@ -6,9 +6,12 @@
 //! Waiting is pushed: a waiter wakes when the task ends, with no polling interval.
 //!
 //! Retention: finished tasks are kept for a TTL (default 1 h) and up to a capacity
-//! (default 1,000 tasks); past the capacity the oldest finished task is evicted first, and
-//! when every retained task is still live, a submit fails with
-//! [`Error::TaskCapacity`](crate::Error).
+//! (default 1,000 tasks). Past the capacity, finished tasks whose result was already
+//! collected (a sync call's, or one a waiter took) go first, oldest first, and then the
+//! oldest finished ones nobody collected yet: a task that finished while its submitter was
+//! about to wait for it is not evicted by the tasks of other callers that came and went
+//! meanwhile (under load, a thousand tasks end in a few tens of milliseconds). When every
+//! retained task is still live, a submit fails with [`Error::TaskCapacity`](crate::Error).
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -63,11 +66,39 @@ impl Clock {
     }
 }
 
-/// Finished tasks in the order they finished, with when (on `clock`): eviction takes from
-/// the front.
+/// Finished tasks in the order they finished, with when (on `clock`).
 struct FinishOrder {
     clock: Clock,
-    queue: Mutex<VecDeque<(u64, Instant)>>,
+    queues: Mutex<FinishQueues>,
+}
+
+/// Two queues, each in finish order (task id, when it finished).
+///
+/// Invariants: every finished task that is still retained is in exactly one of them;
+/// `held` holds only tasks that were uncollected when they reached the front of `fresh`,
+/// so it is in finish order too. Eviction over capacity takes from the front of `fresh`,
+/// moving an uncollected task to `held` instead of evicting it, and takes from `held` only
+/// once `fresh` is empty: every entry moves at most once, so a submit does O(1) amortized
+/// work under the table's lock, and the wait path only sets a flag.
+#[derive(Default)]
+struct FinishQueues {
+    fresh: VecDeque<(u64, Instant)>,
+    held: VecDeque<(u64, Instant)>,
+}
+
+impl FinishQueues {
+    /// Takes the entry that finished first, if it finished at least `ttl` before `now`.
+    fn pop_expired(&mut self, now: Instant, ttl: Duration) -> Option<u64> {
+        let fresh = self.fresh.front().map(|e| e.1);
+        let held = self.held.front().map(|e| e.1);
+        let (queue, at) = match (fresh, held) {
+            (Some(f), Some(h)) if h < f => (&mut self.held, h),
+            (Some(f), _) => (&mut self.fresh, f),
+            (None, Some(h)) => (&mut self.held, h),
+            (None, None) => return None,
+        };
+        (now.saturating_duration_since(at) >= ttl).then(|| queue.pop_front().map(|e| e.0)).flatten()
+    }
 }
 
 pub(crate) struct TaskRecord {
@@ -81,6 +112,9 @@ pub(crate) struct TaskRecord {
     /// The server whose client submitted it (or whose call runs it); `None`: this
     /// process's own (`submit` in the local role). A server's stop touches only its own.
     owner: Option<Arc<StopSignal>>,
+    /// Whether its result reached a caller (a sync call's caller, or a waiter): such a
+    /// task is evicted before those nobody collected yet.
+    collected: AtomicBool,
 }
 
 impl TaskRecord {
@@ -148,6 +182,7 @@ impl TaskRecord {
 
     /// Records the end of a task behind a sync call (its caller took the result).
     pub(crate) fn finish_sync(&self, error: Option<&Error>) {
+        self.mark_collected();
         let mut info = self.info.lock();
         info.status = if error.is_some() { TaskStatus::Failed } else { TaskStatus::Completed };
         info.error = error.map(|e| e.to_string());
@@ -156,9 +191,19 @@ impl TaskRecord {
         self.notify_done();
     }
 
+    /// Notes that a caller took its result: past the capacity, it goes before the tasks
+    /// nobody collected yet.
+    pub(crate) fn mark_collected(&self) {
+        self.collected.store(true, Ordering::Release);
+    }
+
+    fn is_collected(&self) -> bool {
+        self.collected.load(Ordering::Acquire)
+    }
+
     fn notify_done(&self) {
         let id = self.info.lock().id;
-        self.finished.queue.lock().push_back((id, self.finished.clock.now()));
+        self.finished.queues.lock().fresh.push_back((id, self.finished.clock.now()));
         *self.done.lock() = true;
         self.done_cv.notify_all();
         self.done_tx.send_replace(true);
@@ -218,28 +263,36 @@ impl Tasks {
         Tasks {
             next_id: AtomicU64::new(1),
             records: Mutex::new(HashMap::new()),
-            finished: Arc::new(FinishOrder { clock, queue: Mutex::new(VecDeque::new()) }),
+            finished: Arc::new(FinishOrder { clock, queues: Mutex::new(FinishQueues::default()) }),
             ttl,
             capacity: capacity.max(1),
         }
     }
 
-    /// A new task record; evicts expired and (over capacity) the oldest finished tasks,
+    /// A new task record; evicts expired and (over capacity) finished tasks, collected ones first,
     /// which it returns for clean-up. Fails when every retained task is live.
     pub(crate) fn create(&self, endpoint: &str, awaitable: bool) -> Result<(Arc<TaskRecord>, Vec<Arc<TaskRecord>>)> {
         let mut records = self.records.lock();
         let now = self.finished.clock.now();
         let mut evicted = Vec::new();
         {
-            // Oldest finished first: expired ones, then as many as the capacity needs.
-            let mut finished = self.finished.queue.lock();
-            while let Some(&(id, at)) = finished.front() {
-                let expired = now.saturating_duration_since(at) >= self.ttl;
-                if !expired && records.len() < self.capacity {
+            let mut queues = self.finished.queues.lock();
+            // The expired ones, oldest first.
+            while let Some(id) = queues.pop_expired(now, self.ttl) {
+                evicted.extend(records.remove(&id));
+            }
+            // Then, as many as the capacity needs: collected ones first (see FinishQueues).
+            while records.len() >= self.capacity {
+                if let Some((id, at)) = queues.fresh.pop_front() {
+                    match records.get(&id) {
+                        Some(record) if !record.is_collected() => queues.held.push_back((id, at)),
+                        _ => evicted.extend(records.remove(&id)),
+                    }
+                } else if let Some((id, _)) = queues.held.pop_front() {
+                    evicted.extend(records.remove(&id));
+                } else {
                     break;
                 }
-                finished.pop_front();
-                evicted.extend(records.remove(&id));
             }
         }
         if records.len() >= self.capacity {
@@ -266,6 +319,7 @@ impl Tasks {
             done_cv: Condvar::new(),
             done_tx,
             owner: current_stop(),
+            collected: AtomicBool::new(false),
         });
         records.insert(id, record.clone());
         Ok((record, evicted))
@@ -471,6 +525,48 @@ mod tests {
         assert_eq!(evicted.len(), 1);
         assert_eq!(evicted[0].id(), b.id(), "the task that finished first goes first");
         assert!(tasks.get(a.id()).is_ok());
+    }
+
+    #[test]
+    fn collected_tasks_are_evicted_before_older_uncollected_ones() {
+        let tasks = Tasks::new(Duration::from_secs(3600), 3);
+        let (a, _) = tasks.create("e", true).unwrap();
+        let (b, _) = tasks.create("e", true).unwrap();
+        let (c, _) = tasks.create("e", true).unwrap();
+        // `a` finishes first and nobody waits for it yet; `b` and `c` are collected.
+        a.finish(None);
+        b.finish(None);
+        b.mark_collected();
+        c.finish_sync(None);
+        let (d, evicted) = tasks.create("e", true).unwrap();
+        assert_eq!(evicted.iter().map(|r| r.id()).collect::<Vec<_>>(), [b.id()], "the oldest collected goes first");
+        let (_e, evicted) = tasks.create("e", true).unwrap();
+        assert_eq!(evicted.iter().map(|r| r.id()).collect::<Vec<_>>(), [c.id()]);
+        assert!(tasks.get(a.id()).is_ok(), "the uncollected task outlived two newer collected ones");
+        // With nothing collected left, the oldest uncollected goes (`d` is still live).
+        let (_f, evicted) = tasks.create("e", true).unwrap();
+        assert_eq!(evicted.iter().map(|r| r.id()).collect::<Vec<_>>(), [a.id()]);
+        assert!(tasks.get(d.id()).is_ok());
+    }
+
+    #[test]
+    fn an_uncollected_task_set_aside_still_expires_by_its_ttl() {
+        let clock = Clock::manual();
+        let tasks = Tasks::with_clock(Duration::from_secs(10), 2, clock.clone());
+        let (a, _) = tasks.create("e", true).unwrap();
+        let (b, _) = tasks.create("e", true).unwrap();
+        a.finish(None);
+        b.finish_sync(None);
+        // Over capacity: `a` (uncollected) is set aside, `b` (collected) goes.
+        let (c, evicted) = tasks.create("e", true).unwrap();
+        assert_eq!(evicted.iter().map(|r| r.id()).collect::<Vec<_>>(), [b.id()]);
+        clock.advance(Duration::from_secs(10));
+        c.finish(None);
+        c.mark_collected();
+        // `a` expired; `c` (finished just now) did not, and the capacity is not reached.
+        let (_, evicted) = tasks.create("e", true).unwrap();
+        assert_eq!(evicted.iter().map(|r| r.id()).collect::<Vec<_>>(), [a.id()]);
+        assert!(tasks.get(c.id()).is_ok());
     }
 
     #[test]
