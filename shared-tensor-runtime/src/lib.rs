@@ -44,6 +44,9 @@ pub mod api;
 pub mod device;
 #[cfg(feature = "cuda")]
 pub mod exec;
+// Without the `cuda` feature only its call pool, for its model tests (`cargo xtask loom`).
+#[cfg(not(feature = "cuda"))]
+mod exec;
 #[cfg(feature = "cuda")]
 pub mod net;
 #[cfg(feature = "cuda")]

@@ -8,7 +8,7 @@ mod layers;
 mod libtorch;
 
 use std::ffi::OsString;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
@@ -44,6 +44,9 @@ enum Cmd {
     },
     /// Build the GPU tests and examples, stripped, with a runner script, into .gpu-bundle/.
     GpuBundle,
+    /// Run the model tests of the hand-written concurrency primitives under loom (every
+    /// interleaving within a bound on preemptions; no libtorch needed). Part of `test`.
+    Loom,
     /// Run the benchmark here (needs a CUDA GPU); `--quick` for fewer calls.
     Bench {
         #[arg(long)]
@@ -87,24 +90,28 @@ fn run(cmd: Cmd) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Test { args } => {
-            eprintln!("xtask: step 1/4: the inspector without libtorch (--no-default-features --features cli)");
+            eprintln!("xtask: step 1/5: the inspector without libtorch (--no-default-features --features cli)");
             let inspector = inspector_without_libtorch(&lt)?;
             let mut cmd = cargo(&lt);
             // `cli`: the inspector and its tests, which run the libtorch-free build above.
             cmd.args(["test", "--workspace", "--features", "shared-tensor/cli"]).args(args);
             cmd.env("SHARED_TENSOR_INSPECTOR", &inspector);
-            eprintln!("xtask: step 2/4: cargo test --workspace");
+            eprintln!("xtask: step 2/5: cargo test --workspace");
             if status_of(cmd)? != ExitCode::SUCCESS {
                 return Ok(ExitCode::FAILURE);
             }
-            eprintln!("xtask: step 3/4: the runtime's control plane alone (--no-default-features): its tests");
+            eprintln!("xtask: step 3/5: the runtime's control plane alone (--no-default-features): its tests");
             let mut cmd = cargo(&lt);
             cmd.args(["test", "--package", "shared-tensor-runtime", "--no-default-features", "--lib"]);
             if status_of(cmd)? != ExitCode::SUCCESS {
                 return Ok(ExitCode::FAILURE);
             }
+            eprintln!("xtask: step 4/5: the concurrency primitives' model tests under loom");
+            if loom(&lt)? != ExitCode::SUCCESS {
+                return Ok(ExitCode::FAILURE);
+            }
             eprintln!(
-                "xtask: step 4/4: a user's own crate (tests/fixtures/own-crate) built by path, run with no environment"
+                "xtask: step 5/5: a user's own crate (tests/fixtures/own-crate) built by path, run with no environment"
             );
             own_crate(&lt)
         }
@@ -115,6 +122,7 @@ fn run(cmd: Cmd) -> Result<ExitCode, String> {
         }
         Cmd::Demo { example } => demo(&lt, &example),
         Cmd::GpuBundle => bundle::build(&lt),
+        Cmd::Loom => loom(&lt),
         Cmd::Bench { quick } => bench(&lt, quick),
         Cmd::Fuzz { runs } => fuzz(&lt, runs),
     }
@@ -138,11 +146,10 @@ fn status_of(mut cmd: Command) -> Result<ExitCode, String> {
 /// line) and, without a GPU, end with its own sentence about the missing GPU (exit 1),
 /// never a loader error.
 fn own_crate(lt: &Libtorch) -> Result<ExitCode, String> {
-    let root = std::env::current_dir().map_err(|e| format!("cannot read the current folder: {e}"))?;
-    let manifest = root.join("tests/fixtures/own-crate/Cargo.toml");
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
+    let manifest = Path::new("tests/fixtures/own-crate/Cargo.toml");
+    let target = target_dir()?;
     let mut build = cargo(lt);
-    build.arg("build").arg("--manifest-path").arg(&manifest).arg("--target-dir").arg(&target);
+    build.arg("build").arg("--manifest-path").arg(manifest).arg("--target-dir").arg(&target);
     if status_of(build)? != ExitCode::SUCCESS {
         return Err("the fixture crate tests/fixtures/own-crate does not build (cargo's messages are above)".into());
     }
@@ -181,9 +188,7 @@ fn inspector_without_libtorch(lt: &Libtorch) -> Result<PathBuf, String> {
         .into_iter()
         .find(|(name, kind, _)| name == "shared-tensor" && kind == "bin")
         .ok_or("cargo built no inspector")?;
-    let root = std::env::current_dir().map_err(|e| format!("cannot read the current folder: {e}"))?;
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
-    let dir = target.join("inspector");
+    let dir = target_dir()?.join("inspector");
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let exe = dir.join("shared-tensor");
     std::fs::copy(&built, &exe).map_err(|e| format!("cannot copy {} to {}: {e}", built.display(), exe.display()))?;
@@ -274,6 +279,27 @@ fn bench(lt: &Libtorch, quick: bool) -> Result<ExitCode, String> {
         cmd.arg("--quick");
     }
     status_of(cmd)
+}
+
+/// The runtime's loom model tests (`loom_models` modules): the runtime without libtorch,
+/// built with `--cfg shared_tensor_loom` (which swaps `protocol::sync` for loom's models)
+/// in a target directory of its own, so the ordinary build is not rebuilt for it.
+/// `LOOM_MAX_PREEMPTIONS` (default 3, set in the tests) bounds the exploration.
+fn loom(lt: &Libtorch) -> Result<ExitCode, String> {
+    let mut cmd = cargo(lt);
+    let mut flags = std::env::var("RUSTFLAGS").unwrap_or_default();
+    flags.push_str(" --cfg shared_tensor_loom");
+    cmd.env("RUSTFLAGS", flags.trim_start())
+        .env("CARGO_TARGET_DIR", target_dir()?.join("loom"))
+        .args(["test", "--release", "--package", "shared-tensor-runtime", "--no-default-features", "--lib"])
+        .args(["--", "loom_models"]);
+    status_of(cmd)
+}
+
+/// The workspace's target directory (`CARGO_TARGET_DIR`, else `target` here).
+fn target_dir() -> Result<PathBuf, String> {
+    let root = std::env::current_dir().map_err(|e| format!("cannot read the current folder: {e}"))?;
+    Ok(std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target")))
 }
 
 fn fuzz(lt: &Libtorch, runs: u64) -> Result<ExitCode, String> {

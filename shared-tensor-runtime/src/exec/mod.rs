@@ -28,12 +28,19 @@
 //!
 //! Bodies that panic are caught: the caller gets [`Error::EndpointPanicked`](crate::Error::EndpointPanicked).
 
+#[cfg(feature = "cuda")]
 pub mod endpoint;
+#[cfg(feature = "cuda")]
 pub(crate) mod engine;
+#[cfg(feature = "cuda")]
 pub mod managed;
 pub(crate) mod pool;
+#[cfg(feature = "cuda")]
 pub mod task;
+#[cfg(feature = "cuda")]
 pub(crate) mod value;
 
+#[cfg(feature = "cuda")]
 pub use self::engine::*;
+#[cfg(feature = "cuda")]
 pub use self::value::{AnyPayload, Prepared};

@@ -25,17 +25,28 @@
 //! lock is free (both change together under that lock), so a spinning worker that sees the
 //! flag finds the job under the lock; a worker is on the idle stack from before it looks
 //! for a job until a spawner pops it, and only the spawner that popped it fills its slot,
-//! so no job is put where nobody takes it.
+//! so no job is put where nobody takes it. A thread reads its keep-alive under its slot's
+//! lock, so a change of it (tests) followed by a notification under that lock is never
+//! missed. Threads alive (`threads`) counts those started and not yet ended: a job that
+//! finds no idle thread is queued, and a thread is started for it unless `max_threads`
+//! are alive, so a queued job is taken by a thread that is alive or being started.
+//!
+//! The locks, condition variables, atomics and threads come from
+//! [`protocol::sync`](crate::protocol::sync): `cargo xtask loom` runs this module's model
+//! tests (`loom_models`) under every interleaving loom explores.
+
+// Only the full runtime (with the `cuda` feature) runs calls; the model tests need none.
+#![cfg_attr(not(feature = "cuda"), allow(dead_code))]
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use once_cell::sync::Lazy;
-use parking_lot::{Condvar, Mutex};
 
 use crate::protocol::spin::{self, Spinners};
+use crate::protocol::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use crate::protocol::sync::{thread, Condvar, Mutex};
 
 /// A unit of work.
 pub(crate) type Job = Box<dyn FnOnce() + Send>;
@@ -47,6 +58,10 @@ const KEEP_ALIVE: Duration = Duration::from_secs(10);
 
 pub(crate) struct Pool {
     shared: Mutex<Shared>,
+    /// Most threads alive at once ([`MAX_THREADS`]).
+    max_threads: usize,
+    /// How long a thread waits for work before it ends ([`KEEP_ALIVE`]; nanoseconds).
+    keep_alive_nanos: AtomicU64,
     /// How long an idle thread looks for its next job before it sleeps (nanoseconds).
     spin_nanos: AtomicU64,
     /// The threads spinning now, and how many may.
@@ -67,7 +82,6 @@ struct Shared {
 }
 
 /// One thread's mailbox.
-#[derive(Default)]
 struct Worker {
     job: Mutex<Option<Job>>,
     wake: Condvar,
@@ -76,6 +90,17 @@ struct Worker {
     has_job: AtomicBool,
     /// It is spinning for its next job (a hint for `spawn`).
     spinning: AtomicBool,
+}
+
+impl Worker {
+    fn new() -> Worker {
+        Worker {
+            job: Mutex::new(None),
+            wake: Condvar::new(),
+            has_job: AtomicBool::new(false),
+            spinning: AtomicBool::new(false),
+        }
+    }
 }
 
 /// How many idle threads from the top of the stack `spawn` looks at for one that spins.
@@ -111,8 +136,14 @@ impl Pool {
     }
 
     fn with_crowding(crowded: Duration) -> Arc<Pool> {
+        Pool::with_limits(MAX_THREADS, KEEP_ALIVE, crowded)
+    }
+
+    fn with_limits(max_threads: usize, keep_alive: Duration, crowded: Duration) -> Arc<Pool> {
         Arc::new(Pool {
             shared: Mutex::new(Shared::default()),
+            max_threads,
+            keep_alive_nanos: AtomicU64::new(nanos(keep_alive)),
             spin_nanos: AtomicU64::new(0),
             spinners: Spinners::per_host(),
             crowded,
@@ -120,7 +151,11 @@ impl Pool {
     }
 
     fn set_spin(&self, window: Duration) {
-        self.spin_nanos.store(u64::try_from(window.as_nanos()).unwrap_or(u64::MAX), Ordering::Relaxed);
+        self.spin_nanos.store(nanos(window), Ordering::Relaxed);
+    }
+
+    fn keep_alive(&self) -> Duration {
+        Duration::from_nanos(self.keep_alive_nanos.load(Ordering::Acquire))
     }
 
     fn spawn(self: &Arc<Self>, job: Job) {
@@ -143,7 +178,7 @@ impl Pool {
         // No thread is idle: the job waits in the queue for the thread started for it
         // (or, at the cap, for the first to free up).
         shared.queued.push_back(job);
-        if shared.threads < MAX_THREADS {
+        if shared.threads < self.max_threads {
             shared.threads += 1;
             drop(shared);
             self.start();
@@ -152,7 +187,7 @@ impl Pool {
 
     fn start(self: &Arc<Self>) {
         let pool = self.clone();
-        let started = std::thread::Builder::new().name("shared-tensor-call".into()).spawn(move || pool.work());
+        let started = thread::Builder::new().name("shared-tensor-call".into()).spawn(move || pool.work());
         if let Err(e) = started {
             // Its job stays queued for a busy thread.
             tracing::warn!(error = %e, "cannot start a call thread; the call waits for a busy one");
@@ -161,8 +196,10 @@ impl Pool {
     }
 
     fn work(&self) {
+        // Loom's threads run no tokio runtime (and its model tests need none).
+        #[cfg(not(shared_tensor_loom))]
         let _runtime = TOKIO.enter();
-        let me = Arc::new(Worker::default());
+        let me = Arc::new(Worker::new());
         loop {
             let job = {
                 let mut shared = self.shared.lock();
@@ -191,7 +228,7 @@ impl Pool {
                 me.has_job.store(false, Ordering::Relaxed);
                 return Some(job);
             }
-            if me.wake.wait_for(&mut slot, KEEP_ALIVE).timed_out() && slot.is_none() {
+            if me.wake.wait_for(&mut slot, self.keep_alive()).timed_out() && slot.is_none() {
                 drop(slot);
                 let mut shared = self.shared.lock();
                 if let Some(at) = shared.idle.iter().position(|w| Arc::ptr_eq(w, me)) {
@@ -201,6 +238,7 @@ impl Pool {
                 }
                 // Popped meanwhile: its job is being put in the slot.
                 drop(shared);
+                thread::yield_now();
                 slot = me.job.lock();
             }
         }
@@ -215,12 +253,38 @@ impl Pool {
         let Some(_place) = self.spinners.enter() else { return };
         me.spinning.store(true, Ordering::Release);
         let ready = || me.has_job.load(Ordering::Acquire);
+        #[cfg(not(shared_tensor_loom))]
         spin::spin_with(window, self.crowded, std::thread::yield_now, ready);
+        // Loom has no clock: a spin is a few looks, yielding between them.
+        #[cfg(shared_tensor_loom)]
+        for _ in 0..2 {
+            if ready() {
+                break;
+            }
+            thread::yield_now();
+        }
         me.spinning.store(false, Ordering::Release);
+    }
+
+    /// Ends the idle threads (tests): the keep-alive becomes zero and each idle thread is
+    /// woken under its slot's lock, where it reads the keep-alive, so none sleeps on.
+    #[cfg(all(test, shared_tensor_loom))]
+    fn retire_idle(&self) {
+        self.keep_alive_nanos.store(0, Ordering::Release);
+        let idle = self.shared.lock().idle.clone();
+        for worker in idle {
+            let _slot = worker.job.lock();
+            worker.wake.notify_one();
+        }
     }
 }
 
-#[cfg(test)]
+/// A duration in nanoseconds, saturated.
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+#[cfg(all(test, not(shared_tensor_loom)))]
 mod tests {
     use super::*;
     use std::sync::mpsc;
@@ -324,5 +388,108 @@ mod tests {
         pool.spawn(Box::new(move || done.send(()).unwrap()));
         finished.recv_timeout(Duration::from_secs(10)).unwrap();
         assert_eq!(pool.shared.lock().threads, 1, "the panicking job's thread ran the next one");
+    }
+}
+
+/// Model tests: loom runs each under every interleaving of its threads (`cargo xtask loom`).
+/// A job that nobody takes shows as a deadlock (the test thread waits for it forever while
+/// every pool thread sleeps or has ended), a thread counted wrongly as a failed assertion.
+#[cfg(all(test, shared_tensor_loom))]
+mod loom_models {
+    use super::*;
+
+    /// How many jobs have run, and a condition variable to wait for more.
+    #[derive(Default)]
+    struct Ran {
+        count: Mutex<usize>,
+        more: Condvar,
+    }
+
+    impl Ran {
+        fn job(self: &Arc<Self>) -> Job {
+            let ran = self.clone();
+            Box::new(move || {
+                *ran.count.lock() += 1;
+                ran.more.notify_all();
+            })
+        }
+
+        fn wait_for(&self, n: usize) {
+            let mut count = self.count.lock();
+            while *count < n {
+                self.more.wait(&mut count);
+            }
+            assert_eq!(*count, n, "a job ran twice");
+        }
+    }
+
+    /// Waits until every pool thread has ended, then checks that nothing is left behind.
+    fn until_all_ended(pool: &Pool) {
+        loop {
+            let shared = pool.shared.lock();
+            if shared.threads == 0 {
+                assert!(shared.idle.is_empty(), "an ended thread is still on the idle stack");
+                assert!(shared.queued.is_empty(), "a job is queued with no thread left to take it");
+                return;
+            }
+            drop(shared);
+            thread::yield_now();
+        }
+    }
+
+    fn model(f: impl Fn() + Sync + Send + 'static) {
+        let mut builder = loom::model::Builder::new();
+        if builder.preemption_bound.is_none() {
+            builder.preemption_bound = Some(3);
+        }
+        builder.check(f);
+    }
+
+    /// At the cap of one thread, a second job queues for the first job's thread, which may
+    /// be just about to end (a zero keep-alive: every wait times out at once).
+    #[test]
+    fn a_job_queued_at_the_cap_runs_even_as_the_thread_ends() {
+        model(|| {
+            let pool = Pool::with_limits(1, Duration::ZERO, spin::CROWDED);
+            let ran = Arc::new(Ran::default());
+            pool.spawn(ran.job());
+            pool.spawn(ran.job());
+            ran.wait_for(2);
+            until_all_ended(&pool);
+        });
+    }
+
+    /// A job handed to a thread that went idle and is ending at that moment (zero
+    /// keep-alive): either the spawner pops it from the idle stack first and it runs the
+    /// job, or it has left the stack and the job starts a thread of its own.
+    #[test]
+    fn a_job_for_an_idle_thread_that_is_ending_is_not_lost() {
+        model(|| {
+            let pool = Pool::with_limits(2, Duration::ZERO, spin::CROWDED);
+            let ran = Arc::new(Ran::default());
+            pool.spawn(ran.job());
+            ran.wait_for(1);
+            pool.spawn(ran.job());
+            ran.wait_for(2);
+            until_all_ended(&pool);
+        });
+    }
+
+    /// A job for an idle thread that sleeps (a keep-alive loom never reaches) or spins for
+    /// its next job: the slot, its flag and the wake-up reach it whichever it is doing;
+    /// then the idle threads are retired and all end.
+    #[test]
+    fn a_job_reaches_an_idle_thread_whether_it_spins_or_sleeps() {
+        model(|| {
+            let pool = Pool::with_limits(1, KEEP_ALIVE, Duration::MAX);
+            pool.set_spin(Duration::from_secs(1));
+            let ran = Arc::new(Ran::default());
+            pool.spawn(ran.job());
+            ran.wait_for(1);
+            pool.spawn(ran.job());
+            ran.wait_for(2);
+            pool.retire_idle();
+            until_all_ended(&pool);
+        });
     }
 }

@@ -8,7 +8,9 @@
 //! - [`transport`]: the streams (Unix socket or TCP loopback) and the client's handshake;
 //! - [`control`]: the control requests, declared once for every client, and a client
 //!   that carries no tensor;
-//! - `spin`: how a thread that expects an answer within microseconds waits for it.
+//! - `spin`: how a thread that expects an answer within microseconds waits for it;
+//!   `sync`: the locks, atomics and threads of the hand-written concurrent parts (loom's
+//!   models under `cargo xtask loom`).
 //!
 //! It imports the [`device`](crate::device) layer (for the current CUDA device, with the
 //! `cuda` feature), [`error`](crate::error) and [`info`](crate::info).
@@ -23,5 +25,6 @@ pub mod config;
 pub mod control;
 pub(crate) mod frame;
 pub(crate) mod spin;
+pub(crate) mod sync;
 pub mod transport;
 pub mod wire;
