@@ -11,7 +11,8 @@
 //! - Process set-up: [`configure`], [`serve_while_server`], [`serve_in_background`],
 //!   [`server::Server::builder`] (a server object with `shutdown()` and `join()`), and the
 //!   opt-ins to stop signals [`serve_until_signal`], [`serve_until_signal_async`],
-//!   [`catch_stop_signals`]. The library installs no signal handler and no log subscriber.
+//!   [`catch_stop_signals`] (and [`stop_requested`], to end long start-up work early). The
+//!   library installs no signal handler and no log subscriber.
 //! - Modules: [`config`] (roles, ports, variables), [`cuda`], [`ipc`] (the raw codec),
 //!   [`payload`] (what may cross), [`client`](mod@client) and [`server`] (manual mode),
 //!   [`task`](mod@task), [`managed`], [`auth`], [`wire`], [`endpoint`].
@@ -109,8 +110,8 @@ pub use shared_tensor_runtime::private::BoxFuture;
 pub use shared_tensor_runtime::runtime::{
     cancel_task, catch_stop_signals, client, configure, invalidate_cache_key, invalidate_endpoint_cache,
     list_endpoints, list_objects, list_tasks, object_info, ping, release_many, role, serve_in_background,
-    serve_until_signal, serve_until_signal_async, serve_while_server, server_info, task, task_info, wait_for_server,
-    wait_for_task,
+    serve_until_signal, serve_until_signal_async, serve_while_server, server_info, stop_requested, task, task_info,
+    wait_for_server, wait_for_task,
 };
 #[cfg(feature = "cuda")]
 pub use shared_tensor_runtime::task::report_progress;

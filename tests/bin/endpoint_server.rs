@@ -6,8 +6,9 @@
 //!   its stdin closes.
 //!
 //! - `ST_TEST_SERVER=busy`: manual mode in the local role that, once serving, runs "its
-//!   own work" for `ST_TEST_BUSY_MS` (prints `WORK DONE`), then serves until SIGINT or
-//!   SIGTERM (prints `STOPPED`): for the stop-signal tests.
+//!   own work" for `ST_TEST_BUSY_MS` (prints `STOP REQUESTED` as soon as it sees
+//!   `stop_requested()`, and `WORK DONE` at the end), then serves until SIGINT or SIGTERM
+//!   (prints `STOPPED`): for the stop-signal tests.
 //!
 //! - `ST_TEST_SERVER=stoppable`: listens for stop signals from the start
 //!   (`catch_stop_signals`), serves through a server object (in the server role with
@@ -113,7 +114,16 @@ fn main() -> shared_tensor::Result<()> {
         println!("READY {}", addr.port());
         exit_with_parent();
         let ms = std::env::var("ST_TEST_BUSY_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(1500);
-        std::thread::sleep(std::time::Duration::from_millis(ms));
+        // The program's own work: steps of 1 ms, watching for a stop request between them.
+        let end = std::time::Instant::now() + std::time::Duration::from_millis(ms);
+        let mut told = false;
+        while std::time::Instant::now() < end {
+            if !told && shared_tensor::stop_requested() {
+                println!("STOP REQUESTED");
+                told = true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         println!("WORK DONE");
         shared_tensor::serve_until_signal()?;
         println!("STOPPED");

@@ -269,6 +269,12 @@ struct StopSignal {
 }
 
 impl StopSignal {
+    /// Records that the signal came and wakes every waiter.
+    fn trigger(&self) {
+        self.caught.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.notify.notify_waiters();
+    }
+
     /// Resolves once the signal has come (at once if it already has).
     async fn notified(&self) {
         use std::sync::atomic::Ordering;
@@ -313,12 +319,26 @@ pub fn catch_stop_signals() -> Result<()> {
                 tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
                 crate::device::ffi::restore_default_stop_signals();
                 tracing::info!("stop signal received: stopping the servers (a second signal ends the process)");
-                STOP.caught.store(true, std::sync::atomic::Ordering::SeqCst);
-                STOP.notify.notify_waiters();
+                STOP.trigger();
             });
             Ok(())
         })
         .clone()
+}
+
+/// Whether a SIGINT or SIGTERM has been caught by [`catch_stop_signals`] (or by
+/// [`serve_until_signal`] while it waits). A program's own long work before it serves can
+/// check it to end that work early. Once it is true, the default actions are back: a
+/// second signal ends the process. Without the opt-in it stays false (the library does not
+/// touch signals).
+///
+/// ```
+/// use shared_tensor_runtime::runtime::stop_requested;
+/// // No signal came to this process.
+/// assert!(!stop_requested());
+/// ```
+pub fn stop_requested() -> bool {
+    STOP.caught.load(std::sync::atomic::Ordering::SeqCst)
 }
 
 /// The process's client (client role): for manual requests to the server.
@@ -604,6 +624,25 @@ mod tests {
         let server = Server::builder().endpoints([]).device(0).port(0).start_on(&rt.config, rt.core.clone()).unwrap();
         rt.adopt(server.clone());
         (rt, server)
+    }
+
+    /// A signal caught while `serve_until_signal` waits wakes it, one caught before needs
+    /// no wake-up, and both leave `stop_requested` true (the stop-signal tests in
+    /// `tests/signals.rs` send real signals, but cannot choose which of the two happens).
+    #[test]
+    fn a_stop_wakes_a_waiter_already_waiting_and_one_that_comes_later() {
+        use std::future::Future;
+        use std::task::{Context, Waker};
+        let stop = StopSignal { caught: std::sync::atomic::AtomicBool::new(false), notify: tokio::sync::Notify::new() };
+        let mut waiting = std::pin::pin!(stop.notified());
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(waiting.as_mut().poll(&mut cx).is_pending(), "a waiter returned before any signal");
+        assert!(waiting.as_mut().poll(&mut cx).is_pending());
+        stop.trigger();
+        assert!(waiting.as_mut().poll(&mut cx).is_ready(), "the signal did not wake the waiter");
+        let mut later = std::pin::pin!(stop.notified());
+        assert!(later.as_mut().poll(&mut cx).is_ready(), "a wait after the signal did not return at once");
+        assert!(stop.caught.load(std::sync::atomic::Ordering::SeqCst));
     }
 
     #[test]
