@@ -1,8 +1,9 @@
 //! Task retention through the public configuration: the capacity refuses a submit when
 //! every retained task is live, and the TTL evicts finished tasks at the next submit. The
-//! TTL is zero here, so no test waits for time to pass; how tasks age (oldest finished
-//! first, not a nanosecond before their TTL) is tested on a hand-driven clock in the
-//! runtime's unit tests (`exec::task`). No GPU needed.
+//! TTL is zero here, so no test waits for time to pass; how tasks age (not a nanosecond
+//! before their TTL) and which go first past the capacity (those whose result was
+//! collected, then the oldest finished) are tested on a hand-driven clock in the runtime's
+//! unit tests (`exec::task`). No GPU needed.
 
 #[path = "endpoints.rs"]
 mod endpoints;

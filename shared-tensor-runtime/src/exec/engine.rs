@@ -10,6 +10,7 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::error::{Error, Result};
 use crate::exec::endpoint::{Concurrency, EndpointDef, Execution};
+use crate::exec::gate::{Gate, GateGuard};
 use crate::exec::managed::{Destroyed, Holder, Objects};
 use crate::exec::task::{self, TaskOutcome, TaskRecord, Tasks};
 use crate::exec::value::{AnyPayload, Outcome, Value};
@@ -30,80 +31,45 @@ fn run_caught<F: FnOnce() -> Result<Box<dyn AnyPayload>>>(endpoint: &str, body: 
     }
 }
 
-/// One execution of a serialized endpoint at a time.
-///
-/// Invariants: `busy` is true exactly while a [`GateGuard`] lives. A waiter sleeps on `cv`
-/// with no timeout except its call's deadline, and is woken by: the guard's drop (every
-/// waiter wakes and one takes the gate), a cancellation or a stop (`task` calls
-/// [`wake_gates`] after setting its flag, taking each gate's lock before notifying, so a
-/// waiter either sees the flag before it sleeps or is asleep when the notification
-/// comes), or its deadline. Nothing polls.
-struct Gate {
-    busy: Mutex<bool>,
-    cv: Condvar,
-}
-
-/// Every gate of the process, for [`wake_gates`].
+/// Every serialized endpoint's gate (see [`gate`](crate::exec::gate)), for [`wake_gates`].
 static GATES: Mutex<Vec<std::sync::Weak<Gate>>> = Mutex::new(Vec::new());
 
-/// Wakes every gate's waiters to look at their cancellation, stop and deadline again.
+/// Wakes every gate's waiters to look at their cancellation, stop and deadline again
+/// (`task` calls it after setting a cancellation or a stop flag).
 fn wake_gates() {
     let mut gates = GATES.lock();
     gates.retain(|g| g.strong_count() > 0);
     for gate in gates.iter().filter_map(std::sync::Weak::upgrade) {
-        let _busy = gate.busy.lock();
-        gate.cv.notify_all();
+        gate.wake();
     }
 }
 
-struct GateGuard<'a>(&'a Gate);
-
-impl Drop for GateGuard<'_> {
-    fn drop(&mut self) {
-        *self.0.busy.lock() = false;
-        // All of them: a woken waiter may give up (cancelled, stopped, past its deadline)
-        // instead of taking the gate, and must not leave the others asleep.
-        self.0.cv.notify_all();
-    }
+/// A new gate, known to [`wake_gates`] (the only way to make one, so that no gate misses a
+/// cancellation or a stop).
+fn registered_gate() -> Arc<Gate> {
+    let gate = Arc::new(Gate::new());
+    GATES.lock().push(Arc::downgrade(&gate));
+    task::set_waker(wake_gates);
+    gate
 }
 
-impl Gate {
-    /// A new gate, known to [`wake_gates`] (the only way to make one, so that no gate
-    /// misses a cancellation or a stop).
-    fn registered() -> Arc<Gate> {
-        let gate = Arc::new(Gate { busy: Mutex::new(false), cv: Condvar::new() });
-        GATES.lock().push(Arc::downgrade(&gate));
-        task::set_waker(wake_gates);
-        gate
-    }
-
-    /// Waits for the gate. A submitted task that is cancelled while waiting gives up, and
-    /// so does a client's call whose deadline passes or whose server stops.
-    fn enter(&self, endpoint: &str) -> Result<GateGuard<'_>> {
-        let current = task::current();
-        let deadline = task::deadline();
-        let mut busy = self.busy.lock();
-        while *busy {
-            // A server that stops lets no waiting call in.
-            task::stopped()?;
-            if let Some(t) = &current {
-                if t.is_cancelled() {
-                    return Err(Error::Cancelled { task: t.id() });
-                }
-            }
-            if task::past_deadline() {
-                return Err(Error::DeadlinePassed { endpoint: endpoint.into() });
-            }
-            match deadline {
-                Some(d) => {
-                    self.cv.wait_until(&mut busy, d);
-                }
-                None => self.cv.wait(&mut busy),
+/// Waits for a serialized endpoint's gate. A submitted task that is cancelled while
+/// waiting gives up, and so does a client's call whose deadline passes or whose server
+/// stops (a server that stops lets no waiting call in).
+fn enter_gate<'a>(gate: &'a Gate, endpoint: &str) -> Result<GateGuard<'a>> {
+    let current = task::current();
+    gate.enter(task::deadline(), || {
+        task::stopped()?;
+        if let Some(t) = &current {
+            if t.is_cancelled() {
+                return Err(Error::Cancelled { task: t.id() });
             }
         }
-        *busy = true;
-        Ok(GateGuard(self))
-    }
+        if task::past_deadline() {
+            return Err(Error::DeadlinePassed { endpoint: endpoint.into() });
+        }
+        Ok(())
+    })
 }
 
 enum Slot {
@@ -339,9 +305,9 @@ impl Core {
         F: FnOnce() -> Result<Box<dyn AnyPayload>>,
     {
         let gate = (def.options.concurrency == Concurrency::Serialized)
-            .then(|| self.gates.lock().entry(def.name).or_insert_with(Gate::registered).clone());
+            .then(|| self.gates.lock().entry(def.name).or_insert_with(registered_gate).clone());
         let _guard = match &gate {
-            Some(gate) => Some(gate.enter(def.name)?),
+            Some(gate) => Some(enter_gate(gate, def.name)?),
             None => None,
         };
         if let (Some(key), true, true) = (key, def.options.cache, gate.is_some()) {
@@ -751,7 +717,7 @@ mod tests {
     #[test]
     fn a_contended_gate_admits_one_at_a_time_and_loses_no_waiter() {
         use std::sync::atomic::{AtomicBool, AtomicUsize};
-        let gate = Gate::registered();
+        let gate = registered_gate();
         let inside = Arc::new(AtomicBool::new(false));
         let (entered, gave_up) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
         let tasks = Arc::new(task::Tasks::new(crate::protocol::config::DEFAULT_TASK_TTL, 10_000));
@@ -769,14 +735,14 @@ mod tests {
                                 let record = record.clone();
                                 std::thread::spawn(move || record.cancel())
                             };
-                            match task::with_current(&record, || gate.enter("e").map(drop)) {
+                            match task::with_current(&record, || enter_gate(&gate, "e").map(drop)) {
                                 Ok(_) => entered.fetch_add(1, Ordering::Relaxed),
                                 Err(_) => gave_up.fetch_add(1, Ordering::Relaxed),
                             };
                             canceller.join().unwrap();
                             continue;
                         }
-                        let _guard = gate.enter("e").unwrap();
+                        let _guard = enter_gate(&gate, "e").unwrap();
                         assert!(!inside.swap(true, Ordering::AcqRel), "two holders at once");
                         std::hint::spin_loop();
                         inside.store(false, Ordering::Release);
@@ -809,8 +775,8 @@ mod tests {
             }
             waiter.join().unwrap()
         }
-        let gate = Gate::registered();
-        let held = gate.enter("e").unwrap();
+        let gate = registered_gate();
+        let held = enter_gate(&gate, "e").unwrap();
         let tasks = task::Tasks::new(crate::protocol::config::DEFAULT_TASK_TTL, 10);
         let (record, _) = tasks.create("e", true).unwrap();
         let (entered_tx, entered_rx) = std::sync::mpsc::channel();
@@ -819,7 +785,7 @@ mod tests {
             std::thread::spawn(move || {
                 task::with_current(&record, || {
                     entered_tx.send(()).unwrap();
-                    gate.enter("e").map(|_| ())
+                    enter_gate(&gate, "e").map(|_| ())
                 })
             })
         };
@@ -835,7 +801,7 @@ mod tests {
             std::thread::spawn(move || {
                 task::with_stop(Some(stop), || {
                     entered_tx.send(()).unwrap();
-                    gate.enter("e").map(|_| ())
+                    enter_gate(&gate, "e").map(|_| ())
                 })
             })
         };
@@ -847,12 +813,14 @@ mod tests {
         let timed = {
             let gate = gate.clone();
             std::thread::spawn(move || {
-                task::with_deadline(Some(Instant::now() + Duration::from_millis(20)), || gate.enter("e").map(drop))
+                task::with_deadline(Some(Instant::now() + Duration::from_millis(20)), || {
+                    enter_gate(&gate, "e").map(drop)
+                })
             })
         };
         assert!(matches!(woken(timed), Err(Error::DeadlinePassed { .. })));
         drop(held);
-        assert!(gate.enter("e").is_ok(), "the gate is free again");
+        assert!(enter_gate(&gate, "e").is_ok(), "the gate is free again");
     }
 
     /// A result that says how much GPU memory it holds, without a GPU.

@@ -6,6 +6,7 @@
 //!   singleflight, serialized execution, tasks and managed objects wired together;
 //! - [`task`]: the task table; [`managed`]: managed objects and their holders;
 //! - `pool` (private): the threads that run endpoint code, and the process's tokio runtime.
+//! - `gate` (private): a serialized endpoint's gate.
 //!
 //! It imports [`payload`](crate::payload), the [`device`](crate::device) and
 //! [`protocol`](crate::protocol) layers, [`error`](crate::error) and [`info`](crate::info).
@@ -32,6 +33,7 @@
 pub mod endpoint;
 #[cfg(feature = "cuda")]
 pub(crate) mod engine;
+pub(crate) mod gate;
 #[cfg(feature = "cuda")]
 pub mod managed;
 pub(crate) mod pool;

@@ -93,6 +93,16 @@ mod model {
             guard.guard = Some(self.0.wait(held).unwrap_or_else(|e| e.into_inner()));
         }
 
+        /// Waits for a notification: loom has no clock, so the deadline never comes.
+        pub(crate) fn wait_until<T>(
+            &self,
+            guard: &mut MutexGuard<'_, T>,
+            _deadline: std::time::Instant,
+        ) -> WaitTimeoutResult {
+            self.wait(guard);
+            WaitTimeoutResult(false)
+        }
+
         /// A zero timeout lets go of the lock, takes it again and times out; any other
         /// waits for a notification (loom has no clock).
         pub(crate) fn wait_for<T>(&self, guard: &mut MutexGuard<'_, T>, timeout: Duration) -> WaitTimeoutResult {
