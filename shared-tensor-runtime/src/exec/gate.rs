@@ -79,15 +79,22 @@ impl Gate {
 mod loom_models {
     use super::*;
     use crate::protocol::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    use crate::protocol::sync::thread;
+    use crate::protocol::sync::{model, thread};
     use std::sync::Arc;
 
-    fn model(f: impl Fn() + Sync + Send + 'static) {
-        let mut builder = loom::model::Builder::new();
-        if builder.preemption_bound.is_none() {
-            builder.preemption_bound = Some(3);
-        }
-        builder.check(f);
+    /// The gate, taken (by the model's own thread).
+    fn held(gate: &Gate) -> GateGuard<'_> {
+        gate.enter(None, || Ok::<(), ()>(())).unwrap()
+    }
+
+    /// A thread that waits for the gate and leaves it at once; it gives up (`Err`) when it
+    /// looks while the gate is held and `quit` is set (`None`: it never gives up).
+    fn waiter(gate: &Arc<Gate>, quit: Option<&Arc<AtomicBool>>) -> thread::JoinHandle<Result<(), ()>> {
+        let (gate, quit) = (gate.clone(), quit.cloned());
+        thread::spawn(move || {
+            let quits = || quit.as_ref().is_some_and(|q| q.load(Ordering::Acquire));
+            gate.enter(None, || if quits() { Err(()) } else { Ok(()) }).map(drop)
+        })
     }
 
     /// Three callers at once: one holder at a time, and each gets in.
@@ -99,7 +106,7 @@ mod loom_models {
             let caller = {
                 let (gate, inside, entered) = (gate.clone(), inside.clone(), entered.clone());
                 move || {
-                    let _held = gate.enter(None, || Ok::<(), ()>(())).unwrap();
+                    let _held = held(&gate);
                     assert!(!inside.swap(true, Ordering::AcqRel), "two holders at once");
                     inside.store(false, Ordering::Release);
                     entered.fetch_add(1, Ordering::AcqRel);
@@ -120,15 +127,9 @@ mod loom_models {
     fn a_waiter_told_to_give_up_while_the_gate_is_held_returns() {
         model(|| {
             let gate = Arc::new(Gate::new());
-            let held = gate.enter(None, || Ok::<(), ()>(())).unwrap();
+            let held = held(&gate);
             let cancelled = Arc::new(AtomicBool::new(false));
-            let waiter = {
-                let (gate, cancelled) = (gate.clone(), cancelled.clone());
-                thread::spawn(move || {
-                    let gave_up = gate.enter(None, || if cancelled.load(Ordering::Acquire) { Err(()) } else { Ok(()) });
-                    gave_up.map(drop)
-                })
-            };
+            let waiter = waiter(&gate, Some(&cancelled));
             cancelled.store(true, Ordering::Release);
             gate.wake();
             assert_eq!(waiter.join().unwrap(), Err(()), "the waiter took a gate that was held");
@@ -136,24 +137,15 @@ mod loom_models {
         });
     }
 
-    /// A waiter that gives up does not keep the gate from the next waiter: the holder's
-    /// leaving wakes both, and the one that stays gets in.
+    /// A waiter that gives up does not keep the gate from the next waiter: the one that
+    /// stays gets in.
     #[test]
     fn a_waiter_that_gives_up_leaves_the_gate_to_the_next() {
         model(|| {
             let gate = Arc::new(Gate::new());
-            let held = gate.enter(None, || Ok::<(), ()>(())).unwrap();
+            let held = held(&gate);
             let quitting = Arc::new(AtomicBool::new(false));
-            let quitter = {
-                let (gate, quitting) = (gate.clone(), quitting.clone());
-                thread::spawn(move || {
-                    gate.enter(None, || if quitting.load(Ordering::Acquire) { Err(()) } else { Ok(()) }).map(drop)
-                })
-            };
-            let stayer = {
-                let gate = gate.clone();
-                thread::spawn(move || gate.enter(None, || Ok::<(), ()>(())).map(drop))
-            };
+            let (quitter, stayer) = (waiter(&gate, Some(&quitting)), waiter(&gate, None));
             quitting.store(true, Ordering::Release);
             drop(held);
             assert_eq!(stayer.join().unwrap(), Ok(()));
@@ -169,22 +161,10 @@ mod loom_models {
     fn a_waiter_woken_for_a_gate_a_newcomer_took_and_then_cancelled_wakes_no_one_short() {
         model(|| {
             let gate = Arc::new(Gate::new());
-            let held = gate.enter(None, || Ok::<(), ()>(())).unwrap();
+            let held = held(&gate);
             let quitting = Arc::new(AtomicBool::new(false));
-            let quitter = {
-                let (gate, quitting) = (gate.clone(), quitting.clone());
-                thread::spawn(move || {
-                    gate.enter(None, || if quitting.load(Ordering::Acquire) { Err(()) } else { Ok(()) }).map(drop)
-                })
-            };
-            let stayer = {
-                let gate = gate.clone();
-                thread::spawn(move || gate.enter(None, || Ok::<(), ()>(())).map(drop))
-            };
-            let newcomer = {
-                let gate = gate.clone();
-                thread::spawn(move || gate.enter(None, || Ok::<(), ()>(())).map(drop))
-            };
+            let (quitter, stayer, newcomer) =
+                (waiter(&gate, Some(&quitting)), waiter(&gate, None), waiter(&gate, None));
             drop(held);
             quitting.store(true, Ordering::Release);
             gate.wake();

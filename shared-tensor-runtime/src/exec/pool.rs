@@ -397,6 +397,7 @@ mod tests {
 #[cfg(all(test, shared_tensor_loom))]
 mod loom_models {
     use super::*;
+    use crate::protocol::sync::model;
 
     /// How many jobs have run, and a condition variable to wait for more.
     #[derive(Default)]
@@ -435,14 +436,6 @@ mod loom_models {
             drop(shared);
             thread::yield_now();
         }
-    }
-
-    fn model(f: impl Fn() + Sync + Send + 'static) {
-        let mut builder = loom::model::Builder::new();
-        if builder.preemption_bound.is_none() {
-            builder.preemption_bound = Some(3);
-        }
-        builder.check(f);
     }
 
     /// At the cap of one thread, a second job queues for the first job's thread, which may

@@ -23,6 +23,17 @@ pub(crate) use loom::thread;
 #[cfg(shared_tensor_loom)]
 pub(crate) use model::{Condvar, Mutex};
 
+/// Runs a model test under loom: every interleaving of its threads within
+/// `LOOM_MAX_PREEMPTIONS` preemptions (3 when unset).
+#[cfg(all(test, shared_tensor_loom))]
+pub(crate) fn model(f: impl Fn() + Sync + Send + 'static) {
+    let mut builder = loom::model::Builder::new();
+    if builder.preemption_bound.is_none() {
+        builder.preemption_bound = Some(3);
+    }
+    builder.check(f);
+}
+
 /// `parking_lot`'s lock and condition variable over loom's (which have `std`'s API).
 #[cfg(shared_tensor_loom)]
 mod model {
