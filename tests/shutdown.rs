@@ -154,6 +154,26 @@ mod in_process {
         let _ = caller.join().unwrap();
     }
 
+    /// A task a client submitted (no call of it in flight) and that runs when the stop
+    /// begins: the stop waits for it, woken by its end, and is clean well within the grace
+    /// period (a stop that missed the end would take the whole 8 s).
+    #[test]
+    fn a_running_submitted_task_is_waited_for_and_the_stop_is_clean() {
+        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        setup();
+        let server = one_endpoint(endpoints::cooperative::endpoint()).grace(Duration::from_secs(8)).start().unwrap();
+        let running = |s: &ServerHandle| s.info().tasks.get("running").copied().unwrap_or(0);
+        let task = client(&server).submit::<(), _>("cooperative", (79i64,)).unwrap();
+        until("the task to run", || running(&server) == 1);
+        let started = Instant::now();
+        let stopped = server.shutdown();
+        let took = started.elapsed();
+        assert!(stopped.is_clean(), "the task ended within the grace period: {stopped:?}");
+        assert!(took < Duration::from_secs(4), "the stop did not see the task end: {took:?}");
+        assert_eq!(endpoints::runs("cooperative", Some(79)).len(), 1, "the task saw its server stop");
+        drop(task);
+    }
+
     /// During a stop the client keeps sending: a request sent while a call still runs is
     /// answered `ServerGone` (not a broken pipe, not a hang), the running call ends as a
     /// stop ends it (`ServerGone`, its connection's clean-up having run), and the stop is

@@ -529,14 +529,17 @@ impl ServerHandle {
         }
         let calls_left = active.calls;
         drop(active);
-        // Its running tasks (their bodies see `task::is_cancelled()`) have no waiter to
-        // notify: look again until they end or time is up.
-        let running = || core.tasks.owned_by(&self.state.stopping, TaskStatus::Running).len();
-        let mut tasks_left = running();
-        while tasks_left > 0 && !past() {
-            std::thread::sleep(Duration::from_millis(5));
-            tasks_left = running();
-        }
+        // Its running tasks (their bodies see `task::is_cancelled()`): wait for each to
+        // end (a task's end wakes its waiters), until none runs or time is up.
+        let tasks_left = loop {
+            let running = core.tasks.owned_by(&self.state.stopping, TaskStatus::Running);
+            match running.first() {
+                Some(task) if !past() => {
+                    task.wait_blocking(deadline.map(|d| d.saturating_duration_since(Instant::now())));
+                }
+                _ => break running.len(),
+            }
+        };
         let stopped = Stopped { calls_left, tasks_left };
         if stopped.is_clean() {
             tracing::info!(addr = %self.state.addr, "shared-tensor server stopped");
