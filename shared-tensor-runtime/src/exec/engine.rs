@@ -328,11 +328,10 @@ impl Core {
             return Err(Error::DeadlinePassed { endpoint: def.name.into() });
         }
         if let Some(current) = task::current() {
-            // Already inside a submitted task: it is the task.
-            if current.is_cancelled() {
+            // Already inside a submitted task: it is the task (unless it was cancelled).
+            if !current.start() {
                 return Err(Error::Cancelled { task: current.id() });
             }
-            current.start();
             return run_caught(def.name, body);
         }
         match def.options.execution {
@@ -340,7 +339,10 @@ impl Core {
             Execution::Task => {
                 let (record, evicted) = self.tasks.create(def.name, false)?;
                 self.forget_tasks(evicted);
-                record.start();
+                // Cancelled already (a stop, or a client that saw it listed): its end is recorded.
+                if !record.start() {
+                    return Err(Error::Cancelled { task: record.id() });
+                }
                 let result = task::with_current(&record, || run_caught(def.name, body));
                 record.finish_sync(result.as_ref().err());
                 result

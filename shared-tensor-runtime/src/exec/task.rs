@@ -135,11 +135,22 @@ impl TaskRecord {
         self.cancelled.load(Ordering::Acquire)
     }
 
-    /// Marks the task running (its body starts).
-    pub(crate) fn start(&self) {
+    /// Marks the task running (its body starts); false if it was cancelled (or ended)
+    /// first, and then its body must not run. Checking `is_cancelled` and then starting
+    /// would let a cancellation in between be undone: the task would read `Running` after
+    /// its waiters were told `Cancelled`, and be queued for eviction while it runs.
+    /// Already running (a nested call of the task's own body) counts as started.
+    pub(crate) fn start(&self) -> bool {
         let mut info = self.info.lock();
-        info.status = TaskStatus::Running;
-        info.started_at = Some(SystemTime::now());
+        match info.status {
+            TaskStatus::Pending => {
+                info.status = TaskStatus::Running;
+                info.started_at = Some(SystemTime::now());
+                true
+            }
+            TaskStatus::Running => true,
+            _ => false,
+        }
     }
 
     /// Cancels a pending task. Returns false if it already started or ended.
@@ -180,10 +191,14 @@ impl TaskRecord {
         self.notify_done();
     }
 
-    /// Records the end of a task behind a sync call (its caller took the result).
+    /// Records the end of a task behind a sync call (its caller took the result). A
+    /// cancelled task stays cancelled (its end was recorded then).
     pub(crate) fn finish_sync(&self, error: Option<&Error>) {
         self.mark_collected();
         let mut info = self.info.lock();
+        if info.status == TaskStatus::Cancelled {
+            return;
+        }
         info.status = if error.is_some() { TaskStatus::Failed } else { TaskStatus::Completed };
         info.error = error.map(|e| e.to_string());
         info.finished_at = Some(SystemTime::now());
@@ -525,6 +540,27 @@ mod tests {
         assert_eq!(evicted.len(), 1);
         assert_eq!(evicted[0].id(), b.id(), "the task that finished first goes first");
         assert!(tasks.get(a.id()).is_ok());
+    }
+
+    /// A task cancelled before its body starts never reads `Running` again, and its end
+    /// is recorded once (the cancellation's), whatever its body's thread does afterwards.
+    #[test]
+    fn a_task_cancelled_before_it_starts_does_not_start_and_ends_once() {
+        let tasks = Tasks::new(Duration::from_secs(3600), 10);
+        let (a, _) = tasks.create("e", true).unwrap();
+        assert!(a.cancel());
+        assert!(!a.start(), "a cancelled task started");
+        a.finish(Some(TaskOutcome::Cancelled));
+        a.finish_sync(None);
+        assert_eq!(a.info().status, TaskStatus::Cancelled);
+        assert_eq!(tasks.finished.queues.lock().fresh.len(), 1, "its end was queued more than once");
+        // A running task (a nested call of its body) still counts as started.
+        let (b, _) = tasks.create("e", false).unwrap();
+        assert!(b.start() && b.start());
+        assert!(!b.cancel(), "a running task was cancelled");
+        b.finish_sync(None);
+        assert_eq!(b.info().status, TaskStatus::Completed);
+        assert!(!b.start(), "a finished task started again");
     }
 
     #[test]

@@ -530,7 +530,10 @@ impl ServerHandle {
         let calls_left = active.calls;
         drop(active);
         // Its running tasks (their bodies see `task::is_cancelled()`): wait for each to
-        // end (a task's end wakes its waiters), until none runs or time is up.
+        // end (a task's end wakes its waiters), until none runs or time is up. A task
+        // that reads `Running` has not ended (`TaskRecord::start` starts only a pending
+        // one, and every end changes the status before it wakes the waiters), so each
+        // wait sleeps.
         let tasks_left = loop {
             let running = core.tasks.owned_by(&self.state.stopping, TaskStatus::Running);
             match running.first() {
